@@ -1,0 +1,27 @@
+"""Protocol facts both services share: the version in every handshake, channel options, batch packing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from mmiosplit.v1 import device_pb2
+
+PROTOCOL_VERSION = 1
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", 256 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+    ("grpc.enable_retries", 0),
+    ("grpc.optimization_target", "latency"),
+]
+
+
+def iter_posted(batch: device_pb2.PostedWrites) -> Iterator[tuple[int, bytes]]:
+    """Unpack a packed posted-write batch into (address, data) pairs; ValueError if it is inconsistent."""
+    if len(batch.address) != len(batch.length):
+        raise ValueError(f"posted batch has {len(batch.address)} addresses but {len(batch.length)} lengths")
+    if sum(batch.length) != len(batch.data):
+        raise ValueError(f"posted batch lengths add up to {sum(batch.length)} bytes but carry {len(batch.data)}")
+    offset = 0
+    for address, length in zip(batch.address, batch.length, strict=True):
+        yield address, batch.data[offset:offset + length]
+        offset += length
