@@ -1,0 +1,279 @@
+"""Base types for device models.
+
+A device model is a plain object that answers ``read(offset, size)`` and
+``write(offset, size, value)`` for the regions it declares, with a small typed
+result (the OpenVMM ``IoResult`` idea). It never sees gRPC, the vCPU or the bus:
+it only knows offsets inside its own regions (rust-vmm ``vm-device``). Extra
+abilities, such as being a console, are opt-in capability interfaces.
+
+This module also holds what every model needs to describe its ``--device``
+options (``ConfigError``, ``Option`` and the value parsers), so that models,
+the bus and the configuration loader can all depend on it without depending on
+each other. ``device_service.config`` re-exports those names.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import re
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, Self, runtime_checkable
+
+#: Access sizes a bus transaction can have, in bytes (KVM's ``mmio.len``).
+BUS_ACCESS_SIZES: tuple[int, ...] = (1, 2, 4, 8)
+
+
+class ConfigError(ValueError):
+    """A device description is wrong; the message names the spec, key, file or line."""
+
+
+class AccessError(enum.Enum):
+    """Why an access failed; the vCPU side turns any of these into an external abort by default."""
+
+    INVALID_REGISTER = "invalid register"
+    INVALID_ACCESS_SIZE = "invalid access size"
+    UNALIGNED_ACCESS = "unaligned access"
+    OUT_OF_RANGE = "out of range"
+    DEVICE_FAULT = "device fault"
+
+
+@dataclass(frozen=True, slots=True)
+class AccessResult:
+    """The answer to one access: read data as a little-endian integer, or an error and why."""
+
+    value: int = 0
+    error: AccessError | None = None
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """True when the access completed; a failed access must never complete a load silently."""
+        return self.error is None
+
+    @classmethod
+    def success(cls, value: int = 0) -> AccessResult:
+        """A completed access; ``value`` is the read data (0 for writes)."""
+        return cls(value)
+
+    @classmethod
+    def failure(cls, error: AccessError, message: str) -> AccessResult:
+        """A refused access; ``message`` names the register, offset and size for the user."""
+        return cls(0, error, message)
+
+
+class RegionKind(enum.Enum):
+    """How the vCPU maps a region: every access traps (MMIO), or reads come from a mirror (ROMD)."""
+
+    MMIO = "mmio"
+    ROMD = "romd"
+
+
+@dataclass(frozen=True, slots=True)
+class RegionSpec:
+    """One address range a device answers, relative to the device's base address."""
+
+    name: str
+    offset: int
+    size: int
+    kind: RegionKind = RegionKind.MMIO
+    #: Writes may be queued by the vCPU and delivered in batches (like KVM's coalesced MMIO);
+    #: reads never are, and queued writes always go before the next read to the device.
+    posted: bool = False
+    access_sizes: tuple[int, ...] = BUS_ACCESS_SIZES
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("a region needs a name")
+        if self.offset < 0:
+            raise ValueError(f"region {self.name!r}: offset {self.offset:#x} is negative")
+        if self.size <= 0:
+            raise ValueError(f"region {self.name!r}: size must be positive, got {self.size:#x}")
+        if not self.access_sizes or any(s not in BUS_ACCESS_SIZES for s in self.access_sizes):
+            raise ValueError(
+                f"region {self.name!r}: access sizes must be a non-empty subset of {BUS_ACCESS_SIZES},"
+                f" got {self.access_sizes}"
+            )
+
+    @property
+    def end(self) -> int:
+        """First offset past the region."""
+        return self.offset + self.size
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One ``--device`` option a model accepts: how to parse its text, and what it expects.
+
+    ``parse`` raises ``ValueError`` on bad text; the message then becomes
+    "<device>: option '<name>' must be <expects>, got '<text>'".
+    """
+
+    name: str
+    parse: Callable[[str], object]
+    expects: str
+
+
+class DeviceModel(abc.ABC):
+    """A device that answers accesses at offsets inside its own regions.
+
+    Subclasses set ``type_name`` (used in ``--device`` specs), ``compatible``
+    (device-tree strings) and ``options`` (their ``--device`` options, passed to
+    ``__init__`` as keyword arguments with the same names).
+
+    Models are not thread-safe by themselves: whoever calls ``read``/``write``/
+    ``reset`` holds ``lock`` (the bus does), and capability methods called from
+    other threads (a console's ``receive``) take it themselves.
+    """
+
+    type_name: ClassVar[str]
+    compatible: ClassVar[tuple[str, ...]]
+    options: ClassVar[tuple[Option, ...]] = ()
+
+    def __init__(self, name: str, base: int) -> None:
+        if not name:
+            raise ConfigError(f"a {self.type_name} device needs a name")
+        if not 0 <= base < 1 << 64:
+            raise ConfigError(f"{name}: base address {base:#x} is outside the 64-bit address space")
+        self.name = name
+        self.base = base
+        self.lock = threading.RLock()
+
+    @abc.abstractmethod
+    def regions(self) -> list[RegionSpec]:
+        """The ranges this device answers; fixed for the device's lifetime."""
+
+    @abc.abstractmethod
+    def read(self, offset: int, size: int) -> AccessResult:
+        """Read ``size`` bytes at ``offset`` (relative to ``base``)."""
+
+    @abc.abstractmethod
+    def write(self, offset: int, size: int, value: int) -> AccessResult:
+        """Write the low ``size`` bytes of ``value`` at ``offset`` (relative to ``base``)."""
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """Return to the power-on state, as a machine reset does."""
+
+    def describe(self) -> dict[str, str]:
+        """Extra properties for users and device trees (e.g. a size); empty by default."""
+        return {}
+
+    @classmethod
+    def parse_options(cls, name: str, options: Mapping[str, str]) -> dict[str, Any]:
+        """Turn ``--device`` option text into keyword arguments, or raise ``ConfigError``.
+
+        Kept separate from construction so a spec can be checked before any device exists.
+        """
+        known = {option.name: option for option in cls.options}
+        parsed: dict[str, Any] = {}
+        for key, text in options.items():
+            option = known.get(key)
+            if option is None:
+                valid = ", ".join(repr(k) for k in known) if known else "none"
+                raise ConfigError(
+                    f"{name}: unknown option {key!r} for {cls.type_name}; valid options: {valid}"
+                )
+            try:
+                parsed[key] = option.parse(text)
+            except ValueError as err:
+                raise ConfigError(f"{name}: option {key!r} must be {option.expects}, got {text!r}") from err
+        return parsed
+
+    @classmethod
+    def from_options(cls, name: str, base: int, options: Mapping[str, str]) -> Self:
+        """Build the device from a name, a base address and ``--device`` option text."""
+        return cls(name, base, **cls.parse_options(name, options))
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} @ {self.base:#x}>"
+
+
+@runtime_checkable
+class ConsoleDevice(Protocol):
+    """A device with a byte stream to the user, e.g. a UART (an OpenVMM-style capability)."""
+
+    def set_output(self, sink: Callable[[bytes], None] | None) -> None:
+        """Send transmitted bytes to ``sink``, in order; ``None`` keeps them in a backlog."""
+
+    def receive(self, data: bytes) -> int:
+        """Offer input bytes; returns how many were accepted (the caller retries the rest)."""
+
+    def rx_space(self) -> int:
+        """How many input bytes ``receive`` would accept now."""
+
+
+def check_span(offset: int, size: int, limit: int, verb: str) -> AccessResult | None:
+    """Why a ``size``-byte access at ``offset`` does not fit in ``limit`` bytes, or None if it does.
+
+    For RAM-like models that take any bus size at any offset.
+    """
+    if size not in BUS_ACCESS_SIZES:
+        return AccessResult.failure(AccessError.INVALID_ACCESS_SIZE, f"{size}-byte {verb} is not a bus size")
+    if offset < 0 or offset + size > limit:
+        return AccessResult.failure(
+            AccessError.OUT_OF_RANGE,
+            f"{size}-byte {verb} at offset {offset:#x} is past the end of {limit:#x} bytes",
+        )
+    return None
+
+
+def supports_console(model: DeviceModel) -> ConsoleDevice | None:
+    """The model as a console, or ``None`` if it has no console."""
+    return model if isinstance(model, ConsoleDevice) else None
+
+
+# --- option values -----------------------------------------------------------------------------
+
+_NUMBER = r"0[xX](?:_?[0-9a-fA-F])+|[0-9](?:_?[0-9])*"
+_ADDRESS_RE = re.compile(rf"(?:{_NUMBER})\Z")
+_SIZE_RE = re.compile(rf"(?P<number>{_NUMBER})\s*(?P<unit>[A-Za-z]*)\Z")
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    **{unit: 1 << 10 for unit in ("k", "kb", "kib")},
+    **{unit: 1 << 20 for unit in ("m", "mb", "mib")},
+    **{unit: 1 << 30 for unit in ("g", "gb", "gib")},
+    **{unit: 1 << 40 for unit in ("t", "tb", "tib")},
+}
+_TRUE = frozenset({"on", "true", "yes", "1"})
+_FALSE = frozenset({"off", "false", "no", "0"})
+
+
+def _parse_number(text: str) -> int:
+    """Hex with ``0x`` or plain decimal; a decimal with a leading zero is refused as ambiguous."""
+    if len(text) > 1 and text[0] == "0" and text[1] not in "xX":
+        raise ConfigError(f"{text!r} has a leading zero; write hex as 0x{text.lstrip('0_') or '0'}")
+    return int(text, 0)
+
+
+def parse_address(text: str) -> int:
+    """Parse an address like ``0x09000000``, ``0x0900_0000`` or ``150994944``."""
+    stripped = text.strip()
+    if not _ADDRESS_RE.match(stripped):
+        raise ConfigError(f"not an address: {text!r} (expected hex like 0x09000000 or decimal)")
+    value = _parse_number(stripped)
+    if value >= 1 << 64:
+        raise ConfigError(f"address {text!r} does not fit in 64 bits")
+    return value
+
+
+def parse_size(text: str) -> int:
+    """Parse a size like ``0x1000``, ``4096``, ``4k``, ``4KiB``, ``128M`` or ``1G`` (binary units)."""
+    match = _SIZE_RE.match(text.strip())
+    unit = match["unit"].lower() if match else ""
+    if match is None or unit not in _SIZE_UNITS:
+        raise ConfigError(f"not a size: {text!r} (expected something like 0x1000, 4096, 4k or 128M)")
+    return _parse_number(match["number"]) * _SIZE_UNITS[unit]
+
+
+def parse_bool(text: str) -> bool:
+    """Parse on/off, true/false, yes/no or 1/0 (any case)."""
+    word = text.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ConfigError(f"not a boolean: {text!r} (expected on/off, true/false, yes/no or 1/0)")
