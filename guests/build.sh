@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Build the mmiosplit test guests: hello-a64, hello-a32 and hello-t32.
+#
+#   guests/build.sh           build with Debian's gcc cross compilers
+#                             (gcc-aarch64-linux-gnu, gcc-arm-none-eabi)
+#   guests/build.sh --clang   build with clang + ld.lld + llvm-objcopy
+#
+# Intermediate files (ELF, flat binary, disassembly, map) go to
+# guests/build/<toolchain>/ (ignored by git); the flat binaries are copied to
+# guests/bin/hello-{a64,a32,t32}.bin (committed; load at 0x40080000).
+#
+# Debian 12 packages: gcc-aarch64-linux-gnu gcc-arm-none-eabi
+#                     (for --clang: clang lld llvm)
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+src="$here/hello"
+bindir="$here/bin"
+
+toolchain=gcc
+case "${1:-}" in
+    "") ;;
+    --gcc) toolchain=gcc ;;
+    --clang) toolchain=clang ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    *) echo "usage: $0 [--gcc|--clang]" >&2; exit 2 ;;
+esac
+
+out="$here/build/$toolchain"
+mkdir -p "$out" "$bindir"
+
+need() {
+    command -v "$1" >/dev/null 2>&1 || {
+        echo "error: $1 not found (apt-get install -y $2)" >&2
+        exit 1
+    }
+}
+
+# Flags shared by every build: freestanding, no libc, no PIC, no unwind tables,
+# no unaligned accesses (with the MMU off all data accesses are Device memory).
+common=(
+    -O2 -g -std=gnu11 -Wall -Wextra -Werror
+    -ffreestanding -fno-builtin -nostdlib -nostartfiles -static
+    -fno-pic -fno-pie -fno-stack-protector
+    -fno-asynchronous-unwind-tables -fno-unwind-tables -fno-exceptions
+    -Wl,-T,"$src/link.ld" -Wl,--build-id=none -Wl,-z,noexecstack
+)
+a64_flags=(-mgeneral-regs-only -mstrict-align -mbranch-protection=none)
+arm_flags=(-mcpu=cortex-a15 -mfloat-abi=soft -mno-unaligned-access)
+
+if [[ $toolchain == gcc ]]; then
+    need aarch64-linux-gnu-gcc gcc-aarch64-linux-gnu
+    need arm-none-eabi-gcc gcc-arm-none-eabi
+    cc_a64=(aarch64-linux-gnu-gcc -no-pie)
+    cc_arm=(arm-none-eabi-gcc)
+    common+=(-Wl,--no-warn-rwx-segments)
+    objcopy_a64=aarch64-linux-gnu-objcopy
+    objcopy_arm=arm-none-eabi-objcopy
+    objdump_a64=aarch64-linux-gnu-objdump
+    objdump_arm=arm-none-eabi-objdump
+    readelf=aarch64-linux-gnu-readelf   # any readelf reads both classes
+else
+    need clang clang
+    need ld.lld lld
+    need llvm-objcopy llvm
+    cc_a64=(clang --target=aarch64-none-elf -fuse-ld=lld -Wno-unused-command-line-argument)
+    cc_arm=(clang --target=armv7a-none-eabi -fuse-ld=lld -Wno-unused-command-line-argument)
+    objcopy_a64=llvm-objcopy
+    objcopy_arm=llvm-objcopy
+    # GNU objdump gives the same listing format for both toolchains if present
+    if command -v aarch64-linux-gnu-objdump >/dev/null; then objdump_a64=aarch64-linux-gnu-objdump; else objdump_a64=llvm-objdump; fi
+    if command -v arm-none-eabi-objdump >/dev/null; then objdump_arm=arm-none-eabi-objdump; else objdump_arm=llvm-objdump; fi
+    if command -v llvm-readelf >/dev/null; then readelf=llvm-readelf; else readelf=readelf; fi
+fi
+
+# build <name> <expected ELF entry> <objcopy> <objdump> <compiler + flags...>
+build() {
+    local name=$1 entry=$2 objcopy=$3 objdump=$4
+    shift 4
+    local elf="$out/hello-$name.elf" bin="$out/hello-$name.bin"
+    local start="$src/start64.S"
+    [[ $name == a64 ]] || start="$src/start32.S"
+
+    "$@" "${common[@]}" -Wl,-Map,"$out/hello-$name.map" \
+        -o "$elf" "$start" "$src/hello.c"
+    "$objcopy" -O binary "$elf" "$bin"
+    "$objdump" -d "$elf" >"$out/hello-$name.dis"
+
+    local got
+    got=$("$readelf" -h "$elf" | awk '/Entry point address/ {print $NF}')
+    if [[ $((got)) -ne $((entry)) ]]; then
+        echo "error: $elf: entry $got, expected $entry" >&2
+        exit 1
+    fi
+    printf '  %-18s %6d bytes  entry %s  sha256 %.16s  (%s)\n' \
+        "hello-$name.bin" "$(stat -c %s "$bin")" "$entry" \
+        "$(sha256sum "$bin" | cut -d' ' -f1)" "build/$toolchain/hello-$name.elf"
+}
+
+echo "building guests with $toolchain:"
+build a64 0x40080000 "$objcopy_a64" "$objdump_a64" "${cc_a64[@]}" "${a64_flags[@]}"
+build a32 0x40080000 "$objcopy_arm" "$objdump_arm" "${cc_arm[@]}" "${arm_flags[@]}" -marm
+build t32 0x40080001 "$objcopy_arm" "$objdump_arm" "${cc_arm[@]}" "${arm_flags[@]}" -mthumb
+# copy only after all three built, so a failed build never leaves a mix in bin/
+for name in a64 a32 t32; do
+    cp "$out/hello-$name.bin" "$bindir/hello-$name.bin"
+done
+echo "copied to $bindir/hello-{a64,a32,t32}.bin"
+echo "load each .bin at 0x40080000; a64/a32 start at 0x40080000, t32 at 0x40080001 (Thumb)"
