@@ -1,0 +1,253 @@
+"""The DeviceService gRPC server: a thin asyncio adapter around a ``DeviceBus`` of plain models.
+
+Every stream of every vCPU is served on one event loop, so accesses to a device are serialised and
+none is lost or duplicated; device models stay synchronous and never see gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from grpc_health.v1 import _async as health_async
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from device_service.bus import DeviceBus
+from device_service.model import AccessError, ConsoleDevice, RegionKind, supports_console
+from mmiosplit.address import parse_address
+from mmiosplit.v1 import device_pb2, device_pb2_grpc
+from mmiosplit.wire import GRPC_OPTIONS, PROTOCOL_VERSION, iter_posted
+
+log = logging.getLogger("mmiosplit.devices")
+
+SERVICE_NAME = "mmiosplit.v1.DeviceService"
+CONSOLE_BACKLOG = 1 << 20
+
+
+class ConsoleHub:
+    """Fans a UART's output out to console streams and feeds their input back into the RX FIFO.
+
+    Output produced while nobody listens is kept (up to 1 MiB) for the first listener; input the
+    FIFO cannot take yet is kept and pumped in as the guest drains the FIFO.
+    """
+
+    def __init__(self, name: str, device: ConsoleDevice, log_file: str | None = None) -> None:
+        self.name = name
+        self.device = device
+        self._listeners: list[asyncio.Queue[bytes]] = []
+        self._backlog = bytearray()
+        self._pending_input = bytearray()
+        self._log = open(log_file, "ab", buffering=0) if log_file else None  # noqa: SIM115
+        device.set_output(self._on_output)
+
+    def _on_output(self, data: bytes) -> None:
+        if self._log is not None:
+            self._log.write(data)
+        if self._listeners:
+            for q in self._listeners:
+                q.put_nowait(bytes(data))
+        else:
+            self._backlog += data
+            del self._backlog[:-CONSOLE_BACKLOG]
+
+    def attach(self) -> asyncio.Queue[bytes]:
+        q: asyncio.Queue[bytes] = asyncio.Queue()
+        if self._backlog:
+            q.put_nowait(bytes(self._backlog))
+            self._backlog.clear()
+        self._listeners.append(q)
+        return q
+
+    def detach(self, q: asyncio.Queue[bytes]) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(q)
+
+    def feed(self, data: bytes) -> None:
+        self._pending_input += data
+        self.pump()
+
+    def pump(self) -> None:
+        if self._pending_input:
+            taken = self.device.receive(bytes(self._pending_input))
+            del self._pending_input[:taken]
+
+
+class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
+    """Serves Describe, the exit streams, Reset and the consoles of one DeviceBus."""
+
+    def __init__(self, bus: DeviceBus, service_name: str = "mmiosplit-devices",
+                 console_log: str | None = None) -> None:
+        self.bus = bus
+        self.service_name = service_name
+        self.consoles: dict[str, ConsoleHub] = {}
+        for dev in bus.devices:
+            console = supports_console(dev)
+            if console is not None:
+                self.consoles[dev.name] = ConsoleHub(dev.name, console, console_log)
+        self.exits = 0
+
+    async def Describe(self, request: device_pb2.DescribeRequest,
+                       context: grpc.aio.ServicerContext) -> device_pb2.DescribeResponse:
+        resp = device_pb2.DescribeResponse(service_name=self.service_name, protocol_version=PROTOCOL_VERSION)
+        for dev in self.bus.devices:
+            d = resp.devices.add(name=dev.name, type=dev.type_name, compatible=list(dev.compatible),
+                                 has_console=dev.name in self.consoles, properties=dev.describe())
+            for spec in dev.regions():
+                d.regions.add(
+                    name=spec.name, base=dev.base + spec.offset, size=spec.size,
+                    kind=device_pb2.REGION_KIND_ROMD if spec.kind is RegionKind.ROMD else device_pb2.REGION_KIND_MMIO,
+                    posted=spec.posted, access_sizes=list(spec.access_sizes),
+                )
+        return resp
+
+    async def Reset(self, request: device_pb2.ResetRequest,
+                    context: grpc.aio.ServicerContext) -> device_pb2.ResetResponse:
+        self.bus.reset()
+        return device_pb2.ResetResponse()
+
+    def _access(self, address: int, length: int, is_write: bool, data: bytes) -> device_pb2.Completion:
+        if length not in (1, 2, 4, 8):
+            return device_pb2.Completion(status=device_pb2.COMPLETION_STATUS_BAD_REQUEST,
+                                         error=f"access length {length} at 0x{address:x} is not 1, 2, 4 or 8")
+        if is_write:
+            if len(data) != length:
+                return device_pb2.Completion(
+                    status=device_pb2.COMPLETION_STATUS_BAD_REQUEST,
+                    error=f"write of length {length} at 0x{address:x} carries {len(data)} data bytes")
+            result = self.bus.write(address, length, int.from_bytes(data, "little"))
+        else:
+            result = self.bus.read(address, length)
+        region = self.bus.find(address)
+        if region is not None:
+            hub = self.consoles.get(region.device.name)
+            if hub is not None:
+                hub.pump()
+        if result.ok:
+            out = b"" if is_write else (result.value & ((1 << (8 * length)) - 1)).to_bytes(length, "little")
+            return device_pb2.Completion(status=device_pb2.COMPLETION_STATUS_OK, data=out)
+        status = (device_pb2.COMPLETION_STATUS_NO_DEVICE
+                  if result.error is AccessError.OUT_OF_RANGE and region is None
+                  else device_pb2.COMPLETION_STATUS_DEVICE_ERROR)
+        return device_pb2.Completion(status=status, error=result.message)
+
+    def _apply_posted(self, batch: device_pb2.PostedWrites, completion: device_pb2.Completion) -> bool:
+        try:
+            writes = list(iter_posted(batch))
+        except ValueError as exc:
+            completion.status = device_pb2.COMPLETION_STATUS_BAD_REQUEST
+            completion.error = f"malformed posted batch: {exc}"
+            return False
+        for i, (address, data) in enumerate(writes):
+            c = self._access(address, len(data), True, data)
+            if c.status != device_pb2.COMPLETION_STATUS_OK:
+                completion.posted_errors.add(index=i, address=address, error=c.error)
+        return True
+
+    async def ExitStream(self, request_iterator: AsyncIterator[device_pb2.ExitStreamRequest],
+                         context: grpc.aio.ServicerContext) -> AsyncIterator[device_pb2.ExitStreamResponse]:
+        requests = request_iterator.__aiter__()
+        try:
+            first = await requests.__anext__()
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("body") != "hello":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the first message on ExitStream must be a hello, got {first.WhichOneof('body')}")
+        if first.hello.protocol_version != PROTOCOL_VERSION:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"protocol version {first.hello.protocol_version} is not supported; "
+                                f"this device service speaks {PROTOCOL_VERSION}")
+        peer = f"VM {first.hello.vm_id} vCPU {first.hello.vcpu_id}"
+        log.debug("exit stream opened by %s", peer)
+        yield device_pb2.ExitStreamResponse(
+            seq=first.seq,
+            welcome=device_pb2.StreamWelcome(protocol_version=PROTOCOL_VERSION, service_name=self.service_name))
+        expected = first.seq + 1
+        async for req in requests:
+            kind = req.WhichOneof("body")
+            completion = device_pb2.Completion(status=device_pb2.COMPLETION_STATUS_OK)
+            if req.seq != expected:
+                completion.status = device_pb2.COMPLETION_STATUS_BAD_REQUEST
+                completion.error = f"sequence number {req.seq} from {peer}, expected {expected}"
+            elif kind == "exit":
+                ex = req.exit
+                if ex.HasField("posted") and not self._apply_posted(ex.posted, completion):
+                    pass
+                else:
+                    c = self._access(ex.address, ex.length, ex.direction == device_pb2.ACCESS_DIRECTION_WRITE,
+                                     ex.data)
+                    completion.status, completion.data, completion.error = c.status, c.data, c.error
+                    self.exits += 1
+            elif kind == "flush":
+                self._apply_posted(req.flush, completion)
+            else:
+                completion.status = device_pb2.COMPLETION_STATUS_BAD_REQUEST
+                completion.error = f"unexpected {kind!r} from {peer} after the handshake"
+            expected = req.seq + 1
+            yield device_pb2.ExitStreamResponse(seq=req.seq, completion=completion)
+
+    async def Console(self, request_iterator: AsyncIterator[device_pb2.ConsoleRequest],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[device_pb2.ConsoleResponse]:
+        requests = request_iterator.__aiter__()
+        try:
+            first = await requests.__anext__()
+        except StopAsyncIteration:
+            return
+        hub = self.consoles.get(first.device)
+        if hub is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"no UART named {first.device!r}; consoles: {', '.join(self.consoles) or 'none'}")
+        assert hub is not None
+        if first.input:
+            hub.feed(first.input)
+        queue = hub.attach()
+
+        async def pump_input() -> None:
+            async for req in requests:
+                if req.input:
+                    hub.feed(req.input)
+
+        reader = asyncio.ensure_future(pump_input())
+        try:
+            while True:
+                data = await queue.get()
+                yield device_pb2.ConsoleResponse(output=data)
+        finally:
+            reader.cancel()
+            hub.detach(queue)
+
+
+async def serve_async(listen: str, bus: DeviceBus, service_name: str,
+                      ready: Callable[[str], None] | None = None, console_log: str | None = None) -> None:
+    address = parse_address(listen)
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    servicer = DeviceServicer(bus, service_name, console_log)
+    device_pb2_grpc.add_DeviceServiceServicer_to_server(servicer, server)
+    health_servicer = health_async.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(address.target)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready:
+        ready(address.target if address.is_unix else f"{address.host}:{port}")
+    await stop.wait()
+    await server.stop(grace=1.0)
+
+
+def serve(listen: str, bus: DeviceBus, service_name: str = "mmiosplit-devices",
+          ready: Callable[[str], None] | None = None, console_log: str | None = None) -> None:
+    """Run the device service until SIGTERM or SIGINT."""
+    asyncio.run(serve_async(listen, bus, service_name, ready, console_log))

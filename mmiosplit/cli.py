@@ -1,0 +1,324 @@
+"""The ``mmiosplit`` command line: serve each service, check health, run a guest, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from mmiosplit.address import AddressError, parse_address
+
+DEFAULT_DEVICES = ["pl011@0x09000000", "pl031@0x09010000", "scratch@0x0a000000,size=0x1000"]
+DEFAULT_RAM = "128M@0x40000000"
+LOAD_OFFSET = 0x80000  # images go 512 KiB into the first RAM region, as the arm64 Linux boot protocol does
+CTRL_A = 0x01
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text.replace("_", ""), 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (use 0x... for hex)") from None
+
+
+def _address(text: str) -> str:
+    try:
+        parse_address(text)
+    except AddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _ram(text: str) -> tuple[int, int]:
+    from device_service.config import ConfigError, parse_size
+
+    size_text, _, base_text = text.partition("@")
+    try:
+        size = parse_size(size_text)
+        base = _int(base_text) if base_text else 0x4000_0000
+    except (ConfigError, argparse.ArgumentTypeError) as exc:
+        raise argparse.ArgumentTypeError(
+            f"--ram {text!r}: {exc} (expected SIZE[@ADDR], e.g. 128M@0x40000000)"
+        ) from None
+    return base, size
+
+
+def _pin(cpu: int | None) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+
+
+def _log_setup(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _ready(name: str) -> object:
+    def ready(bound: str) -> None:
+        print(f"mmiosplit {name} listening on {bound}", flush=True)
+
+    return ready
+
+
+# ----- subcommands ---------------------------------------------------------------------------------------
+def cmd_serve_vcpu(args: argparse.Namespace) -> int:
+    from vcpu_service.server import serve
+
+    _pin(args.cpu_affinity)
+    _log_setup(args.verbose)
+    serve(args.listen, ram_cap=args.max_ram, ready=_ready("vcpu service"))  # type: ignore[arg-type]
+    return 0
+
+
+def cmd_serve_devices(args: argparse.Namespace) -> int:
+    from device_service.config import ConfigError, build_bus, load_config, parse_device_specs
+    from device_service.server import serve
+
+    _pin(args.cpu_affinity)
+    _log_setup(args.verbose)
+    try:
+        specs = parse_device_specs(args.device or [])
+        for path in args.config or []:
+            specs += load_config(path)
+        if not specs:
+            raise ConfigError("no devices: give --device TYPE@ADDR[,key=value...] or --config FILE")
+        bus = build_bus(specs)
+    except ConfigError as exc:
+        print(f"mmiosplit serve-devices: {exc}", file=sys.stderr)
+        return 2
+    serve(args.listen, bus, args.name, ready=_ready("device service"),  # type: ignore[arg-type]
+          console_log=args.console_log)
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from mmiosplit.launcher import check_health
+
+    status = check_health(args.address, timeout=args.timeout, service=args.service)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def _read_image(path: str) -> bytes:
+    data = Path(path).read_bytes()
+    if data[:4] == b"\x7fELF":
+        raise ValueError(f"{path} is an ELF file; give a flat binary (objcopy -O binary) and --load/--entry")
+    return data
+
+
+def build_config(args: argparse.Namespace, image: bytes, image_name: str, device_services: list[str]) -> object:
+    from mmiosplit.v1 import common_pb2, vcpu_pb2
+
+    ram = args.ram or [_ram(DEFAULT_RAM)]
+    load = args.load if args.load is not None else ram[0][0] + LOAD_OFFSET
+    entry = args.entry if args.entry is not None else load
+    cfg = vcpu_pb2.VmConfig(
+        name=image_name,
+        architecture=common_pb2.ARCHITECTURE_AARCH64 if args.arch == "aarch64" else common_pb2.ARCHITECTURE_ARM,
+        cpu_model=args.cpu or "",
+        vcpu_count=args.vcpus,
+        ram=[vcpu_pb2.MemoryRegion(base=b, size=s) for b, s in ram],
+        device_services=device_services,
+        images=[vcpu_pb2.Image(name=image_name, data=image, load_address=load)],
+        entry_point=entry,
+        limits=vcpu_pb2.RunLimits(instruction_budget=args.budget or 0, wall_clock_seconds=args.timeout or 0.0),
+        exit_deadline_ms=args.deadline_ms or 0,
+    )
+    cfg.policies.unmapped_access = (vcpu_pb2.UNMAPPED_ACCESS_POLICY_STOP if args.unmapped == "stop"
+                                    else vcpu_pb2.UNMAPPED_ACCESS_POLICY_RAZ_WI)
+    return cfg
+
+
+class _Terminal:
+    """Raw mode on a terminal with QEMU's escape: Ctrl-A X quits, Ctrl-A Ctrl-A sends Ctrl-A."""
+
+    def __init__(self, fd: int, inp: object, quit_event: threading.Event) -> None:
+        import termios
+        import tty
+
+        self.fd = fd
+        self._saved = termios.tcgetattr(fd)
+        tty.setraw(fd)
+        self._inp = inp
+        self._quit = quit_event
+        threading.Thread(target=self._pump, name="tty", daemon=True).start()
+
+    def _pump(self) -> None:
+        escape = False
+        while not self._quit.is_set():
+            try:
+                data = os.read(self.fd, 1024)
+            except OSError:
+                return
+            if not data:
+                return
+            out = bytearray()
+            for b in data:
+                if escape:
+                    escape = False
+                    if b in (ord("x"), ord("X")):
+                        self._quit.set()
+                        return
+                    out.append(b)
+                elif b == CTRL_A:
+                    escape = True
+                else:
+                    out.append(b)
+            if out:
+                self._inp.feed(bytes(out))  # type: ignore[attr-defined]
+
+    def restore(self) -> None:
+        import termios
+
+        termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mmiosplit.launcher import LaunchError, local_services
+    from mmiosplit.runner import EXIT_CONFIG_ERROR, ConsoleInput, RunError, format_latency, pump_stdin, run_vm
+    from vcpu_service.events import kind_name
+
+    try:
+        image = _read_image(args.image)
+    except (OSError, ValueError) as exc:
+        print(f"mmiosplit run: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    device_args = None
+    if not args.device_service:
+        device_args = []
+        for spec in args.device or ([] if args.config else DEFAULT_DEVICES):
+            device_args += ["--device", spec]
+        for path in args.config or []:
+            device_args += ["--config", path]
+    elif args.device or args.config:
+        print("mmiosplit run: --device/--config describe devices for an embedded device service; they cannot be "
+              "combined with --device-service", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
+    def say(msg: str) -> None:
+        if not args.quiet:
+            sys.stderr.write(f"\r\nmmiosplit: {msg}\r\n" if is_tty else f"mmiosplit: {msg}\n")
+            sys.stderr.flush()
+
+    is_tty = sys.stdin.isatty()
+    quit_event = threading.Event()
+    inp = ConsoleInput()
+    terminal: _Terminal | None = None
+    try:
+        with local_services(device_args, start_vcpu=args.vcpu_service is None) as (vaddr, daddr, _svc):
+            services = list(args.device_service or []) + ([daddr] if daddr else [])
+            vcpu_addr = args.vcpu_service or vaddr
+            assert vcpu_addr is not None
+            cfg = build_config(args, image, Path(args.image).name, services)
+            if is_tty:
+                terminal = _Terminal(sys.stdin.fileno(), inp, quit_event)
+            else:
+                pump_stdin(inp)
+
+            def out(data: bytes) -> None:
+                sys.stdout.buffer.write(data)
+                sys.stdout.buffer.flush()
+
+            def on_event(ev: object) -> None:
+                if args.events:
+                    say(f"[{ev.time:8.3f}] {kind_name(ev.kind)}: {ev.reason}")  # type: ignore[attr-defined]
+
+            try:
+                result = run_vm(vcpu_addr, cfg, console_device=args.console, console_out=out, console_in=inp,  # type: ignore[arg-type]
+                                on_event=on_event, stop_request=quit_event)
+            except RunError as exc:
+                say(f"cannot run {args.image}: {exc}")
+                return EXIT_CONFIG_ERROR
+    except LaunchError as exc:
+        say(str(exc))
+        return EXIT_CONFIG_ERROR
+    finally:
+        if terminal is not None:
+            terminal.restore()
+    say(f"{kind_name(result.final.kind).replace('_', ' ')}: {result.final.reason}; {format_latency(result.stats)}")
+    return result.exit_status
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mmiosplit.demo import run_demo
+
+    return run_demo(vcpus=args.vcpus, cpu=None if args.no_pin else args.pin_cpu, transport=args.transport)
+
+
+# ----- parser -----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmiosplit", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sv = sub.add_parser("serve-vcpu", help="run the vcpu service (guest RAM, vCPUs, the exit path)")
+    sv.add_argument("--listen", required=True, type=_address, help="unix:PATH or HOST:PORT")
+    sv.add_argument("--max-ram", type=lambda t: _ram(t + "@0")[1], default=8 * 2**30,
+                    help="cap on the RAM of one VM (default 8G)")
+    sv.add_argument("--cpu-affinity", type=int, help="pin the service to this CPU")
+    sv.add_argument("-v", "--verbose", action="store_true")
+    sv.set_defaults(func=cmd_serve_vcpu)
+
+    sd = sub.add_parser("serve-devices", help="run a device service hosting device models")
+    sd.add_argument("--listen", required=True, type=_address, help="unix:PATH or HOST:PORT")
+    sd.add_argument("--device", action="append", metavar="SPEC",
+                    help="TYPE@ADDR[,key=value...], e.g. pl011@0x09000000 or scratch@0x0a000000,size=0x1000")
+    sd.add_argument("--config", action="append", metavar="FILE", help="TOML file with [[device]] tables")
+    sd.add_argument("--name", default="mmiosplit-devices", help="service name reported to vcpu services")
+    sd.add_argument("--console-log", metavar="FILE", help="append every byte UARTs transmit to FILE")
+    sd.add_argument("--cpu-affinity", type=int, help="pin the service to this CPU")
+    sd.add_argument("-v", "--verbose", action="store_true")
+    sd.set_defaults(func=cmd_serve_devices)
+
+    h = sub.add_parser("health", help="exit 0 when the service at ADDR reports SERVING")
+    h.add_argument("address", type=_address)
+    h.add_argument("--service", default="", help="service name to check (default: the whole server)")
+    h.add_argument("--timeout", type=float, default=3.0)
+    h.set_defaults(func=cmd_health)
+
+    r = sub.add_parser("run", help="run a guest image with its console on this terminal (or stdin/stdout)")
+    r.add_argument("image", help="flat binary image")
+    r.add_argument("--arch", choices=["aarch64", "arm"], default="aarch64")
+    r.add_argument("--cpu", help="CPU model (cortex-a57, cortex-a53, cortex-a72, max; cortex-a15, cortex-a7)")
+    r.add_argument("--load", type=_int, help="load address (default: first RAM region + 0x80000)")
+    r.add_argument("--entry", type=_int, help="entry point (default: the load address; on arm bit 0 = Thumb)")
+    r.add_argument("--ram", type=_ram, action="append", help=f"SIZE[@ADDR], repeatable (default {DEFAULT_RAM})")
+    r.add_argument("--vcpus", type=int, default=1)
+    r.add_argument("--device", action="append", metavar="SPEC",
+                   help=f"device for the embedded device service (default: {' '.join(DEFAULT_DEVICES)})")
+    r.add_argument("--config", action="append", metavar="FILE", help="TOML device file for the embedded service")
+    r.add_argument("--device-service", action="append", type=_address, metavar="ADDR",
+                   help="use a running device service instead of starting one (repeatable)")
+    r.add_argument("--vcpu-service", type=_address, metavar="ADDR", help="use a running vcpu service")
+    r.add_argument("--console", metavar="DEVICE", help="UART to attach (default: the first one)")
+    r.add_argument("--budget", type=_int, help="stop after this many instructions per vCPU (exit status 4)")
+    r.add_argument("--timeout", type=float, help="stop after this many seconds (exit status 5)")
+    r.add_argument("--deadline-ms", type=int, help="how long a vCPU waits for a device (default 5000)")
+    r.add_argument("--unmapped", choices=["raz-wi", "stop"], default="raz-wi",
+                   help="access to an address no device owns: read as zero/ignore, or stop with an error")
+    r.add_argument("--events", action="store_true", help="print VM events on stderr")
+    r.add_argument("-q", "--quiet", action="store_true", help="no summary line on stderr")
+    r.set_defaults(func=cmd_run)
+
+    d = sub.add_parser("demo", help="run the three bundled guests (A64, A32, T32) through the split")
+    d.add_argument("--vcpus", type=int, default=2)
+    d.add_argument("--pin-cpu", type=int, default=0, help="CPU both services are pinned to (default 0)")
+    d.add_argument("--no-pin", action="store_true", help="do not pin the services")
+    d.add_argument("--transport", choices=["unix", "tcp"], default="unix")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,151 @@
+"""Start the services as real subprocesses and wait until gRPC health says SERVING.
+
+Used by ``mmiosplit run``/``demo`` (the embedded default) and by the integration tests, so both run
+the split exactly as a user would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mmiosplit.address import parse_address
+
+
+class LaunchError(RuntimeError):
+    """A service did not come up; the message carries the end of its log."""
+
+
+def check_health(address: str, timeout: float = 3.0, service: str = "") -> str:
+    """Return the health status name of the service at address (``SERVING`` when up)."""
+    target = parse_address(address).target
+    with grpc.insecure_channel(target) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=timeout)
+            resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                              timeout=timeout)
+        except grpc.FutureTimeoutError:
+            return "UNREACHABLE"
+        except grpc.RpcError as exc:
+            return f"ERROR ({exc.code().name})"
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
+
+
+@dataclass
+class ServiceProcess:
+    """One service subprocess and where it logs."""
+
+    name: str
+    address: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise LaunchError(f"{self.name} exited with status {self.process.returncode} while starting:\n"
+                                  f"{self.log_tail()}")
+            if check_health(self.address, timeout=0.5) == "SERVING":
+                return
+            time.sleep(0.05)
+        raise LaunchError(f"{self.name} at {self.address} was not SERVING after {timeout:g} s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _python_cmd() -> list[str]:
+    return [sys.executable, "-m", "mmiosplit"]
+
+
+@dataclass
+class LocalServices:
+    """Services this process started; stopped on exit of the context."""
+
+    workdir: Path
+    processes: list[ServiceProcess] = field(default_factory=list)
+    _own_workdir: bool = False
+
+    def start(self, name: str, args: Sequence[str], address: str, cpu: int | None = None) -> ServiceProcess:
+        log_path = self.workdir / f"{name}.log"
+        cmd = [*_python_cmd(), *args, "--listen", address]
+        if cpu is not None:
+            cmd += ["--cpu-affinity", str(cpu)]
+        log = open(log_path, "wb")  # noqa: SIM115 - handed to the child
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+        sp = ServiceProcess(name, address, proc, log_path)
+        self.processes.append(sp)
+        return sp
+
+    def stop(self) -> None:
+        for sp in reversed(self.processes):
+            sp.stop()
+        self.processes.clear()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_services(device_args: Sequence[str] | None, start_vcpu: bool = True, cpu: int | None = None,
+                   transport: str = "unix") -> Iterator[tuple[str | None, str | None, LocalServices]]:
+    """Start a device service (when device_args is not None) and a vcpu service on local sockets.
+
+    Yields (vcpu address, device address, handle). transport "unix" uses sockets in a private
+    temporary folder; "tcp" uses free loopback ports.
+    """
+    workdir = Path(tempfile.mkdtemp(prefix="mmiosplit-"))
+    services = LocalServices(workdir, _own_workdir=True)
+    try:
+        dev_addr = vcpu_addr = None
+        started: list[ServiceProcess] = []
+        if device_args is not None:
+            dev_addr = _address(workdir, "devices", transport)
+            started.append(services.start("device service", ["serve-devices", *device_args], dev_addr, cpu))
+        if start_vcpu:
+            vcpu_addr = _address(workdir, "vcpu", transport)
+            started.append(services.start("vcpu service", ["serve-vcpu"], vcpu_addr, cpu))
+        for sp in started:
+            sp.wait_ready()
+        yield vcpu_addr, dev_addr, services
+    finally:
+        services.stop()
+
+
+def free_tcp_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _address(workdir: Path, name: str, transport: str) -> str:
+    if transport == "tcp":
+        return f"127.0.0.1:{free_tcp_port()}"
+    return f"unix:{workdir / (name + '.sock')}"

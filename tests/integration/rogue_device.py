@@ -1,0 +1,76 @@
+"""A device service that breaks the protocol on purpose, served for real over a UNIX socket.
+
+It stands in for a buggy third-party device service: the vcpu service must turn each misbehaviour
+into a clear VM error event and stay up.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from mmiosplit.v1 import device_pb2, device_pb2_grpc
+from mmiosplit.wire import PROTOCOL_VERSION
+
+BASE = 0x0A00_0000
+
+
+class RogueDevice(device_pb2_grpc.DeviceServiceServicer):
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.release = threading.Event()
+
+    def Describe(self, request: device_pb2.DescribeRequest,
+                 context: grpc.ServicerContext) -> device_pb2.DescribeResponse:
+        resp = device_pb2.DescribeResponse(service_name=f"rogue-{self.mode}", protocol_version=PROTOCOL_VERSION)
+        dev = resp.devices.add(name="rogue0", type="rogue")
+        dev.regions.add(name="regs", base=BASE, size=0x1000, kind=device_pb2.REGION_KIND_MMIO,
+                        access_sizes=[1, 2, 4, 8])
+        return resp
+
+    def ExitStream(self, request_iterator: Iterator[device_pb2.ExitStreamRequest],
+                   context: grpc.ServicerContext) -> Iterator[device_pb2.ExitStreamResponse]:
+        for req in request_iterator:
+            if req.WhichOneof("body") == "hello":
+                yield device_pb2.ExitStreamResponse(
+                    seq=req.seq, welcome=device_pb2.StreamWelcome(protocol_version=PROTOCOL_VERSION))
+                continue
+            ok = device_pb2.COMPLETION_STATUS_OK
+            if self.mode == "short":
+                yield device_pb2.ExitStreamResponse(seq=req.seq, completion=device_pb2.Completion(status=ok,
+                                                                                                  data=b"\x01"))
+            elif self.mode == "badseq":
+                yield device_pb2.ExitStreamResponse(seq=req.seq + 7, completion=device_pb2.Completion(
+                    status=ok, data=bytes(req.exit.length)))
+            elif self.mode == "error":
+                yield device_pb2.ExitStreamResponse(seq=req.seq, completion=device_pb2.Completion(
+                    status=device_pb2.COMPLETION_STATUS_DEVICE_ERROR, error="rogue0: register 0x0 is on fire"))
+            elif self.mode == "hang":
+                self.release.wait(30)
+                return
+            elif self.mode == "badstatus":
+                yield device_pb2.ExitStreamResponse(seq=req.seq, completion=device_pb2.Completion(status=99))
+            elif self.mode == "die":
+                context.abort(grpc.StatusCode.INTERNAL, "rogue device crashed")
+
+    def Reset(self, request: device_pb2.ResetRequest, context: grpc.ServicerContext) -> device_pb2.ResetResponse:
+        return device_pb2.ResetResponse()
+
+
+class RogueServer:
+    def __init__(self, mode: str, workdir: Path) -> None:
+        self.servicer = RogueDevice(mode)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        device_pb2_grpc.add_DeviceServiceServicer_to_server(self.servicer, self.server)
+        self.address = f"unix:{workdir / f'rogue-{mode}-{time.monotonic_ns()}.sock'}"
+        self.server.add_insecure_port(self.address)
+        self.server.start()
+
+    def stop(self) -> None:
+        self.servicer.release.set()
+        self.server.stop(0)

@@ -1,0 +1,158 @@
+"""Bad input from a client, a config, a guest or a device service: a clear error, nothing crashes or hangs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from mmiosplit.launcher import check_health
+from mmiosplit.v1 import vcpu_pb2
+from tests.integration.client import LOAD, Services, a64
+from tests.integration.rogue_device import BASE, RogueServer
+
+pytestmark = pytest.mark.integration
+
+SYSTEM_OFF = [0xD2800100, 0xF2B08000, 0xD4000002]  # mov x0,#8; movk x0,#0x8400,lsl#16; hvc #0
+LOAD_W1 = [0xD2A14000, 0xB9400001, *SYSTEM_OFF]  # mov x0,#0x0a000000; ldr w1,[x0]; system off
+
+
+def _create_error(services: Services, cfg: vcpu_pb2.VmConfig) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        services.create(cfg)
+    return info.value
+
+
+def _assert_alive(services: Services) -> None:
+    assert check_health(services.vcpu) == "SERVING"
+    assert check_health(services.devices) == "SERVING"
+    vm_id, final = services.run(services.config(a64(*LOAD_W1)))
+    services.delete(vm_id)
+    assert final.kind == vcpu_pb2.VM_EVENT_KIND_POWERED_OFF, final
+
+
+def test_image_that_does_not_fit(unix_services: Services) -> None:
+    cfg = unix_services.config(b"\0" * 4096)
+    cfg.images[0].load_address = 0x4000_0000 + 16 * 2**20 - 100
+    err = _create_error(unix_services, cfg)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "image 'test'" in err.details() and "does not fit in RAM" in err.details()
+    _assert_alive(unix_services)
+
+
+def test_ram_over_cap(unix_services: Services) -> None:
+    cfg = unix_services.config(a64(*LOAD_W1))
+    cfg.ram[0].size = 64 * 2**30
+    err = _create_error(unix_services, cfg)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "over this service's cap" in err.details()
+
+
+def test_overlapping_ram_regions(unix_services: Services) -> None:
+    cfg = unix_services.config(a64(*LOAD_W1))
+    cfg.ram.add(base=0x4080_0000, size=0x10_0000)
+    err = _create_error(unix_services, cfg)
+    assert "overlap" in err.details() and "0x40800000" in err.details()
+
+
+def test_device_region_overlapping_ram(unix_services: Services) -> None:
+    cfg = unix_services.config(a64(*LOAD_W1))
+    cfg.ram.add(base=0x0A00_0000, size=0x1000)
+    err = _create_error(unix_services, cfg)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "scratch0" in err.details() and "overlaps RAM" in err.details()
+
+
+def test_overlapping_regions_across_device_services(unix_services: Services) -> None:
+    cfg = unix_services.config(a64(*LOAD_W1))
+    cfg.device_services.append(unix_services.devices)  # the same devices twice
+    err = _create_error(unix_services, cfg)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "device regions overlap" in err.details() and "uart0" in err.details()
+
+
+def test_malformed_device_service_address(unix_services: Services) -> None:
+    cfg = unix_services.config(a64(*LOAD_W1))
+    cfg.device_services[:] = ["not an address"]
+    err = _create_error(unix_services, cfg)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed address 'not an address'" in err.details()
+
+
+def test_unreachable_device_service(unix_services: Services, tmp_path: Path) -> None:
+    cfg = unix_services.config(a64(*LOAD_W1))
+    cfg.device_services[:] = [f"unix:{tmp_path / 'nobody.sock'}"]
+    err = _create_error(unix_services, cfg)
+    assert err.code() == grpc.StatusCode.UNAVAILABLE
+    assert "nobody.sock is not reachable" in err.details()
+    _assert_alive(unix_services)
+
+
+def test_unknown_cpu_model(unix_services: Services) -> None:
+    cfg = unix_services.config(a64(*LOAD_W1), cpu_model="pentium")
+    err = _create_error(unix_services, cfg)
+    assert "unknown CPU model 'pentium'" in err.details()
+
+
+def test_unknown_vm_id(unix_services: Services) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        unix_services.stub.StartVm(vcpu_pb2.StartVmRequest(vm_id="nope"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _serve_devices(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mmiosplit", "serve-devices", "--listen", "127.0.0.1:1", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_unknown_device_type_is_refused_at_startup() -> None:
+    proc = _serve_devices("--device", "pl999@0x09000000")
+    assert proc.returncode == 2
+    assert "pl999" in proc.stderr and "pl011" in proc.stderr
+
+
+def test_overlapping_devices_are_refused_at_startup() -> None:
+    proc = _serve_devices("--device", "pl011@0x09000000,name=uart_a", "--device", "scratch@0x09000800,name=ram_b")
+    assert proc.returncode == 2
+    assert "uart_a" in proc.stderr and "ram_b" in proc.stderr and "overlaps" in proc.stderr, proc.stderr
+
+
+def test_malformed_address_on_the_command_line() -> None:
+    proc = subprocess.run([sys.executable, "-m", "mmiosplit", "serve-vcpu", "--listen", "localhost"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "malformed address 'localhost'" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("mode", "kind", "needle"),
+    [
+        ("short", vcpu_pb2.VM_ERROR_KIND_DEVICE_SERVICE, "with 1 bytes"),
+        ("badseq", vcpu_pb2.VM_ERROR_KIND_DEVICE_SERVICE, "answered sequence number 8 to request 1"),
+        ("error", vcpu_pb2.VM_ERROR_KIND_DEVICE_ERROR, "register 0x0 is on fire"),
+        ("badstatus", vcpu_pb2.VM_ERROR_KIND_DEVICE_SERVICE, "status 99"),
+        ("die", vcpu_pb2.VM_ERROR_KIND_DEVICE_SERVICE, "rogue device crashed"),
+        ("hang", vcpu_pb2.VM_ERROR_KIND_DEADLINE, "no completion"),
+    ],
+)
+def test_misbehaving_device_service(unix_services: Services, tmp_path: Path, mode: str, kind: int,
+                                    needle: str) -> None:
+    rogue = RogueServer(mode, tmp_path)
+    try:
+        cfg = unix_services.config(a64(*LOAD_W1), exit_deadline_ms=300)
+        cfg.device_services[:] = [rogue.address]
+        vm_id, final = unix_services.run(cfg, timeout=30)
+        regs = unix_services.registers(vm_id, 0, "pc", "x1")
+        unix_services.delete(vm_id)
+    finally:
+        rogue.stop()
+    assert final.kind == vcpu_pb2.VM_EVENT_KIND_ERROR, final
+    assert final.error_kind == kind, final
+    assert needle in final.reason, final.reason
+    assert f"0x{BASE:x}" in final.reason
+    # Nothing retired: the load was not completed and PC is still on it.
+    assert final.pc == LOAD + 4 and regs["pc"] == LOAD + 4 and regs["x1"] == 0
+    _assert_alive(unix_services)

@@ -1,0 +1,233 @@
+"""The VcpuService gRPC server: a thin adapter from RPCs to ``Vm`` objects.
+
+A synchronous server on purpose: this is the control plane; the hot path (exits) runs on the vCPU
+threads as a gRPC *client* of the device services.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from mmiosplit.address import parse_address
+from mmiosplit.v1 import common_pb2, vcpu_pb2, vcpu_pb2_grpc
+from mmiosplit.wire import GRPC_OPTIONS
+from vcpu_service.arch import ArchError
+from vcpu_service.transport import DeviceEndpoint, GrpcEndpoint, TransportError
+from vcpu_service.vm import ImageSpec, Vm, VmConfigError, VmSpec, VmStateError
+
+log = logging.getLogger("mmiosplit.vcpu")
+
+DEFAULT_RAM_CAP = 8 * 2**30
+SERVICE_NAME = "mmiosplit.v1.VcpuService"
+T = TypeVar("T")
+
+_ARCH = {common_pb2.ARCHITECTURE_AARCH64: "aarch64", common_pb2.ARCHITECTURE_ARM: "arm"}
+
+
+def spec_from_proto(cfg: vcpu_pb2.VmConfig) -> VmSpec:
+    """Parse and check a VmConfig; VmConfigError names the first field that is wrong."""
+    arch = _ARCH.get(cfg.architecture)
+    if arch is None:
+        raise VmConfigError("architecture is unset or unknown: use ARCHITECTURE_AARCH64 or ARCHITECTURE_ARM")
+    pol = vcpu_pb2.Policies()
+    pol.CopyFrom(cfg.policies)
+    if pol.unmapped_access == vcpu_pb2.UNMAPPED_ACCESS_POLICY_UNSPECIFIED:
+        pol.unmapped_access = vcpu_pb2.UNMAPPED_ACCESS_POLICY_RAZ_WI
+    for name in ("device_error", "deadline", "nisv"):
+        value = getattr(pol, name)
+        if value == vcpu_pb2.FAULT_POLICY_UNSPECIFIED:
+            setattr(pol, name, vcpu_pb2.FAULT_POLICY_STOP)
+        elif value == vcpu_pb2.FAULT_POLICY_ABORT:
+            raise VmConfigError(f"policy {name}=ABORT (inject an external abort) is not implemented in this "
+                                "version; use STOP")
+    if pol.unmapped_access == vcpu_pb2.UNMAPPED_ACCESS_POLICY_ABORT:
+        raise VmConfigError("policy unmapped_access=ABORT is not implemented in this version; use RAZ_WI or STOP")
+    if cfg.limits.wall_clock_seconds < 0:
+        raise VmConfigError(f"limits.wall_clock_seconds must be >= 0, got {cfg.limits.wall_clock_seconds}")
+    return VmSpec(
+        architecture=arch,
+        cpu_model=cfg.cpu_model,
+        vcpu_count=cfg.vcpu_count or 1,
+        ram=[(r.base, r.size) for r in cfg.ram],
+        images=[ImageSpec(i.name or f"image{n}", bytes(i.data), i.load_address) for n, i in enumerate(cfg.images)],
+        entry_point=cfg.entry_point,
+        policies=pol,
+        instruction_budget=cfg.limits.instruction_budget,
+        wall_clock_seconds=cfg.limits.wall_clock_seconds,
+        exit_deadline_ms=cfg.exit_deadline_ms,
+        name=cfg.name,
+    )
+
+
+class VcpuServicer(vcpu_pb2_grpc.VcpuServiceServicer):
+    """Maps each RPC onto a Vm; every failure becomes a gRPC status whose message names the cause."""
+
+    def __init__(self, ram_cap: int = DEFAULT_RAM_CAP, connect_timeout_s: float = 5.0,
+                 default_deadline_ms: int = 5000) -> None:
+        self._vms: dict[str, Vm] = {}
+        self._lock = threading.Lock()
+        self._ram_cap = ram_cap
+        self._connect_timeout_s = connect_timeout_s
+        self._default_deadline_ms = default_deadline_ms
+
+    def _call(self, context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except (VmConfigError, ArchError) as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except TransportError as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except VmStateError as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except Exception as exc:
+            log.exception("internal error")
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error in the vcpu service: {exc!r}")
+        raise AssertionError("unreachable")
+
+    def _vm(self, vm_id: str, context: grpc.ServicerContext) -> Vm:
+        with self._lock:
+            vm = self._vms.get(vm_id)
+        if vm is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no VM with id {vm_id!r}")
+        return vm
+
+    def CreateVm(self, request: vcpu_pb2.CreateVmRequest, context: grpc.ServicerContext) -> vcpu_pb2.CreateVmResponse:
+        def create() -> vcpu_pb2.CreateVmResponse:
+            spec = spec_from_proto(request.config)
+            endpoints: list[DeviceEndpoint] = []
+            try:
+                for address in request.config.device_services:
+                    try:
+                        parse_address(address)
+                    except ValueError as exc:
+                        raise VmConfigError(f"device service: {exc}") from None
+                    deadline_s = (spec.exit_deadline_ms or self._default_deadline_ms) / 1000
+                    endpoints.append(GrpcEndpoint(address, self._connect_timeout_s, deadline_s))
+                vm = Vm(spec, endpoints, ram_cap=self._ram_cap, default_deadline_ms=self._default_deadline_ms)
+            except Exception:
+                for e in endpoints:
+                    e.close()
+                raise
+            with self._lock:
+                self._vms[vm.vm_id] = vm
+            log.info("created VM %s (%s, %d vCPUs, %d regions)", vm.vm_id, spec.architecture, spec.vcpu_count,
+                     len(vm.regions))
+            resp = vcpu_pb2.CreateVmResponse(vm_id=vm.vm_id)
+            for r in vm.regions:
+                resp.regions.add(device_service=r.service, device=r.device, device_type=r.device_type,
+                                 region=r.name, base=r.base, size=r.size, posted=r.posted,
+                                 has_console=r.has_console)
+            return resp
+
+        return self._call(context, create)
+
+    def StartVm(self, request: vcpu_pb2.StartVmRequest, context: grpc.ServicerContext) -> vcpu_pb2.StartVmResponse:
+        vm = self._vm(request.vm_id, context)
+        self._call(context, vm.start)
+        return vcpu_pb2.StartVmResponse()
+
+    def PauseVm(self, request: vcpu_pb2.PauseVmRequest, context: grpc.ServicerContext) -> vcpu_pb2.PauseVmResponse:
+        vm = self._vm(request.vm_id, context)
+        self._call(context, vm.pause)
+        return vcpu_pb2.PauseVmResponse()
+
+    def ResumeVm(self, request: vcpu_pb2.ResumeVmRequest, context: grpc.ServicerContext) -> vcpu_pb2.ResumeVmResponse:
+        vm = self._vm(request.vm_id, context)
+        self._call(context, vm.resume)
+        return vcpu_pb2.ResumeVmResponse()
+
+    def StreamVmEvents(self, request: vcpu_pb2.StreamVmEventsRequest,
+                       context: grpc.ServicerContext) -> Iterator[vcpu_pb2.StreamVmEventsResponse]:
+        vm = self._vm(request.vm_id, context)
+        for event in vm.events.follow(context.is_active):
+            yield vcpu_pb2.StreamVmEventsResponse(event=event)
+
+    def GetRegisters(self, request: vcpu_pb2.GetRegistersRequest,
+                     context: grpc.ServicerContext) -> vcpu_pb2.GetRegistersResponse:
+        vm = self._vm(request.vm_id, context)
+        regs, pending = self._call(context, lambda: vm.get_registers(request.vcpu_id, list(request.names)))
+        return vcpu_pb2.GetRegistersResponse(
+            registers=[vcpu_pb2.Register(name=n, value=v) for n, v in regs], exit_pending=pending
+        )
+
+    def SetRegisters(self, request: vcpu_pb2.SetRegistersRequest,
+                     context: grpc.ServicerContext) -> vcpu_pb2.SetRegistersResponse:
+        vm = self._vm(request.vm_id, context)
+        self._call(context, lambda: vm.set_registers(request.vcpu_id, [(r.name, r.value) for r in request.registers]))
+        return vcpu_pb2.SetRegistersResponse()
+
+    def ReadMemory(self, request: vcpu_pb2.ReadMemoryRequest,
+                   context: grpc.ServicerContext) -> vcpu_pb2.ReadMemoryResponse:
+        vm = self._vm(request.vm_id, context)
+        if request.length > 64 * 2**20:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ReadMemory of {request.length} bytes is over 64 MiB")
+        return vcpu_pb2.ReadMemoryResponse(data=self._call(context, lambda: vm.read_memory(request.address,
+                                                                                          request.length)))
+
+    def WriteMemory(self, request: vcpu_pb2.WriteMemoryRequest,
+                    context: grpc.ServicerContext) -> vcpu_pb2.WriteMemoryResponse:
+        vm = self._vm(request.vm_id, context)
+        self._call(context, lambda: vm.write_memory(request.address, bytes(request.data)))
+        return vcpu_pb2.WriteMemoryResponse()
+
+    def GetStats(self, request: vcpu_pb2.GetStatsRequest, context: grpc.ServicerContext) -> vcpu_pb2.GetStatsResponse:
+        vm = self._vm(request.vm_id, context)
+        return self._call(context, vm.stats)
+
+    def DeleteVm(self, request: vcpu_pb2.DeleteVmRequest, context: grpc.ServicerContext) -> vcpu_pb2.DeleteVmResponse:
+        vm = self._vm(request.vm_id, context)
+        with self._lock:
+            self._vms.pop(request.vm_id, None)
+        vm.delete()
+        return vcpu_pb2.DeleteVmResponse()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            vms = list(self._vms.values())
+            self._vms.clear()
+        for vm in vms:
+            vm.delete()
+
+
+def build_server(listen: str, servicer: VcpuServicer) -> tuple[grpc.Server, str]:
+    """A server with VcpuService, health and reflection; returns it and the address actually bound."""
+    address = parse_address(listen)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="vcpu-rpc"),
+                         options=GRPC_OPTIONS)
+    vcpu_pb2_grpc.add_VcpuServiceServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (vcpu_pb2.DESCRIPTOR.services_by_name["VcpuService"].full_name, health.SERVICE_NAME,
+         reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(address.target)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    bound = address.target if address.is_unix else f"{address.host}:{port}"
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, bound
+
+
+def serve(listen: str, ram_cap: int = DEFAULT_RAM_CAP, ready: Callable[[str], None] | None = None) -> None:
+    """Run the vcpu service until SIGTERM or SIGINT; then stop every VM and exit."""
+    servicer = VcpuServicer(ram_cap=ram_cap)
+    server, bound = build_server(listen, servicer)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if ready:
+        ready(bound)
+    stop.wait()
+    servicer.shutdown()
+    server.stop(grace=1.0).wait()

@@ -1,0 +1,484 @@
+"""One vCPU: a thread running Unicorn in a loop, taking device accesses as MMIO exits (KVM_RUN's role).
+
+The loop is thin glue around pure functions: ``decode`` builds the syndrome, ``store_data`` and
+``load_value`` do the byte work, the transport carries the exit. Unicorn is only ever stopped on an
+instruction or block boundary: device regions are unmapped, so an access ends ``emu_start`` with PC
+exactly on the faulting instruction and nothing of it retired.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import functools
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from hdrh.histogram import HdrHistogram
+from unicorn import (
+    UC_ERR_READ_UNMAPPED,
+    UC_ERR_WRITE_UNMAPPED,
+    UC_HOOK_CODE,
+    UC_HOOK_INTR,
+    UC_HOOK_MEM_UNMAPPED,
+    UC_MEM_FETCH_UNMAPPED,
+    UC_MEM_WRITE_UNMAPPED,
+    UC_PROT_ALL,
+    Uc,
+    UcError,
+)
+
+from mmiosplit.v1 import vcpu_pb2
+from vcpu_service import psci
+from vcpu_service.arch import EXCEPTION_NAMES, EXCP_HVC, EXCP_SMC, AArch64, close_uc
+from vcpu_service.completion import load_value, store_data
+from vcpu_service.decode import Decoded, Isa, Refused, Syndrome, decode
+from vcpu_service.transport import (
+    AccessStatus,
+    DeadlineExceeded,
+    ExitChannel,
+    MmioRequest,
+    TransportError,
+    architecture_enum,
+)
+
+if TYPE_CHECKING:
+    from vcpu_service.vm import Vm
+
+# Data abort from the current EL (EC 0x25): the syndrome we report for observability.
+EC_DABT_CUR = 0x25
+DFSC_TRANSLATION_L3 = 0x07
+
+
+class VcpuState(enum.Enum):
+    OFF = "off"
+    STARTING = "starting"
+    RUNNING = "running"
+    EXIT_WAIT = "exit pending"
+    PAUSED = "paused"
+    HALTED = "halted (WFI)"
+    STOPPED = "stopped"
+
+
+# States in which nothing touches the vCPU's Unicorn instance, so registers can be read.
+QUIESCENT = frozenset({VcpuState.OFF, VcpuState.EXIT_WAIT, VcpuState.PAUSED, VcpuState.HALTED, VcpuState.STOPPED})
+
+
+@functools.lru_cache(maxsize=4096)
+def decode_cached(isa: Isa, word: int) -> Decoded:
+    """Decoding is a pure function of the encoding, so cache it (the PC only locates the word)."""
+    return decode(isa, word)
+
+
+@dataclass(slots=True)
+class _StopCause:
+    kind: str
+    detail: str = ""
+    intno: int = 0
+    pc: int = 0
+
+
+class VcpuFault(Exception):
+    """Ends the run with an error event; carries the event fields."""
+
+    def __init__(self, error_kind: int, reason: str, **fields: object) -> None:
+        super().__init__(reason)
+        self.error_kind = error_kind
+        self.reason = reason
+        self.fields = fields
+
+
+class Vcpu:
+    """A vCPU thread and its Unicorn instance. All state changes happen under the VM's lock."""
+
+    def __init__(self, vm: Vm, index: int) -> None:
+        self.vm = vm
+        self.index = index
+        self.arch = vm.arch
+        self.cond = threading.Condition(vm.lock)
+        self.state = VcpuState.OFF
+        self.pause_req = False
+        self.stop_req = False
+        # Set while a system reset gathers every vCPU back to OFF.
+        self.off_req = False
+        self._power_on: tuple[int, int] | None = None
+        self._thread: threading.Thread | None = None
+        self._channels: dict[str, ExitChannel] = {}
+        self._stop_cause: _StopCause | None = None
+        self._fault: tuple[int, int, int, int] | None = None
+        self.executed = 0
+        self.exits = 0
+        self.reads = 0
+        self.writes = 0
+        self.posted_writes = 0
+        self.psci_calls = 0
+        self.latency = HdrHistogram(1, 60_000_000_000, 3)
+        # HdrHistogram is not thread-safe: the vCPU records, GetStats copies, both under this lock.
+        self.latency_lock = threading.Lock()
+        self.uc = self._new_uc()
+
+    # ----- setup -------------------------------------------------------------------------------------
+    def _new_uc(self) -> Uc:
+        uc = self.arch.new_uc(self.vm.cpu_model)
+        for block in self.vm.ram:
+            uc.mem_map_ptr(block.base, block.size, UC_PROT_ALL, block.address)
+        uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
+        uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
+        if self.vm.instruction_budget:
+            uc.hook_add(UC_HOOK_CODE, self._on_instruction)
+        return uc
+
+    def reinit(self) -> None:
+        """Back to the architectural reset state (PSCI SYSTEM_RESET): a fresh CPU on the same RAM."""
+        old = self.uc
+        self.uc = self._new_uc()
+        close_uc(old)
+
+    def start_thread(self) -> None:
+        self._thread = threading.Thread(target=self._thread_main, name=f"vcpu{self.index}", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> bool:
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def power_on(self, entry: int, context: int) -> None:
+        """Called with the VM lock held: start this vCPU at entry with x0/r0 = context."""
+        self._power_on = (entry, context)
+        self.state = VcpuState.STARTING
+        self.cond.notify_all()
+
+    def kick(self) -> None:
+        """Ask Unicorn to return at the next block boundary (safe: no device access happens inside)."""
+        self.uc.emu_stop()
+
+    # ----- hooks (run on this vCPU's thread, inside emu_start) -----------------------------------------
+    def _on_unmapped(self, uc: Uc, access: int, address: int, size: int, value: int, _user: object) -> bool:
+        self._fault = (access, address, size, value)
+        return False
+
+    def _on_instruction(self, uc: Uc, address: int, size: int, _user: object) -> None:
+        self.executed += 1
+        if self.executed > self.vm.instruction_budget:
+            self.executed -= 1
+            self._stop_cause = _StopCause("budget")
+            uc.emu_stop()
+
+    def _on_interrupt(self, uc: Uc, intno: int, _user: object) -> None:
+        pc = self.arch.pc(uc)
+        if intno not in (EXCP_HVC, EXCP_SMC):
+            self._stop_cause = _StopCause("exception", EXCEPTION_NAMES.get(intno, f"exception {intno}"),
+                                          intno, pc)
+            uc.emu_stop()
+            return
+        self.psci_calls += 1
+        call = psci.decode_call(*self.arch.psci_args(uc), is_64bit=isinstance(self.arch, AArch64))
+        action = call.action
+        if action is psci.PsciAction.NONE:
+            self.arch.set_psci_result(uc, call.result)
+        elif action is psci.PsciAction.CPU_ON:
+            self.arch.set_psci_result(uc, self.vm.psci_cpu_on(self.index, call.target, call.entry, call.context))
+        elif action is psci.PsciAction.AFFINITY_INFO:
+            self.arch.set_psci_result(uc, self.vm.psci_affinity_info(call.target))
+        else:
+            self._stop_cause = _StopCause(action.value, call.name, intno, pc)
+            uc.emu_stop()
+
+    # ----- the thread ----------------------------------------------------------------------------------
+    def _thread_main(self) -> None:
+        try:
+            self._open_channels()
+            while True:
+                with self.cond:
+                    if self.state is not VcpuState.OFF:
+                        self.state = VcpuState.OFF
+                        self.cond.notify_all()
+                    while self._power_on is None and not self.stop_req:
+                        self.cond.wait()
+                    if self.stop_req or self._power_on is None:
+                        break
+                    entry, context = self._power_on
+                    self._power_on = None
+                self.vm.events.emit(vcpu_pb2.VM_EVENT_KIND_VCPU_STARTED, vcpu_id=self.index, pc=entry,
+                                    reason=f"vCPU {self.index} started at 0x{entry:x}")
+                begin = self.arch.set_entry(self.uc, entry, context)
+                self._run(begin)
+        except VcpuFault as fault:
+            self.vm.fail(fault.error_kind, fault.reason, vcpu_id=self.index, **fault.fields)
+        except Exception as exc:  # a bug here must end the run with a reason, not kill the thread silently
+            self.vm.fail(vcpu_pb2.VM_ERROR_KIND_INTERNAL, f"vCPU {self.index}: internal error: {exc!r}",
+                         vcpu_id=self.index)
+        finally:
+            self._close_channels()
+            with self.cond:
+                self.state = VcpuState.STOPPED
+                self.cond.notify_all()
+
+    def _open_channels(self) -> None:
+        arch = architecture_enum(self.arch.name)
+        for endpoint in self.vm.endpoints:
+            try:
+                self._channels[endpoint.name] = endpoint.open_exit_channel(self.vm.vm_id, self.index, arch)
+            except TransportError as exc:
+                raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_DEVICE_SERVICE, str(exc)) from None
+
+    def _close_channels(self) -> None:
+        for channel in self._channels.values():
+            with contextlib.suppress(Exception):
+                channel.close()
+        self._channels.clear()
+
+    def flush_posted(self) -> None:
+        """Deliver queued posted writes (on halt, pause, stop and reset)."""
+        for name, channel in self._channels.items():
+            if not channel.pending_posted():
+                continue
+            try:
+                errors = channel.flush()
+            except TransportError as exc:
+                raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_DEVICE_SERVICE, str(exc), device=name) from None
+            if errors:
+                raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_DEVICE_ERROR, "; ".join(errors), device=name)
+
+    def _pending_posted(self) -> bool:
+        return any(ch.pending_posted() for ch in self._channels.values())
+
+    def _park(self) -> bool:
+        """Honour pause and stop requests (VM lock held). Returns False when the vCPU must stop."""
+        if self.pause_req and not (self.stop_req or self.off_req):
+            previous = self.state
+            self.state = VcpuState.PAUSED
+            self.cond.notify_all()
+            while self.pause_req and not (self.stop_req or self.off_req):
+                self.cond.wait()
+            self.state = previous
+        return not (self.stop_req or self.off_req)
+
+    def _run(self, begin: int) -> None:
+        """Run until this vCPU is switched off, halts, or the VM stops."""
+        uc = self.uc
+        never = self.arch.never_pc
+        while True:
+            if self.pause_req and self._pending_posted():
+                self.flush_posted()
+            with self.cond:
+                if not self._park():
+                    self.flush_posted()
+                    return
+                self.state = VcpuState.RUNNING
+                self.cond.notify_all()
+            self._fault = None
+            self._stop_cause = None
+            # Posted writes must not wait forever behind a guest that never exits again.
+            timeout_us = 10_000 if self._pending_posted() else 0
+            try:
+                uc.emu_start(begin, never, timeout=timeout_us)
+                error: UcError | None = None
+            except UcError as exc:
+                error = exc
+            pc = self.arch.pc(uc)
+            if error is not None:
+                self._on_emu_error(error, pc)
+            elif self._stop_cause is not None:
+                if not self._on_stop_cause(self._stop_cause):
+                    return
+            elif not (self.pause_req or self.stop_req):
+                if self._pending_posted():
+                    self.flush_posted()
+                if self.arch.is_wfi_before(uc, pc):
+                    self.flush_posted()
+                    if not self._halt(pc):
+                        return
+            begin = self.arch.start_address(uc, self.arch.pc(uc))
+
+    def _halt(self, pc: int) -> bool:
+        """WFI with nothing that can wake the vCPU (no interrupts yet): it stays halted until the VM stops."""
+        with self.cond:
+            self.state = VcpuState.HALTED
+            self.cond.notify_all()
+        self.vm.events.emit(vcpu_pb2.VM_EVENT_KIND_VCPU_STOPPED, vcpu_id=self.index, pc=pc,
+                            reason=f"vCPU {self.index} halted in WFI at 0x{pc - 4:x}; nothing can wake it")
+        self.vm.check_idle()
+        with self.cond:
+            while not (self.stop_req or self.off_req) and self._power_on is None:
+                self.cond.wait()
+        return False
+
+    def _on_stop_cause(self, cause: _StopCause) -> bool:
+        if cause.kind == "budget":
+            self.vm.finish(vcpu_pb2.VM_EVENT_KIND_BUDGET_EXHAUSTED, vcpu_id=self.index, pc=self.arch.pc(self.uc),
+                           reason=f"instruction budget of {self.vm.instruction_budget} exhausted on vCPU {self.index}")
+            return False
+        if cause.kind == "exception":
+            raise VcpuFault(
+                vcpu_pb2.VM_ERROR_KIND_GUEST_EXCEPTION,
+                f"vCPU {self.index}: guest took a {cause.detail} at 0x{cause.pc:x}; this version delivers no "
+                "exceptions to the guest's vectors",
+                pc=cause.pc,
+            )
+        self.flush_posted()
+        if cause.kind == psci.PsciAction.CPU_OFF.value:
+            with self.cond:
+                self.state = VcpuState.OFF
+                self.cond.notify_all()
+            self.vm.events.emit(vcpu_pb2.VM_EVENT_KIND_VCPU_STOPPED, vcpu_id=self.index, pc=cause.pc,
+                                reason=f"vCPU {self.index} called PSCI CPU_OFF")
+            self.vm.check_idle()
+            return False
+        if cause.kind == psci.PsciAction.SYSTEM_OFF.value:
+            self.vm.finish(vcpu_pb2.VM_EVENT_KIND_POWERED_OFF, vcpu_id=self.index, pc=cause.pc,
+                           reason=f"PSCI SYSTEM_OFF from vCPU {self.index}")
+            return False
+        if cause.kind == psci.PsciAction.SYSTEM_RESET.value:
+            self.vm.request_reset(self.index, cause.pc)
+            return False
+        raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_INTERNAL, f"unknown stop cause {cause.kind}")
+
+    def _on_emu_error(self, error: UcError, pc: int) -> None:
+        fault = self._fault
+        if fault is None or error.errno not in (UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED):
+            if fault is not None and fault[0] == UC_MEM_FETCH_UNMAPPED:
+                raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_GUEST_EXCEPTION,
+                                f"vCPU {self.index}: instruction fetch from 0x{fault[1]:x}, which is not RAM",
+                                pc=pc, fault_address=fault[1])
+            raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_GUEST_EXCEPTION,
+                            f"vCPU {self.index}: emulation stopped at 0x{pc:x}: {error}", pc=pc)
+        self._mmio_exit(pc, fault[1], fault[0] == UC_MEM_WRITE_UNMAPPED)
+
+    # ----- the exit path -------------------------------------------------------------------------------
+    def _mmio_exit(self, pc: int, address: int, fault_is_write: bool) -> None:
+        uc = self.uc
+        insn = self.arch.fetch(uc, pc)
+        decoded = decode_cached(insn.isa, insn.word)
+        where = f"0x{address:x} by the instruction 0x{insn.word:0{insn.length * 2}x} at pc 0x{pc:x}"
+        if isinstance(decoded, Syndrome) and decoded.cm:
+            # Cache maintenance by address on device memory is a NOP, as KVM does ("the guest is just
+            # being cautious").
+            self.arch.advance(uc, pc, decoded.insn_len)
+            return
+        if insn.isa is Isa.A32 and not self.arch.condition_passed(uc, insn.word):
+            # A conditional instruction may trap although it would not execute: no access, PC moves on.
+            self.arch.advance(uc, pc, 4)
+            return
+        if isinstance(decoded, Refused) or not decoded.isv:
+            reason = decoded.reason if isinstance(decoded, Refused) else "load/store with base writeback"
+            raise VcpuFault(
+                vcpu_pb2.VM_ERROR_KIND_NISV,
+                f"vCPU {self.index}: NISV: access to {where} has no usable instruction syndrome ({reason}); "
+                "this version handles single-register loads and stores without writeback",
+                pc=pc, fault_address=address, instruction=insn.word,
+                syndrome=(decoded.esr(EC_DABT_CUR, DFSC_TRANSLATION_L3) if isinstance(decoded, Syndrome)
+                          else (EC_DABT_CUR << 26) | (1 << 25) | (int(fault_is_write) << 6) | DFSC_TRANSLATION_L3),
+            )
+        syn = decoded
+        region = self.vm.find_region(address)
+        size = syn.size
+        if region is None:
+            self._unmapped_access(pc, address, syn, where)
+            return
+        if address + size > region.end:
+            raise VcpuFault(
+                vcpu_pb2.VM_ERROR_KIND_UNMAPPED_ACCESS,
+                f"vCPU {self.index}: {size}-byte access to {where} straddles the end of {region.device} "
+                f"(0x{region.base:x}-0x{region.end - 1:x})",
+                pc=pc, fault_address=address, instruction=insn.word, device=region.device,
+            )
+        big_endian = size > 1 and self.arch.big_endian_data(uc)
+        data = store_data(self.arch.read_gpr(uc, syn.srt), syn, big_endian) if syn.wnr else b""
+        channel = self._channels[region.service]
+        if syn.wnr and region.posted:
+            try:
+                channel.post(address, data)
+            except TransportError as exc:
+                raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_DEVICE_SERVICE, str(exc), pc=pc, fault_address=address,
+                                device=region.device) from None
+            self.posted_writes += 1
+            self.arch.advance(uc, pc, syn.insn_len)
+            return
+        t0 = time.perf_counter_ns()
+        request = MmioRequest(self.index, address, region, size, syn.wnr, data,
+                              syn.esr(EC_DABT_CUR, DFSC_TRANSLATION_L3), pc, insn.word)
+        with self.cond:
+            self.state = VcpuState.EXIT_WAIT
+            self.cond.notify_all()
+        try:
+            reply = channel.access(request)
+        except DeadlineExceeded as exc:
+            raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_DEADLINE, f"vCPU {self.index}: access to {where}: {exc}",
+                            pc=pc, fault_address=address, instruction=insn.word, device=region.device) from None
+        except TransportError as exc:
+            raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_DEVICE_SERVICE, f"vCPU {self.index}: access to {where}: {exc}",
+                            pc=pc, fault_address=address, instruction=insn.word, device=region.device) from None
+        # The completion is applied exactly once, and only when the vCPU may run: a pause that arrived
+        # meanwhile shows the state before the instruction.
+        with self.cond:
+            if not self._park():
+                return
+            self.state = VcpuState.RUNNING
+        if reply.posted_errors:
+            raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_DEVICE_ERROR, "; ".join(reply.posted_errors),
+                            pc=pc, device=region.device)
+        if reply.status is not AccessStatus.OK:
+            kind = "write" if syn.wnr else "read"
+            raise VcpuFault(
+                vcpu_pb2.VM_ERROR_KIND_DEVICE_ERROR,
+                f"vCPU {self.index}: {region.device} refused the {size}-byte {kind} of {where}: "
+                f"{reply.status.value}: {reply.error}",
+                pc=pc, fault_address=address, instruction=insn.word, device=region.device,
+                syndrome=request.syndrome,
+            )
+        if not syn.wnr:
+            self.arch.write_gpr(uc, syn.srt, load_value(reply.data, syn, big_endian))
+            self.reads += 1
+        else:
+            self.writes += 1
+        self.arch.advance(uc, pc, syn.insn_len)
+        self.exits += 1
+        with self.latency_lock:
+            self.latency.record_value(max(1, time.perf_counter_ns() - t0))
+
+    def _unmapped_access(self, pc: int, address: int, syn: Syndrome, where: str) -> None:
+        policy = self.vm.policies.unmapped_access
+        if policy == vcpu_pb2.UNMAPPED_ACCESS_POLICY_RAZ_WI:
+            if not syn.wnr:
+                self.arch.write_gpr(self.uc, syn.srt, 0)
+            self.arch.advance(self.uc, pc, syn.insn_len)
+            self.vm.unmapped_accesses += 1
+            return
+        raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_UNMAPPED_ACCESS,
+                        f"vCPU {self.index}: access to {where}: no device or RAM at that address",
+                        pc=pc, fault_address=address)
+
+    # ----- inspection (VM lock held by the caller, vCPU quiescent) -----------------------------------
+    def read_registers(self, names: list[str]) -> list[tuple[str, int]]:
+        return [(n, self.arch.read_named(self.uc, n)) for n in (names or self.arch.register_names())]
+
+    def write_registers(self, values: list[tuple[str, int]]) -> None:
+        for name, value in values:
+            self.arch.write_named(self.uc, name, value)
+
+    def latency_snapshot(self) -> HdrHistogram:
+        copy = HdrHistogram(1, 60_000_000_000, 3)
+        with self.latency_lock:
+            copy.add(self.latency)
+        return copy
+
+
+def summarize(hist: HdrHistogram) -> vcpu_pb2.LatencySummary:
+    """Percentiles in microseconds from a histogram of nanoseconds."""
+    count = hist.get_total_count()
+    if count == 0:
+        return vcpu_pb2.LatencySummary()
+    return vcpu_pb2.LatencySummary(
+        count=count,
+        p50_us=hist.get_value_at_percentile(50) / 1000,
+        p90_us=hist.get_value_at_percentile(90) / 1000,
+        p99_us=hist.get_value_at_percentile(99) / 1000,
+        p999_us=hist.get_value_at_percentile(99.9) / 1000,
+        max_us=hist.get_max_value() / 1000,
+        mean_us=hist.get_mean_value() / 1000,
+    )

@@ -1,0 +1,432 @@
+"""A VM: guest RAM shared by its vCPUs, the device map gathered from the device services, and its run.
+
+Everything a client can get wrong is checked here, before anything runs, and reported by name:
+overlapping regions, images that do not fit, RAM over the cap, unreachable device services.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import enum
+import itertools
+import mmap
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from hdrh.histogram import HdrHistogram
+
+from mmiosplit.v1 import vcpu_pb2
+from vcpu_service import psci
+from vcpu_service.arch import Arch, arch_by_name, close_uc
+from vcpu_service.events import EventLog
+from vcpu_service.transport import DeviceEndpoint, RemoteRegion, TransportError
+from vcpu_service.vcpu import QUIESCENT, Vcpu, VcpuState, summarize
+
+PAGE = 0x1000
+MAX_VCPUS = 64
+
+
+class VmConfigError(ValueError):
+    """A VM configuration that cannot be built; the message names what is wrong."""
+
+
+class VmStateError(RuntimeError):
+    """An operation the VM cannot do in its current state (start twice, read registers while running)."""
+
+
+class RunState(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSpec:
+    name: str
+    data: bytes
+    load_address: int
+
+
+@dataclass(slots=True)
+class VmSpec:
+    """A VM configuration in Python terms (the proto is parsed once, at the edge)."""
+
+    architecture: str
+    cpu_model: str = ""
+    vcpu_count: int = 1
+    ram: list[tuple[int, int]] = field(default_factory=list)
+    images: list[ImageSpec] = field(default_factory=list)
+    entry_point: int = 0
+    policies: vcpu_pb2.Policies = field(default_factory=vcpu_pb2.Policies)
+    instruction_budget: int = 0
+    wall_clock_seconds: float = 0.0
+    exit_deadline_ms: int = 0
+    name: str = ""
+
+
+class RamBlock:
+    """One RAM region: host memory that every vCPU's Unicorn maps with mem_map_ptr."""
+
+    def __init__(self, base: int, size: int) -> None:
+        self.base = base
+        self.size = size
+        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._pin = ctypes.c_char.from_buffer(self._map)
+        self.address = ctypes.addressof(self._pin)
+
+    @property
+    def end(self) -> int:
+        return self.base + self.size
+
+    def contains(self, address: int, length: int) -> bool:
+        return self.base <= address and address + length <= self.end
+
+    def read(self, address: int, length: int) -> bytes:
+        off = address - self.base
+        return self._map[off:off + length]
+
+    def write(self, address: int, data: bytes) -> None:
+        off = address - self.base
+        self._map[off:off + len(data)] = data
+
+    def close(self) -> None:
+        del self._pin
+        self._map.close()
+
+
+def _fmt_range(base: int, size: int) -> str:
+    return f"0x{base:x}-0x{base + size - 1:x}"
+
+
+class Vm:
+    """One guest machine. Thread-safe: control calls come from gRPC worker threads."""
+
+    def __init__(self, spec: VmSpec, endpoints: list[DeviceEndpoint], *, ram_cap: int,
+                 default_deadline_ms: int = 5000) -> None:
+        self.vm_id = uuid.uuid4().hex[:12]
+        self.spec = spec
+        self.arch: Arch = arch_by_name(spec.architecture)
+        self.cpu_model = spec.cpu_model or self.arch.default_cpu
+        self.endpoints = endpoints
+        self.policies = spec.policies
+        self.instruction_budget = spec.instruction_budget
+        self.deadline_ms = spec.exit_deadline_ms or default_deadline_ms
+        self.lock = threading.RLock()
+        self.events = EventLog()
+        self.run_state = RunState.CREATED
+        self.unmapped_accesses = 0
+        self._final_pending = False
+        self._resetting = False
+        self._started_at = 0.0
+        self._finished_at = 0.0
+        self._validate_basic(spec, ram_cap)
+        self.regions: list[RemoteRegion] = []
+        self._region_bases: list[int] = []
+        self.ram: list[RamBlock] = []
+        try:
+            self.ram = [RamBlock(base, size) for base, size in sorted(spec.ram)]
+            self._load_images()
+            self._build_device_map()
+            self.vcpus = [Vcpu(self, i) for i in range(spec.vcpu_count)]
+        except Exception:
+            self._release_memory()
+            raise
+
+    # ----- validation ------------------------------------------------------------------------------------
+    def _validate_basic(self, spec: VmSpec, ram_cap: int) -> None:
+        if not 1 <= spec.vcpu_count <= MAX_VCPUS:
+            raise VmConfigError(f"vcpu_count {spec.vcpu_count} is out of range 1-{MAX_VCPUS}")
+        close_uc(self.arch.new_uc(self.cpu_model))  # raises ArchError for an unknown model
+        if not spec.ram:
+            raise VmConfigError("no RAM region given; e.g. 128 MiB at 0x40000000")
+        total = 0
+        ordered = sorted(spec.ram)
+        for base, size in ordered:
+            if size == 0 or base % PAGE or size % PAGE:
+                raise VmConfigError(f"RAM region {_fmt_range(base, max(size, 1))} must have a non-zero size and "
+                                    f"base and size aligned to 4 KiB")
+            total += size
+        for (b1, s1), (b2, s2) in itertools.pairwise(ordered):
+            if b2 < b1 + s1:
+                raise VmConfigError(f"RAM regions {_fmt_range(b1, s1)} and {_fmt_range(b2, s2)} overlap")
+        if total > ram_cap:
+            raise VmConfigError(f"RAM of {total / 2**20:g} MiB is over this service's cap of "
+                                f"{ram_cap / 2**20:g} MiB (serve-vcpu --max-ram)")
+
+    def _ram_block(self, address: int, length: int) -> RamBlock | None:
+        for block in self.ram:
+            if block.contains(address, length):
+                return block
+        return None
+
+    def _load_images(self) -> None:
+        for image in self.spec.images:
+            block = self._ram_block(image.load_address, max(1, len(image.data)))
+            if block is None:
+                ram = ", ".join(_fmt_range(b.base, b.size) for b in self.ram)
+                raise VmConfigError(
+                    f"image {image.name!r} ({len(image.data)} bytes at "
+                    f"{_fmt_range(image.load_address, len(image.data))}) does not fit in RAM ({ram})"
+                )
+            block.write(image.load_address, image.data)
+        entry = self.spec.entry_point & ~1 if self.arch.name == "arm" else self.spec.entry_point
+        if self._ram_block(entry, 2) is None:
+            raise VmConfigError(f"entry point 0x{self.spec.entry_point:x} is not in RAM")
+
+    def _build_device_map(self) -> None:
+        regions: list[RemoteRegion] = []
+        for endpoint in self.endpoints:
+            try:
+                regions.extend(endpoint.describe())
+            except TransportError as exc:
+                raise VmConfigError(str(exc)) from None
+        regions.sort(key=lambda r: r.base)
+        for a, b in itertools.pairwise(regions):
+            if b.base < a.end:
+                raise VmConfigError(
+                    f"device regions overlap: {a.device}/{a.name} {_fmt_range(a.base, a.size)} on {a.service} and "
+                    f"{b.device}/{b.name} {_fmt_range(b.base, b.size)} on {b.service}"
+                )
+        for r in regions:
+            for block in self.ram:
+                if r.base < block.end and block.base < r.end:
+                    raise VmConfigError(f"device region {r.device}/{r.name} {_fmt_range(r.base, r.size)} on "
+                                        f"{r.service} overlaps RAM {_fmt_range(block.base, block.size)}")
+        self.regions = regions
+        self._region_bases = [r.base for r in regions]
+
+    def find_region(self, address: int) -> RemoteRegion | None:
+        i = bisect.bisect_right(self._region_bases, address) - 1
+        if i >= 0 and address < self.regions[i].end:
+            return self.regions[i]
+        return None
+
+    # ----- run control -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        with self.lock:
+            if self.run_state is not RunState.CREATED:
+                raise VmStateError(f"VM {self.vm_id} was already started (state {self.run_state.value})")
+            self.run_state = RunState.RUNNING
+            self.events.restart_clock()
+            self._started_at = time.monotonic()
+            for vcpu in self.vcpus:
+                vcpu.start_thread()
+            self.events.emit(vcpu_pb2.VM_EVENT_KIND_RUNNING, reason=f"VM {self.vm_id} started")
+            self.vcpus[0].power_on(self.spec.entry_point, 0)
+        if self.spec.wall_clock_seconds > 0:
+            timer = threading.Timer(self.spec.wall_clock_seconds, self._wall_clock_expired)
+            timer.daemon = True
+            timer.start()
+
+    def _wall_clock_expired(self) -> None:
+        self.finish(vcpu_pb2.VM_EVENT_KIND_TIMED_OUT,
+                    reason=f"wall-clock limit of {self.spec.wall_clock_seconds:g} s reached")
+
+    def _wait_quiescent(self, pred: set[VcpuState] | frozenset[VcpuState], what: str, timeout: float) -> None:
+        """Kick every vCPU until each is in one of the states in pred (emu_stop can race emu_start)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                busy = [v for v in self.vcpus if v.state not in pred]
+                if not busy:
+                    return
+                for v in busy:
+                    if v.state is VcpuState.RUNNING:
+                        v.kick()
+                self.vcpus[0].cond.wait(0.005)
+            if time.monotonic() > deadline:
+                raise VmStateError(f"VM {self.vm_id}: vCPUs {[v.index for v in busy]} did not {what} within "
+                                   f"{timeout:g} s")
+
+    def pause(self, timeout: float = 10.0) -> None:
+        with self.lock:
+            if self.run_state is not RunState.RUNNING:
+                raise VmStateError(f"VM {self.vm_id} is {self.run_state.value}, not running")
+            for v in self.vcpus:
+                v.pause_req = True
+            self.run_state = RunState.PAUSED
+        self._wait_quiescent(QUIESCENT, "pause", timeout)
+        self.events.emit(vcpu_pb2.VM_EVENT_KIND_PAUSED, reason="paused by a client")
+
+    def resume(self) -> None:
+        with self.lock:
+            if self.run_state is not RunState.PAUSED:
+                raise VmStateError(f"VM {self.vm_id} is {self.run_state.value}, not paused")
+            self.run_state = RunState.RUNNING
+            for v in self.vcpus:
+                v.pause_req = False
+                v.cond.notify_all()
+            self.events.emit(vcpu_pb2.VM_EVENT_KIND_RUNNING, reason="resumed by a client")
+
+    def fail(self, error_kind: int, reason: str, **fields: object) -> None:
+        self.finish(vcpu_pb2.VM_EVENT_KIND_ERROR, error_kind=error_kind, reason=reason, **fields)
+
+    def finish(self, kind: int, **fields: object) -> None:
+        """End the run: the first final event wins; it is emitted once every vCPU has stopped."""
+        with self.lock:
+            if self._final_pending or self.run_state is RunState.FINISHED:
+                return
+            self._final_pending = True
+            for v in self.vcpus:
+                v.stop_req = True
+                v.cond.notify_all()
+        threading.Thread(target=self._stop_all, args=(kind, fields), name="vm-stop", daemon=True).start()
+
+    def _stop_all(self, kind: int, fields: dict[str, object]) -> None:
+        current = threading.current_thread()
+        for _ in range(2000):
+            alive = [v for v in self.vcpus if v._thread is not None and v._thread.is_alive()
+                     and v._thread is not current]
+            if not alive:
+                break
+            for v in alive:
+                if v.state is VcpuState.RUNNING:
+                    v.kick()
+                v.join(0.005)
+        with self.lock:
+            self.run_state = RunState.FINISHED
+            self._finished_at = time.monotonic()
+        self.events.emit(kind, **fields)
+
+    def check_idle(self) -> None:
+        """When every vCPU is off or halted and nothing can wake one, the run is over."""
+        with self.lock:
+            if self._resetting or self._final_pending:
+                return
+            states = [v.state for v in self.vcpus]
+            if all(s in (VcpuState.OFF, VcpuState.HALTED) for s in states):
+                halted = sum(s is VcpuState.HALTED for s in states)
+                reason = (f"every vCPU is halted in WFI or off ({halted} halted) and nothing can wake them"
+                          if halted else "every vCPU is off (PSCI CPU_OFF)")
+                self.finish(vcpu_pb2.VM_EVENT_KIND_HALTED, reason=reason)
+
+    # ----- PSCI that needs the whole VM --------------------------------------------------------------
+    def psci_cpu_on(self, caller: int, target_mpidr: int, entry: int, context: int) -> int:
+        target = psci.mpidr_to_vcpu(target_mpidr)
+        if target >= len(self.vcpus) or target_mpidr >> 24:
+            return psci.INVALID_PARAMETERS
+        entry_addr = entry & ~1 if self.arch.name == "arm" else entry
+        if self._ram_block(entry_addr, 2) is None:
+            return psci.INVALID_PARAMETERS
+        with self.lock:
+            vcpu = self.vcpus[target]
+            if vcpu.state is VcpuState.STARTING:
+                return psci.ON_PENDING
+            if vcpu.state is not VcpuState.OFF or self._final_pending:
+                return psci.ALREADY_ON
+            vcpu.power_on(entry, context)
+        return psci.SUCCESS
+
+    def psci_affinity_info(self, target_mpidr: int) -> int:
+        target = psci.mpidr_to_vcpu(target_mpidr)
+        if target >= len(self.vcpus):
+            return psci.INVALID_PARAMETERS
+        state = self.vcpus[target].state
+        return {VcpuState.OFF: 1, VcpuState.STARTING: 2}.get(state, 0)
+
+    def request_reset(self, caller: int, pc: int) -> None:
+        with self.lock:
+            if self._resetting or self._final_pending:
+                return
+            self._resetting = True
+            for v in self.vcpus:
+                v.off_req = True
+                v.cond.notify_all()
+        threading.Thread(target=self._reset, args=(caller, pc), name="vm-reset", daemon=True).start()
+
+    def _reset(self, caller: int, pc: int) -> None:
+        try:
+            self._wait_quiescent(frozenset({VcpuState.OFF, VcpuState.STOPPED}), "stop for the reset", 30.0)
+            for endpoint in self.endpoints:
+                endpoint.reset()
+            self._load_images()
+            with self.lock:
+                if self._final_pending:
+                    return
+                for v in self.vcpus:
+                    v.reinit()
+                    v.off_req = False
+                self.events.emit(vcpu_pb2.VM_EVENT_KIND_RESET, vcpu_id=caller, pc=pc,
+                                 reason=f"PSCI SYSTEM_RESET from vCPU {caller}")
+                self._resetting = False
+                self.vcpus[0].power_on(self.spec.entry_point, 0)
+        except (TransportError, VmStateError) as exc:
+            with self.lock:
+                self._resetting = False
+            self.fail(vcpu_pb2.VM_ERROR_KIND_DEVICE_SERVICE, f"system reset failed: {exc}")
+
+    # ----- inspection ------------------------------------------------------------------------------------
+    def _quiescent_vcpu(self, vcpu_id: int) -> Vcpu:
+        if not 0 <= vcpu_id < len(self.vcpus):
+            raise VmConfigError(f"VM {self.vm_id} has no vCPU {vcpu_id} (it has {len(self.vcpus)})")
+        vcpu = self.vcpus[vcpu_id]
+        if self.run_state is not RunState.CREATED and vcpu.state not in QUIESCENT:
+            raise VmStateError(f"vCPU {vcpu_id} of VM {self.vm_id} is {vcpu.state.value}; pause the VM first")
+        return vcpu
+
+    def get_registers(self, vcpu_id: int, names: list[str]) -> tuple[list[tuple[str, int]], bool]:
+        with self.lock:
+            vcpu = self._quiescent_vcpu(vcpu_id)
+            return vcpu.read_registers(names), vcpu.state is VcpuState.EXIT_WAIT
+
+    def set_registers(self, vcpu_id: int, values: list[tuple[str, int]]) -> None:
+        with self.lock:
+            vcpu = self._quiescent_vcpu(vcpu_id)
+            if vcpu.state is VcpuState.EXIT_WAIT:
+                raise VmStateError(f"vCPU {vcpu_id} has an exit pending; its registers can be read, not written")
+            vcpu.write_registers(values)
+
+    def read_memory(self, address: int, length: int) -> bytes:
+        block = self._ram_block(address, max(1, length))
+        if block is None:
+            raise VmConfigError(f"{_fmt_range(address, max(1, length))} is not inside one RAM region")
+        return block.read(address, length)
+
+    def write_memory(self, address: int, data: bytes) -> None:
+        with self.lock:
+            if self.run_state is RunState.RUNNING:
+                raise VmStateError(f"VM {self.vm_id} is running; pause it before writing memory")
+            block = self._ram_block(address, max(1, len(data)))
+            if block is None:
+                raise VmConfigError(f"{_fmt_range(address, max(1, len(data)))} is not inside one RAM region")
+            block.write(address, data)
+            for v in self.vcpus:
+                v.uc.ctl_flush_tb()  # type: ignore[attr-defined]
+
+    def stats(self) -> vcpu_pb2.GetStatsResponse:
+        total = HdrHistogram(1, 60_000_000_000, 3)
+        resp = vcpu_pb2.GetStatsResponse()
+        for v in self.vcpus:
+            latency = v.latency_snapshot()
+            total.add(latency)
+            resp.vcpus.append(vcpu_pb2.VcpuStats(
+                vcpu_id=v.index, state=v.state.value, exits=v.exits, reads=v.reads, writes=v.writes,
+                posted_writes=v.posted_writes, psci_calls=v.psci_calls, exit_latency=summarize(latency),
+            ))
+        resp.exit_latency.CopyFrom(summarize(total))
+        resp.exits = sum(v.exits for v in self.vcpus)
+        end = self._finished_at or time.monotonic()
+        resp.run_seconds = (end - self._started_at) if self._started_at else 0.0
+        return resp
+
+    # ----- teardown --------------------------------------------------------------------------------------
+    def delete(self, timeout: float = 10.0) -> None:
+        self.finish(vcpu_pb2.VM_EVENT_KIND_STOPPED, reason="stopped by a client")
+        deadline = time.monotonic() + timeout
+        stopped = all(v.join(max(0.0, deadline - time.monotonic())) for v in self.vcpus)
+        for endpoint in self.endpoints:
+            endpoint.close()
+        if not stopped:
+            return  # a vCPU thread is stuck in Unicorn: leaking its memory beats freeing it under its feet
+        for v in self.vcpus:
+            close_uc(v.uc)
+        self._release_memory()
+
+    def _release_memory(self) -> None:
+        for block in self.ram:
+            block.close()
+        self.ram = []
