@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 
 from mmiosplit.launcher import check_health, free_tcp_port, local_services  # noqa: E402
-from mmiosplit.v1 import common_pb2, device_pb2, device_pb2_grpc, vcpu_pb2, vcpu_pb2_grpc  # noqa: E402
+from mmiosplit.v1 import common_pb2, device_pb2, device_pb2_grpc, vcpu_pb2  # noqa: E402
 from mmiosplit.wire import GRPC_OPTIONS  # noqa: E402
 
 
@@ -180,8 +180,10 @@ def main() -> int:
         results["exit_channel"] = channel_only(args.exits, daddr)
         results["guest_exit"] = whole_split(args.exits, vaddr, daddr)
     floor = results["grpc_floor"]
-    print(f"exit latency, {args.transport} socket, every process pinned to CPU {args.cpu}, {args.exits} round trips each")
-    print(f"{'measurement':<14}{'p50 us':>10}{'p90 us':>10}{'p99 us':>10}{'max us':>10}{'p50/floor':>11}{'p99/floor':>11}")
+    print(f"exit latency, {args.transport} socket, every process pinned to CPU {args.cpu}, "
+          f"{args.exits} round trips each")
+    header = ["p50 us", "p90 us", "p99 us", "max us"]
+    print(f"{'measurement':<14}" + "".join(f"{h:>10}" for h in header) + f"{'p50/floor':>11}{'p99/floor':>11}")
     for name, r in results.items():
         print(f"{name:<14}{r['p50']:>10.1f}{r['p90']:>10.1f}{r['p99']:>10.1f}{r['max']:>10.1f}"
               f"{r['p50'] / floor['p50']:>11.2f}{r['p99'] / floor['p99']:>11.2f}")

@@ -4,6 +4,7 @@
 #   guests/build.sh           build with Debian's gcc cross compilers
 #                             (gcc-aarch64-linux-gnu, gcc-arm-none-eabi)
 #   guests/build.sh --clang   build with clang + ld.lld + llvm-objcopy
+#   guests/build.sh --check   build with gcc and fail if guests/bin differs (CI)
 #
 # Intermediate files (ELF, flat binary, disassembly, map) go to
 # guests/build/<toolchain>/ (ignored by git); the flat binaries are copied to
@@ -18,12 +19,14 @@ src="$here/hello"
 bindir="$here/bin"
 
 toolchain=gcc
+check=0
 case "${1:-}" in
     "") ;;
     --gcc) toolchain=gcc ;;
+    --check) check=1 ;;
     --clang) toolchain=clang ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
-    *) echo "usage: $0 [--gcc|--clang]" >&2; exit 2 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    *) echo "usage: $0 [--gcc|--clang|--check]" >&2; exit 2 ;;
 esac
 
 out="$here/build/$toolchain"
@@ -101,6 +104,16 @@ echo "building guests with $toolchain:"
 build a64 0x40080000 "$objcopy_a64" "$objdump_a64" "${cc_a64[@]}" "${a64_flags[@]}"
 build a32 0x40080000 "$objcopy_arm" "$objdump_arm" "${cc_arm[@]}" "${arm_flags[@]}" -marm
 build t32 0x40080001 "$objcopy_arm" "$objdump_arm" "${cc_arm[@]}" "${arm_flags[@]}" -mthumb
+if [ "$check" = 1 ]; then
+    for name in a64 a32 t32; do
+        cmp "$out/hello-$name.bin" "$bindir/hello-$name.bin" || {
+            echo "guests/bin/hello-$name.bin is stale: rebuild with guests/build.sh and commit it" >&2
+            exit 1
+        }
+    done
+    echo "guests/bin matches a fresh build from source"
+    exit 0
+fi
 # copy only after all three built, so a failed build never leaves a mix in bin/
 for name in a64 a32 t32; do
     cp "$out/hello-$name.bin" "$bindir/hello-$name.bin"

@@ -1,0 +1,144 @@
+"""The device service faced with a client that breaks the protocol: clear answers, and it stays up."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from mmiosplit.launcher import check_health
+from mmiosplit.runner import channel
+from mmiosplit.v1 import device_pb2, device_pb2_grpc, vcpu_pb2, vcpu_pb2_grpc
+from mmiosplit.wire import PROTOCOL_VERSION
+from tests.integration.client import Services, a64
+
+pytestmark = pytest.mark.integration
+
+SCRATCH = 0x0A00_0000
+OK = device_pb2.COMPLETION_STATUS_OK
+BAD = device_pb2.COMPLETION_STATUS_BAD_REQUEST
+
+
+class RawStream:
+    """A hand-driven ExitStream, as a buggy vcpu-side client would use it."""
+
+    def __init__(self, address: str) -> None:
+        self._channel = channel(address)
+        self._q: queue.SimpleQueue[device_pb2.ExitStreamRequest | None] = queue.SimpleQueue()
+        self._call: Iterator[device_pb2.ExitStreamResponse] = device_pb2_grpc.DeviceServiceStub(
+            self._channel).ExitStream(iter(self._q.get, None))
+
+    def send(self, req: device_pb2.ExitStreamRequest) -> device_pb2.ExitStreamResponse:
+        self._q.put(req)
+        return next(self._call)
+
+    def hello(self) -> None:
+        welcome = self.send(device_pb2.ExitStreamRequest(seq=0, hello=device_pb2.StreamHello(
+            protocol_version=PROTOCOL_VERSION, vm_id="test", vcpu_id=0)))
+        assert welcome.WhichOneof("body") == "welcome"
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._channel.close()
+
+
+def _exit(address: int, length: int, write: bool = False, data: bytes = b"") -> device_pb2.MmioExit:
+    return device_pb2.MmioExit(address=address, length=length, data=data, direction=(
+        device_pb2.ACCESS_DIRECTION_WRITE if write else device_pb2.ACCESS_DIRECTION_READ))
+
+
+def test_first_message_must_be_a_hello(unix_services: Services) -> None:
+    stream = RawStream(unix_services.devices)
+    with pytest.raises(grpc.RpcError) as info:
+        stream.send(device_pb2.ExitStreamRequest(seq=1, exit=_exit(SCRATCH, 4)))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "must be a hello" in info.value.details()
+    stream.close()
+
+
+def test_wrong_protocol_version_is_refused(unix_services: Services) -> None:
+    stream = RawStream(unix_services.devices)
+    with pytest.raises(grpc.RpcError) as info:
+        stream.send(device_pb2.ExitStreamRequest(seq=0, hello=device_pb2.StreamHello(protocol_version=99)))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "protocol version 99" in info.value.details()
+    stream.close()
+
+
+def test_bad_requests_get_bad_request_completions(unix_services: Services) -> None:
+    stream = RawStream(unix_services.devices)
+    stream.hello()
+    cases = [
+        (device_pb2.ExitStreamRequest(seq=5, exit=_exit(SCRATCH, 4)),
+         "sequence number 5 from VM test vCPU 0, expected 1"),
+        (device_pb2.ExitStreamRequest(seq=6, exit=_exit(SCRATCH, 3)), "access length 3"),
+        (device_pb2.ExitStreamRequest(seq=7, exit=_exit(SCRATCH, 4, True, b"\1\2")), "carries 2 data bytes"),
+        (device_pb2.ExitStreamRequest(seq=8, flush=device_pb2.PostedWrites(address=[SCRATCH], length=[4], data=b"1")),
+         "lengths add up to 4 bytes but carry 1"),
+        (device_pb2.ExitStreamRequest(seq=9), "unexpected None"),
+    ]
+    for req, needle in cases:
+        reply = stream.send(req)
+        assert reply.seq == req.seq
+        assert reply.completion.status == BAD, reply
+        assert needle in reply.completion.error
+    # An address no device owns, and a device refusing an access.
+    nobody = stream.send(device_pb2.ExitStreamRequest(seq=10, exit=_exit(0x7000_0000, 4)))
+    assert nobody.completion.status == device_pb2.COMPLETION_STATUS_NO_DEVICE
+    assert "0x70000000" in nobody.completion.error
+    refused = stream.send(device_pb2.ExitStreamRequest(seq=11, exit=_exit(0x0900_0001, 4)))
+    assert refused.completion.status == device_pb2.COMPLETION_STATUS_DEVICE_ERROR
+    assert "uart0" in refused.completion.error
+    # The stream still works, and posted writes that fail are reported, never dropped silently.
+    write = stream.send(device_pb2.ExitStreamRequest(seq=12, exit=_exit(SCRATCH, 4, True, b"\x78\x56\x34\x12")))
+    assert write.completion.status == OK
+    flush = stream.send(device_pb2.ExitStreamRequest(seq=13, flush=device_pb2.PostedWrites(
+        address=[SCRATCH + 4, 0x7000_0000], length=[1, 1], data=b"\xaa\xbb")))
+    assert flush.completion.status == OK
+    assert [(e.index, e.address) for e in flush.completion.posted_errors] == [(1, 0x7000_0000)]
+    read = stream.send(device_pb2.ExitStreamRequest(seq=14, exit=_exit(SCRATCH, 8)))
+    assert read.completion.data == b"\x78\x56\x34\x12\xaa\x00\x00\x00"
+    stream.close()
+    assert check_health(unix_services.devices) == "SERVING"
+
+
+def test_console_of_an_unknown_uart(unix_services: Services) -> None:
+    with channel(unix_services.devices) as ch:
+        call = device_pb2_grpc.DeviceServiceStub(ch).Console(iter([device_pb2.ConsoleRequest(device="uart9")]))
+        with pytest.raises(grpc.RpcError) as info:
+            next(call)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "uart9" in info.value.details() and "uart0" in info.value.details()
+
+
+@pytest.mark.parametrize("which", ["vcpu", "devices"])
+def test_reflection_lists_the_services(unix_services: Services, which: str) -> None:
+    address = getattr(unix_services, which)
+    with channel(address) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        resp = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in resp.list_services_response.service}
+    expected = "mmiosplit.v1.VcpuService" if which == "vcpu" else "mmiosplit.v1.DeviceService"
+    assert {expected, "grpc.health.v1.Health"} <= names
+
+
+def test_set_registers_and_write_memory_before_start(unix_services: Services) -> None:
+    services = unix_services
+    vm_id = services.create(services.config(a64(0x14000000)))  # b .
+    code = a64(0x91000442, 0xD2800100, 0xF2B08000, 0xD4000002)  # add x2,x2,#1; PSCI SYSTEM_OFF
+    services.stub.WriteMemory(vcpu_pb2.WriteMemoryRequest(vm_id=vm_id, address=0x4008_0000, data=code))
+    services.stub.SetRegisters(vcpu_pb2.SetRegistersRequest(vm_id=vm_id, vcpu_id=0,
+                                                            registers=[vcpu_pb2.Register(name="x2", value=41)]))
+    final = services.start_and_wait(vm_id)
+    regs = services.registers(vm_id, 0, "x2")
+    mem = services.stub.ReadMemory(vcpu_pb2.ReadMemoryRequest(vm_id=vm_id, address=0x4008_0000, length=4))
+    services.delete(vm_id)
+    assert final.kind == vcpu_pb2.VM_EVENT_KIND_POWERED_OFF
+    assert regs["x2"] == 42 and mem.data == code[:4]
+    with pytest.raises(grpc.RpcError) as info:
+        vcpu_pb2_grpc.VcpuServiceStub(channel(services.vcpu)).ReadMemory(
+            vcpu_pb2.ReadMemoryRequest(vm_id=vm_id, address=0, length=4))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
