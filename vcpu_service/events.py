@@ -69,3 +69,4 @@ class EventLog:
                 yield event
                 if event.kind in FINAL_KINDS:
                     return
+

@@ -21,6 +21,7 @@ from mmiosplit.address import parse_address
 from mmiosplit.v1 import common_pb2, vcpu_pb2, vcpu_pb2_grpc
 from mmiosplit.wire import GRPC_OPTIONS
 from vcpu_service.arch import ArchError
+from vcpu_service.exits import ExitRecord
 from vcpu_service.transport import DeviceEndpoint, GrpcEndpoint, TransportError
 from vcpu_service.vm import ImageSpec, Vm, VmConfigError, VmSpec, VmStateError
 
@@ -45,12 +46,13 @@ def spec_from_proto(cfg: vcpu_pb2.VmConfig) -> VmSpec:
     for name in ("device_error", "deadline", "nisv"):
         value = getattr(pol, name)
         if value == vcpu_pb2.FAULT_POLICY_UNSPECIFIED:
-            setattr(pol, name, vcpu_pb2.FAULT_POLICY_STOP)
-        elif value == vcpu_pb2.FAULT_POLICY_ABORT:
-            raise VmConfigError(f"policy {name}=ABORT (inject an external abort) is not implemented in this "
-                                "version; use STOP")
-    if pol.unmapped_access == vcpu_pb2.UNMAPPED_ACCESS_POLICY_ABORT:
-        raise VmConfigError("policy unmapped_access=ABORT is not implemented in this version; use RAZ_WI or STOP")
+            # The architecture doc's defaults: what real hardware (and QEMU for NISV) would do.
+            setattr(pol, name, vcpu_pb2.FAULT_POLICY_ABORT)
+        elif value not in (vcpu_pb2.FAULT_POLICY_ABORT, vcpu_pb2.FAULT_POLICY_STOP):
+            raise VmConfigError(f"policy {name}={value} is not a known FaultPolicy")
+    if pol.unmapped_access not in (vcpu_pb2.UNMAPPED_ACCESS_POLICY_RAZ_WI, vcpu_pb2.UNMAPPED_ACCESS_POLICY_ABORT,
+                                   vcpu_pb2.UNMAPPED_ACCESS_POLICY_STOP):
+        raise VmConfigError(f"policy unmapped_access={pol.unmapped_access} is not a known UnmappedAccessPolicy")
     if cfg.limits.wall_clock_seconds < 0:
         raise VmConfigError(f"limits.wall_clock_seconds must be >= 0, got {cfg.limits.wall_clock_seconds}")
     return VmSpec(
@@ -65,6 +67,17 @@ def spec_from_proto(cfg: vcpu_pb2.VmConfig) -> VmSpec:
         wall_clock_seconds=cfg.limits.wall_clock_seconds,
         exit_deadline_ms=cfg.exit_deadline_ms,
         name=cfg.name,
+        strict_kvm=cfg.strict_kvm,
+        trace_exits=cfg.trace_exits,
+    )
+
+
+def exit_trace_proto(r: ExitRecord) -> vcpu_pb2.ExitTrace:
+    return vcpu_pb2.ExitTrace(
+        seq=r.seq, vcpu_id=r.vcpu, pc=r.pc, isa=r.isa, instruction=r.instruction, instruction_length=r.insn_len,
+        address=r.address, size=r.size, is_write=r.is_write, rt=r.srt, sign_extend=r.sign_extend,
+        sixty_four=r.sixty_four, writeback=r.writeback, value=r.value & 0xFFFF_FFFF_FFFF_FFFF, device=r.device,
+        outcome=r.outcome, latency_us=r.latency_ns / 1000, syndrome=r.syndrome,
     )
 
 
@@ -182,6 +195,16 @@ class VcpuServicer(vcpu_pb2_grpc.VcpuServiceServicer):
     def GetStats(self, request: vcpu_pb2.GetStatsRequest, context: grpc.ServicerContext) -> vcpu_pb2.GetStatsResponse:
         vm = self._vm(request.vm_id, context)
         return self._call(context, vm.stats)
+
+    def StreamExitTrace(self, request: vcpu_pb2.StreamExitTraceRequest,
+                        context: grpc.ServicerContext) -> Iterator[vcpu_pb2.StreamExitTraceResponse]:
+        vm = self._vm(request.vm_id, context)
+        if vm.trace is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"VM {request.vm_id} was created without trace_exits")
+        assert vm.trace is not None
+        for batch in vm.trace.follow(context.is_active):
+            yield vcpu_pb2.StreamExitTraceResponse(exits=[exit_trace_proto(r) for r in batch])
 
     def DeleteVm(self, request: vcpu_pb2.DeleteVmRequest, context: grpc.ServicerContext) -> vcpu_pb2.DeleteVmResponse:
         vm = self._vm(request.vm_id, context)

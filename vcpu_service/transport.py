@@ -105,6 +105,7 @@ class ExitChannel(Protocol):
     def post(self, address: int, data: bytes) -> None: ...
     def flush(self) -> tuple[str, ...]: ...
     def pending_posted(self) -> int: ...
+    def broken(self) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -267,6 +268,10 @@ class GrpcExitChannel:
 
     def pending_posted(self) -> int:
         return len(self._posted)
+
+    def broken(self) -> bool:
+        """The stream failed (deadline, protocol error, lost service) and must be reopened."""
+        return self._closed
 
     def flush(self) -> tuple[str, ...]:
         if not len(self._posted):

@@ -1,7 +1,7 @@
 """One vCPU: a thread running Unicorn in a loop, taking device accesses as MMIO exits (KVM_RUN's role).
 
-The loop is thin glue around pure functions: ``decode`` builds the syndrome, ``store_data`` and
-``load_value`` do the byte work, the transport carries the exit. Unicorn is only ever stopped on an
+The loop is thin glue: ``exits.ExitPath`` handles each trapped access, PSCI is decided in ``psci``,
+and this module owns the thread, the run states and Unicorn. Unicorn is only ever stopped on an
 instruction or block boundary: device regions are unmapped, so an access ends ``emu_start`` with PC
 exactly on the faulting instruction and nothing of it retired.
 """
@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import functools
 import threading
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -33,23 +31,11 @@ from unicorn import (
 from mmiosplit.v1 import vcpu_pb2
 from vcpu_service import psci
 from vcpu_service.arch import EXCEPTION_NAMES, EXCP_HVC, EXCP_SMC, AArch64, close_uc
-from vcpu_service.completion import load_value, store_data
-from vcpu_service.decode import Decoded, Isa, Refused, Syndrome, decode
-from vcpu_service.transport import (
-    AccessStatus,
-    DeadlineExceeded,
-    ExitChannel,
-    MmioRequest,
-    TransportError,
-    architecture_enum,
-)
+from vcpu_service.exits import ExitPath, VcpuFault
+from vcpu_service.transport import AccessReply, ExitChannel, MmioRequest, TransportError, architecture_enum
 
 if TYPE_CHECKING:
     from vcpu_service.vm import Vm
-
-# Data abort from the current EL (EC 0x25): the syndrome we report for observability.
-EC_DABT_CUR = 0x25
-DFSC_TRANSLATION_L3 = 0x07
 
 
 class VcpuState(enum.Enum):
@@ -66,28 +52,12 @@ class VcpuState(enum.Enum):
 QUIESCENT = frozenset({VcpuState.OFF, VcpuState.EXIT_WAIT, VcpuState.PAUSED, VcpuState.HALTED, VcpuState.STOPPED})
 
 
-@functools.lru_cache(maxsize=4096)
-def decode_cached(isa: Isa, word: int) -> Decoded:
-    """Decoding is a pure function of the encoding, so cache it (the PC only locates the word)."""
-    return decode(isa, word)
-
-
 @dataclass(slots=True)
 class _StopCause:
     kind: str
     detail: str = ""
     intno: int = 0
     pc: int = 0
-
-
-class VcpuFault(Exception):
-    """Ends the run with an error event; carries the event fields."""
-
-    def __init__(self, error_kind: int, reason: str, **fields: object) -> None:
-        super().__init__(reason)
-        self.error_kind = error_kind
-        self.reason = reason
-        self.fields = fields
 
 
 class Vcpu:
@@ -109,15 +79,12 @@ class Vcpu:
         self._stop_cause: _StopCause | None = None
         self._fault: tuple[int, int, int, int] | None = None
         self.executed = 0
-        self.exits = 0
-        self.reads = 0
-        self.writes = 0
-        self.posted_writes = 0
         self.psci_calls = 0
         self.latency = HdrHistogram(1, 60_000_000_000, 3)
         # HdrHistogram is not thread-safe: the vCPU records, GetStats copies, both under this lock.
         self.latency_lock = threading.Lock()
         self.uc = self._new_uc()
+        self.exits = ExitPath(self)
 
     # ----- setup -------------------------------------------------------------------------------------
     def _new_uc(self) -> Uc:
@@ -219,12 +186,8 @@ class Vcpu:
                 self.cond.notify_all()
 
     def _open_channels(self) -> None:
-        arch = architecture_enum(self.arch.name)
         for endpoint in self.vm.endpoints:
-            try:
-                self._channels[endpoint.name] = endpoint.open_exit_channel(self.vm.vm_id, self.index, arch)
-            except TransportError as exc:
-                raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_DEVICE_SERVICE, str(exc)) from None
+            self.channel(endpoint.name)
 
     def _close_channels(self) -> None:
         for channel in self._channels.values():
@@ -347,111 +310,47 @@ class Vcpu:
                                 pc=pc, fault_address=fault[1])
             raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_GUEST_EXCEPTION,
                             f"vCPU {self.index}: emulation stopped at 0x{pc:x}: {error}", pc=pc)
-        self._mmio_exit(pc, fault[1], fault[0] == UC_MEM_WRITE_UNMAPPED)
+        self.exits.handle(pc, fault[1], fault[0] == UC_MEM_WRITE_UNMAPPED)
 
-    # ----- the exit path -------------------------------------------------------------------------------
-    def _mmio_exit(self, pc: int, address: int, fault_is_write: bool) -> None:
-        uc = self.uc
-        insn = self.arch.fetch(uc, pc)
-        decoded = decode_cached(insn.isa, insn.word)
-        where = f"0x{address:x} by the instruction 0x{insn.word:0{insn.length * 2}x} at pc 0x{pc:x}"
-        if isinstance(decoded, Syndrome) and decoded.cm:
-            # Cache maintenance by address on device memory is a NOP, as KVM does ("the guest is just
-            # being cautious").
-            self.arch.advance(uc, pc, decoded.insn_len)
-            return
-        if insn.isa is Isa.A32 and not self.arch.condition_passed(uc, insn.word):
-            # A conditional instruction may trap although it would not execute: no access, PC moves on.
-            self.arch.advance(uc, pc, 4)
-            return
-        if isinstance(decoded, Refused) or not decoded.isv:
-            reason = decoded.reason if isinstance(decoded, Refused) else "load/store with base writeback"
-            raise VcpuFault(
-                vcpu_pb2.VM_ERROR_KIND_NISV,
-                f"vCPU {self.index}: NISV: access to {where} has no usable instruction syndrome ({reason}); "
-                "this version handles single-register loads and stores without writeback",
-                pc=pc, fault_address=address, instruction=insn.word,
-                syndrome=(decoded.esr(EC_DABT_CUR, DFSC_TRANSLATION_L3) if isinstance(decoded, Syndrome)
-                          else (EC_DABT_CUR << 26) | (1 << 25) | (int(fault_is_write) << 6) | DFSC_TRANSLATION_L3),
-            )
-        syn = decoded
-        region = self.vm.find_region(address)
-        size = syn.size
-        if region is None:
-            self._unmapped_access(pc, address, syn, where)
-            return
-        if address + size > region.end:
-            raise VcpuFault(
-                vcpu_pb2.VM_ERROR_KIND_UNMAPPED_ACCESS,
-                f"vCPU {self.index}: {size}-byte access to {where} straddles the end of {region.device} "
-                f"(0x{region.base:x}-0x{region.end - 1:x})",
-                pc=pc, fault_address=address, instruction=insn.word, device=region.device,
-            )
-        big_endian = size > 1 and self.arch.big_endian_data(uc)
-        data = store_data(self.arch.read_gpr(uc, syn.srt), syn, big_endian) if syn.wnr else b""
-        channel = self._channels[region.service]
-        if syn.wnr and region.posted:
+    # ----- what the exit path needs from the vCPU ---------------------------------------------------------
+    def channel(self, service: str) -> ExitChannel:
+        """The exit stream to a device service, reopened (with a new handshake) if an earlier one broke."""
+        channel = self._channels.get(service)
+        if channel is None or channel.broken():
+            if channel is not None:
+                with contextlib.suppress(Exception):
+                    channel.close()
+            endpoint = next(e for e in self.vm.endpoints if e.name == service)
             try:
-                channel.post(address, data)
+                channel = endpoint.open_exit_channel(self.vm.vm_id, self.index, architecture_enum(self.arch.name))
             except TransportError as exc:
-                raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_DEVICE_SERVICE, str(exc), pc=pc, fault_address=address,
-                                device=region.device) from None
-            self.posted_writes += 1
-            self.arch.advance(uc, pc, syn.insn_len)
-            return
-        t0 = time.perf_counter_ns()
-        request = MmioRequest(self.index, address, region, size, syn.wnr, data,
-                              syn.esr(EC_DABT_CUR, DFSC_TRANSLATION_L3), pc, insn.word)
+                raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_DEVICE_SERVICE, f"vCPU {self.index}: {exc}") from None
+            self._channels[service] = channel
+        return channel
+
+    def exchange(self, service: str, request: MmioRequest) -> AccessReply | None:
+        """Send an exit and wait for its completion; None when the vCPU must stop without completing.
+
+        While waiting the vCPU is quiescent (its registers show the state before the instruction). A
+        pause that arrives meanwhile holds the completion until resume, so it is applied exactly once.
+        """
+        channel = self.channel(service)
         with self.cond:
             self.state = VcpuState.EXIT_WAIT
             self.cond.notify_all()
+        reply: AccessReply | None = None
         try:
             reply = channel.access(request)
-        except DeadlineExceeded as exc:
-            raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_DEADLINE, f"vCPU {self.index}: access to {where}: {exc}",
-                            pc=pc, fault_address=address, instruction=insn.word, device=region.device) from None
-        except TransportError as exc:
-            raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_DEVICE_SERVICE, f"vCPU {self.index}: access to {where}: {exc}",
-                            pc=pc, fault_address=address, instruction=insn.word, device=region.device) from None
-        # The completion is applied exactly once, and only when the vCPU may run: a pause that arrived
-        # meanwhile shows the state before the instruction.
-        with self.cond:
-            if not self._park():
-                return
-            self.state = VcpuState.RUNNING
-        if reply.posted_errors:
-            raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_DEVICE_ERROR, "; ".join(reply.posted_errors),
-                            pc=pc, device=region.device)
-        if reply.status is not AccessStatus.OK:
-            kind = "write" if syn.wnr else "read"
-            raise VcpuFault(
-                vcpu_pb2.VM_ERROR_KIND_DEVICE_ERROR,
-                f"vCPU {self.index}: {region.device} refused the {size}-byte {kind} of {where}: "
-                f"{reply.status.value}: {reply.error}",
-                pc=pc, fault_address=address, instruction=insn.word, device=region.device,
-                syndrome=request.syndrome,
-            )
-        if not syn.wnr:
-            self.arch.write_gpr(uc, syn.srt, load_value(reply.data, syn, big_endian))
-            self.reads += 1
-        else:
-            self.writes += 1
-        self.arch.advance(uc, pc, syn.insn_len)
-        self.exits += 1
-        with self.latency_lock:
-            self.latency.record_value(max(1, time.perf_counter_ns() - t0))
+        finally:
+            with self.cond:
+                if not self._park():
+                    reply = None
+                self.state = VcpuState.RUNNING
+        return reply
 
-    def _unmapped_access(self, pc: int, address: int, syn: Syndrome, where: str) -> None:
-        policy = self.vm.policies.unmapped_access
-        if policy == vcpu_pb2.UNMAPPED_ACCESS_POLICY_RAZ_WI:
-            if not syn.wnr:
-                self.arch.write_gpr(self.uc, syn.srt, 0)
-            self.arch.advance(self.uc, pc, syn.insn_len)
-            self.vm.unmapped_accesses += 1
-            return
-        raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_UNMAPPED_ACCESS,
-                        f"vCPU {self.index}: access to {where}: no device or RAM at that address",
-                        pc=pc, fault_address=address)
+    def record_latency(self, ns: int) -> None:
+        with self.latency_lock:
+            self.latency.record_value(max(1, ns))
 
     # ----- inspection (VM lock held by the caller, vCPU quiescent) -----------------------------------
     def read_registers(self, names: list[str]) -> list[tuple[str, int]]:

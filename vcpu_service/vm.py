@@ -22,6 +22,7 @@ from mmiosplit.v1 import vcpu_pb2
 from vcpu_service import psci
 from vcpu_service.arch import Arch, arch_by_name, close_uc
 from vcpu_service.events import EventLog
+from vcpu_service.exits import TraceLog
 from vcpu_service.transport import DeviceEndpoint, RemoteRegion, TransportError
 from vcpu_service.vcpu import QUIESCENT, Vcpu, VcpuState, summarize
 
@@ -66,6 +67,8 @@ class VmSpec:
     wall_clock_seconds: float = 0.0
     exit_deadline_ms: int = 0
     name: str = ""
+    strict_kvm: bool = False
+    trace_exits: bool = False
 
 
 class RamBlock:
@@ -115,6 +118,8 @@ class Vm:
         self.policies = spec.policies
         self.instruction_budget = spec.instruction_budget
         self.deadline_ms = spec.exit_deadline_ms or default_deadline_ms
+        self.strict_kvm = spec.strict_kvm
+        self.trace: TraceLog | None = TraceLog() if spec.trace_exits else None
         self.lock = threading.RLock()
         self.events = EventLog()
         self.run_state = RunState.CREATED
@@ -290,6 +295,8 @@ class Vm:
         with self.lock:
             self.run_state = RunState.FINISHED
             self._finished_at = time.monotonic()
+        if self.trace is not None:
+            self.trace.close()
         self.events.emit(kind, **fields)
 
     def check_idle(self) -> None:
@@ -403,12 +410,17 @@ class Vm:
         for v in self.vcpus:
             latency = v.latency_snapshot()
             total.add(latency)
+            st = v.exits.stats
             resp.vcpus.append(vcpu_pb2.VcpuStats(
-                vcpu_id=v.index, state=v.state.value, exits=v.exits, reads=v.reads, writes=v.writes,
-                posted_writes=v.posted_writes, psci_calls=v.psci_calls, exit_latency=summarize(latency),
+                vcpu_id=v.index, state=v.state.value, exits=st.exits, reads=st.reads, writes=st.writes,
+                posted_writes=st.posted_writes, psci_calls=v.psci_calls, exit_latency=summarize(latency),
+                external_aborts=st.aborts, nops=st.nops, hand_decoded=st.hand_decoded,
             ))
+            for e in list(st.kvm_report.values()):
+                resp.kvm_report.add(pc=e.pc, isa=e.isa, instruction=e.instruction, reason=e.reason,
+                                    handled=e.handled, count=e.count)
         resp.exit_latency.CopyFrom(summarize(total))
-        resp.exits = sum(v.exits for v in self.vcpus)
+        resp.exits = sum(v.exits.stats.exits for v in self.vcpus)
         end = self._finished_at or time.monotonic()
         resp.run_seconds = (end - self._started_at) if self._started_at else 0.0
         return resp

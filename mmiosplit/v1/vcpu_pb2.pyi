@@ -76,6 +76,8 @@ class _VmEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VmEventKi
     VM_EVENT_KIND_VCPU_STARTED: _VmEventKind.ValueType  # 3
     VM_EVENT_KIND_VCPU_STOPPED: _VmEventKind.ValueType  # 4
     VM_EVENT_KIND_RESET: _VmEventKind.ValueType  # 5
+    VM_EVENT_KIND_EXTERNAL_ABORT: _VmEventKind.ValueType  # 6
+    """A synchronous external abort was injected into the guest (policy ABORT); the run goes on."""
     VM_EVENT_KIND_HALTED: _VmEventKind.ValueType  # 10
     """Final events: the run is over after one of these.
     Every vCPU waits for an interrupt that nothing can raise (WFI) or is off.
@@ -96,6 +98,8 @@ VM_EVENT_KIND_PAUSED: VmEventKind.ValueType  # 2
 VM_EVENT_KIND_VCPU_STARTED: VmEventKind.ValueType  # 3
 VM_EVENT_KIND_VCPU_STOPPED: VmEventKind.ValueType  # 4
 VM_EVENT_KIND_RESET: VmEventKind.ValueType  # 5
+VM_EVENT_KIND_EXTERNAL_ABORT: VmEventKind.ValueType  # 6
+"""A synchronous external abort was injected into the guest (policy ABORT); the run goes on."""
 VM_EVENT_KIND_HALTED: VmEventKind.ValueType  # 10
 """Final events: the run is over after one of these.
 Every vCPU waits for an interrupt that nothing can raise (WFI) or is off.
@@ -256,6 +260,8 @@ class VmConfig(_message.Message):
     LIMITS_FIELD_NUMBER: _builtins.int
     EXIT_DEADLINE_MS_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
+    STRICT_KVM_FIELD_NUMBER: _builtins.int
+    TRACE_EXITS_FIELD_NUMBER: _builtins.int
     architecture: _common_pb2.Architecture.ValueType
     cpu_model: _builtins.str
     """"cortex-a57", "cortex-a53", "cortex-a72", "max" (aarch64); "cortex-a15", "cortex-a7" (arm)."""
@@ -265,6 +271,10 @@ class VmConfig(_message.Message):
     exit_deadline_ms: _builtins.int
     """How long a vCPU waits for a completion; 0 = the service default."""
     name: _builtins.str
+    strict_kvm: _builtins.bool
+    """Refuse the writeback forms that mmiosplit decodes by hand, as upstream KVM does (NISV policy applies)."""
+    trace_exits: _builtins.bool
+    """Record every exit for StreamExitTrace."""
     @_builtins.property
     def ram(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemoryRegion]: ...
     @_builtins.property
@@ -291,10 +301,12 @@ class VmConfig(_message.Message):
         limits: Global___RunLimits | None = ...,
         exit_deadline_ms: _builtins.int = ...,
         name: _builtins.str = ...,
+        strict_kvm: _builtins.bool = ...,
+        trace_exits: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "policies", b"policies"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "cpu_model", b"cpu_model", "device_services", b"device_services", "entry_point", b"entry_point", "exit_deadline_ms", b"exit_deadline_ms", "images", b"images", "limits", b"limits", "name", b"name", "policies", b"policies", "ram", b"ram", "vcpu_count", b"vcpu_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "cpu_model", b"cpu_model", "device_services", b"device_services", "entry_point", b"entry_point", "exit_deadline_ms", b"exit_deadline_ms", "images", b"images", "limits", b"limits", "name", b"name", "policies", b"policies", "ram", b"ram", "strict_kvm", b"strict_kvm", "trace_exits", b"trace_exits", "vcpu_count", b"vcpu_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -847,6 +859,9 @@ class VcpuStats(_message.Message):
     POSTED_BATCHES_FIELD_NUMBER: _builtins.int
     PSCI_CALLS_FIELD_NUMBER: _builtins.int
     EXIT_LATENCY_FIELD_NUMBER: _builtins.int
+    EXTERNAL_ABORTS_FIELD_NUMBER: _builtins.int
+    NOPS_FIELD_NUMBER: _builtins.int
+    HAND_DECODED_FIELD_NUMBER: _builtins.int
     vcpu_id: _builtins.int
     state: _builtins.str
     exits: _builtins.int
@@ -855,6 +870,11 @@ class VcpuStats(_message.Message):
     posted_writes: _builtins.int
     posted_batches: _builtins.int
     psci_calls: _builtins.int
+    external_aborts: _builtins.int
+    nops: _builtins.int
+    """Accesses completed without a device: cache maintenance by address, failed A32 conditions."""
+    hand_decoded: _builtins.int
+    """Writeback forms (ISV=0) decoded by hand."""
     @_builtins.property
     def exit_latency(self) -> Global___LatencySummary: ...
     def __init__(
@@ -869,10 +889,13 @@ class VcpuStats(_message.Message):
         posted_batches: _builtins.int = ...,
         psci_calls: _builtins.int = ...,
         exit_latency: Global___LatencySummary | None = ...,
+        external_aborts: _builtins.int = ...,
+        nops: _builtins.int = ...,
+        hand_decoded: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["exit_latency", b"exit_latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_latency", b"exit_latency", "exits", b"exits", "posted_batches", b"posted_batches", "posted_writes", b"posted_writes", "psci_calls", b"psci_calls", "reads", b"reads", "state", b"state", "vcpu_id", b"vcpu_id", "writes", b"writes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_latency", b"exit_latency", "exits", b"exits", "external_aborts", b"external_aborts", "hand_decoded", b"hand_decoded", "nops", b"nops", "posted_batches", b"posted_batches", "posted_writes", b"posted_writes", "psci_calls", b"psci_calls", "reads", b"reads", "state", b"state", "vcpu_id", b"vcpu_id", "writes", b"writes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -915,6 +938,7 @@ class GetStatsResponse(_message.Message):
     EXIT_LATENCY_FIELD_NUMBER: _builtins.int
     EXITS_FIELD_NUMBER: _builtins.int
     RUN_SECONDS_FIELD_NUMBER: _builtins.int
+    KVM_REPORT_FIELD_NUMBER: _builtins.int
     exits: _builtins.int
     run_seconds: _builtins.float
     @_builtins.property
@@ -925,6 +949,10 @@ class GetStatsResponse(_message.Message):
     def exit_latency(self) -> Global___LatencySummary:
         """All vCPUs together."""
 
+    @_builtins.property
+    def kvm_report(self) -> _containers.RepeatedCompositeFieldContainer[Global___KvmReportEntry]:
+        """Each PC whose device accesses upstream KVM/ARM could not handle (no instruction syndrome)."""
+
     def __init__(
         self,
         *,
@@ -933,14 +961,164 @@ class GetStatsResponse(_message.Message):
         exit_latency: Global___LatencySummary | None = ...,
         exits: _builtins.int = ...,
         run_seconds: _builtins.float = ...,
+        kvm_report: _abc.Iterable[Global___KvmReportEntry] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["exit_latency", b"exit_latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_services", b"device_services", "exit_latency", b"exit_latency", "exits", b"exits", "run_seconds", b"run_seconds", "vcpus", b"vcpus"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_services", b"device_services", "exit_latency", b"exit_latency", "exits", b"exits", "kvm_report", b"kvm_report", "run_seconds", b"run_seconds", "vcpus", b"vcpus"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatsResponse: _TypeAlias = GetStatsResponse  # noqa: Y015
+
+@_typing.final
+class KvmReportEntry(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PC_FIELD_NUMBER: _builtins.int
+    ISA_FIELD_NUMBER: _builtins.int
+    INSTRUCTION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    HANDLED_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    pc: _builtins.int
+    isa: _builtins.str
+    """"A64", "A32" or "T32"."""
+    instruction: _builtins.int
+    reason: _builtins.str
+    handled: _builtins.bool
+    """True when mmiosplit decoded it by hand; false when it was refused (NISV policy)."""
+    count: _builtins.int
+    def __init__(
+        self,
+        *,
+        pc: _builtins.int = ...,
+        isa: _builtins.str = ...,
+        instruction: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        handled: _builtins.bool = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "handled", b"handled", "instruction", b"instruction", "isa", b"isa", "pc", b"pc", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KvmReportEntry: _TypeAlias = KvmReportEntry  # noqa: Y015
+
+@_typing.final
+class StreamExitTraceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_ID_FIELD_NUMBER: _builtins.int
+    vm_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        vm_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["vm_id", b"vm_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamExitTraceRequest: _TypeAlias = StreamExitTraceRequest  # noqa: Y015
+
+@_typing.final
+class ExitTrace(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    VCPU_ID_FIELD_NUMBER: _builtins.int
+    PC_FIELD_NUMBER: _builtins.int
+    ISA_FIELD_NUMBER: _builtins.int
+    INSTRUCTION_FIELD_NUMBER: _builtins.int
+    INSTRUCTION_LENGTH_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    IS_WRITE_FIELD_NUMBER: _builtins.int
+    RT_FIELD_NUMBER: _builtins.int
+    SIGN_EXTEND_FIELD_NUMBER: _builtins.int
+    SIXTY_FOUR_FIELD_NUMBER: _builtins.int
+    WRITEBACK_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    LATENCY_US_FIELD_NUMBER: _builtins.int
+    SYNDROME_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    vcpu_id: _builtins.int
+    pc: _builtins.int
+    isa: _builtins.str
+    instruction: _builtins.int
+    instruction_length: _builtins.int
+    address: _builtins.int
+    size: _builtins.int
+    is_write: _builtins.bool
+    rt: _builtins.int
+    """Rt as encoded (31 is XZR/WZR on A64)."""
+    sign_extend: _builtins.bool
+    sixty_four: _builtins.bool
+    """A64: Rt is an X register."""
+    writeback: _builtins.str
+    """"", "pre" or "post"."""
+    value: _builtins.int
+    """The value stored, or the value written to Rt."""
+    device: _builtins.str
+    outcome: _builtins.str
+    latency_us: _builtins.float
+    syndrome: _builtins.int
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        vcpu_id: _builtins.int = ...,
+        pc: _builtins.int = ...,
+        isa: _builtins.str = ...,
+        instruction: _builtins.int = ...,
+        instruction_length: _builtins.int = ...,
+        address: _builtins.int = ...,
+        size: _builtins.int = ...,
+        is_write: _builtins.bool = ...,
+        rt: _builtins.int = ...,
+        sign_extend: _builtins.bool = ...,
+        sixty_four: _builtins.bool = ...,
+        writeback: _builtins.str = ...,
+        value: _builtins.int = ...,
+        device: _builtins.str = ...,
+        outcome: _builtins.str = ...,
+        latency_us: _builtins.float = ...,
+        syndrome: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "device", b"device", "instruction", b"instruction", "instruction_length", b"instruction_length", "is_write", b"is_write", "isa", b"isa", "latency_us", b"latency_us", "outcome", b"outcome", "pc", b"pc", "rt", b"rt", "seq", b"seq", "sign_extend", b"sign_extend", "sixty_four", b"sixty_four", "size", b"size", "syndrome", b"syndrome", "value", b"value", "vcpu_id", b"vcpu_id", "writeback", b"writeback"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExitTrace: _TypeAlias = ExitTrace  # noqa: Y015
+
+@_typing.final
+class StreamExitTraceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXITS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def exits(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExitTrace]: ...
+    def __init__(
+        self,
+        *,
+        exits: _abc.Iterable[Global___ExitTrace] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exits", b"exits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamExitTraceResponse: _TypeAlias = StreamExitTraceResponse  # noqa: Y015
 
 @_typing.final
 class DeleteVmRequest(_message.Message):

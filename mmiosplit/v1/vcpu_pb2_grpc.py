@@ -84,6 +84,11 @@ class VcpuServiceStub:
                 request_serializer=mmiosplit_dot_v1_dot_vcpu__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=mmiosplit_dot_v1_dot_vcpu__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.StreamExitTrace = channel.unary_stream(
+                '/mmiosplit.v1.VcpuService/StreamExitTrace',
+                request_serializer=mmiosplit_dot_v1_dot_vcpu__pb2.StreamExitTraceRequest.SerializeToString,
+                response_deserializer=mmiosplit_dot_v1_dot_vcpu__pb2.StreamExitTraceResponse.FromString,
+                _registered_method=True)
         self.DeleteVm = channel.unary_unary(
                 '/mmiosplit.v1.VcpuService/DeleteVm',
                 request_serializer=mmiosplit_dot_v1_dot_vcpu__pb2.DeleteVmRequest.SerializeToString,
@@ -157,6 +162,13 @@ class VcpuServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamExitTrace(self, request, context):
+        """Every exit of a VM created with trace_exits, from the first, in batches; ends when the VM has finished.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteVm(self, request, context):
         """Stops the VM if it runs and frees it.
         """
@@ -216,6 +228,11 @@ def add_VcpuServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=mmiosplit_dot_v1_dot_vcpu__pb2.GetStatsRequest.FromString,
                     response_serializer=mmiosplit_dot_v1_dot_vcpu__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'StreamExitTrace': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamExitTrace,
+                    request_deserializer=mmiosplit_dot_v1_dot_vcpu__pb2.StreamExitTraceRequest.FromString,
+                    response_serializer=mmiosplit_dot_v1_dot_vcpu__pb2.StreamExitTraceResponse.SerializeToString,
             ),
             'DeleteVm': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteVm,
@@ -493,6 +510,33 @@ class VcpuService:
             '/mmiosplit.v1.VcpuService/GetStats',
             mmiosplit_dot_v1_dot_vcpu__pb2.GetStatsRequest.SerializeToString,
             mmiosplit_dot_v1_dot_vcpu__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamExitTrace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mmiosplit.v1.VcpuService/StreamExitTrace',
+            mmiosplit_dot_v1_dot_vcpu__pb2.StreamExitTraceRequest.SerializeToString,
+            mmiosplit_dot_v1_dot_vcpu__pb2.StreamExitTraceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -23,6 +23,23 @@ def a64(*words: int) -> bytes:
     return struct.pack(f"<{len(words)}I", *words)
 
 
+# An A64 guest with an exception vector table: VBAR_EL1 = LOAD + 0x800; the synchronous exception from
+# the current EL (SP_EL1) lands at +0x200 and saves ESR/FAR/ELR/SPSR_EL1 into x10..x13, then powers off.
+SEA_PROLOGUE = [0x10004009, 0xD518C009, 0xD5033FDF]  # adr x9, LOAD+0x800; msr vbar_el1, x9; isb
+SEA_HANDLER = [0xD538520A, 0xD538600B, 0xD538402C, 0xD538400D,  # mrs x10..x13, esr/far/elr/spsr_el1
+               0xD2800100, 0xF2B08000, 0xD4000002, 0x14000000]  # PSCI SYSTEM_OFF
+
+
+def a64_with_vectors(*body: int) -> bytes:
+    """SEA_PROLOGUE, then body (at LOAD + 0xc) followed by `b .`, with the vector table at LOAD + 0x800."""
+    image = bytearray(0xA00 + 4 * len(SEA_HANDLER))
+    code = a64(*SEA_PROLOGUE, *body, 0x14000000)
+    assert len(code) <= 0x800
+    image[:len(code)] = code
+    image[0xA00:] = a64(*SEA_HANDLER)
+    return bytes(image)
+
+
 @dataclass
 class Services:
     vcpu: str
@@ -45,7 +62,10 @@ class Services:
             entry_point=LOAD if entry is None else entry,
         )
         for k, v in kw.items():
-            if k == "budget":
+            if k == "stop_on":  # fault policies to set to STOP, e.g. stop_on=("nisv", "device_error")
+                for name in v:  # type: ignore[attr-defined]
+                    setattr(cfg.policies, name, vcpu_pb2.FAULT_POLICY_STOP)
+            elif k == "budget":
                 cfg.limits.instruction_budget = int(v)  # type: ignore[call-overload]
             elif k == "wall_clock":
                 cfg.limits.wall_clock_seconds = float(v)  # type: ignore[arg-type]

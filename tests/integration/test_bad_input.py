@@ -11,7 +11,7 @@ import pytest
 
 from mmiosplit.launcher import check_health
 from mmiosplit.v1 import vcpu_pb2
-from tests.integration.client import LOAD, Services, a64
+from tests.integration.client import LOAD, Services, a64, a64_with_vectors
 from tests.integration.rogue_device import BASE, RogueServer
 
 pytestmark = pytest.mark.integration
@@ -142,7 +142,7 @@ def test_misbehaving_device_service(unix_services: Services, tmp_path: Path, mod
                                     needle: str) -> None:
     rogue = RogueServer(mode, tmp_path)
     try:
-        cfg = unix_services.config(a64(*LOAD_W1), exit_deadline_ms=300)
+        cfg = unix_services.config(a64(*LOAD_W1), exit_deadline_ms=300, stop_on=("device_error", "deadline"))
         cfg.device_services[:] = [rogue.address]
         vm_id, final = unix_services.run(cfg, timeout=30)
         regs = unix_services.registers(vm_id, 0, "pc", "x1")
@@ -156,3 +156,29 @@ def test_misbehaving_device_service(unix_services: Services, tmp_path: Path, mod
     # Nothing retired: the load was not completed and PC is still on it.
     assert final.pc == LOAD + 4 and regs["pc"] == LOAD + 4 and regs["x1"] == 0
     _assert_alive(unix_services)
+
+
+@pytest.mark.parametrize("mode", ["error", "hang", "short", "die"])
+def test_misbehaving_device_service_gets_a_precise_external_abort_by_default(
+        unix_services: Services, tmp_path: Path, mode: str) -> None:
+    rogue = RogueServer(mode, tmp_path)
+    body = [0xD2A14000, 0xD2800EE1, 0xB9400001]  # x0 = 0x0a000000; x1 = 0x77; ldr w1, [x0]
+    try:
+        cfg = unix_services.config(a64_with_vectors(*body), exit_deadline_ms=300)
+        cfg.device_services[:] = [rogue.address]
+        vm_id = unix_services.create(cfg)
+        final = unix_services.start_and_wait(vm_id, timeout=30)
+        regs = unix_services.registers(vm_id, 0, "x1", "x10", "x11", "x12", "x13")
+        events = [r.event for r in unix_services.stub.StreamVmEvents(vcpu_pb2.StreamVmEventsRequest(vm_id=vm_id))]
+        unix_services.delete(vm_id)
+    finally:
+        rogue.stop()
+    assert final.kind == vcpu_pb2.VM_EVENT_KIND_POWERED_OFF, final
+    esr = regs["x10"]
+    assert esr >> 26 == 0x25 and esr & (1 << 25) and esr & 0x3F == 0x10, hex(esr)  # DABT_CUR, IL, SEA
+    assert regs["x11"] == 0x0A00_0000  # FAR
+    assert regs["x12"] == LOAD + 0x14  # ELR: the load itself, which did not retire
+    assert regs["x13"] & 0x3FF == 0x3C5  # SPSR: the PSTATE before the abort, EL1h with DAIF masked
+    assert regs["x1"] == 0x77  # Rt untouched
+    aborts = [e for e in events if e.kind == vcpu_pb2.VM_EVENT_KIND_EXTERNAL_ABORT]
+    assert len(aborts) == 1 and "0xa000000" in aborts[0].reason and aborts[0].pc == LOAD + 0x14

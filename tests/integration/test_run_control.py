@@ -90,7 +90,7 @@ def test_unmapped_access_can_stop(unix_services: Services) -> None:
 
 def test_nisv_stops_with_pc_and_instruction(unix_services: Services) -> None:
     code = a64(0xD2A14000, 0xA9400801, *SPIN)  # x0=scratch; ldp x1,x2,[x0]
-    vm_id, final = unix_services.run(unix_services.config(code))
+    vm_id, final = unix_services.run(unix_services.config(code, stop_on=("nisv",)))
     regs = unix_services.registers(vm_id, 0, "x1", "x2", "pc")
     unix_services.delete(vm_id)
     assert final.kind == vcpu_pb2.VM_EVENT_KIND_ERROR
@@ -102,7 +102,7 @@ def test_nisv_stops_with_pc_and_instruction(unix_services: Services) -> None:
 
 def test_access_straddling_the_end_of_a_device_is_refused(unix_services: Services) -> None:
     code = a64(0xD2A14000, 0xF281FF80, 0xF9400001, *SPIN)  # x0=0x0a000ffc; ldr x1,[x0]
-    vm_id, final = unix_services.run(unix_services.config(code))
+    vm_id, final = unix_services.run(unix_services.config(code, stop_on=("device_error",)))
     unix_services.delete(vm_id)
     assert final.kind == vcpu_pb2.VM_EVENT_KIND_ERROR
     assert "straddles the end of scratch0" in final.reason
