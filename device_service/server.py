@@ -18,7 +18,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from device_service.bus import DeviceBus
-from device_service.model import AccessError, ConsoleDevice, RegionKind, supports_console
+from device_service.dispatch import Outcome, dispatch
+from device_service.model import ConsoleDevice, RegionKind, supports_console
 from mmiosplit.address import parse_address
 from mmiosplit.v1 import device_pb2, device_pb2_grpc
 from mmiosplit.wire import GRPC_OPTIONS, PROTOCOL_VERSION, iter_posted
@@ -77,6 +78,14 @@ class ConsoleHub:
             del self._pending_input[:taken]
 
 
+_STATUS = {
+    Outcome.OK: device_pb2.COMPLETION_STATUS_OK,
+    Outcome.DEVICE_ERROR: device_pb2.COMPLETION_STATUS_DEVICE_ERROR,
+    Outcome.NO_DEVICE: device_pb2.COMPLETION_STATUS_NO_DEVICE,
+    Outcome.BAD_REQUEST: device_pb2.COMPLETION_STATUS_BAD_REQUEST,
+}
+
+
 class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
     """Serves Describe, the exit streams, Reset and the consoles of one DeviceBus."""
 
@@ -111,29 +120,12 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         return device_pb2.ResetResponse()
 
     def _access(self, address: int, length: int, is_write: bool, data: bytes) -> device_pb2.Completion:
-        if length not in (1, 2, 4, 8):
-            return device_pb2.Completion(status=device_pb2.COMPLETION_STATUS_BAD_REQUEST,
-                                         error=f"access length {length} at 0x{address:x} is not 1, 2, 4 or 8")
-        if is_write:
-            if len(data) != length:
-                return device_pb2.Completion(
-                    status=device_pb2.COMPLETION_STATUS_BAD_REQUEST,
-                    error=f"write of length {length} at 0x{address:x} carries {len(data)} data bytes")
-            result = self.bus.write(address, length, int.from_bytes(data, "little"))
-        else:
-            result = self.bus.read(address, length)
-        region = self.bus.find(address)
-        if region is not None:
-            hub = self.consoles.get(region.device.name)
+        reply = dispatch(self.bus, address, length, is_write, data)
+        if reply.region is not None:
+            hub = self.consoles.get(reply.region.device.name)
             if hub is not None:
                 hub.pump()
-        if result.ok:
-            out = b"" if is_write else (result.value & ((1 << (8 * length)) - 1)).to_bytes(length, "little")
-            return device_pb2.Completion(status=device_pb2.COMPLETION_STATUS_OK, data=out)
-        status = (device_pb2.COMPLETION_STATUS_NO_DEVICE
-                  if result.error is AccessError.OUT_OF_RANGE and region is None
-                  else device_pb2.COMPLETION_STATUS_DEVICE_ERROR)
-        return device_pb2.Completion(status=status, error=result.message)
+        return device_pb2.Completion(status=_STATUS[reply.outcome], data=reply.data, error=reply.error)
 
     def _apply_posted(self, batch: device_pb2.PostedWrites, completion: device_pb2.Completion) -> bool:
         try:

@@ -50,6 +50,19 @@ class EventLog:
                     return e
         return None
 
+    def wait_final(self, timeout: float) -> vcpu_pb2.VmEvent | None:
+        """Block until a final event is emitted (or timeout); returns it."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for e in reversed(self._events):
+                    if e.kind in FINAL_KINDS:
+                        return e
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+
     def snapshot(self) -> list[vcpu_pb2.VmEvent]:
         with self._cond:
             return list(self._events)
