@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 from mmiosplit.address import AddressError, parse_address
+
+if TYPE_CHECKING:
+    from mmiosplit.v1 import vcpu_pb2
 
 DEFAULT_DEVICES = ["pl011@0x09000000", "pl031@0x09010000", "scratch@0x0a000000,size=0x1000"]
 DEFAULT_RAM = "128M@0x40000000"
@@ -128,9 +133,20 @@ def build_config(args: argparse.Namespace, image: bytes, image_name: str, device
         limits=vcpu_pb2.RunLimits(instruction_budget=args.budget or 0, wall_clock_seconds=args.timeout or 0.0),
         exit_deadline_ms=args.deadline_ms or 0,
     )
-    cfg.policies.unmapped_access = (vcpu_pb2.UNMAPPED_ACCESS_POLICY_STOP if args.unmapped == "stop"
-                                    else vcpu_pb2.UNMAPPED_ACCESS_POLICY_RAZ_WI)
+    unmapped = {"raz-wi": vcpu_pb2.UNMAPPED_ACCESS_POLICY_RAZ_WI, "abort": vcpu_pb2.UNMAPPED_ACCESS_POLICY_ABORT,
+                "stop": vcpu_pb2.UNMAPPED_ACCESS_POLICY_STOP}
+    fault = {"abort": vcpu_pb2.FAULT_POLICY_ABORT, "stop": vcpu_pb2.FAULT_POLICY_STOP}
+    cfg.policies.unmapped_access = unmapped[args.unmapped]
+    cfg.policies.nisv = fault[args.on_nisv]
+    cfg.policies.device_error = fault[args.on_device_error]
+    cfg.policies.deadline = fault[args.on_deadline]
+    cfg.strict_kvm = args.strict_kvm
+    cfg.trace_exits = _tracing(args)
     return cfg
+
+
+def _tracing(args: argparse.Namespace) -> bool:
+    return bool(args.trace_exits or args.trace_file or args.trace_json)
 
 
 class _Terminal:
@@ -177,9 +193,47 @@ class _Terminal:
         termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
 
 
+def _open_outputs(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, TextIO]:
+    """Open every output file up front, so a bad path fails before the guest runs, not after."""
+    files: dict[str, TextIO] = {}
+    for key in ("trace_file", "trace_json", "kvm_report_json"):
+        path = getattr(args, key)
+        if path:
+            files[key] = stack.enter_context(open(path, "w", encoding="utf-8"))  # noqa: SIM115 (the stack closes it)
+    return files
+
+
+def _print_kvm_report(stats: vcpu_pb2.GetStatsResponse, files: dict[str, TextIO], show: bool) -> None:
+    """The KVM compatibility report from the final statistics: a table on stderr and/or JSON in a file."""
+    import json
+
+    from mmiosplit.trace import format_kvm_report, kvm_report_to_json
+
+    entries = list(stats.kvm_report)
+    if show:
+        if stats.vcpus:
+            print(format_kvm_report(entries), file=sys.stderr, flush=True)
+        else:
+            print("KVM report: not available (the vcpu service returned no statistics)", file=sys.stderr, flush=True)
+    if "kvm_report_json" in files:
+        json.dump(kvm_report_to_json(entries), files["kvm_report_json"], indent=2)
+        files["kvm_report_json"].write("\n")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as stack:
+        try:
+            files = _open_outputs(args, stack)
+        except OSError as exc:
+            print(f"mmiosplit run: {exc}", file=sys.stderr)
+            return 2
+        return _run(args, files)
+
+
+def _run(args: argparse.Namespace, files: dict[str, TextIO]) -> int:
     from mmiosplit.launcher import LaunchError, local_services
     from mmiosplit.runner import EXIT_CONFIG_ERROR, ConsoleInput, RunError, format_latency, pump_stdin, run_vm
+    from mmiosplit.trace import TracePrinter
     from vcpu_service.events import kind_name
 
     try:
@@ -205,6 +259,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             sys.stderr.flush()
 
     is_tty = sys.stdin.isatty()
+    printer: TracePrinter | None = None
+    if _tracing(args):
+        human = files.get("trace_file", sys.stderr) if args.trace_exits or args.trace_file else None
+        # A terminal in raw mode needs CR LF; a file or pipe gets plain lines.
+        printer = TracePrinter(human, files.get("trace_json"), "\r\n" if is_tty and human is sys.stderr else "\n")
     quit_event = threading.Event()
     inp = ConsoleInput()
     terminal: _Terminal | None = None
@@ -229,7 +288,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             try:
                 result = run_vm(vcpu_addr, cfg, console_device=args.console, console_out=out, console_in=inp,  # type: ignore[arg-type]
-                                on_event=on_event, stop_request=quit_event)
+                                on_event=on_event, on_trace=printer, stop_request=quit_event)
             except RunError as exc:
                 say(f"cannot run {args.image}: {exc}")
                 return EXIT_CONFIG_ERROR
@@ -239,7 +298,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if terminal is not None:
             terminal.restore()
+    if printer is not None:
+        printer.flush()
+        if result.trace_error:
+            say(f"the exit trace is incomplete: {result.trace_error}")
+        elif not (args.trace_exits or args.trace_file):
+            say(f"{result.traced} exits traced to {args.trace_json}")
     say(f"{kind_name(result.final.kind).replace('_', ' ')}: {result.final.reason}; {format_latency(result.stats)}")
+    _print_kvm_report(result.stats, files, args.kvm_report)
     return result.exit_status
 
 
@@ -297,10 +363,41 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--budget", type=_int, help="stop after this many instructions per vCPU (exit status 4)")
     r.add_argument("--timeout", type=float, help="stop after this many seconds (exit status 5)")
     r.add_argument("--deadline-ms", type=int, help="how long a vCPU waits for a device (default 5000)")
-    r.add_argument("--unmapped", choices=["raz-wi", "stop"], default="raz-wi",
-                   help="access to an address no device owns: read as zero/ignore, or stop with an error")
     r.add_argument("--events", action="store_true", help="print VM events on stderr")
     r.add_argument("-q", "--quiet", action="store_true", help="no summary line on stderr")
+    pol = r.add_argument_group(
+        "policies", "what happens when an access cannot be completed normally: 'abort' injects a synchronous "
+        "external abort at the instruction (the guest sees it, as on hardware), 'stop' ends the run with an "
+        "error naming the PC and instruction (exit status 1)")
+    pol.add_argument("--unmapped", choices=["raz-wi", "abort", "stop"], default="raz-wi",
+                     help="access to an address no device or RAM owns: read as zero/ignore writes (default, as "
+                     "QEMU+KVM), abort, or stop")
+    pol.add_argument("--on-nisv", choices=["abort", "stop"], default="abort",
+                     help="a device access by an instruction with no usable syndrome (ISV=0: pairs, multiples, "
+                     "exclusives, SIMD; writeback forms with --strict-kvm) (default abort)")
+    pol.add_argument("--on-device-error", choices=["abort", "stop"], default="abort",
+                     help="a device refuses an access or cannot be reached (default abort)")
+    pol.add_argument("--on-deadline", choices=["abort", "stop"], default="abort",
+                     help="no completion within --deadline-ms (default abort)")
+    pol.add_argument("--strict-kvm", action="store_true",
+                     help="refuse the writeback forms (ISV=0) that mmiosplit decodes by hand, as upstream KVM/ARM "
+                     "does; --on-nisv then applies to them")
+    tr = r.add_argument_group(
+        "exit trace and KVM report", "stdout carries the guest console, so the human-readable trace and the "
+        "report go to stderr (or to the files named below)")
+    tr.add_argument("--trace-exits", action="store_true",
+                    help="print every exit as it completes, on stderr: PC, ISA, instruction and its disassembly, "
+                    "direction, size, address, device, value, register, sign, writeback, latency")
+    tr.add_argument("--trace-file", metavar="FILE", help="write that trace to FILE instead of stderr (implies "
+                    "--trace-exits)")
+    tr.add_argument("--trace-json", metavar="FILE",
+                    help="write every exit as one JSON object per line to FILE: every ExitTrace field plus "
+                    "instruction_hex, disasm and register (traces the run even without --trace-exits)")
+    tr.add_argument("--kvm-report", action="store_true",
+                    help="at the end, print on stderr each PC whose device accesses upstream KVM/ARM could not "
+                    "handle (ISV=0), with the instruction, count, reason and whether mmiosplit decoded it or "
+                    "refused it")
+    tr.add_argument("--kvm-report-json", metavar="FILE", help="write that report to FILE as a JSON array")
     r.set_defaults(func=cmd_run)
 
     d = sub.add_parser("demo", help="run the three bundled guests (A64, A32, T32) through the split")

@@ -5,6 +5,7 @@ Shared by ``mmiosplit run``, ``mmiosplit demo`` and the integration tests.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -42,6 +43,9 @@ class RunResult:
     console: bytes
     stats: vcpu_pb2.GetStatsResponse
     regions: list[vcpu_pb2.MappedRegion] = field(default_factory=list)
+    # With on_trace: how many exits the trace delivered, and why it ended early ("" when it did not).
+    traced: int = 0
+    trace_error: str = ""
 
     @property
     def exit_status(self) -> int:
@@ -81,15 +85,25 @@ def run_vm(
     console_out: Callable[[bytes], None] | None = None,
     console_in: ConsoleInput | None = None,
     on_event: Callable[[vcpu_pb2.VmEvent], None] | None = None,
+    on_trace: Callable[[vcpu_pb2.ExitTrace], None] | None = None,
     stop_request: threading.Event | None = None,
     quiet_s: float = 0.2,
+    trace_drain_s: float = 120.0,
 ) -> RunResult:
     """Run one VM to its final event and return what happened.
 
     The console of `console_device` (or the first UART the device services describe) is attached
     before the VM starts, so no output is missed; output keeps being collected until it has been quiet
-    for `quiet_s` after the final event.
+    for `quiet_s` after the final event. With `on_trace`, the VM records its exits (`trace_exits` is
+    set on a copy of `config`) and each one is passed to `on_trace`, in order, from a thread of its own;
+    the trace is drained (for at most `trace_drain_s`) before the VM is deleted, since the service
+    keeps it only as long as the VM.
     """
+    if on_trace is not None and not config.trace_exits:
+        traced_config = vcpu_pb2.VmConfig()
+        traced_config.CopyFrom(config)
+        traced_config.trace_exits = True
+        config = traced_config
     vch = channel(vcpu_address)
     stub = vcpu_pb2_grpc.VcpuServiceStub(vch)
     try:
@@ -145,6 +159,30 @@ def run_vm(
         done.set()
 
     threading.Thread(target=read_events, name="events", daemon=True).start()
+    # The trace stream is opened before the VM starts, so it covers the run from its first exit.
+    traced = [0]
+    trace_error: list[str] = []
+    trace_call = None
+    trace_thread: threading.Thread | None = None
+    if on_trace is not None:
+        trace_call = stub.StreamExitTrace(vcpu_pb2.StreamExitTraceRequest(vm_id=vm_id))
+
+        def read_trace() -> None:
+            try:
+                for resp in trace_call:
+                    for record in resp.exits:
+                        traced[0] += 1
+                        on_trace(record)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.CANCELLED:
+                    trace_error.append(f"{exc.code().name}: {exc.details()}")
+            except Exception as exc:  # a failing callback must not take the run down with it
+                trace_error.append(f"trace callback failed: {exc!r}")
+                trace_call.cancel()
+
+        trace_thread = threading.Thread(target=read_trace, name="trace", daemon=True)
+        trace_thread.start()
+    stats = vcpu_pb2.GetStatsResponse()
     try:
         try:
             stub.StartVm(vcpu_pb2.StartVmRequest(vm_id=vm_id), timeout=30)
@@ -152,20 +190,34 @@ def run_vm(
             raise RunError(f"{exc.code().name}: {exc.details()}") from None
         while not done.wait(0.05):
             if stop_request is not None and stop_request.is_set():
+                # Deleting the VM discards its statistics: pause it so they hold still, and keep them (the
+                # KVM report of a guest that never powers off comes from here).
+                with contextlib.suppress(grpc.RpcError):
+                    stub.PauseVm(vcpu_pb2.PauseVmRequest(vm_id=vm_id), timeout=10)
+                with contextlib.suppress(grpc.RpcError):
+                    stats = stub.GetStats(vcpu_pb2.GetStatsRequest(vm_id=vm_id), timeout=10)
                 stub.DeleteVm(vcpu_pb2.DeleteVmRequest(vm_id=vm_id), timeout=30)
                 done.wait(10)
                 break
+        if trace_thread is not None:
+            # The service closes the trace before it sends the final event; what is left is the backlog
+            # (a user who asked to stop does not wait long for it).
+            drain_s = min(trace_drain_s, 5.0) if stop_request is not None and stop_request.is_set() else trace_drain_s
+            trace_thread.join(drain_s)
+            if trace_thread.is_alive():
+                trace_error.append(f"the trace was still being delivered after {drain_s:g} s; cut short")
         # Console bytes travel on their own stream; let the last ones arrive.
         deadline = time.monotonic() + 3.0
         while time.monotonic() < deadline and time.monotonic() - last_output[0] < quiet_s:
             time.sleep(0.02)
-        stats = vcpu_pb2.GetStatsResponse()
         try:
             stats = stub.GetStats(vcpu_pb2.GetStatsRequest(vm_id=vm_id), timeout=10)
             stub.DeleteVm(vcpu_pb2.DeleteVmRequest(vm_id=vm_id), timeout=30)
         except grpc.RpcError:
             pass
     finally:
+        if trace_call is not None:
+            trace_call.cancel()
         if console_call is not None:
             console_call.cancel()
         if console_in is not None:
@@ -174,7 +226,8 @@ def run_vm(
             dch.close()
         vch.close()
     end = final[0] if final else vcpu_pb2.VmEvent(kind=vcpu_pb2.VM_EVENT_KIND_STOPPED, reason="interrupted")
-    return RunResult(vm_id, end, events, bytes(console), stats, list(created.regions))
+    return RunResult(vm_id, end, events, bytes(console), stats, list(created.regions), traced[0],
+                     "; ".join(trace_error))
 
 
 def pump_stdin(inp: ConsoleInput, fd: int = 0) -> threading.Thread:
