@@ -205,6 +205,38 @@ class ConsoleDevice(Protocol):
         """How many input bytes ``receive`` would accept now."""
 
 
+@dataclass(frozen=True, slots=True)
+class MirrorUpdate:
+    """A change to the copy of a ROMD region that the vCPU process serves reads from.
+
+    It is QEMU's ``memory_region_rom_device_set_romd`` plus the bytes that changed: the vCPU side
+    applies the patches to its mirror first, then maps the region for mirrored reads
+    (``mirror_enabled``) or makes every access exit. Patches may arrive while the mirror is
+    disabled (a flash programs in command mode), so the mirror is current when reads return to it.
+    """
+
+    region: str  # RegionSpec.name
+    mirror_enabled: bool  # True: reads may be served from the mirror (array mode); False: every access must exit
+    patches: tuple[tuple[int, bytes], ...] = ()  # (offset within region, new bytes) changed since the last update
+
+
+@runtime_checkable
+class RomdDevice(Protocol):
+    """A device with ROMD regions (flash): reads come from a mirror in the vCPU process until the device
+    says otherwise, and only writes exit, as QEMU's romd memory regions under KVM.
+
+    A ROMD region starts with its mirror enabled, holding ``mirror_contents``; a device that is not in
+    that state when the mirror is built says so in its next ``take_mirror_updates``.
+    """
+
+    def mirror_contents(self, region: str, offset: int, length: int) -> bytes:
+        """Current bytes of ``region`` at ``offset``, to build the initial mirror."""
+
+    def take_mirror_updates(self) -> list[MirrorUpdate]:
+        """What changed since the last call (mode switches, programmed or erased bytes), oldest first;
+        empty when nothing did. Called after every access the device answers."""
+
+
 def check_span(offset: int, size: int, limit: int, verb: str) -> AccessResult | None:
     """Why a ``size``-byte access at ``offset`` does not fit in ``limit`` bytes, or None if it does.
 
@@ -223,6 +255,11 @@ def check_span(offset: int, size: int, limit: int, verb: str) -> AccessResult | 
 def supports_console(model: DeviceModel) -> ConsoleDevice | None:
     """The model as a console, or ``None`` if it has no console."""
     return model if isinstance(model, ConsoleDevice) else None
+
+
+def supports_romd(model: DeviceModel) -> RomdDevice | None:
+    """The model as a device with mirrored ROMD regions, or ``None`` if it has none."""
+    return model if isinstance(model, RomdDevice) else None
 
 
 # --- option values -----------------------------------------------------------------------------

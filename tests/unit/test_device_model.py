@@ -15,7 +15,19 @@ from device_service.model import (
     parse_size,
     supports_console,
 )
-from device_service.models import DEVICE_TYPES, Pl011, Pl031, ReadAsOnes, ReadAsZero, Scratch
+from device_service.models import (
+    DEVICE_TYPES,
+    FwCfg,
+    PcieHost,
+    PFlashCfi01,
+    Pl011,
+    Pl031,
+    Pl061,
+    ReadAsOnes,
+    ReadAsZero,
+    Scratch,
+    VirtioMmio,
+)
 
 
 def test_success_and_failure_results() -> None:
@@ -103,7 +115,8 @@ def test_check_span() -> None:
 
 
 def test_registry_holds_every_builtin_under_its_type_name() -> None:
-    expected = {"pl011": Pl011, "pl031": Pl031, "scratch": Scratch, "zero": ReadAsZero, "ones": ReadAsOnes}
+    expected = {"pl011": Pl011, "pl031": Pl031, "pl061": Pl061, "scratch": Scratch, "zero": ReadAsZero,
+                "ones": ReadAsOnes, "pflash": PFlashCfi01, "fw_cfg": FwCfg, "virtio-mmio": VirtioMmio, "pcie": PcieHost}
     assert dict(DEVICE_TYPES) == expected
     for type_name, cls in DEVICE_TYPES.items():
         assert cls.type_name == type_name
