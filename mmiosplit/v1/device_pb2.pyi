@@ -441,6 +441,7 @@ class Completion(_message.Message):
     DATA_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     POSTED_ERRORS_FIELD_NUMBER: _builtins.int
+    MIRROR_UPDATES_FIELD_NUMBER: _builtins.int
     status: Global___CompletionStatus.ValueType
     data: _builtins.bytes
     """For a read: `length` bytes in guest-memory order."""
@@ -449,6 +450,12 @@ class Completion(_message.Message):
     def posted_errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___PostedWriteError]:
         """Posted writes of this request's batch that failed; they are reported, never retried."""
 
+    @_builtins.property
+    def mirror_updates(self) -> _containers.RepeatedCompositeFieldContainer[Global___MirrorUpdate]:
+        """Changes to ROMD mirrors caused by this request (mode switches, changed bytes): applied by the
+        vcpu service before the guest runs on.
+        """
+
     def __init__(
         self,
         *,
@@ -456,14 +463,119 @@ class Completion(_message.Message):
         data: _builtins.bytes = ...,
         error: _builtins.str = ...,
         posted_errors: _abc.Iterable[Global___PostedWriteError] | None = ...,
+        mirror_updates: _abc.Iterable[Global___MirrorUpdate] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "error", b"error", "posted_errors", b"posted_errors", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "error", b"error", "mirror_updates", b"mirror_updates", "posted_errors", b"posted_errors", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Completion: _TypeAlias = Completion  # noqa: Y015
+
+@_typing.final
+class MirrorUpdate(_message.Message):
+    """A ROMD region switching between mirror mode (reads served by the vcpu service) and trap mode
+    (every access exits), and the bytes that changed.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    MIRROR_ENABLED_FIELD_NUMBER: _builtins.int
+    PATCHES_FIELD_NUMBER: _builtins.int
+    device: _builtins.str
+    region: _builtins.str
+    mirror_enabled: _builtins.bool
+    @_builtins.property
+    def patches(self) -> _containers.RepeatedCompositeFieldContainer[Global___MirrorPatch]: ...
+    def __init__(
+        self,
+        *,
+        device: _builtins.str = ...,
+        region: _builtins.str = ...,
+        mirror_enabled: _builtins.bool = ...,
+        patches: _abc.Iterable[Global___MirrorPatch] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "mirror_enabled", b"mirror_enabled", "patches", b"patches", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MirrorUpdate: _TypeAlias = MirrorUpdate  # noqa: Y015
+
+@_typing.final
+class MirrorPatch(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFSET_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    """Offset inside the region."""
+    data: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        offset: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MirrorPatch: _TypeAlias = MirrorPatch  # noqa: Y015
+
+@_typing.final
+class ReadMirrorRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    device: _builtins.str
+    region: _builtins.str
+    def __init__(
+        self,
+        *,
+        device: _builtins.str = ...,
+        region: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadMirrorRequest: _TypeAlias = ReadMirrorRequest  # noqa: Y015
+
+@_typing.final
+class ReadMirrorResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFSET_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    MIRROR_ENABLED_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    data: _builtins.bytes
+    mirror_enabled: _builtins.bool
+    """Sent with the first chunk: whether reads may be served from the mirror now."""
+    def __init__(
+        self,
+        *,
+        offset: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+        mirror_enabled: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "mirror_enabled", b"mirror_enabled", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadMirrorResponse: _TypeAlias = ReadMirrorResponse  # noqa: Y015
 
 @_typing.final
 class PostedWriteError(_message.Message):
@@ -509,12 +621,19 @@ Global___ResetRequest: _TypeAlias = ResetRequest  # noqa: Y015
 class ResetResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    MIRROR_UPDATES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def mirror_updates(self) -> _containers.RepeatedCompositeFieldContainer[Global___MirrorUpdate]:
+        """ROMD regions return to their reset mode; changes the mirrors must follow."""
+
     def __init__(
         self,
+        *,
+        mirror_updates: _abc.Iterable[Global___MirrorUpdate] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mirror_updates", b"mirror_updates"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

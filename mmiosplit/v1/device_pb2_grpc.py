@@ -54,6 +54,11 @@ class DeviceServiceStub:
                 request_serializer=mmiosplit_dot_v1_dot_device__pb2.ConsoleRequest.SerializeToString,
                 response_deserializer=mmiosplit_dot_v1_dot_device__pb2.ConsoleResponse.FromString,
                 _registered_method=True)
+        self.ReadMirror = channel.unary_stream(
+                '/mmiosplit.v1.DeviceService/ReadMirror',
+                request_serializer=mmiosplit_dot_v1_dot_device__pb2.ReadMirrorRequest.SerializeToString,
+                response_deserializer=mmiosplit_dot_v1_dot_device__pb2.ReadMirrorResponse.FromString,
+                _registered_method=True)
 
 
 class DeviceServiceServicer:
@@ -89,6 +94,13 @@ class DeviceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadMirror(self, request, context):
+        """The current contents of a ROMD region, in chunks, for the mirror the vcpu service serves reads from.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeviceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +123,11 @@ def add_DeviceServiceServicer_to_server(servicer, server):
                     servicer.Console,
                     request_deserializer=mmiosplit_dot_v1_dot_device__pb2.ConsoleRequest.FromString,
                     response_serializer=mmiosplit_dot_v1_dot_device__pb2.ConsoleResponse.SerializeToString,
+            ),
+            'ReadMirror': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadMirror,
+                    request_deserializer=mmiosplit_dot_v1_dot_device__pb2.ReadMirrorRequest.FromString,
+                    response_serializer=mmiosplit_dot_v1_dot_device__pb2.ReadMirrorResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +238,33 @@ class DeviceService:
             '/mmiosplit.v1.DeviceService/Console',
             mmiosplit_dot_v1_dot_device__pb2.ConsoleRequest.SerializeToString,
             mmiosplit_dot_v1_dot_device__pb2.ConsoleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadMirror(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mmiosplit.v1.DeviceService/ReadMirror',
+            mmiosplit_dot_v1_dot_device__pb2.ReadMirrorRequest.SerializeToString,
+            mmiosplit_dot_v1_dot_device__pb2.ReadMirrorResponse.FromString,
             options,
             channel_credentials,
             insecure,

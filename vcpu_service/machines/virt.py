@@ -74,7 +74,7 @@ def device_specs(architecture: str, flash0: str | None = None, flash1: str | Non
         f"fw_cfg@{FW_CFG:#x},name=fw_cfg",
         f"pl061@{GPIO:#x},name=gpio0",
         f"virtio-mmio@{VIRTIO:#x},name=virtio,slots={VIRTIO_SLOTS}",
-        f"pcie-ecam@{ecam[0]:#x},name=pcie,size={ecam[1]:#x}",
+        f"pcie@{ecam[0]:#x},name=pcie,size={ecam[1]:#x}",
     ]
 
 
@@ -92,8 +92,13 @@ class VirtMachine:
     def highmem(self) -> bool:
         return self.architecture == "aarch64"
 
-    def _with(self, compatible: str) -> list[RemoteRegion]:
-        return sorted((r for r in self.regions if compatible in r.compatible), key=lambda r: r.base)
+    def _with(self, compatible: str, per_device: bool = False) -> list[RemoteRegion]:
+        """Regions of devices with this compatible string; with per_device, each device's first region."""
+        found = sorted((r for r in self.regions if compatible in r.compatible), key=lambda r: r.base)
+        if per_device:
+            seen: set[tuple[str, str]] = set()
+            found = [r for r in found if not ((r.service, r.device) in seen or seen.add((r.service, r.device)))]
+        return found
 
     def dtb(self, seed: bytes | None = None) -> bytes:
         """The flattened device tree, a 1 MiB blob like QEMU's (seed: 40 bytes for rng-seed/kaslr-seed)."""
@@ -120,7 +125,7 @@ class VirtMachine:
         root.child(Node(f"platform-bus@{pb_base:x}").prop("interrupt-parent", gic)
                    .prop("ranges", cells(0, 0, pb_base, pb_size)).prop("#address-cells", 1).prop("#size-cells", 1)
                    .prop("compatible", ["qemu,platform", "simple-bus"]))
-        for r in self._with("qemu,fw-cfg-mmio"):
+        for r in self._with("qemu,fw-cfg-mmio", per_device=True):
             root.child(Node(f"fw-cfg@{r.base:x}").prop("dma-coherent", None).prop("reg", sized_cells((r.base, 0x18)))
                        .prop("compatible", "qemu,fw-cfg-mmio"))
         for r in self._with("virtio,mmio"):
@@ -128,7 +133,7 @@ class VirtMachine:
             root.child(Node(f"virtio_mmio@{r.base:x}").prop("dma-coherent", None)
                        .prop("interrupts", cells(GIC_SPI, IRQ_VIRTIO + slot, IRQ_EDGE_LO_HI))
                        .prop("reg", sized_cells((r.base, r.size))).prop("compatible", "virtio,mmio"))
-        for r in self._with("arm,pl061"):
+        for r in self._with("arm,pl061", per_device=True):
             keys = root.child(Node("gpio-keys").prop("compatible", "gpio-keys"))
             keys.child(Node("poweroff").prop("gpios", cells(gpio_phandle, 3, 0)).prop("linux,code", 0x74)
                        .prop("label", "GPIO Key Poweroff"))
