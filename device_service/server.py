@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from device_service.bus import DeviceBus
 from device_service.dispatch import Outcome, dispatch
-from device_service.model import ConsoleDevice, RegionKind, supports_console
+from device_service.model import ConsoleDevice, RegionKind, RomdDevice, supports_console, supports_romd
 from mmiosplit.address import parse_address
 from mmiosplit.v1 import device_pb2, device_pb2_grpc
 from mmiosplit.wire import GRPC_OPTIONS, PROTOCOL_VERSION, iter_posted
@@ -99,6 +99,43 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             if console is not None:
                 self.consoles[dev.name] = ConsoleHub(dev.name, console, console_log)
         self.exits = 0
+        self.romd: dict[str, RomdDevice] = {}
+        # The mode each ROMD region was last reported in, so a mirror built later starts right.
+        self.romd_enabled: dict[tuple[str, str], bool] = {}
+        for dev in bus.devices:
+            romd = supports_romd(dev)
+            if romd is not None:
+                self.romd[dev.name] = romd
+                for spec in dev.regions():
+                    if spec.kind is RegionKind.ROMD:
+                        self.romd_enabled[(dev.name, spec.name)] = True
+
+    def _mirror_updates(self) -> list[device_pb2.MirrorUpdate]:
+        """Collect what ROMD devices changed (polled after every request: there are only a few)."""
+        out = []
+        for name, romd in self.romd.items():
+            for u in romd.take_mirror_updates():
+                self.romd_enabled[(name, u.region)] = u.mirror_enabled
+                out.append(device_pb2.MirrorUpdate(
+                    device=name, region=u.region, mirror_enabled=u.mirror_enabled,
+                    patches=[device_pb2.MirrorPatch(offset=o, data=d) for o, d in u.patches]))
+        return out
+
+    async def ReadMirror(self, request: device_pb2.ReadMirrorRequest,
+                         context: grpc.aio.ServicerContext) -> AsyncIterator[device_pb2.ReadMirrorResponse]:
+        romd = self.romd.get(request.device)
+        key = (request.device, request.region)
+        if romd is None or key not in self.romd_enabled:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"no ROMD region {request.region!r} on a device named {request.device!r}")
+        assert romd is not None
+        dev = self.bus.device(request.device)
+        size = next(s.size for s in dev.regions() if s.name == request.region)
+        chunk = 1 << 20
+        for offset in range(0, size, chunk):
+            data = romd.mirror_contents(request.region, offset, min(chunk, size - offset))
+            yield device_pb2.ReadMirrorResponse(offset=offset, data=data,
+                                                mirror_enabled=self.romd_enabled[key] if offset == 0 else False)
 
     async def Describe(self, request: device_pb2.DescribeRequest,
                        context: grpc.aio.ServicerContext) -> device_pb2.DescribeResponse:
@@ -117,7 +154,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
     async def Reset(self, request: device_pb2.ResetRequest,
                     context: grpc.aio.ServicerContext) -> device_pb2.ResetResponse:
         self.bus.reset()
-        return device_pb2.ResetResponse()
+        return device_pb2.ResetResponse(mirror_updates=self._mirror_updates())
 
     def _access(self, address: int, length: int, is_write: bool, data: bytes) -> device_pb2.Completion:
         reply = dispatch(self.bus, address, length, is_write, data)
@@ -181,6 +218,8 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                 completion.status = device_pb2.COMPLETION_STATUS_BAD_REQUEST
                 completion.error = f"unexpected {kind!r} from {peer} after the handshake"
             expected = req.seq + 1
+            if self.romd:
+                completion.mirror_updates.extend(self._mirror_updates())
             yield device_pb2.ExitStreamResponse(seq=req.seq, completion=completion)
 
     async def Console(self, request_iterator: AsyncIterator[device_pb2.ConsoleRequest],

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import queue
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from mmiosplit.launcher import check_health
+from mmiosplit.launcher import check_health, local_services
 from mmiosplit.runner import channel
 from mmiosplit.v1 import device_pb2, device_pb2_grpc, vcpu_pb2, vcpu_pb2_grpc
 from mmiosplit.wire import PROTOCOL_VERSION
@@ -142,3 +143,34 @@ def test_set_registers_and_write_memory_before_start(unix_services: Services) ->
         vcpu_pb2_grpc.VcpuServiceStub(channel(services.vcpu)).ReadMemory(
             vcpu_pb2.ReadMemoryRequest(vm_id=vm_id, address=0, length=4))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_romd_mirror_updates_ride_on_completions(tmp_path: Path) -> None:
+    image = tmp_path / "flash.bin"
+    image.write_bytes(bytes(range(256)) * 16)
+    args = ["--device", f"pflash@0x0,name=flash0,size=0x40000,sector=0x40000,file={image}"]
+    with local_services(args, start_vcpu=False) as (_, devices, _h):
+        assert devices is not None
+        with channel(devices) as ch:
+            stub = device_pb2_grpc.DeviceServiceStub(ch)
+            desc = stub.Describe(device_pb2.DescribeRequest())
+            region = desc.devices[0].regions[0]
+            assert region.kind == device_pb2.REGION_KIND_ROMD and region.size == 0x40000
+            chunks = list(stub.ReadMirror(device_pb2.ReadMirrorRequest(device="flash0", region=region.name)))
+            assert chunks[0].mirror_enabled
+            mirror = b"".join(c.data for c in chunks)
+            assert mirror[:4096] == image.read_bytes() and mirror[4096:] == bytes(0x40000 - 4096)
+        stream = RawStream(devices)
+        stream.hello()
+        # Read ID (0x90) switches the flash out of array mode: reads must now exit.
+        to_id = stream.send(device_pb2.ExitStreamRequest(seq=1, exit=_exit(0, 4, True, b"\x90\x00\x90\x00")))
+        assert [(u.device, u.mirror_enabled) for u in to_id.completion.mirror_updates] == [("flash0", False)]
+        # Back to read array (0xff): the mirror may serve reads again.
+        back = stream.send(device_pb2.ExitStreamRequest(seq=2, exit=_exit(0, 4, True, b"\xff\x00\xff\x00")))
+        assert [u.mirror_enabled for u in back.completion.mirror_updates] == [True]
+        stream.close()
+        with channel(devices) as ch:
+            with pytest.raises(grpc.RpcError) as info:
+                list(device_pb2_grpc.DeviceServiceStub(ch).ReadMirror(
+                    device_pb2.ReadMirrorRequest(device="flash9", region="flash")))
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND

@@ -96,8 +96,10 @@ class VirtMachine:
         """Regions of devices with this compatible string; with per_device, each device's first region."""
         found = sorted((r for r in self.regions if compatible in r.compatible), key=lambda r: r.base)
         if per_device:
-            seen: set[tuple[str, str]] = set()
-            found = [r for r in found if not ((r.service, r.device) in seen or seen.add((r.service, r.device)))]
+            first: dict[tuple[str, str], RemoteRegion] = {}
+            for r in found:
+                first.setdefault((r.service, r.device), r)
+            found = list(first.values())
         return found
 
     def dtb(self, seed: bytes | None = None) -> bytes:
