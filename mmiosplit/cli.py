@@ -121,6 +121,12 @@ def build_config(args: argparse.Namespace, image: bytes, image_name: str, device
     ram = args.ram or [_ram(DEFAULT_RAM)]
     load = args.load if args.load is not None else ram[0][0] + LOAD_OFFSET
     entry = args.entry if args.entry is not None else load
+    images = [vcpu_pb2.Image(name=image_name, data=image, load_address=load)]
+    if args.machine == "virt":
+        # The firmware is in flash (the device service holds it); the device tree goes at the start of RAM.
+        entry = args.entry if args.entry is not None else 0
+        images = [vcpu_pb2.Image(name=args.dtb, data=Path(args.dtb).read_bytes(), load_address=ram[0][0])] \
+            if args.dtb else []
     cfg = vcpu_pb2.VmConfig(
         name=image_name,
         architecture=common_pb2.ARCHITECTURE_AARCH64 if args.arch == "aarch64" else common_pb2.ARCHITECTURE_ARM,
@@ -128,8 +134,9 @@ def build_config(args: argparse.Namespace, image: bytes, image_name: str, device
         vcpu_count=args.vcpus,
         ram=[vcpu_pb2.MemoryRegion(base=b, size=s) for b, s in ram],
         device_services=device_services,
-        images=[vcpu_pb2.Image(name=image_name, data=image, load_address=load)],
+        images=images,
         entry_point=entry,
+        machine=args.machine or "",
         limits=vcpu_pb2.RunLimits(instruction_budget=args.budget or 0, wall_clock_seconds=args.timeout or 0.0),
         exit_deadline_ms=args.deadline_ms or 0,
     )
@@ -244,7 +251,17 @@ def _run(args: argparse.Namespace, files: dict[str, TextIO]) -> int:
     device_args = None
     if not args.device_service:
         device_args = []
-        for spec in args.device or ([] if args.config else DEFAULT_DEVICES):
+        if args.machine == "virt":
+            from vcpu_service.machines.virt import device_specs
+
+            # The image is flash bank 0, like QEMU's -bios; flash bank 1 is --flash1 (U-Boot keeps its env there).
+            defaults = device_specs(args.arch, flash0=str(Path(args.image).resolve()),
+                                    flash1=str(Path(args.flash1).resolve()) if args.flash1 else None,
+                                    persist=args.persist_flash)
+            defaults += args.device or []
+        else:
+            defaults = args.device or ([] if args.config else DEFAULT_DEVICES)
+        for spec in defaults:
             device_args += ["--device", spec]
         for path in args.config or []:
             device_args += ["--config", path]
@@ -348,6 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a guest image with its console on this terminal (or stdin/stdout)")
     r.add_argument("image", help="flat binary image")
     r.add_argument("--arch", choices=["aarch64", "arm"], default="aarch64")
+    r.add_argument("--machine", choices=["virt"],
+                   help="virt: QEMU's virt board; IMAGE is flash bank 0 (like qemu -bios), the device tree is "
+                        "generated at the start of RAM, the CPU starts at 0")
+    r.add_argument("--flash1", metavar="FILE", help="with --machine virt: contents of flash bank 1 (U-Boot's env)")
+    r.add_argument("--persist-flash", action="store_true",
+                   help="with --machine virt: write flash programs and erases back to --flash1's file")
+    r.add_argument("--dtb", metavar="FILE", help="with --machine virt: use this device tree instead of generating one")
     r.add_argument("--cpu", help="CPU model (cortex-a57, cortex-a53, cortex-a72, max; cortex-a15, cortex-a7)")
     r.add_argument("--load", type=_int, help="load address (default: first RAM region + 0x80000)")
     r.add_argument("--entry", type=_int, help="entry point (default: the load address; on arm bit 0 = Thumb)")

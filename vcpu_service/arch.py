@@ -152,6 +152,15 @@ class Arch(abc.ABC):
         """Whether an A32 instruction's condition holds (always true on AArch64)."""
         return True
 
+    def store_fault_is_deferred(self, uc: Uc) -> bool:
+        """Whether Unicorn will run on past a store that faults now (called from the unmapped-memory hook).
+
+        Unicorn 2.1.4 runs a Thumb IT block as one instruction (`no_exit_request`): a store that faults inside
+        one is dropped and execution continues past the block, to the next exit check. The state seen by the
+        hook is still exact, so the caller saves it and goes back to it.
+        """
+        return False
+
     @abc.abstractmethod
     def write_base(self, uc: Uc, n: int, value: int) -> None:
         """Write back a base register Rn (A64: 31 is SP)."""
@@ -297,8 +306,10 @@ class AArch64(Arch):
         uc.reg_write(a64.UC_ARM64_REG_ESR_EL1, esr)
         uc.reg_write(a64.UC_ARM64_REG_FAR_EL1, address)
         uc.reg_write(a64.UC_ARM64_REG_ELR_EL1, pc)
-        uc.cpr_write(3, 0, 4, 0, 0, pstate)  # type: ignore[attr-defined]  # SPSR_EL1
         uc.reg_write(a64.UC_ARM64_REG_PSTATE, 0x3C5)  # EL1h, DAIF masked, as QEMU's exception entry
+        # SPSR_EL1 after PSTATE: Unicorn rebuilds its cached hflags (the EL) on a CP register write but not
+        # on a PSTATE write, and an abort taken from EL0 must run the handler at EL1.
+        uc.cpr_write(3, 0, 4, 0, 0, pstate)  # type: ignore[attr-defined]  # SPSR_EL1
         if switch_sp:
             uc.reg_write(a64.UC_ARM64_REG_SP, new_sp)
         uc.reg_write(a64.UC_ARM64_REG_PC, vector)
@@ -431,6 +442,10 @@ class AArch32(Arch):
             return (int.from_bytes(uc.mem_read(pc - 4, 4), "little") & 0x0FFFFFFF) == _A32_WFI
         except Exception:
             return False
+
+    def store_fault_is_deferred(self, uc: Uc) -> bool:
+        cpsr = int(uc.reg_read(a32.UC_ARM_REG_CPSR))
+        return bool(cpsr & _CPSR_T) and bool(cpsr & ((0x3 << 25) | (0x3F << 10)))
 
     def condition_passed(self, uc: Uc, word: int) -> bool:
         cond = a32_condition(word)

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from unicorn import UC_HOOK_MEM_READ, Uc, UcError
+
 from mmiosplit.v1 import vcpu_pb2
 from vcpu_service.arch import EC_DABT_LOW, ArchError, FetchedInsn
 from vcpu_service.completion import load_value, store_data
@@ -184,8 +186,11 @@ class ExitPath:
         raise VcpuFault(error_kind, reason, **fields)
 
     # ----- the exit --------------------------------------------------------------------------------------
-    def handle(self, pc: int, address: int, fault_is_write: bool) -> None:
-        """One trapped access at pc; on return the vCPU may resume at its (possibly new) PC."""
+    def handle(self, pc: int, address: int, fault_is_write: bool, fault_size: int = 0) -> None:
+        """One trapped access at pc; on return the vCPU may resume at its (possibly new) PC.
+
+        ``address`` and ``fault_size`` are what Unicorn's unmapped-memory hook reported (0: unknown).
+        """
         uc = self.vcpu.uc
         arch = self.arch
         policies = self.vm.policies
@@ -226,6 +231,14 @@ class ExitPath:
         syndrome = syn.esr(EC_DABT_LOW, DFSC_TRANSLATION_L3)
         # Everything the completion needs is read now, before the exit: registers cannot change meanwhile.
         new_base = self._writeback_value(syn)
+        if self._split_from_ram(pc, address, syn, fault_size):
+            ram_region = self.vm.find_region(address)
+            device = ram_region.device if ram_region is not None else ""
+            self._fail(policies.device_error, vcpu_pb2.VM_ERROR_KIND_DEVICE_ERROR,
+                       f"{who}: {size}-byte access to {where}: it starts in RAM and straddles into "
+                       f"{device or 'unmapped space'}; a bus error, like an access that no single device can answer",
+                       pc, address, syn.wnr, insn, device, syndrome)
+            return
         region = self.vm.find_region(address)
         if region is None:
             self._unmapped(pc, address, syn, insn, where, new_base, t0)
@@ -239,10 +252,15 @@ class ExitPath:
         data = store_data(arch.read_gpr(uc, syn.srt), syn, big_endian) if syn.wnr else b""
         if syn.wnr and region.posted:
             try:
-                self.vcpu.channel(region.service).post(address, data)
+                batch = self.vcpu.channel(region.service).post(address, data)
             except TransportError as exc:
                 raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_DEVICE_SERVICE, f"{who}: posted write to {where}: {exc}",
                                 pc=pc, fault_address=address, device=region.device) from None
+            if batch is not None:  # a full batch went out
+                self.vm.apply_mirror_changes(batch.mirror_changes)
+                if batch.posted_errors:
+                    raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_DEVICE_ERROR, f"{who}: " + "; ".join(batch.posted_errors),
+                                    pc=pc, device=region.device)
             self.stats.posted_writes += 1
             self._retire(pc, syn, new_base)
             self._trace(pc, insn, syn, address, int.from_bytes(data, "little"), region.device, "posted", t0)
@@ -260,6 +278,7 @@ class ExitPath:
             return
         if reply is None:
             return  # the run is ending: the completion is never applied
+        self.vm.apply_mirror_changes(reply.mirror_changes)
         if reply.posted_errors:
             # Earlier posted writes cannot be made precise: the run ends and says which ones failed.
             raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_DEVICE_ERROR, f"{who}: " + "; ".join(reply.posted_errors),
@@ -300,6 +319,42 @@ class ExitPath:
         if new_base is not None and syn.writeback is not None:
             self.arch.write_base(self.vcpu.uc, syn.writeback.rn, new_base)
         self.arch.advance(self.vcpu.uc, pc, syn.insn_len)
+
+    def _split_from_ram(self, pc: int, address: int, syn: Syndrome, fault_size: int) -> bool:
+        """Whether Unicorn faulted on the part past the end of RAM of an access that starts in RAM.
+
+        Unicorn splits an access that crosses from mapped RAM into unmapped space at the page boundary: a
+        store goes on byte by byte (the hook last reports a 1-byte write past the boundary), a load faults
+        on its second, size-aligned half with the full size. The hook's address is then not where the
+        access starts; forwarding it would give the device an access the guest never made and complete
+        Rt with the device's bytes alone.
+        """
+        if syn.size == 1 or not fault_size:
+            return False
+        if fault_size != syn.size:
+            return True  # a store split into bytes
+        if syn.wnr or address & 0xFFF or self.vm._ram_block(address - 1, 1) is None:
+            return False
+        # A load right where RAM ends: run it once more with a read hook on the bytes before the
+        # boundary to see where it starts. It faults again at once, so nothing retires.
+        uc = self.vcpu.uc
+        starts: list[int] = []
+
+        def on_read(_uc: Uc, _access: int, start: int, _size: int, _value: int, _user: object) -> None:
+            starts.append(start)
+
+        context = uc.context_save()
+        executed = self.vcpu.executed
+        hook = uc.hook_add(UC_HOOK_MEM_READ, on_read, begin=address - syn.size + 1, end=address - 1)
+        try:
+            uc.emu_start(self.arch.start_address(uc, pc), self.arch.never_pc, count=1)
+        except UcError:
+            pass
+        finally:
+            uc.hook_del(hook)
+            uc.context_restore(context)
+            self.vcpu.executed = executed
+        return bool(starts)
 
     @staticmethod
     def _region_problem(region: RemoteRegion, address: int, size: int) -> str:

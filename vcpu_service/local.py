@@ -11,8 +11,16 @@ import threading
 
 from device_service.bus import DeviceBus
 from device_service.dispatch import Outcome, dispatch
-from device_service.model import RegionKind, supports_console
-from vcpu_service.transport import AccessReply, AccessStatus, ExitChannel, MmioRequest, RemoteRegion
+from device_service.model import RegionKind, supports_console, supports_romd
+from vcpu_service.transport import (
+    AccessReply,
+    AccessStatus,
+    ExitChannel,
+    MirrorChange,
+    MmioRequest,
+    RemoteRegion,
+    TransportError,
+)
 
 _STATUS = {
     Outcome.OK: AccessStatus.OK,
@@ -42,14 +50,18 @@ class LocalExitChannel:
         with self._endpoint.lock:
             errors = self._apply_posted() if self._posted else ()
             reply = dispatch(self._endpoint.bus, request.address, request.length, request.is_write, request.data)
-        return AccessReply(_STATUS[reply.outcome], reply.data, reply.error, errors)
+            changes = self._endpoint.take_mirror_changes()
+        return AccessReply(_STATUS[reply.outcome], reply.data, reply.error, errors, changes)
 
-    def post(self, address: int, data: bytes) -> None:
+    def post(self, address: int, data: bytes) -> AccessReply | None:
         self._posted.append((address, data))
+        return None
 
-    def flush(self) -> tuple[str, ...]:
+    def flush(self) -> AccessReply:
         with self._endpoint.lock:
-            return self._apply_posted()
+            errors = self._apply_posted()
+            changes = self._endpoint.take_mirror_changes()
+            return AccessReply(AccessStatus.OK, posted_errors=errors, mirror_changes=changes)
 
     def pending_posted(self) -> int:
         return len(self._posted)
@@ -85,9 +97,30 @@ class LocalEndpoint:
     def open_exit_channel(self, vm_id: str, vcpu_id: int, architecture: int) -> ExitChannel:
         return LocalExitChannel(self)
 
-    def reset(self) -> None:
+    def take_mirror_changes(self) -> tuple[MirrorChange, ...]:
+        """What ROMD devices changed since the last call (the lock is held by the caller)."""
+        out: list[MirrorChange] = []
+        for dev in self.bus.devices:
+            romd = supports_romd(dev)
+            if romd is not None:
+                out += [MirrorChange(self.name, dev.name, u.region, u.mirror_enabled, u.patches)
+                        for u in romd.take_mirror_updates()]
+        return tuple(out)
+
+    def read_mirror(self, device: str, region: str) -> tuple[bytes, bool]:
+        with self.lock:
+            romd = supports_romd(self.bus.device(device))
+            if romd is None:
+                raise TransportError(f"{self.name}: {device} has no ROMD region {region!r}")
+            size = next(s.size for s in self.bus.device(device).regions() if s.name == region)
+            pending = self.take_mirror_changes()
+            enabled = next((c.enabled for c in reversed(pending) if c.device == device and c.region == region), True)
+            return romd.mirror_contents(region, 0, size), enabled
+
+    def reset(self) -> tuple[MirrorChange, ...]:
         with self.lock:
             self.bus.reset()
+            return self.take_mirror_changes()
 
     def close(self) -> None:
         pass

@@ -53,6 +53,8 @@ def spec_from_proto(cfg: vcpu_pb2.VmConfig) -> VmSpec:
     if pol.unmapped_access not in (vcpu_pb2.UNMAPPED_ACCESS_POLICY_RAZ_WI, vcpu_pb2.UNMAPPED_ACCESS_POLICY_ABORT,
                                    vcpu_pb2.UNMAPPED_ACCESS_POLICY_STOP):
         raise VmConfigError(f"policy unmapped_access={pol.unmapped_access} is not a known UnmappedAccessPolicy")
+    if cfg.machine not in ("", "virt"):
+        raise VmConfigError(f"unknown machine profile {cfg.machine!r}; known: virt")
     if cfg.limits.wall_clock_seconds < 0:
         raise VmConfigError(f"limits.wall_clock_seconds must be >= 0, got {cfg.limits.wall_clock_seconds}")
     return VmSpec(
@@ -68,6 +70,7 @@ def spec_from_proto(cfg: vcpu_pb2.VmConfig) -> VmSpec:
         exit_deadline_ms=cfg.exit_deadline_ms,
         name=cfg.name,
         strict_kvm=cfg.strict_kvm,
+        machine=cfg.machine,
         trace_exits=cfg.trace_exits,
     )
 

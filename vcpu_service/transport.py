@@ -12,6 +12,7 @@ import enum
 import queue
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -61,11 +62,28 @@ class RemoteRegion:
 
 
 @dataclass(frozen=True, slots=True)
+class MirrorChange:
+    """A ROMD region switching mode and/or changing bytes, as a device service reported it."""
+
+    service: str
+    device: str
+    region: str
+    enabled: bool
+    patches: tuple[tuple[int, bytes], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class AccessReply:
     status: AccessStatus
     data: bytes = b""
     error: str = ""
     posted_errors: tuple[str, ...] = ()
+    mirror_changes: tuple[MirrorChange, ...] = ()
+
+
+def mirror_changes(service: str, updates: Iterable[device_pb2.MirrorUpdate]) -> tuple[MirrorChange, ...]:
+    return tuple(MirrorChange(service, u.device, u.region, u.mirror_enabled,
+                              tuple((p.offset, bytes(p.data)) for p in u.patches)) for u in updates)
 
 
 @dataclass(slots=True)
@@ -102,8 +120,8 @@ class ExitChannel(Protocol):
     """One vCPU's path to one device service."""
 
     def access(self, request: MmioRequest) -> AccessReply: ...
-    def post(self, address: int, data: bytes) -> None: ...
-    def flush(self) -> tuple[str, ...]: ...
+    def post(self, address: int, data: bytes) -> AccessReply | None: ...
+    def flush(self) -> AccessReply: ...
     def pending_posted(self) -> int: ...
     def broken(self) -> bool: ...
     def close(self) -> None: ...
@@ -116,7 +134,8 @@ class DeviceEndpoint(Protocol):
 
     def describe(self) -> list[RemoteRegion]: ...
     def open_exit_channel(self, vm_id: str, vcpu_id: int, architecture: int) -> ExitChannel: ...
-    def reset(self) -> None: ...
+    def read_mirror(self, device: str, region: str) -> tuple[bytes, bool]: ...
+    def reset(self) -> tuple[MirrorChange, ...]: ...
     def close(self) -> None: ...
 
 
@@ -255,16 +274,17 @@ class GrpcExitChannel:
                 f"device service {self._name} completed a {request.length}-byte read of "
                 f"{request.region.device} at 0x{request.address:x} with {len(c.data)} bytes"
             )
-        return AccessReply(status, bytes(c.data), c.error, posted_errors)
+        return AccessReply(status, bytes(c.data), c.error, posted_errors,
+                           mirror_changes(self._name, c.mirror_updates))
 
-    def post(self, address: int, data: bytes) -> None:
+    def post(self, address: int, data: bytes) -> AccessReply | None:
+        """Queue a posted write; when the batch is full it is sent and its reply returned."""
         self._posted.addresses.append(address)
         self._posted.lengths.append(len(data))
         self._posted.data += data
         if len(self._posted) >= POSTED_BATCH_MAX:
-            errors = self.flush()
-            if errors:
-                raise TransportError("; ".join(errors))
+            return self.flush()
+        return None
 
     def pending_posted(self) -> int:
         return len(self._posted)
@@ -273,12 +293,12 @@ class GrpcExitChannel:
         """The stream failed (deadline, protocol error, lost service) and must be reopened."""
         return self._closed
 
-    def flush(self) -> tuple[str, ...]:
+    def flush(self) -> AccessReply:
         if not len(self._posted):
-            return ()
+            return AccessReply(AccessStatus.OK)
         reply = self._round_trip(device_pb2.ExitStreamRequest(seq=self._next_seq(), flush=self._posted.take()),
                                  what="posted-write flush")
-        return self._completion(reply, None).posted_errors
+        return self._completion(reply, None)
 
     def close(self) -> None:
         _WATCHDOG.remove(self)
@@ -342,12 +362,31 @@ class GrpcEndpoint:
     def open_exit_channel(self, vm_id: str, vcpu_id: int, architecture: int) -> ExitChannel:
         return GrpcExitChannel(self, vm_id, vcpu_id, architecture, self._deadline_s)
 
-    def reset(self) -> None:
+    def read_mirror(self, device: str, region: str) -> tuple[bytes, bool]:
+        """The current contents of a ROMD region and whether reads may be served from them now."""
+        data = bytearray()
+        enabled = False
         try:
-            self.stub.Reset(device_pb2.ResetRequest(), timeout=self._deadline_s)
+            for chunk in self.stub.ReadMirror(device_pb2.ReadMirrorRequest(device=device, region=region),
+                                              timeout=max(60.0, self._deadline_s)):
+                if chunk.offset != len(data):
+                    raise TransportError(f"device service {self.name}: mirror of {device}/{region} arrived out of "
+                                         f"order (chunk at {chunk.offset}, expected {len(data)})")
+                if chunk.offset == 0:
+                    enabled = chunk.mirror_enabled
+                data += chunk.data
+        except grpc.RpcError as exc:
+            raise TransportError(f"device service {self.name}: ReadMirror {device}/{region} failed: "
+                                 f"{exc.code().name}: {exc.details()}") from None
+        return bytes(data), enabled
+
+    def reset(self) -> tuple[MirrorChange, ...]:
+        try:
+            resp = self.stub.Reset(device_pb2.ResetRequest(), timeout=self._deadline_s)
         except grpc.RpcError as exc:
             raise TransportError(f"device service {self.name}: Reset failed: {exc.code().name}: "
                                  f"{exc.details()}") from None
+        return mirror_changes(self.name, resp.mirror_updates)
 
     def close(self) -> None:
         self.channel.close()

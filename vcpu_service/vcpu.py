@@ -16,14 +16,26 @@ from typing import TYPE_CHECKING
 
 from hdrh.histogram import HdrHistogram
 from unicorn import (
+    UC_CTL_IO_WRITE,
+    UC_CTL_TLB_FLUSH,
+    UC_ERR_READ_PROT,
     UC_ERR_READ_UNMAPPED,
+    UC_ERR_WRITE_PROT,
     UC_ERR_WRITE_UNMAPPED,
     UC_HOOK_CODE,
     UC_HOOK_INTR,
+    UC_HOOK_MEM_FETCH_PROT,
+    UC_HOOK_MEM_READ_PROT,
     UC_HOOK_MEM_UNMAPPED,
+    UC_HOOK_MEM_WRITE_PROT,
+    UC_MEM_FETCH_PROT,
     UC_MEM_FETCH_UNMAPPED,
+    UC_MEM_WRITE_PROT,
     UC_MEM_WRITE_UNMAPPED,
     UC_PROT_ALL,
+    UC_PROT_EXEC,
+    UC_PROT_NONE,
+    UC_PROT_READ,
     Uc,
     UcError,
 )
@@ -35,6 +47,8 @@ from vcpu_service.exits import ExitPath, VcpuFault
 from vcpu_service.transport import AccessReply, ExitChannel, MmioRequest, TransportError, architecture_enum
 
 if TYPE_CHECKING:
+    from unicorn.unicorn_py3 import UcContext
+
     from vcpu_service.vm import Vm
 
 
@@ -78,6 +92,7 @@ class Vcpu:
         self._channels: dict[str, ExitChannel] = {}
         self._stop_cause: _StopCause | None = None
         self._fault: tuple[int, int, int, int] | None = None
+        self._fault_context: UcContext | None = None
         self.executed = 0
         self.psci_calls = 0
         self.latency = HdrHistogram(1, 60_000_000_000, 3)
@@ -92,7 +107,12 @@ class Vcpu:
         for block in self.vm.ram:
             uc.mem_map_ptr(block.base, block.size, UC_PROT_ALL, block.address)
         uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
+        # ROMD mirrors: a write always exits like MMIO; a read exits while the device traps everything.
+        uc.hook_add(UC_HOOK_MEM_WRITE_PROT | UC_HOOK_MEM_READ_PROT | UC_HOOK_MEM_FETCH_PROT, self._on_unmapped)
         uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
+        self._mapped_mirrors: set[tuple[str, str, str]] = set()
+        self._mirror_prot: dict[tuple[str, str, str], bool] = {}
+        self._map_generation = -1
         if self.vm.instruction_budget:
             uc.hook_add(UC_HOOK_CODE, self._on_instruction)
         return uc
@@ -125,7 +145,11 @@ class Vcpu:
 
     # ----- hooks (run on this vCPU's thread, inside emu_start) -----------------------------------------
     def _on_unmapped(self, uc: Uc, access: int, address: int, size: int, value: int, _user: object) -> bool:
-        self._fault = (access, address, size, value)
+        if self._fault_context is None:  # after a deferred store fault, later faults are past it: ignore them
+            self._fault = (access, address, size, value)
+            if access == UC_MEM_WRITE_UNMAPPED and self.arch.store_fault_is_deferred(uc):
+                # The state is exact here but Unicorn will run on past the store: keep it to go back to.
+                self._fault_context = uc.context_save()
         return False
 
     def _on_instruction(self, uc: Uc, address: int, size: int, _user: object) -> None:
@@ -175,6 +199,9 @@ class Vcpu:
                 begin = self.arch.set_entry(self.uc, entry, context)
                 self._run(begin)
         except VcpuFault as fault:
+            # Posted writes the guest already retired still reach their devices when the run ends on a fault.
+            with contextlib.suppress(VcpuFault):
+                self.flush_posted()
             self.vm.fail(fault.error_kind, fault.reason, vcpu_id=self.index, **fault.fields)
         except Exception as exc:  # a bug here must end the run with a reason, not kill the thread silently
             self.vm.fail(vcpu_pb2.VM_ERROR_KIND_INTERNAL, f"vCPU {self.index}: internal error: {exc!r}",
@@ -201,20 +228,25 @@ class Vcpu:
             if not channel.pending_posted():
                 continue
             try:
-                errors = channel.flush()
+                reply = channel.flush()
             except TransportError as exc:
                 raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_DEVICE_SERVICE, str(exc), device=name) from None
-            if errors:
-                raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_DEVICE_ERROR, "; ".join(errors), device=name)
+            self.vm.apply_mirror_changes(reply.mirror_changes)
+            if reply.posted_errors:
+                raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_DEVICE_ERROR, "; ".join(reply.posted_errors), device=name)
 
     def _pending_posted(self) -> bool:
         return any(ch.pending_posted() for ch in self._channels.values())
 
-    def _park(self) -> bool:
-        """Honour pause and stop requests (VM lock held). Returns False when the vCPU must stop."""
+    def _park(self, parked: VcpuState = VcpuState.PAUSED) -> bool:
+        """Honour pause and stop requests (VM lock held). Returns False when the vCPU must stop.
+
+        ``parked`` is the state shown while paused: EXIT_WAIT when a completion is held back, so that
+        GetRegisters reports the exit as pending and SetRegisters cannot be overwritten by the completion.
+        """
         if self.pause_req and not (self.stop_req or self.off_req):
             previous = self.state
-            self.state = VcpuState.PAUSED
+            self.state = parked
             self.cond.notify_all()
             while self.pause_req and not (self.stop_req or self.off_req):
                 self.cond.wait()
@@ -234,7 +266,9 @@ class Vcpu:
                     return
                 self.state = VcpuState.RUNNING
                 self.cond.notify_all()
+            self._sync_mirrors()
             self._fault = None
+            self._fault_context = None
             self._stop_cause = None
             # Posted writes must not wait forever behind a guest that never exits again.
             timeout_us = 10_000 if self._pending_posted() else 0
@@ -303,14 +337,54 @@ class Vcpu:
 
     def _on_emu_error(self, error: UcError, pc: int) -> None:
         fault = self._fault
-        if fault is None or error.errno not in (UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED):
-            if fault is not None and fault[0] == UC_MEM_FETCH_UNMAPPED:
+        if self._fault_context is not None:
+            self.uc.context_restore(self._fault_context)  # undo what ran past a store in an IT block
+            pc = self.arch.pc(self.uc)
+        if fault is None or error.errno not in (UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED, UC_ERR_WRITE_PROT,
+                                                UC_ERR_READ_PROT):
+            if fault is not None and fault[0] in (UC_MEM_FETCH_UNMAPPED, UC_MEM_FETCH_PROT):
                 raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_GUEST_EXCEPTION,
                                 f"vCPU {self.index}: instruction fetch from 0x{fault[1]:x}, which is not RAM",
                                 pc=pc, fault_address=fault[1])
             raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_GUEST_EXCEPTION,
                             f"vCPU {self.index}: emulation stopped at 0x{pc:x}: {error}", pc=pc)
-        self.exits.handle(pc, fault[1], fault[0] == UC_MEM_WRITE_UNMAPPED)
+        if error.errno == UC_ERR_READ_PROT:
+            # With the guest's MMU on, Unicorn fills the softmmu TLB even for a read it refuses, and the
+            # next read of that page would be served from the mirror: drop the entry.
+            self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+        self.exits.handle(pc, fault[1], fault[0] in (UC_MEM_WRITE_UNMAPPED, UC_MEM_WRITE_PROT), fault[2])
+
+    def _sync_mirrors(self) -> None:
+        """Follow the ROMD mirrors: readable while enabled, no access at all while the device traps
+        everything; drop code translated from bytes a device has since changed.
+
+        The mirror stays mapped and only its protection changes: remapping 64 MiB costs about 7 ms,
+        a protection change microseconds, and U-Boot's flash probe switches modes about a thousand times.
+        """
+        if self._map_generation == self.vm.map_generation:
+            return
+        uc = self.uc
+        with self.vm.lock:
+            for key, mirror in self.vm.mirrors.items():
+                if key not in self._mapped_mirrors:
+                    uc.mem_map_ptr(mirror.block.base, mirror.block.size, UC_PROT_READ | UC_PROT_EXEC,
+                                   mirror.block.address)
+                    self._mapped_mirrors.add(key)
+                    self._mirror_prot[key] = True
+                if self._mirror_prot.get(key) != mirror.enabled:
+                    uc.mem_protect(mirror.block.base, mirror.block.size,
+                                   UC_PROT_READ | UC_PROT_EXEC if mirror.enabled else UC_PROT_NONE)
+                    self._mirror_prot[key] = mirror.enabled
+                    # The softmmu TLB may still hold a translation with the old permissions (with the
+                    # guest's MMU on it is keyed by virtual address), so drop it.
+                    uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+            stale = self.vm.patched_since(self._map_generation)
+            self._map_generation = self.vm.map_generation
+        if stale is None:
+            uc.ctl_flush_tb()  # type: ignore[attr-defined]
+        else:
+            for start, end in stale:
+                uc.ctl_remove_cache(start, end)
 
     # ----- what the exit path needs from the vCPU ---------------------------------------------------------
     def channel(self, service: str) -> ExitChannel:
@@ -343,7 +417,7 @@ class Vcpu:
             reply = channel.access(request)
         finally:
             with self.cond:
-                if not self._park():
+                if not self._park(VcpuState.EXIT_WAIT):
                     reply = None
                 self.state = VcpuState.RUNNING
         return reply

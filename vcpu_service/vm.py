@@ -7,6 +7,7 @@ overlapping regions, images that do not fit, RAM over the cap, unreachable devic
 from __future__ import annotations
 
 import bisect
+import collections
 import ctypes
 import enum
 import itertools
@@ -14,6 +15,7 @@ import mmap
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from hdrh.histogram import HdrHistogram
@@ -23,7 +25,7 @@ from vcpu_service import psci
 from vcpu_service.arch import Arch, arch_by_name, close_uc
 from vcpu_service.events import EventLog
 from vcpu_service.exits import TraceLog
-from vcpu_service.transport import DeviceEndpoint, RemoteRegion, TransportError
+from vcpu_service.transport import DeviceEndpoint, MirrorChange, RemoteRegion, TransportError
 from vcpu_service.vcpu import QUIESCENT, Vcpu, VcpuState, summarize
 
 PAGE = 0x1000
@@ -67,6 +69,7 @@ class VmSpec:
     wall_clock_seconds: float = 0.0
     exit_deadline_ms: int = 0
     name: str = ""
+    machine: str = ""
     strict_kvm: bool = False
     trace_exits: bool = False
 
@@ -101,6 +104,15 @@ class RamBlock:
         self._map.close()
 
 
+@dataclass(slots=True)
+class Mirror:
+    """The vcpu service's copy of a ROMD region: mapped read-only while enabled, else unmapped."""
+
+    region: RemoteRegion
+    block: RamBlock
+    enabled: bool
+
+
 def _fmt_range(base: int, size: int) -> str:
     return f"0x{base:x}-0x{base + size - 1:x}"
 
@@ -128,14 +140,23 @@ class Vm:
         self._resetting = False
         self._started_at = 0.0
         self._finished_at = 0.0
+        self.mirrors: dict[tuple[str, str, str], Mirror] = {}
+        # Bumped whenever a ROMD mirror changes mode or bytes; each vCPU remaps when it sees a new value.
+        self.map_generation = 0
+        # (generation, start, end) of mirror bytes changed, so vCPUs drop only the code translated from them.
+        self._patch_log: collections.deque[tuple[int, int, int]] = collections.deque(maxlen=4096)
+        self.vcpus: list[Vcpu] = []
         self._validate_basic(spec, ram_cap)
         self.regions: list[RemoteRegion] = []
         self._region_bases: list[int] = []
         self.ram: list[RamBlock] = []
         try:
             self.ram = [RamBlock(base, size) for base, size in sorted(spec.ram)]
-            self._load_images()
             self._build_device_map()
+            self._images = list(spec.images)
+            if spec.machine == "virt" and not any(i.load_address == self.ram[0].base for i in self._images):
+                self._images.append(ImageSpec("virt.dtb", self.machine_dtb(), self.ram[0].base))
+            self._load_images()
             self.vcpus = [Vcpu(self, i) for i in range(spec.vcpu_count)]
         except Exception:
             self._release_memory()
@@ -168,8 +189,16 @@ class Vm:
                 return block
         return None
 
+    def machine_dtb(self) -> bytes:
+        """The device tree of the machine profile, from the devices the services described."""
+        from vcpu_service.machines.virt import VirtMachine
+
+        ram = self.ram[0]
+        return VirtMachine(self.arch.name, self.cpu_model, self.spec.vcpu_count, (ram.base, ram.size),
+                           self.regions).dtb()
+
     def _load_images(self) -> None:
-        for image in self.spec.images:
+        for image in self._images:
             block = self._ram_block(image.load_address, max(1, len(image.data)))
             if block is None:
                 ram = ", ".join(_fmt_range(b.base, b.size) for b in self.ram)
@@ -179,8 +208,9 @@ class Vm:
                 )
             block.write(image.load_address, image.data)
         entry = self.spec.entry_point & ~1 if self.arch.name == "arm" else self.spec.entry_point
-        if self._ram_block(entry, 2) is None:
-            raise VmConfigError(f"entry point 0x{self.spec.entry_point:x} is not in RAM")
+        rom = self.find_region(entry)
+        if self._ram_block(entry, 2) is None and (rom is None or not rom.romd):
+            raise VmConfigError(f"entry point 0x{self.spec.entry_point:x} is not in RAM or flash")
 
     def _build_device_map(self) -> None:
         regions: list[RemoteRegion] = []
@@ -203,6 +233,55 @@ class Vm:
                                         f"{r.service} overlaps RAM {_fmt_range(block.base, block.size)}")
         self.regions = regions
         self._region_bases = [r.base for r in regions]
+        for r in regions:
+            if r.romd:
+                endpoint = next(e for e in self.endpoints if e.name == r.service)
+                try:
+                    data, enabled = endpoint.read_mirror(r.device, r.name)
+                except TransportError as exc:
+                    raise VmConfigError(str(exc)) from None
+                if len(data) != r.size:
+                    raise VmConfigError(f"device service {r.service}: mirror of {r.device}/{r.name} has "
+                                        f"{len(data)} bytes, the region {r.size}")
+                mirror = RamBlock(r.base, r.size)
+                mirror.write(r.base, data)
+                self.mirrors[(r.service, r.device, r.name)] = Mirror(r, mirror, enabled)
+
+    def patched_since(self, generation: int) -> list[tuple[int, int]] | None:
+        """Address ranges of mirror bytes changed after `generation`; None when the log no longer reaches
+        back that far (the caller then drops every translation). Called with the lock held."""
+        if generation < 0:
+            return None
+        if self._patch_log and len(self._patch_log) == self._patch_log.maxlen and self._patch_log[0][0] > generation:
+            return None
+        return [(start, end) for gen, start, end in self._patch_log if gen > generation]
+
+    def apply_mirror_changes(self, changes: Iterable[MirrorChange]) -> None:
+        """Apply what a device reported for its ROMD regions: bytes first, then the mode; every vCPU
+        remaps before it runs again (KVM's memslot update)."""
+        changed = False
+        with self.lock:
+            for c in changes:
+                mirror = self.mirrors.get((c.service, c.device, c.region))
+                if mirror is None:
+                    raise TransportError(f"device service {c.service} sent a mirror update for {c.device}/{c.region}, "
+                                         "which is not a ROMD region it described")
+                for offset, data in c.patches:
+                    if offset + len(data) > mirror.block.size:
+                        raise TransportError(f"device service {c.service}: mirror patch of {len(data)} bytes at "
+                                             f"+0x{offset:x} is outside {c.device}/{c.region}")
+                    mirror.block.write(mirror.block.base + offset, data)
+                    start = mirror.block.base + offset
+                    self._patch_log.append((self.map_generation + 1, start, start + len(data)))
+                    changed = True
+                if mirror.enabled != c.enabled:
+                    mirror.enabled = c.enabled
+                    changed = True
+            if changed:
+                self.map_generation += 1
+                for v in self.vcpus:
+                    if v.state is VcpuState.RUNNING:
+                        v.kick()
 
     def find_region(self, address: int) -> RemoteRegion | None:
         i = bisect.bisect_right(self._region_bases, address) - 1
@@ -349,7 +428,7 @@ class Vm:
         try:
             self._wait_quiescent(frozenset({VcpuState.OFF, VcpuState.STOPPED}), "stop for the reset", 30.0)
             for endpoint in self.endpoints:
-                endpoint.reset()
+                self.apply_mirror_changes(endpoint.reset())
             self._load_images()
             with self.lock:
                 if self._final_pending:
@@ -441,4 +520,7 @@ class Vm:
     def _release_memory(self) -> None:
         for block in self.ram:
             block.close()
+        for mirror in self.mirrors.values():
+            mirror.block.close()
         self.ram = []
+        self.mirrors = {}

@@ -262,6 +262,7 @@ class VmConfig(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     STRICT_KVM_FIELD_NUMBER: _builtins.int
     TRACE_EXITS_FIELD_NUMBER: _builtins.int
+    MACHINE_FIELD_NUMBER: _builtins.int
     architecture: _common_pb2.Architecture.ValueType
     cpu_model: _builtins.str
     """"cortex-a57", "cortex-a53", "cortex-a72", "max" (aarch64); "cortex-a15", "cortex-a7" (arm)."""
@@ -275,6 +276,11 @@ class VmConfig(_message.Message):
     """Refuse the writeback forms that mmiosplit decodes by hand, as upstream KVM does (NISV policy applies)."""
     trace_exits: _builtins.bool
     """Record every exit for StreamExitTrace."""
+    machine: _builtins.str
+    """Machine profile: "" (just RAM and the described devices) or "virt" (QEMU's virt board: the vcpu
+    service builds the device tree from the described devices and loads it at the start of RAM,
+    unless an image is already loaded there).
+    """
     @_builtins.property
     def ram(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemoryRegion]: ...
     @_builtins.property
@@ -303,10 +309,11 @@ class VmConfig(_message.Message):
         name: _builtins.str = ...,
         strict_kvm: _builtins.bool = ...,
         trace_exits: _builtins.bool = ...,
+        machine: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "policies", b"policies"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "cpu_model", b"cpu_model", "device_services", b"device_services", "entry_point", b"entry_point", "exit_deadline_ms", b"exit_deadline_ms", "images", b"images", "limits", b"limits", "name", b"name", "policies", b"policies", "ram", b"ram", "strict_kvm", b"strict_kvm", "trace_exits", b"trace_exits", "vcpu_count", b"vcpu_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "cpu_model", b"cpu_model", "device_services", b"device_services", "entry_point", b"entry_point", "exit_deadline_ms", b"exit_deadline_ms", "images", b"images", "limits", b"limits", "machine", b"machine", "name", b"name", "policies", b"policies", "ram", b"ram", "strict_kvm", b"strict_kvm", "trace_exits", b"trace_exits", "vcpu_count", b"vcpu_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
