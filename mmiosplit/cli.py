@@ -257,7 +257,7 @@ def _run(args: argparse.Namespace, files: dict[str, TextIO]) -> int:
             # The image is flash bank 0, like QEMU's -bios; flash bank 1 is --flash1 (U-Boot keeps its env there).
             defaults = device_specs(args.arch, flash0=str(Path(args.image).resolve()),
                                     flash1=str(Path(args.flash1).resolve()) if args.flash1 else None,
-                                    persist=args.persist_flash)
+                                    persist=args.persist_flash, write_buffer=args.flash_write_buffer)
             defaults += args.device or []
         else:
             defaults = args.device or ([] if args.config else DEFAULT_DEVICES)
@@ -371,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--flash1", metavar="FILE", help="with --machine virt: contents of flash bank 1 (U-Boot's env)")
     r.add_argument("--persist-flash", action="store_true",
                    help="with --machine virt: write flash programs and erases back to --flash1's file")
+    r.add_argument("--flash-write-buffer", choices=["staged", "direct"], default="",
+                   help="with --machine virt: how buffered flash programs behave: 'staged' as Debian's QEMU 7.2 "
+                        "(the default; U-Boot's saveenv fails there), 'direct' as upstream QEMU 7.2.0 (saveenv works)")
     r.add_argument("--dtb", metavar="FILE", help="with --machine virt: use this device tree instead of generating one")
     r.add_argument("--cpu", help="CPU model (cortex-a57, cortex-a53, cortex-a72, max; cortex-a15, cortex-a7)")
     r.add_argument("--load", type=_int, help="load address (default: first RAM region + 0x80000)")

@@ -52,7 +52,7 @@ PSCI_FNS_32 = (0x8400_0001, 0x8400_0002, 0x8400_0003, 0x8400_0005)
 
 
 def device_specs(architecture: str, flash0: str | None = None, flash1: str | None = None,
-                 flash0_readonly: bool = False, persist: bool = False) -> list[str]:
+                 flash0_readonly: bool = False, persist: bool = False, write_buffer: str = "") -> list[str]:
     """The ``--device`` specs of a device service that fills the virt map as QEMU does."""
     ecam = PCIE_ECAM_HIGH if architecture == "aarch64" else PCIE_ECAM_LOW
 
@@ -64,6 +64,8 @@ def device_specs(architecture: str, flash0: str | None = None, flash1: str | Non
                 spec += ",persist=on"
         if readonly:
             spec += ",readonly=on"
+        if write_buffer:
+            spec += f",write_buffer={write_buffer}"
         return spec
 
     return [
