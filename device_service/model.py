@@ -314,3 +314,15 @@ def parse_bool(text: str) -> bool:
     if word in _FALSE:
         return False
     raise ConfigError(f"not a boolean: {text!r} (expected on/off, true/false, yes/no or 1/0)")
+
+
+def int_in_range(low: int, high: int) -> Callable[[str], int]:
+    """A parser for a decimal count between low and high, for options like ``slots`` or ``cpus``."""
+
+    def parse(text: str) -> int:
+        count = int(text.strip(), 10)
+        if not low <= count <= high:
+            raise ValueError("out of range")
+        return count
+
+    return parse

@@ -37,6 +37,7 @@ from device_service.model import (
     DeviceModel,
     Option,
     RegionSpec,
+    int_in_range,
     parse_bool,
 )
 
@@ -71,12 +72,7 @@ SELECTOR_SIZE = 2
 MAX_CPUS = 0xFFFF
 
 
-def parse_cpus(text: str) -> int:
-    """A CPU count for FW_CFG_NB_CPUS: 1 to 65535."""
-    count = int(text.strip(), 10)
-    if not 1 <= count <= MAX_CPUS:
-        raise ValueError("out of range")
-    return count
+parse_cpus = int_in_range(1, MAX_CPUS)  # a CPU count for FW_CFG_NB_CPUS
 
 
 def _u16(value: int) -> bytes:

@@ -29,6 +29,7 @@ from device_service.model import (
     Option,
     RegionSpec,
     check_span,
+    int_in_range,
     parse_bool,
 )
 
@@ -47,12 +48,7 @@ VERSION_LEGACY = 1
 VERSION_MODERN = 2
 
 
-def parse_slots(text: str) -> int:
-    """A number of transports: 1 to 1024."""
-    count = int(text.strip(), 10)
-    if not 1 <= count <= MAX_SLOTS:
-        raise ValueError("out of range")
-    return count
+parse_slots = int_in_range(1, MAX_SLOTS)  # a number of transports
 
 
 class VirtioMmio(DeviceModel):
