@@ -64,7 +64,7 @@ def local_transport(arch: str, flash1: str) -> dict[str, float]:
 
 def console(command: list[str]) -> dict[str, float]:
     t = run_uboot_script(command, [])
-    return {"autoboot": t.marks["autoboot"], "prompt": t.marks["prompt"]}
+    return {"banner": t.marks["banner"], "autoboot": t.marks["autoboot"], "prompt": t.marks["prompt"]}
 
 
 def main() -> int:
@@ -102,12 +102,14 @@ def main() -> int:
             results["grpc-warm"].append(console(warm))
             results["local"].append(local_transport(args.arch, str(flash1)))
             results["qemu"].append(console(qemu))
-    med = {k: {m: statistics.median(r[m] for r in runs) for m in ("autoboot", "prompt")} for k, runs in results.items()}
+    med = {k: {m: statistics.median(r[m] for r in runs) for m in ("banner", "autoboot", "prompt")}
+           for k, runs in results.items()}
     print(f"U-Boot {args.arch}, time from start (median of {args.runs}), every process pinned to CPU {args.cpu}")
-    print(f"{'':<11}{'autoboot s':>12}{'prompt s':>10}{'prompt / local':>16}{'prompt / qemu':>15}")
+    print(f"{'':<11}{'banner s':>10}{'autoboot s':>12}{'prompt s':>10}"
+          f"{'prompt / local':>16}{'prompt / qemu':>15}")
     for k, m in med.items():
-        print(f"{k:<11}{m['autoboot']:>12.2f}{m['prompt']:>10.2f}{m['prompt'] / med['local']['prompt']:>16.2f}"
-              f"{m['prompt'] / med['qemu']['prompt']:>15.2f}")
+        print(f"{k:<11}{m['banner']:>10.2f}{m['autoboot']:>12.2f}{m['prompt']:>10.2f}"
+              f"{m['prompt'] / med['local']['prompt']:>16.2f}{m['prompt'] / med['qemu']['prompt']:>15.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"config": vars(args), "runs": results, "median": med}, indent=2))
     return 0

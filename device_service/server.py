@@ -132,8 +132,11 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         dev = self.bus.device(request.device)
         size = next(s.size for s in dev.regions() if s.name == request.region)
         chunk = 1 << 20
+        zero = bytes(chunk)
         for offset in range(0, size, chunk):
             data = romd.mirror_contents(request.region, offset, min(chunk, size - offset))
+            if offset and data == zero[:len(data)]:
+                continue  # the mirror starts zeroed: a flash is mostly empty, so send only what is not
             yield device_pb2.ReadMirrorResponse(offset=offset, data=data,
                                                 mirror_enabled=self.romd_enabled[key] if offset == 0 else False)
 

@@ -107,7 +107,7 @@ class LocalEndpoint:
                         for u in romd.take_mirror_updates()]
         return tuple(out)
 
-    def read_mirror(self, device: str, region: str) -> tuple[bytes, bool]:
+    def read_mirror(self, device: str, region: str) -> tuple[list[tuple[int, bytes]], bool]:
         with self.lock:
             romd = supports_romd(self.bus.device(device))
             if romd is None:
@@ -115,7 +115,7 @@ class LocalEndpoint:
             size = next(s.size for s in self.bus.device(device).regions() if s.name == region)
             pending = self.take_mirror_changes()
             enabled = next((c.enabled for c in reversed(pending) if c.device == device and c.region == region), True)
-            return romd.mirror_contents(region, 0, size), enabled
+            return [(0, romd.mirror_contents(region, 0, size))], enabled
 
     def reset(self) -> tuple[MirrorChange, ...]:
         with self.lock:

@@ -134,7 +134,7 @@ class DeviceEndpoint(Protocol):
 
     def describe(self) -> list[RemoteRegion]: ...
     def open_exit_channel(self, vm_id: str, vcpu_id: int, architecture: int) -> ExitChannel: ...
-    def read_mirror(self, device: str, region: str) -> tuple[bytes, bool]: ...
+    def read_mirror(self, device: str, region: str) -> tuple[list[tuple[int, bytes]], bool]: ...
     def reset(self) -> tuple[MirrorChange, ...]: ...
     def close(self) -> None: ...
 
@@ -362,23 +362,25 @@ class GrpcEndpoint:
     def open_exit_channel(self, vm_id: str, vcpu_id: int, architecture: int) -> ExitChannel:
         return GrpcExitChannel(self, vm_id, vcpu_id, architecture, self._deadline_s)
 
-    def read_mirror(self, device: str, region: str) -> tuple[bytes, bool]:
-        """The current contents of a ROMD region and whether reads may be served from them now."""
-        data = bytearray()
+    def read_mirror(self, device: str, region: str) -> tuple[list[tuple[int, bytes]], bool]:
+        """The non-zero chunks of a ROMD region as (offset, bytes), and whether reads may be served now."""
+        chunks: list[tuple[int, bytes]] = []
         enabled = False
+        end = 0
         try:
             for chunk in self.stub.ReadMirror(device_pb2.ReadMirrorRequest(device=device, region=region),
                                               timeout=max(60.0, self._deadline_s)):
-                if chunk.offset != len(data):
+                if chunk.offset < end or (not chunks and chunk.offset != 0):
                     raise TransportError(f"device service {self.name}: mirror of {device}/{region} arrived out of "
-                                         f"order (chunk at {chunk.offset}, expected {len(data)})")
+                                         f"order (chunk at {chunk.offset} after {end})")
                 if chunk.offset == 0:
                     enabled = chunk.mirror_enabled
-                data += chunk.data
+                chunks.append((chunk.offset, bytes(chunk.data)))
+                end = chunk.offset + len(chunk.data)
         except grpc.RpcError as exc:
             raise TransportError(f"device service {self.name}: ReadMirror {device}/{region} failed: "
                                  f"{exc.code().name}: {exc.details()}") from None
-        return bytes(data), enabled
+        return chunks, enabled
 
     def reset(self) -> tuple[MirrorChange, ...]:
         try:

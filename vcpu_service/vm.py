@@ -237,14 +237,16 @@ class Vm:
             if r.romd:
                 endpoint = next(e for e in self.endpoints if e.name == r.service)
                 try:
-                    data, enabled = endpoint.read_mirror(r.device, r.name)
+                    chunks, enabled = endpoint.read_mirror(r.device, r.name)
                 except TransportError as exc:
                     raise VmConfigError(str(exc)) from None
-                if len(data) != r.size:
-                    raise VmConfigError(f"device service {r.service}: mirror of {r.device}/{r.name} has "
-                                        f"{len(data)} bytes, the region {r.size}")
                 mirror = RamBlock(r.base, r.size)
-                mirror.write(r.base, data)
+                for offset, data in chunks:
+                    if offset + len(data) > r.size:
+                        mirror.close()
+                        raise VmConfigError(f"device service {r.service}: mirror of {r.device}/{r.name} sent "
+                                            f"{len(data)} bytes at +0x{offset:x}, past the region's {r.size}")
+                    mirror.write(r.base + offset, data)
                 self.mirrors[(r.service, r.device, r.name)] = Mirror(r, mirror, enabled)
 
     def patched_since(self, generation: int) -> list[tuple[int, int]] | None:

@@ -553,6 +553,8 @@ Global___ReadMirrorRequest: _TypeAlias = ReadMirrorRequest  # noqa: Y015
 
 @_typing.final
 class ReadMirrorResponse(_message.Message):
+    """Chunks in increasing offset order; bytes not sent are zero."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     OFFSET_FIELD_NUMBER: _builtins.int

@@ -16,6 +16,7 @@ import pexpect
 
 PROMPT = "=> "
 AUTOBOOT = "Hit any key to stop autoboot"
+BANNER = "U-Boot 20"
 CTRL_A_X = "\x01x"
 
 
@@ -45,6 +46,8 @@ def run_uboot_script(command: Sequence[str], script: Sequence[str], timeout: flo
     log = io.StringIO()
     child.logfile_read = log
     try:
+        child.expect_exact(BANNER)
+        out.marks["banner"] = time.monotonic() - t0
         child.expect_exact(AUTOBOOT)
         out.marks.setdefault("autoboot", time.monotonic() - t0)
         child.send(" ")

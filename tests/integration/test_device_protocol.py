@@ -157,8 +157,10 @@ def test_romd_mirror_updates_ride_on_completions(tmp_path: Path) -> None:
             region = desc.devices[0].regions[0]
             assert region.kind == device_pb2.REGION_KIND_ROMD and region.size == 0x40000
             chunks = list(stub.ReadMirror(device_pb2.ReadMirrorRequest(device="flash0", region=region.name)))
-            assert chunks[0].mirror_enabled
-            mirror = b"".join(c.data for c in chunks)
+            assert chunks[0].mirror_enabled and chunks[0].offset == 0
+            mirror = bytearray(region.size)  # bytes not sent are zero
+            for c in chunks:
+                mirror[c.offset:c.offset + len(c.data)] = c.data
             assert mirror[:4096] == image.read_bytes() and mirror[4096:] == bytes(0x40000 - 4096)
         stream = RawStream(devices)
         stream.hello()
