@@ -112,6 +112,7 @@ class Vcpu:
         uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         self._mapped_mirrors: set[tuple[str, str, str]] = set()
         self._mirror_prot: dict[tuple[str, str, str], bool] = {}
+        self._trapping = False
         self._map_generation = -1
         if self.vm.instruction_budget:
             uc.hook_add(UC_HOOK_CODE, self._on_instruction)
@@ -267,6 +268,8 @@ class Vcpu:
                 self.state = VcpuState.RUNNING
                 self.cond.notify_all()
             self._sync_mirrors()
+            if self._trapping:
+                uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
             self._fault = None
             self._fault_context = None
             self._stop_cause = None
@@ -378,6 +381,7 @@ class Vcpu:
                     # The softmmu TLB may still hold a translation with the old permissions (with the
                     # guest's MMU on it is keyed by virtual address), so drop it.
                     uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+            self._trapping = not all(self._mirror_prot.values())
             stale = self.vm.patched_since(self._map_generation)
             self._map_generation = self.vm.map_generation
         if stale is None:

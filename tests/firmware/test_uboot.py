@@ -85,3 +85,21 @@ def test_uboot_console_matches_qemu(arch: str, tmp_path: Path) -> None:
     assert lines.count("Core:  47 devices, 13 uclasses, devicetree: board") == 2 + 1  # boot, reset, selftest reset
     problems = compare(reference.lines(), lines)
     assert not problems, "\n".join(problems[:20])
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("arch", ["aarch64", "arm"])
+def test_saveenv_survives_reset_and_a_restart_of_the_whole_stack(arch: str, tmp_path: Path) -> None:
+    """With upstream QEMU 7.2.0's buffered programming (--flash-write-buffer direct) and --persist-flash."""
+    _require(str(UBOOT[arch]))
+    flash1 = tmp_path / "flash1.img"
+    with open(flash1, "wb") as f:
+        f.truncate(64 << 20)
+    ours = [sys.executable, "-m", "mmiosplit", "run", "--machine", "virt", "--arch", arch, str(UBOOT[arch]),
+            "--flash1", str(flash1), "--persist-flash", "--flash-write-buffer", "direct", "-q"]
+    first = run_uboot_script(ours, ["setenv foo bar; saveenv; reset", "printenv foo"], timeout=600).lines()
+    assert "Writing to Flash... done" in first
+    assert first.count("Loading Environment from Flash... OK") == 1  # after the reset
+    assert "foo=bar" in first
+    again = run_uboot_script(ours, ["printenv foo"], timeout=600).lines()  # new services, same flash file
+    assert "Loading Environment from Flash... OK" in again and "foo=bar" in again
