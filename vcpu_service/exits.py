@@ -373,7 +373,6 @@ class ExitPath:
             if not syn.wnr:
                 self.arch.write_gpr(self.vcpu.uc, syn.srt, 0)
             self._retire(pc, syn, new_base)
-            self.vm.unmapped_accesses += 1
             self._trace(pc, insn, syn, address, 0, "", "unmapped (RAZ/WI)", t0)
             return
         fault = (vcpu_pb2.FAULT_POLICY_ABORT if policy == vcpu_pb2.UNMAPPED_ACCESS_POLICY_ABORT

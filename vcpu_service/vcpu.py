@@ -128,6 +128,11 @@ class Vcpu:
         self._thread = threading.Thread(target=self._thread_main, name=f"vcpu{self.index}", daemon=True)
         self._thread.start()
 
+    def thread_alive_elsewhere(self) -> bool:
+        """The vCPU thread still runs and is not the caller (a vCPU may end the VM itself)."""
+        t = self._thread
+        return t is not None and t.is_alive() and t is not threading.current_thread()
+
     def join(self, timeout: float | None = None) -> bool:
         if self._thread is None:
             return True
@@ -287,12 +292,9 @@ class Vcpu:
                 if not self._on_stop_cause(self._stop_cause):
                     return
             elif not (self.pause_req or self.stop_req):
-                if self._pending_posted():
-                    self.flush_posted()
-                if self.arch.is_wfi_before(uc, pc):
-                    self.flush_posted()
-                    if not self._halt(pc):
-                        return
+                self.flush_posted()  # a slice ended (timeout or WFI): nothing queued may wait longer
+                if self.arch.is_wfi_before(uc, pc) and not self._halt(pc):
+                    return
             begin = self.arch.start_address(uc, self.arch.pc(uc))
 
     def _halt(self, pc: int) -> bool:

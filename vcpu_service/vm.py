@@ -135,7 +135,6 @@ class Vm:
         self.lock = threading.RLock()
         self.events = EventLog()
         self.run_state = RunState.CREATED
-        self.unmapped_accesses = 0
         self._final_pending = False
         self._resetting = False
         self._started_at = 0.0
@@ -363,10 +362,8 @@ class Vm:
         threading.Thread(target=self._stop_all, args=(kind, fields), name="vm-stop", daemon=True).start()
 
     def _stop_all(self, kind: int, fields: dict[str, object]) -> None:
-        current = threading.current_thread()
         for _ in range(2000):
-            alive = [v for v in self.vcpus if v._thread is not None and v._thread.is_alive()
-                     and v._thread is not current]
+            alive = [v for v in self.vcpus if v.thread_alive_elsewhere()]
             if not alive:
                 break
             for v in alive:
