@@ -129,6 +129,8 @@ class ExitStats:
     reads: int = 0
     writes: int = 0
     posted_writes: int = 0
+    posted_batches: int = 0
+    shadow_reads: int = 0
     aborts: int = 0
     nops: int = 0
     hand_decoded: int = 0

@@ -197,7 +197,7 @@ class VcpuServicer(vcpu_pb2_grpc.VcpuServiceServicer):
 
     def GetStats(self, request: vcpu_pb2.GetStatsRequest, context: grpc.ServicerContext) -> vcpu_pb2.GetStatsResponse:
         vm = self._vm(request.vm_id, context)
-        return self._call(context, vm.stats)
+        return self._call(context, lambda: vm.stats(request.include_histograms, request.counters_only))
 
     def StreamExitTrace(self, request: vcpu_pb2.StreamExitTraceRequest,
                         context: grpc.ServicerContext) -> Iterator[vcpu_pb2.StreamExitTraceResponse]:

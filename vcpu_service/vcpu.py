@@ -447,12 +447,13 @@ class Vcpu:
         return copy
 
 
-def summarize(hist: HdrHistogram) -> vcpu_pb2.LatencySummary:
-    """Percentiles in microseconds from a histogram of nanoseconds."""
+def summarize(hist: HdrHistogram, include_histogram: bool = False) -> vcpu_pb2.LatencySummary:
+    """Percentiles in microseconds from a histogram of nanoseconds (and the histogram itself if asked)."""
     count = hist.get_total_count()
     if count == 0:
         return vcpu_pb2.LatencySummary()
     return vcpu_pb2.LatencySummary(
+        hdr=hist.encode().decode("ascii") if include_histogram else "",
         count=count,
         p50_us=hist.get_value_at_percentile(50) / 1000,
         p90_us=hist.get_value_at_percentile(90) / 1000,

@@ -199,6 +199,7 @@ class Region(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     POSTED_FIELD_NUMBER: _builtins.int
     ACCESS_SIZES_FIELD_NUMBER: _builtins.int
+    SHADOWS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     base: _builtins.int
     """Absolute guest-physical base address and size in bytes."""
@@ -210,6 +211,12 @@ class Region(_message.Message):
     def access_sizes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Access sizes in bytes the region accepts (1, 2, 4, 8)."""
 
+    @_builtins.property
+    def shadows(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShadowWindow]:
+        """Registers whose reads have no side effects: the vcpu service answers reads of exactly these
+        (same offset, same size) from a shadow copy kept current by ShadowUpdates, without an exit.
+        """
+
     def __init__(
         self,
         *,
@@ -219,14 +226,38 @@ class Region(_message.Message):
         kind: Global___RegionKind.ValueType = ...,
         posted: _builtins.bool = ...,
         access_sizes: _abc.Iterable[_builtins.int] | None = ...,
+        shadows: _abc.Iterable[Global___ShadowWindow] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_sizes", b"access_sizes", "base", b"base", "kind", b"kind", "name", b"name", "posted", b"posted", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_sizes", b"access_sizes", "base", b"base", "kind", b"kind", "name", b"name", "posted", b"posted", "shadows", b"shadows", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Region: _TypeAlias = Region  # noqa: Y015
+
+@_typing.final
+class ShadowWindow(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFSET_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    """Offset from the region's base and size in bytes (1, 2, 4 or 8)."""
+    size: _builtins.int
+    def __init__(
+        self,
+        *,
+        offset: _builtins.int = ...,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offset", b"offset", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowWindow: _TypeAlias = ShadowWindow  # noqa: Y015
 
 @_typing.final
 class ExitStreamRequest(_message.Message):
@@ -442,6 +473,7 @@ class Completion(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     POSTED_ERRORS_FIELD_NUMBER: _builtins.int
     MIRROR_UPDATES_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
     status: Global___CompletionStatus.ValueType
     data: _builtins.bytes
     """For a read: `length` bytes in guest-memory order."""
@@ -456,6 +488,10 @@ class Completion(_message.Message):
         vcpu service before the guest runs on.
         """
 
+    @_builtins.property
+    def shadow(self) -> Global___ShadowUpdate:
+        """Shadow registers this request changed; applied before the guest runs on."""
+
     def __init__(
         self,
         *,
@@ -464,14 +500,91 @@ class Completion(_message.Message):
         error: _builtins.str = ...,
         posted_errors: _abc.Iterable[Global___PostedWriteError] | None = ...,
         mirror_updates: _abc.Iterable[Global___MirrorUpdate] | None = ...,
+        shadow: Global___ShadowUpdate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["shadow", b"shadow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "error", b"error", "mirror_updates", b"mirror_updates", "posted_errors", b"posted_errors", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "error", b"error", "mirror_updates", b"mirror_updates", "posted_errors", b"posted_errors", "shadow", b"shadow", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Completion: _TypeAlias = Completion  # noqa: Y015
+
+@_typing.final
+class ShadowUpdate(_message.Message):
+    """New values of shadow registers. `generation` increases with every change in the device service,
+    so the vcpu service keeps, per register, the value of the highest generation it has seen (an
+    update on the watch stream may arrive after a completion that carries a newer one).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GENERATION_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    generation: _builtins.int
+    @_builtins.property
+    def values(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShadowValue]: ...
+    def __init__(
+        self,
+        *,
+        generation: _builtins.int = ...,
+        values: _abc.Iterable[Global___ShadowValue] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowUpdate: _TypeAlias = ShadowUpdate  # noqa: Y015
+
+@_typing.final
+class ShadowValue(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    device: _builtins.str
+    region: _builtins.str
+    offset: _builtins.int
+    data: _builtins.bytes
+    """`size` bytes in guest-memory order (little-endian), as a read of the register returns them."""
+    def __init__(
+        self,
+        *,
+        device: _builtins.str = ...,
+        region: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "device", b"device", "offset", b"offset", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowValue: _TypeAlias = ShadowValue  # noqa: Y015
+
+@_typing.final
+class WatchShadowsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_ID_FIELD_NUMBER: _builtins.int
+    vm_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        vm_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["vm_id", b"vm_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchShadowsRequest: _TypeAlias = WatchShadowsRequest  # noqa: Y015
 
 @_typing.final
 class MirrorUpdate(_message.Message):

@@ -59,6 +59,11 @@ class DeviceServiceStub:
                 request_serializer=mmiosplit_dot_v1_dot_device__pb2.ReadMirrorRequest.SerializeToString,
                 response_deserializer=mmiosplit_dot_v1_dot_device__pb2.ReadMirrorResponse.FromString,
                 _registered_method=True)
+        self.WatchShadows = channel.unary_stream(
+                '/mmiosplit.v1.DeviceService/WatchShadows',
+                request_serializer=mmiosplit_dot_v1_dot_device__pb2.WatchShadowsRequest.SerializeToString,
+                response_deserializer=mmiosplit_dot_v1_dot_device__pb2.ShadowUpdate.FromString,
+                _registered_method=True)
 
 
 class DeviceServiceServicer:
@@ -101,6 +106,14 @@ class DeviceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchShadows(self, request, context):
+        """Shadow registers: the first response is the current value of every shadowed register, later
+        responses carry the ones that changed without a guest access (a byte arrived on a console).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeviceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +141,11 @@ def add_DeviceServiceServicer_to_server(servicer, server):
                     servicer.ReadMirror,
                     request_deserializer=mmiosplit_dot_v1_dot_device__pb2.ReadMirrorRequest.FromString,
                     response_serializer=mmiosplit_dot_v1_dot_device__pb2.ReadMirrorResponse.SerializeToString,
+            ),
+            'WatchShadows': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchShadows,
+                    request_deserializer=mmiosplit_dot_v1_dot_device__pb2.WatchShadowsRequest.FromString,
+                    response_serializer=mmiosplit_dot_v1_dot_device__pb2.ShadowUpdate.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -265,6 +283,33 @@ class DeviceService:
             '/mmiosplit.v1.DeviceService/ReadMirror',
             mmiosplit_dot_v1_dot_device__pb2.ReadMirrorRequest.SerializeToString,
             mmiosplit_dot_v1_dot_device__pb2.ReadMirrorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchShadows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mmiosplit.v1.DeviceService/WatchShadows',
+            mmiosplit_dot_v1_dot_device__pb2.WatchShadowsRequest.SerializeToString,
+            mmiosplit_dot_v1_dot_device__pb2.ShadowUpdate.FromString,
             options,
             channel_credentials,
             insecure,

@@ -802,15 +802,23 @@ class GetStatsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VM_ID_FIELD_NUMBER: _builtins.int
+    INCLUDE_HISTOGRAMS_FIELD_NUMBER: _builtins.int
+    COUNTERS_ONLY_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
+    include_histograms: _builtins.bool
+    """Also send each latency histogram in full (HdrHistogram's compressed encoding), for load tests."""
+    counters_only: _builtins.bool
+    """Counters only: skip the percentiles (cheap enough to poll while a run goes on)."""
     def __init__(
         self,
         *,
         vm_id: _builtins.str = ...,
+        include_histograms: _builtins.bool = ...,
+        counters_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counters_only", b"counters_only", "include_histograms", b"include_histograms", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -827,6 +835,7 @@ class LatencySummary(_message.Message):
     P999_US_FIELD_NUMBER: _builtins.int
     MAX_US_FIELD_NUMBER: _builtins.int
     MEAN_US_FIELD_NUMBER: _builtins.int
+    HDR_FIELD_NUMBER: _builtins.int
     count: _builtins.int
     p50_us: _builtins.float
     p90_us: _builtins.float
@@ -834,6 +843,8 @@ class LatencySummary(_message.Message):
     p999_us: _builtins.float
     max_us: _builtins.float
     mean_us: _builtins.float
+    hdr: _builtins.str
+    """The whole histogram of nanoseconds, HdrHistogram's base64 compressed encoding (when asked for)."""
     def __init__(
         self,
         *,
@@ -844,10 +855,11 @@ class LatencySummary(_message.Message):
         p999_us: _builtins.float = ...,
         max_us: _builtins.float = ...,
         mean_us: _builtins.float = ...,
+        hdr: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "max_us", b"max_us", "mean_us", b"mean_us", "p50_us", b"p50_us", "p90_us", b"p90_us", "p999_us", b"p999_us", "p99_us", b"p99_us"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "hdr", b"hdr", "max_us", b"max_us", "mean_us", b"mean_us", "p50_us", b"p50_us", "p90_us", b"p90_us", "p999_us", b"p999_us", "p99_us", b"p99_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -869,6 +881,7 @@ class VcpuStats(_message.Message):
     EXTERNAL_ABORTS_FIELD_NUMBER: _builtins.int
     NOPS_FIELD_NUMBER: _builtins.int
     HAND_DECODED_FIELD_NUMBER: _builtins.int
+    SHADOW_READS_FIELD_NUMBER: _builtins.int
     vcpu_id: _builtins.int
     state: _builtins.str
     exits: _builtins.int
@@ -882,6 +895,8 @@ class VcpuStats(_message.Message):
     """Accesses completed without a device: cache maintenance by address, failed A32 conditions."""
     hand_decoded: _builtins.int
     """Writeback forms (ISV=0) decoded by hand."""
+    shadow_reads: _builtins.int
+    """Reads of shadow registers answered in the vcpu service without an exit."""
     @_builtins.property
     def exit_latency(self) -> Global___LatencySummary: ...
     def __init__(
@@ -899,10 +914,11 @@ class VcpuStats(_message.Message):
         external_aborts: _builtins.int = ...,
         nops: _builtins.int = ...,
         hand_decoded: _builtins.int = ...,
+        shadow_reads: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["exit_latency", b"exit_latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_latency", b"exit_latency", "exits", b"exits", "external_aborts", b"external_aborts", "hand_decoded", b"hand_decoded", "nops", b"nops", "posted_batches", b"posted_batches", "posted_writes", b"posted_writes", "psci_calls", b"psci_calls", "reads", b"reads", "state", b"state", "vcpu_id", b"vcpu_id", "writes", b"writes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_latency", b"exit_latency", "exits", b"exits", "external_aborts", b"external_aborts", "hand_decoded", b"hand_decoded", "nops", b"nops", "posted_batches", b"posted_batches", "posted_writes", b"posted_writes", "psci_calls", b"psci_calls", "reads", b"reads", "shadow_reads", b"shadow_reads", "state", b"state", "vcpu_id", b"vcpu_id", "writes", b"writes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
