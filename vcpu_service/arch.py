@@ -14,6 +14,7 @@ from unicorn import UC_ARCH_ARM, UC_ARCH_ARM64, UC_MODE_ARM, Uc
 from unicorn import arm64_const as a64
 from unicorn import arm_const as a32
 
+from vcpu_service import fastreg
 from vcpu_service.decode import Isa, a32_condition, condition_passed, thumb_insn_len
 
 # PSCI arrives through UC_HOOK_INTR with QEMU's exception numbers (target/arm/cpu.h).
@@ -235,32 +236,32 @@ class AArch64(Arch):
     def read_gpr(self, uc: Uc, n: int) -> int:
         if n == 31:
             return 0
-        return int(uc.reg_read(self._gprs[n]))
+        return fastreg.reg_read(uc, self._gprs[n])
 
     def write_gpr(self, uc: Uc, n: int, value: int) -> None:
         if n != 31:
-            uc.reg_write(self._gprs[n], value & 0xFFFF_FFFF_FFFF_FFFF)
+            fastreg.reg_write(uc, self._gprs[n], value & 0xFFFF_FFFF_FFFF_FFFF)
 
     def read_base(self, uc: Uc, n: int) -> int:
-        return int(uc.reg_read(a64.UC_ARM64_REG_SP if n == 31 else self._gprs[n]))
+        return fastreg.reg_read(uc, a64.UC_ARM64_REG_SP if n == 31 else self._gprs[n])
 
     def pc(self, uc: Uc) -> int:
-        return int(uc.reg_read(a64.UC_ARM64_REG_PC))
+        return fastreg.reg_read(uc, a64.UC_ARM64_REG_PC)
 
     def start_address(self, uc: Uc, pc: int) -> int:
         return pc
 
     def fetch(self, uc: Uc, pc: int) -> FetchedInsn:
-        return FetchedInsn(Isa.A64, int.from_bytes(uc.mem_read(pc, 4), "little"), 4)
+        return FetchedInsn(Isa.A64, fastreg.mem_read_u32(uc, pc), 4)
 
     def big_endian_data(self, uc: Uc) -> bool:
-        pstate = int(uc.reg_read(a64.UC_ARM64_REG_PSTATE))
-        sctlr = int(uc.cpr_read(3, 0, 1, 0, 0))  # type: ignore[attr-defined]
+        pstate = fastreg.reg_read(uc, a64.UC_ARM64_REG_PSTATE)
+        sctlr = fastreg.sctlr_el1(uc)
         el = (pstate >> 2) & 3
         return bool(sctlr & (1 << 24)) if el == 0 else bool(sctlr & (1 << 25))
 
     def advance(self, uc: Uc, pc: int, length: int) -> None:
-        uc.reg_write(a64.UC_ARM64_REG_PC, pc + length)
+        fastreg.reg_write(uc, a64.UC_ARM64_REG_PC, pc + length)
 
     def set_entry(self, uc: Uc, entry: int, context: int) -> int:
         uc.reg_write(a64.UC_ARM64_REG_X0, context)
@@ -283,7 +284,7 @@ class AArch64(Arch):
             return False
 
     def write_base(self, uc: Uc, n: int, value: int) -> None:
-        uc.reg_write(a64.UC_ARM64_REG_SP if n == 31 else self._gprs[n], value & 0xFFFF_FFFF_FFFF_FFFF)
+        fastreg.reg_write(uc, a64.UC_ARM64_REG_SP if n == 31 else self._gprs[n], value & 0xFFFF_FFFF_FFFF_FFFF)
 
     def carry_flag(self, uc: Uc) -> bool:
         return bool(int(uc.reg_read(a64.UC_ARM64_REG_NZCV)) & (1 << 29))
@@ -378,19 +379,19 @@ class AArch32(Arch):
         return self._gprs
 
     def read_gpr(self, uc: Uc, n: int) -> int:
-        return int(uc.reg_read(self._gprs[n]))
+        return fastreg.reg_read(uc, self._gprs[n])
 
     def write_gpr(self, uc: Uc, n: int, value: int) -> None:
-        uc.reg_write(self._gprs[n], value & 0xFFFF_FFFF)
+        fastreg.reg_write(uc, self._gprs[n], value & 0xFFFF_FFFF)
 
     def read_base(self, uc: Uc, n: int) -> int:
         return self.read_gpr(uc, n)
 
     def pc(self, uc: Uc) -> int:
-        return int(uc.reg_read(a32.UC_ARM_REG_PC))
+        return fastreg.reg_read(uc, a32.UC_ARM_REG_PC)
 
     def _thumb(self, uc: Uc) -> bool:
-        return bool(int(uc.reg_read(a32.UC_ARM_REG_CPSR)) & _CPSR_T)
+        return bool(fastreg.reg_read(uc, a32.UC_ARM_REG_CPSR) & _CPSR_T)
 
     def start_address(self, uc: Uc, pc: int) -> int:
         # Unicorn takes the Thumb state from bit 0 of the start address.
@@ -398,25 +399,25 @@ class AArch32(Arch):
 
     def fetch(self, uc: Uc, pc: int) -> FetchedInsn:
         if self._thumb(uc):
-            hw1 = int.from_bytes(uc.mem_read(pc, 2), "little")
+            hw1 = fastreg.mem_read_u16(uc, pc)
             if thumb_insn_len(hw1) == 4:
-                hw2 = int.from_bytes(uc.mem_read(pc + 2, 2), "little")
+                hw2 = fastreg.mem_read_u16(uc, pc + 2)
                 return FetchedInsn(Isa.T32, (hw1 << 16) | hw2, 4)
             return FetchedInsn(Isa.T32, hw1, 2)
-        return FetchedInsn(Isa.A32, int.from_bytes(uc.mem_read(pc, 4), "little"), 4)
+        return FetchedInsn(Isa.A32, fastreg.mem_read_u32(uc, pc), 4)
 
     def big_endian_data(self, uc: Uc) -> bool:
-        return bool(int(uc.reg_read(a32.UC_ARM_REG_CPSR)) & _CPSR_E)
+        return bool(fastreg.reg_read(uc, a32.UC_ARM_REG_CPSR) & _CPSR_E)
 
     def advance(self, uc: Uc, pc: int, length: int) -> None:
-        cpsr = int(uc.reg_read(a32.UC_ARM_REG_CPSR))
+        cpsr = fastreg.reg_read(uc, a32.UC_ARM_REG_CPSR)
         if cpsr & _CPSR_T:
             advanced = it_advance(cpsr)
             if advanced != cpsr:
-                uc.reg_write(a32.UC_ARM_REG_CPSR, advanced)
-            uc.reg_write(a32.UC_ARM_REG_PC, (pc + length) | 1)
+                fastreg.reg_write(uc, a32.UC_ARM_REG_CPSR, advanced)
+            fastreg.reg_write(uc, a32.UC_ARM_REG_PC, (pc + length) | 1)
         else:
-            uc.reg_write(a32.UC_ARM_REG_PC, pc + length)
+            fastreg.reg_write(uc, a32.UC_ARM_REG_PC, pc + length)
 
     def set_entry(self, uc: Uc, entry: int, context: int) -> int:
         uc.reg_write(a32.UC_ARM_REG_R0, context & 0xFFFF_FFFF)

@@ -80,6 +80,8 @@ class LocalEndpoint:
         self.name = name
         self.bus = bus
         self.lock = threading.Lock()
+        # Found once: a runtime Protocol check per access would cost more than the access itself.
+        self._romd = [(dev.name, romd) for dev in bus.devices if (romd := supports_romd(dev)) is not None]
 
     def describe(self) -> list[RemoteRegion]:
         regions = []
@@ -100,11 +102,9 @@ class LocalEndpoint:
     def take_mirror_changes(self) -> tuple[MirrorChange, ...]:
         """What ROMD devices changed since the last call (the lock is held by the caller)."""
         out: list[MirrorChange] = []
-        for dev in self.bus.devices:
-            romd = supports_romd(dev)
-            if romd is not None:
-                out += [MirrorChange(self.name, dev.name, u.region, u.mirror_enabled, u.patches)
-                        for u in romd.take_mirror_updates()]
+        for name, romd in self._romd:
+            out += [MirrorChange(self.name, name, u.region, u.mirror_enabled, u.patches)
+                    for u in romd.take_mirror_updates()]
         return tuple(out)
 
     def read_mirror(self, device: str, region: str) -> tuple[list[tuple[int, bytes]], bool]:
