@@ -12,12 +12,9 @@ because cross-CPU wakeups dominate everything on these VMs.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import socket
 import struct
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,91 +22,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import grpc  # noqa: E402
+from hdrh.histogram import HdrHistogram  # noqa: E402
 
-from mmiosplit.launcher import check_health, free_tcp_port, local_services  # noqa: E402
-from mmiosplit.v1 import common_pb2, device_pb2, device_pb2_grpc, vcpu_pb2  # noqa: E402
-from mmiosplit.wire import GRPC_OPTIONS  # noqa: E402
-
-
-def percentiles(samples_ns: list[int]) -> dict[str, float]:
-    s = sorted(samples_ns)
-    pick = lambda q: s[min(len(s) - 1, int(q * len(s)))] / 1000  # noqa: E731
-    return {"p50": pick(0.50), "p90": pick(0.90), "p99": pick(0.99), "max": s[-1] / 1000, "n": len(s)}
+from mmiosplit.launcher import free_tcp_port, local_services  # noqa: E402
+from mmiosplit.loadtest.floors import WARMUP, grpc_floor, socket_floor  # noqa: E402
+from mmiosplit.loadtest.stats import histogram_of, percentiles_us  # noqa: E402
+from mmiosplit.v1 import common_pb2, vcpu_pb2  # noqa: E402
 
 
-# ----- floor 1: raw socket ping-pong ------------------------------------------------------------------
-def socket_floor(n: int, cpu: int) -> dict[str, float]:
-    a, b = socket.socketpair()
-    pid = os.fork()
-    if pid == 0:
-        a.close()
-        os.sched_setaffinity(0, {cpu})
-        while data := b.recv(64):
-            b.send(data)
-        os._exit(0)
-    b.close()
-    samples = []
-    for i in range(n + 500):
-        t = time.perf_counter_ns()
-        a.send(b"x" * 40)
-        a.recv(64)
-        if i >= 500:
-            samples.append(time.perf_counter_ns() - t)
-    a.close()
-    os.waitpid(pid, 0)
-    return percentiles(samples)
+def percentiles(hist: HdrHistogram) -> dict[str, float]:
+    """p50/p90/p99/max in microseconds and the count, from a histogram of nanoseconds."""
+    p = percentiles_us(hist)
+    return {"p50": p["p50"], "p90": p["p90"], "p99": p["p99"], "max": p["max"], "n": int(p["count"])}
 
 
-# ----- floor 2: bare gRPC bidi ping-pong, same messages, aio server / sync client -------------------------
-class _Echo(device_pb2_grpc.DeviceServiceServicer):
-    async def ExitStream(self, requests, context):  # type: ignore[no-untyped-def]
-        async for req in requests:
-            yield device_pb2.ExitStreamResponse(
-                seq=req.seq, completion=device_pb2.Completion(status=device_pb2.COMPLETION_STATUS_OK,
-                                                              data=b"\0\0\0\0"))
-
-
-async def _serve_echo(address: str) -> None:
-    server = grpc.aio.server(options=GRPC_OPTIONS)
-    device_pb2_grpc.add_DeviceServiceServicer_to_server(_Echo(), server)
-    from grpc_health.v1 import _async as health_async
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    hs = health_async.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
-    server.add_insecure_port(address)
-    await server.start()
-    await hs.set("", health_pb2.HealthCheckResponse.SERVING)
-    await server.wait_for_termination()
-
-
-def grpc_floor(n: int, cpu: int, address: str) -> dict[str, float]:
-    import queue
-
-    proc = subprocess.Popen([sys.executable, __file__, "--echo-server", address, "--cpu", str(cpu)])
-    try:
-        while check_health(address, timeout=0.5) != "SERVING":
-            time.sleep(0.05)
-        with grpc.insecure_channel(address, options=GRPC_OPTIONS) as channel:
-            q: queue.SimpleQueue[device_pb2.ExitStreamRequest | None] = queue.SimpleQueue()
-            call = device_pb2_grpc.DeviceServiceStub(channel).ExitStream(iter(q.get, None))
-            exit_msg = device_pb2.MmioExit(vcpu_id=0, address=0x0A00_0000, region_offset=0, device="scratch-0",
-                                           region="mem", length=4, direction=device_pb2.ACCESS_DIRECTION_READ,
-                                           syndrome=0x93810007, pc=0x4008_0008, instruction=0xB9400001)
-            samples = []
-            for i in range(n + 500):
-                t = time.perf_counter_ns()
-                q.put(device_pb2.ExitStreamRequest(seq=i + 1, exit=exit_msg))
-                next(call)
-                if i >= 500:
-                    samples.append(time.perf_counter_ns() - t)
-            q.put(None)
-            call.cancel()
-        return percentiles(samples)
-    finally:
-        proc.terminate()
-        proc.wait()
+# The floors (raw socket, bare gRPC) are mmiosplit.loadtest.floors, shared with `mmiosplit loadtest`.
 
 
 # ----- our transport alone, then the whole split -----------------------------------------------------------
@@ -121,14 +48,14 @@ def channel_only(n: int, device_address: str) -> dict[str, float]:
     channel = endpoint.open_exit_channel("bench", 0, common_pb2.ARCHITECTURE_AARCH64)
     request = MmioRequest(0, region.base, region, 4, False)
     samples = []
-    for i in range(n + 500):
+    for i in range(n + WARMUP):
         t = time.perf_counter_ns()
         channel.access(request)
-        if i >= 500:
+        if i >= WARMUP:
             samples.append(time.perf_counter_ns() - t)
     channel.close()
     endpoint.close()
-    return percentiles(samples)
+    return percentiles(histogram_of(samples))
 
 
 def guest_loop(exits: int) -> bytes:
@@ -161,22 +88,18 @@ def main() -> int:
     p.add_argument("--cpu", type=int, default=0)
     p.add_argument("--transport", choices=["unix", "tcp"], default="unix")
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--echo-server", help=argparse.SUPPRESS)
     args = p.parse_args()
     os.sched_setaffinity(0, {args.cpu})
-    if args.echo_server:
-        asyncio.run(_serve_echo(args.echo_server))
-        return 0
     if not 1 <= args.exits <= 65535:
         p.error("--exits must be 1-65535 (the guest's loop counter is a 16-bit immediate)")
     results: dict[str, dict[str, float]] = {}
-    results["socket"] = socket_floor(args.exits, args.cpu)
+    results["socket"] = percentiles(socket_floor(args.exits, args.transport, args.cpu, args.cpu))
     with local_services(["--device", "scratch@0x0a000000,size=0x1000"], cpu=args.cpu,
                         transport=args.transport) as (vaddr, daddr, svc):
         assert vaddr and daddr
         echo = (f"unix:{svc.workdir / 'echo.sock'}" if args.transport == "unix"
                 else f"127.0.0.1:{free_tcp_port()}")
-        results["grpc_floor"] = grpc_floor(args.exits, args.cpu, echo)
+        results["grpc_floor"] = percentiles(grpc_floor(args.exits, echo, args.cpu, args.cpu))
         results["exit_channel"] = channel_only(args.exits, daddr)
         results["guest_exit"] = whole_split(args.exits, vaddr, daddr)
     floor = results["grpc_floor"]

@@ -21,6 +21,7 @@ from device_service.model import (
     DeviceModel,
     RegionSpec,
 )
+from device_service.stats import DeviceStats
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +71,7 @@ class DeviceBus:
                 raise ConfigError(f"{before} overlaps {after}")
         self.regions: list[BusRegion] = regions
         self._bases = [region.base for region in regions]
+        self.stats = DeviceStats()  # counted by dispatch(), read by the metrics collector
 
     def find(self, address: int) -> BusRegion | None:
         """The region that contains ``address``, if any."""
@@ -103,6 +105,10 @@ class DeviceBus:
                 AccessError.INVALID_ACCESS_SIZE,
                 f"{size}-byte write at {address:#x}: value {value:#x} does not fit in {size} bytes",
             )
+        return self.write_routed(region, address, size, value)
+
+    def write_routed(self, region: BusRegion, address: int, size: int, value: int) -> AccessResult:
+        """``write`` for a caller that already routed and checked the access (a run of posted writes)."""
         device = region.device
         try:
             with device.lock:

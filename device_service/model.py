@@ -83,6 +83,10 @@ class RegionSpec:
     #: reads never are, and queued writes always go before the next read to the device.
     posted: bool = False
     access_sizes: tuple[int, ...] = BUS_ACCESS_SIZES
+    #: Shadow registers, as (offset inside this region, size): registers whose reads have no side
+    #: effects, so the vCPU process may answer reads of exactly that offset and size from a copy the
+    #: host keeps current with ``DeviceModel.peek`` (no exit). Other sizes and offsets exit as usual.
+    shadows: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -96,6 +100,16 @@ class RegionSpec:
                 f"region {self.name!r}: access sizes must be a non-empty subset of {BUS_ACCESS_SIZES},"
                 f" got {self.access_sizes}"
             )
+        taken_until = 0
+        for offset, size in sorted(self.shadows):
+            where = f"region {self.name!r}: shadow register at +{offset:#x} ({size} bytes)"
+            if size not in self.access_sizes:
+                raise ValueError(f"{where}: the region takes {self.access_sizes}-byte accesses")
+            if offset < 0 or offset + size > self.size:
+                raise ValueError(f"{where} is outside the region's {self.size:#x} bytes")
+            if offset < taken_until:
+                raise ValueError(f"{where} overlaps another shadow register")
+            taken_until = offset + size
 
     @property
     def end(self) -> int:
@@ -140,6 +154,7 @@ class DeviceModel(abc.ABC):
         self.name = name
         self.base = base
         self.lock = threading.RLock()
+        self._shadow_listener: Callable[[DeviceModel], None] | None = None
 
     @abc.abstractmethod
     def regions(self) -> list[RegionSpec]:
@@ -160,6 +175,36 @@ class DeviceModel(abc.ABC):
     def describe(self) -> dict[str, str]:
         """Extra properties for users and device trees (e.g. a size); empty by default."""
         return {}
+
+    # --- shadow registers (``RegionSpec.shadows``) -------------------------------------------
+
+    def peek(self, region: str, offset: int, size: int) -> bytes:
+        """The ``size`` bytes (little-endian, as a read returns them) a read of the shadow register at
+        ``offset`` in ``region`` would give now, changing nothing: no FIFO pops, no clear-on-read.
+
+        The host calls it only for windows the device declared in ``RegionSpec.shadows``, with ``lock``
+        held, after every access to the device, after a reset and when ``shadows_changed`` is called,
+        and sends what changed to the vCPU process. A model that declares shadows must override it;
+        raising (a model bug) stops the host's shadow copies rather than leave them wrong.
+        """
+        raise NotImplementedError(
+            f"{self.name}: {self.type_name} declares shadow registers but does not implement peek() "
+            f"(asked for {size} bytes at {region}+{offset:#x})"
+        )
+
+    def set_shadow_listener(self, listener: Callable[[DeviceModel], None] | None) -> None:
+        """Called by the host: ``listener(self)`` runs whenever the model reports ``shadows_changed``."""
+        self._shadow_listener = listener
+
+    def shadows_changed(self) -> None:
+        """Say that state behind a shadow register changed without a guest access (input arrived).
+
+        Changes made by a guest access or a reset need no call: the host re-peeks after those. Call it
+        without holding ``lock``, since the host takes its own lock and then the model's.
+        """
+        listener = self._shadow_listener
+        if listener is not None:
+            listener(self)
 
     @classmethod
     def parse_options(cls, name: str, options: Mapping[str, str]) -> dict[str, Any]:

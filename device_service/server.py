@@ -18,8 +18,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from device_service.bus import DeviceBus
-from device_service.dispatch import Outcome, dispatch
-from device_service.model import ConsoleDevice, RegionKind, RomdDevice, supports_console, supports_romd
+from device_service.dispatch import Outcome, dispatch, dispatch_posted
+from device_service.model import (
+    ConsoleDevice,
+    DeviceModel,
+    RegionKind,
+    RomdDevice,
+    supports_console,
+    supports_romd,
+)
+from device_service.shadows import ShadowEvent, ShadowFailure, ShadowTracker, ShadowValues
 from mmiosplit.address import parse_address
 from mmiosplit.v1 import device_pb2, device_pb2_grpc
 from mmiosplit.wire import GRPC_OPTIONS, PROTOCOL_VERSION, iter_posted
@@ -44,9 +52,11 @@ class ConsoleHub:
         self._backlog = bytearray()
         self._pending_input = bytearray()
         self._log = open(log_file, "ab", buffering=0) if log_file else None  # noqa: SIM115
+        self.bytes_in = self.bytes_out = 0  # for the metrics
         device.set_output(self._on_output)
 
     def _on_output(self, data: bytes) -> None:
+        self.bytes_out += len(data)
         if self._log is not None:
             self._log.write(data)
         if self._listeners:
@@ -69,6 +79,7 @@ class ConsoleHub:
             self._listeners.remove(q)
 
     def feed(self, data: bytes) -> None:
+        self.bytes_in += len(data)
         self._pending_input += data
         self.pump()
 
@@ -76,6 +87,11 @@ class ConsoleHub:
         if self._pending_input:
             taken = self.device.receive(bytes(self._pending_input))
             del self._pending_input[:taken]
+
+
+def _shadow_update(values: ShadowValues) -> device_pb2.ShadowUpdate:
+    return device_pb2.ShadowUpdate(generation=values.generation, values=[
+        device_pb2.ShadowValue(device=d, region=r, offset=o, data=b) for d, r, o, b in values.values])
 
 
 _STATUS = {
@@ -90,8 +106,11 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
     """Serves Describe, the exit streams, Reset and the consoles of one DeviceBus."""
 
     def __init__(self, bus: DeviceBus, service_name: str = "mmiosplit-devices",
-                 console_log: str | None = None) -> None:
+                 console_log: str | None = None, shadows: bool = True) -> None:
         self.bus = bus
+        # Shadow registers: the vcpu service serves their reads itself; this keeps its copies current.
+        self.shadows = ShadowTracker(bus, enabled=shadows)
+        self._touched: set[DeviceModel] = set()  # devices the current request accessed, to re-peek after it
         self.service_name = service_name
         self.consoles: dict[str, ConsoleHub] = {}
         for dev in bus.devices:
@@ -151,17 +170,40 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                     name=spec.name, base=dev.base + spec.offset, size=spec.size,
                     kind=device_pb2.REGION_KIND_ROMD if spec.kind is RegionKind.ROMD else device_pb2.REGION_KIND_MMIO,
                     posted=spec.posted, access_sizes=list(spec.access_sizes),
+                    shadows=[device_pb2.ShadowWindow(offset=o, size=n)
+                             for o, n in self.shadows.windows(dev.name, spec.name)],
                 )
         return resp
 
     async def Reset(self, request: device_pb2.ResetRequest,
                     context: grpc.aio.ServicerContext) -> device_pb2.ResetResponse:
         self.bus.reset()
+        for hub in self.consoles.values():
+            hub.pump()  # input typed meanwhile goes into the emptied FIFO: a guest polling a shadow FR never exits
+        self.shadows.refresh_all()  # watchers hear the reset values; the vcpu service takes a snapshot too
         return device_pb2.ResetResponse(mirror_updates=self._mirror_updates())
+
+    async def WatchShadows(self, request: device_pb2.WatchShadowsRequest,
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[device_pb2.ShadowUpdate]:
+        """Every shadow register now, then each change (all on this event loop, so none is missed)."""
+        queue: asyncio.Queue[ShadowEvent] = asyncio.Queue()
+        unsubscribe = self.shadows.subscribe(queue.put_nowait)
+        log.debug("shadow registers watched by VM %s", request.vm_id)
+        try:
+            while True:
+                event = await queue.get()
+                if isinstance(event, ShadowFailure):
+                    await context.abort(grpc.StatusCode.INTERNAL, f"shadow registers of {self.service_name} "
+                                        f"stopped: {event.message}")
+                    return
+                yield _shadow_update(event)
+        finally:
+            unsubscribe()
 
     def _access(self, address: int, length: int, is_write: bool, data: bytes) -> device_pb2.Completion:
         reply = dispatch(self.bus, address, length, is_write, data)
         if reply.region is not None:
+            self._touched.add(reply.region.device)
             hub = self.consoles.get(reply.region.device.name)
             if hub is not None:
                 hub.pump()
@@ -174,10 +216,15 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             completion.status = device_pb2.COMPLETION_STATUS_BAD_REQUEST
             completion.error = f"malformed posted batch: {exc}"
             return False
-        for i, (address, data) in enumerate(writes):
-            c = self._access(address, len(data), True, data)
-            if c.status != device_pb2.COMPLETION_STATUS_OK:
-                completion.posted_errors.add(index=i, address=address, error=c.error)
+        self.bus.stats.posted_batch(len(writes))
+        errors, touched = dispatch_posted(self.bus, writes)
+        for i, address, error in errors:
+            completion.posted_errors.add(index=i, address=address, error=error)
+        for device in touched:
+            self._touched.add(device)
+            hub = self.consoles.get(device.name)
+            if hub is not None:
+                hub.pump()
         return True
 
     async def ExitStream(self, request_iterator: AsyncIterator[device_pb2.ExitStreamRequest],
@@ -196,10 +243,12 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                                 f"this device service speaks {PROTOCOL_VERSION}")
         peer = f"VM {first.hello.vm_id} vCPU {first.hello.vcpu_id}"
         log.debug("exit stream opened by %s", peer)
+        self.bus.stats.stream_opened(context)
         yield device_pb2.ExitStreamResponse(
             seq=first.seq,
             welcome=device_pb2.StreamWelcome(protocol_version=PROTOCOL_VERSION, service_name=self.service_name))
         expected = first.seq + 1
+        shadows_seen = 0  # the shadow generation this stream's vCPU has been sent up to
         async for req in requests:
             kind = req.WhichOneof("body")
             completion = device_pb2.Completion(status=device_pb2.COMPLETION_STATUS_OK)
@@ -223,7 +272,21 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             expected = req.seq + 1
             if self.romd:
                 completion.mirror_updates.extend(self._mirror_updates())
+            if self.shadows.active:
+                # What this request changed, and anything else this vCPU has not been sent yet.
+                self.shadows.refresh(self._touched)
+                self._touched.clear()
+                update = self.shadows.since(shadows_seen)
+                if update is not None:
+                    shadows_seen = update.generation
+                    completion.shadow.CopyFrom(_shadow_update(update))
             yield device_pb2.ExitStreamResponse(seq=req.seq, completion=completion)
+
+    def _feed(self, hub: ConsoleHub, model: DeviceModel, data: bytes) -> None:
+        """Console input changes FR and the interrupt status: shadow watchers hear it at once (the model
+        reports it too; this covers a model that does not)."""
+        hub.feed(data)
+        self.shadows.refresh((model,))
 
     async def Console(self, request_iterator: AsyncIterator[device_pb2.ConsoleRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[device_pb2.ConsoleResponse]:
@@ -237,14 +300,15 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"no UART named {first.device!r}; consoles: {', '.join(self.consoles) or 'none'}")
         assert hub is not None
+        model = self.bus.device(hub.name)
         if first.input:
-            hub.feed(first.input)
+            self._feed(hub, model, first.input)
         queue = hub.attach()
 
         async def pump_input() -> None:
             async for req in requests:
                 if req.input:
-                    hub.feed(req.input)
+                    self._feed(hub, model, req.input)
 
         reader = asyncio.ensure_future(pump_input())
         try:
@@ -257,10 +321,13 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
 
 
 async def serve_async(listen: str, bus: DeviceBus, service_name: str,
-                      ready: Callable[[str], None] | None = None, console_log: str | None = None) -> None:
+                      ready: Callable[[str], None] | None = None, console_log: str | None = None,
+                      on_servicer: Callable[[DeviceServicer], None] | None = None, shadows: bool = True) -> None:
     address = parse_address(listen)
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    servicer = DeviceServicer(bus, service_name, console_log)
+    servicer = DeviceServicer(bus, service_name, console_log, shadows)
+    if on_servicer is not None:  # e.g. the metrics collector, which reads the consoles
+        on_servicer(servicer)
     device_pb2_grpc.add_DeviceServiceServicer_to_server(servicer, server)
     health_servicer = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -282,6 +349,7 @@ async def serve_async(listen: str, bus: DeviceBus, service_name: str,
 
 
 def serve(listen: str, bus: DeviceBus, service_name: str = "mmiosplit-devices",
-          ready: Callable[[str], None] | None = None, console_log: str | None = None) -> None:
-    """Run the device service until SIGTERM or SIGINT."""
-    asyncio.run(serve_async(listen, bus, service_name, ready, console_log))
+          ready: Callable[[str], None] | None = None, console_log: str | None = None,
+          on_servicer: Callable[[DeviceServicer], None] | None = None, shadows: bool = True) -> None:
+    """Run the device service until SIGTERM or SIGINT; ``shadows`` False declares no shadow registers."""
+    asyncio.run(serve_async(listen, bus, service_name, ready, console_log, on_servicer, shadows))

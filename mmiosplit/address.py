@@ -54,3 +54,14 @@ def parse_address(text: str) -> ServiceAddress:
     if port > 65535:
         raise AddressError(f"malformed address {text!r}: port {port} is out of range 0-65535")
     return ServiceAddress(text=text, host=match.group("host"), port=port)
+
+
+def address_argument(text: str) -> str:
+    """An argparse ``type`` for service addresses: the text back, or an argparse error naming the problem."""
+    import argparse
+
+    try:
+        parse_address(text)
+    except AddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from mmiosplit.address import AddressError, parse_address
+from mmiosplit.address import address_argument
 
 if TYPE_CHECKING:
     from mmiosplit.v1 import vcpu_pb2
@@ -30,12 +30,7 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number (use 0x... for hex)") from None
 
 
-def _address(text: str) -> str:
-    try:
-        parse_address(text)
-    except AddressError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+_address = address_argument
 
 
 def _ram(text: str) -> tuple[int, int]:
@@ -69,13 +64,46 @@ def _ready(name: str) -> object:
     return ready
 
 
+def _port(text: str) -> int:
+    """--metrics-port: a TCP port, 0 for any free one (checked here so a typo is an argparse error)."""
+    try:
+        port = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535; 0 picks a free port)") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is out of range (0-65535; 0 picks a free port)")
+    return port
+
+
+def _start_metrics(command: str, service: str, collector: object, args: argparse.Namespace) -> bool:
+    """Serve collector on --metrics-host/--metrics-port; False (after saying why) when it cannot."""
+    from mmiosplit.metrics import MetricsError, serve_metrics
+
+    try:
+        server = serve_metrics(collector, args.metrics_host, args.metrics_port)  # type: ignore[arg-type]
+    except MetricsError as exc:
+        print(f"mmiosplit {command}: {exc}", file=sys.stderr)
+        return False
+    print(f"mmiosplit {service} metrics on {server.url}", flush=True)
+    return True
+
+
 # ----- subcommands ---------------------------------------------------------------------------------------
 def cmd_serve_vcpu(args: argparse.Namespace) -> int:
     from vcpu_service.server import serve
 
     _pin(args.cpu_affinity)
     _log_setup(args.verbose)
-    serve(args.listen, ram_cap=args.max_ram, ready=_ready("vcpu service"))  # type: ignore[arg-type]
+    on_servicer = None
+    if args.metrics_port is not None:
+        from vcpu_service.metrics import VcpuCollector
+
+        collector = VcpuCollector()
+        if not _start_metrics("serve-vcpu", "vcpu service", collector, args):
+            return 2
+        on_servicer = collector.attach
+    serve(args.listen, ram_cap=args.max_ram, ready=_ready("vcpu service"),  # type: ignore[arg-type]
+          on_servicer=on_servicer)
     return 0
 
 
@@ -95,8 +123,17 @@ def cmd_serve_devices(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"mmiosplit serve-devices: {exc}", file=sys.stderr)
         return 2
+    on_servicer = None
+    if args.metrics_port is not None:
+        from device_service.metrics import DeviceCollector
+
+        collector = DeviceCollector(bus)
+        if not _start_metrics("serve-devices", "device service", collector, args):
+            return 2
+        bus.stats.enable_timing()
+        on_servicer = collector.attach
     serve(args.listen, bus, args.name, ready=_ready("device service"),  # type: ignore[arg-type]
-          console_log=args.console_log)
+          console_log=args.console_log, on_servicer=on_servicer, shadows=not args.no_shadows)
     return 0
 
 
@@ -265,9 +302,15 @@ def _run(args: argparse.Namespace, files: dict[str, TextIO]) -> int:
             device_args += ["--device", spec]
         for path in args.config or []:
             device_args += ["--config", path]
-    elif args.device or args.config:
-        print("mmiosplit run: --device/--config describe devices for an embedded device service; they cannot be "
-              "combined with --device-service", file=sys.stderr)
+        if args.no_shadows:
+            device_args.append("--no-shadows")
+    elif args.device or args.config or args.no_shadows:
+        print("mmiosplit run: --device/--config/--no-shadows describe devices for an embedded device service; they "
+              "cannot be combined with --device-service", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    if args.metrics_port and device_args is not None and args.metrics_port + 1 > 65535:
+        print(f"mmiosplit run: --metrics-port {args.metrics_port}: the device service would get port "
+              f"{args.metrics_port + 1}, out of range; use a lower port (or 0 for free ones)", file=sys.stderr)
         return EXIT_CONFIG_ERROR
 
     def say(msg: str) -> None:
@@ -285,7 +328,12 @@ def _run(args: argparse.Namespace, files: dict[str, TextIO]) -> int:
     inp = ConsoleInput()
     terminal: _Terminal | None = None
     try:
-        with local_services(device_args, start_vcpu=args.vcpu_service is None) as (vaddr, daddr, _svc):
+        with local_services(device_args, start_vcpu=args.vcpu_service is None, metrics_port=args.metrics_port,
+                            metrics_host=args.metrics_host) as (vaddr, daddr, svc):
+            if args.metrics_port is not None:
+                urls = svc.metrics_urls()
+                say("metrics: " + (", ".join(f"{name} {url}" for name, url in urls.items()) or "none (no service "
+                                   "started here)"))
             services = list(args.device_service or []) + ([daddr] if daddr else [])
             vcpu_addr = args.vcpu_service or vaddr
             assert vcpu_addr is not None
@@ -333,6 +381,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ----- parser -----------------------------------------------------------------------------------------------
+def _metrics_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics-port", type=_port, metavar="PORT",
+                   help="serve Prometheus metrics over HTTP on this port, at /metrics (0: pick a free port and "
+                   "print it); off by default")
+    p.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                   help="address the metrics endpoint listens on (default 127.0.0.1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmiosplit", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -342,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-ram", type=lambda t: _ram(t + "@0")[1], default=8 * 2**30,
                     help="cap on the RAM of one VM (default 8G)")
     sv.add_argument("--cpu-affinity", type=int, help="pin the service to this CPU")
+    _metrics_args(sv)
     sv.add_argument("-v", "--verbose", action="store_true")
     sv.set_defaults(func=cmd_serve_vcpu)
 
@@ -352,7 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--config", action="append", metavar="FILE", help="TOML file with [[device]] tables")
     sd.add_argument("--name", default="mmiosplit-devices", help="service name reported to vcpu services")
     sd.add_argument("--console-log", metavar="FILE", help="append every byte UARTs transmit to FILE")
+    sd.add_argument("--no-shadows", action="store_true",
+                    help="declare no shadow registers: every device read exits (for comparisons)")
     sd.add_argument("--cpu-affinity", type=int, help="pin the service to this CPU")
+    _metrics_args(sd)
     sd.add_argument("-v", "--verbose", action="store_true")
     sd.set_defaults(func=cmd_serve_devices)
 
@@ -392,6 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--deadline-ms", type=int, help="how long a vCPU waits for a device (default 5000)")
     r.add_argument("--events", action="store_true", help="print VM events on stderr")
     r.add_argument("-q", "--quiet", action="store_true", help="no summary line on stderr")
+    r.add_argument("--no-shadows", action="store_true",
+                   help="the embedded device service declares no shadow registers: every device read exits")
+    r.add_argument("--metrics-port", type=_port, metavar="PORT",
+                   help="serve Prometheus metrics from the services run starts itself: the vcpu service on PORT, "
+                   "the device service on PORT+1 (0: each picks a free port; the URLs are printed on stderr)")
+    r.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                   help="address the metrics endpoints listen on (default 127.0.0.1)")
     pol = r.add_argument_group(
         "policies", "what happens when an access cannot be completed normally: 'abort' injects a synchronous "
         "external abort at the instruction (the guest sees it, as on hardware), 'stop' ends the run with an "
@@ -433,6 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-pin", action="store_true", help="do not pin the services")
     d.add_argument("--transport", choices=["unix", "tcp"], default="unix")
     d.set_defaults(func=cmd_demo)
+
+    from mmiosplit.loadtest.cli import add_parser as add_loadtest_parser
+
+    add_loadtest_parser(sub)
     return p
 
 

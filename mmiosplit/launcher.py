@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -57,6 +58,15 @@ class ServiceProcess:
         except OSError:
             return "(no log)"
 
+    @property
+    def metrics_url(self) -> str | None:
+        """Where the service serves its metrics, as it printed at start (with --metrics-port), if it does."""
+        try:
+            found = re.search(r" metrics on (http://\S+)", self.log_path.read_text(errors="replace"))
+        except OSError:
+            return None
+        return found.group(1) if found else None
+
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -89,6 +99,8 @@ class LocalServices:
     workdir: Path
     processes: list[ServiceProcess] = field(default_factory=list)
     _own_workdir: bool = False
+    # Every device service local_services started, in order (the first is the one it yields).
+    device_addresses: list[str] = field(default_factory=list)
 
     def start(self, name: str, args: Sequence[str], address: str, cpu: int | None = None) -> ServiceProcess:
         log_path = self.workdir / f"{name}.log"
@@ -103,6 +115,10 @@ class LocalServices:
         self.processes.append(sp)
         return sp
 
+    def metrics_urls(self) -> dict[str, str]:
+        """Service name -> metrics URL, for the services started with metrics."""
+        return {sp.name: url for sp in self.processes if (url := sp.metrics_url)}
+
     def stop(self) -> None:
         for sp in reversed(self.processes):
             sp.stop()
@@ -113,23 +129,44 @@ class LocalServices:
 
 @contextlib.contextmanager
 def local_services(device_args: Sequence[str] | None, start_vcpu: bool = True, cpu: int | None = None,
-                   transport: str = "unix") -> Iterator[tuple[str | None, str | None, LocalServices]]:
+                   transport: str = "unix", *, vcpu_cpu: int | None = None, device_cpu: int | None = None,
+                   more_device_args: Sequence[Sequence[str]] = (), metrics_port: int | None = None,
+                   metrics_host: str = "127.0.0.1") -> Iterator[tuple[str | None, str | None, LocalServices]]:
     """Start a device service (when device_args is not None) and a vcpu service on local sockets.
 
     Yields (vcpu address, device address, handle). transport "unix" uses sockets in a private
-    temporary folder; "tcp" uses free loopback ports.
+    temporary folder; "tcp" uses free loopback ports. ``cpu`` pins both services; ``vcpu_cpu`` and
+    ``device_cpu`` pin each kind apart (load tests place them). Each entry of ``more_device_args``
+    starts one more device service (replicas for load tests); ``handle.device_addresses`` lists them all.
+    With ``metrics_port`` P the vcpu service serves metrics on P and the device services on P+1, P+2, ...
+    (P = 0: each picks a free port); ``handle.metrics_urls()`` says where.
     """
+
+    def metrics(offset: int) -> list[str]:
+        if metrics_port is None:
+            return []
+        return ["--metrics-port", str(metrics_port + offset if metrics_port else 0), "--metrics-host", metrics_host]
+
     workdir = Path(tempfile.mkdtemp(prefix="mmiosplit-"))
     services = LocalServices(workdir, _own_workdir=True)
+    vcpu_cpu = cpu if vcpu_cpu is None else vcpu_cpu
+    device_cpu = cpu if device_cpu is None else device_cpu
     try:
         dev_addr = vcpu_addr = None
         started: list[ServiceProcess] = []
         if device_args is not None:
             dev_addr = _address(workdir, "devices", transport)
-            started.append(services.start("device service", ["serve-devices", *device_args], dev_addr, cpu))
+            started.append(services.start("device service", ["serve-devices", *device_args, *metrics(1)], dev_addr,
+                                          device_cpu))
+            services.device_addresses.append(dev_addr)
+        for n, args in enumerate(more_device_args, start=1):
+            addr = _address(workdir, f"devices-{n}", transport)
+            started.append(services.start(f"device service {n}", ["serve-devices", *args, *metrics(1 + n)], addr,
+                                          device_cpu))
+            services.device_addresses.append(addr)
         if start_vcpu:
             vcpu_addr = _address(workdir, "vcpu", transport)
-            started.append(services.start("vcpu service", ["serve-vcpu"], vcpu_addr, cpu))
+            started.append(services.start("vcpu service", ["serve-vcpu", *metrics(0)], vcpu_addr, vcpu_cpu))
         for sp in started:
             sp.wait_ready()
         yield vcpu_addr, dev_addr, services

@@ -21,7 +21,8 @@ def iter_posted(batch: device_pb2.PostedWrites) -> Iterator[tuple[int, bytes]]:
         raise ValueError(f"posted batch has {len(batch.address)} addresses but {len(batch.length)} lengths")
     if sum(batch.length) != len(batch.data):
         raise ValueError(f"posted batch lengths add up to {sum(batch.length)} bytes but carry {len(batch.data)}")
+    data = batch.data  # once: every access to a bytes field copies it
     offset = 0
     for address, length in zip(batch.address, batch.length, strict=True):
-        yield address, batch.data[offset:offset + length]
+        yield address, data[offset:offset + length]
         offset += length

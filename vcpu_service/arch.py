@@ -186,6 +186,7 @@ class Arch(abc.ABC):
 
 
 _A64_WFI = 0xD503207F
+SCTLR_EE_E0E = (1 << 25) | (1 << 24)  # SCTLR_EL1.EE (EL1 data) and E0E (EL0 data)
 
 
 class AArch64(Arch):
@@ -255,9 +256,10 @@ class AArch64(Arch):
         return FetchedInsn(Isa.A64, fastreg.mem_read_u32(uc, pc), 4)
 
     def big_endian_data(self, uc: Uc) -> bool:
-        pstate = fastreg.reg_read(uc, a64.UC_ARM64_REG_PSTATE)
-        sctlr = fastreg.sctlr_el1(uc)
-        el = (pstate >> 2) & 3
+        sctlr = fastreg.sctlr_el1(uc) & SCTLR_EE_E0E
+        if sctlr == 0 or sctlr == SCTLR_EE_E0E:  # the same at EL0 and EL1: no need for PSTATE
+            return bool(sctlr)
+        el = (fastreg.reg_read(uc, a64.UC_ARM64_REG_PSTATE) >> 2) & 3
         return bool(sctlr & (1 << 24)) if el == 0 else bool(sctlr & (1 << 25))
 
     def advance(self, uc: Uc, pc: int, length: int) -> None:

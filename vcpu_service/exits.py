@@ -8,6 +8,7 @@ this module only reads and writes the vCPU's registers around them.
 
 from __future__ import annotations
 
+import collections
 import functools
 import threading
 import time
@@ -22,6 +23,7 @@ from vcpu_service.arch import EC_DABT_LOW, ArchError, FetchedInsn
 from vcpu_service.completion import load_value, store_data
 from vcpu_service.decode import Decoded, Isa, Refused, Syndrome, decode
 from vcpu_service.transport import (
+    AccessReply,
     AccessStatus,
     DeadlineExceeded,
     MmioRequest,
@@ -135,6 +137,8 @@ class ExitStats:
     nops: int = 0
     hand_decoded: int = 0
     kvm_report: dict[tuple[int, int], KvmReportEntry] = field(default_factory=dict)
+    # (device, region, kind) -> count, kind read/write/posted_write/shadow_read; read by the metrics at scrape time.
+    by_region: collections.Counter[tuple[str, str, str]] = field(default_factory=collections.Counter)
 
 
 class ExitPath:
@@ -145,6 +149,49 @@ class ExitPath:
         self.arch = vcpu.arch
         self.vm = vcpu.vm
         self.stats = ExitStats()
+
+    # ----- posted stores without an exit -------------------------------------------------------------------
+    def posted_store(self, region: RemoteRegion, key: tuple[str, str, str], address: int, size: int,
+                     value: int) -> None:
+        """Unicorn's write hook on a posted window: queue the store; the guest never stops for it.
+
+        It runs once per guest store, so it is kept lean (``key`` is the region's counter key, built once).
+        A posted write cannot be refused precisely (the store has retired, as on hardware where a bad
+        posted write is an asynchronous SError), so a size the region does not take ends the run.
+        """
+        vcpu = self.vcpu
+        if vcpu.kick_requested:
+            vcpu.uc.emu_stop()  # stopped before this store retires: it runs again, and is queued, on resume
+            return
+        if size not in region.access_sizes or address + size > region.end:
+            raise VcpuFault(
+                vcpu_pb2.VM_ERROR_KIND_DEVICE_ERROR,
+                f"vCPU {vcpu.index}: posted {size}-byte write to 0x{address:x} in {region.device}: "
+                f"{self._region_problem(region, address, size)}; a posted write has already retired, so the run "
+                "ends (real hardware raises an asynchronous SError)",
+                fault_address=address, device=region.device)
+        # The hook sees the register value; the byte order is the data endianness now (a guest may switch it
+        # with SETEND or SCTLR.EE/E0E between two stores without any exit in between).
+        data = (value & ((1 << (size * 8)) - 1)).to_bytes(
+            size, "big" if size > 1 and vcpu.posted_big_endian() else "little")
+        try:
+            batch = vcpu.channel(region.service).post(address, data)
+        except TransportError as exc:
+            raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_DEVICE_SERVICE,
+                            f"vCPU {vcpu.index}: posted write to 0x{address:x}: {exc}",
+                            fault_address=address, device=region.device) from None
+        self.stats.by_region[key] += 1
+        self.stats.posted_writes += 1
+        if batch is not None:
+            self._posted_batch_done(batch, region.device)
+
+    def _posted_batch_done(self, batch: AccessReply, device: str) -> None:
+        """A full batch went out: apply what it changed, and end the run if any write in it failed."""
+        self.stats.posted_batches += 1
+        self.vm.apply_mirror_changes(batch.mirror_changes)
+        if batch.posted_errors:
+            raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_DEVICE_ERROR,
+                            f"vCPU {self.vcpu.index}: " + "; ".join(batch.posted_errors), device=device)
 
     # ----- reporting ------------------------------------------------------------------------------------
     def _kvm_note(self, pc: int, insn: FetchedInsn, reason: str, handled: bool) -> None:
@@ -250,6 +297,8 @@ class ExitPath:
             self._fail(policies.device_error, vcpu_pb2.VM_ERROR_KIND_DEVICE_ERROR, f"{who}: {size}-byte access to "
                        f"{where}: {problem}", pc, address, syn.wnr, insn, region.device, syndrome)
             return
+        if not syn.wnr and self._shadow_read(pc, insn, syn, address, region, new_base, t0):
+            return
         big_endian = size > 1 and arch.big_endian_data(uc)
         data = store_data(arch.read_gpr(uc, syn.srt), syn, big_endian) if syn.wnr else b""
         if syn.wnr and region.posted:
@@ -259,10 +308,8 @@ class ExitPath:
                 raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_DEVICE_SERVICE, f"{who}: posted write to {where}: {exc}",
                                 pc=pc, fault_address=address, device=region.device) from None
             if batch is not None:  # a full batch went out
-                self.vm.apply_mirror_changes(batch.mirror_changes)
-                if batch.posted_errors:
-                    raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_DEVICE_ERROR, f"{who}: " + "; ".join(batch.posted_errors),
-                                    pc=pc, device=region.device)
+                self._posted_batch_done(batch, region.device)
+            self.stats.by_region[region.device, region.name, "posted_write"] += 1
             self.stats.posted_writes += 1
             self._retire(pc, syn, new_base)
             self._trace(pc, insn, syn, address, int.from_bytes(data, "little"), region.device, "posted", t0)
@@ -305,8 +352,28 @@ class ExitPath:
             self.stats.writes += 1
         self._retire(pc, syn, new_base)
         self.stats.exits += 1
+        self.stats.by_region[region.device, region.name, "write" if syn.wnr else "read"] += 1
         self.vcpu.record_latency(time.perf_counter_ns() - t0)
         self._trace(pc, insn, syn, address, value, region.device, "ok", t0)
+
+    def _shadow_read(self, pc: int, insn: FetchedInsn, syn: Syndrome, address: int, region: RemoteRegion,
+                     new_base: int | None, t0: int) -> bool:
+        """Complete a load of a shadow register from the VM's copy, as a completion would, without an exit.
+
+        Only when the copy holds that exact register and size, and no posted write to the service waits:
+        those go first, with a real exit, so the read sees what they did.
+        """
+        shadow = self.vm.shadows.lookup(address, syn.size)
+        if shadow is None or self.vcpu.channel(region.service).pending_posted():
+            return False
+        uc = self.vcpu.uc
+        value = load_value(shadow, syn, syn.size > 1 and self.arch.big_endian_data(uc))
+        self.arch.write_gpr(uc, syn.srt, value)
+        self._retire(pc, syn, new_base)
+        self.stats.by_region[region.device, region.name, "shadow_read"] += 1
+        self.stats.shadow_reads += 1
+        self._trace(pc, insn, syn, address, value, region.device, "shadow", t0)
+        return True
 
     def _writeback_value(self, syn: Syndrome) -> int | None:
         wb = syn.writeback

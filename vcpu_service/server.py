@@ -22,6 +22,7 @@ from mmiosplit.v1 import common_pb2, vcpu_pb2, vcpu_pb2_grpc
 from mmiosplit.wire import GRPC_OPTIONS
 from vcpu_service.arch import ArchError
 from vcpu_service.exits import ExitRecord
+from vcpu_service.totals import POSTED_BATCH_SIZES, MetricsSnapshot, VmTotals, vcpu_state_name, vm_totals
 from vcpu_service.transport import DeviceEndpoint, GrpcEndpoint, TransportError
 from vcpu_service.vm import ImageSpec, Vm, VmConfigError, VmSpec, VmStateError
 
@@ -90,6 +91,10 @@ class VcpuServicer(vcpu_pb2_grpc.VcpuServiceServicer):
     def __init__(self, ram_cap: int = DEFAULT_RAM_CAP, connect_timeout_s: float = 5.0,
                  default_deadline_ms: int = 5000) -> None:
         self._vms: dict[str, Vm] = {}
+        # VMs being deleted (still counted from their own stats), and the totals of VMs already deleted:
+        # the service-wide metrics counters must not go backwards when a VM goes away.
+        self._deleting: list[Vm] = []
+        self._retired = VmTotals()
         self._lock = threading.Lock()
         self._ram_cap = ram_cap
         self._connect_timeout_s = connect_timeout_s
@@ -212,9 +217,34 @@ class VcpuServicer(vcpu_pb2_grpc.VcpuServiceServicer):
     def DeleteVm(self, request: vcpu_pb2.DeleteVmRequest, context: grpc.ServicerContext) -> vcpu_pb2.DeleteVmResponse:
         vm = self._vm(request.vm_id, context)
         with self._lock:
-            self._vms.pop(request.vm_id, None)
+            owned = self._vms.pop(request.vm_id, None) is not None
+            if owned:
+                self._deleting.append(vm)
         vm.delete()
+        if owned:
+            retired = vm_totals(vm)
+            with self._lock:
+                self._retired.add(retired)
+                self._deleting.remove(vm)
         return vcpu_pb2.DeleteVmResponse()
+
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        """Service-wide totals (live, deleting and deleted VMs) and the state of every live VM, for a scrape.
+
+        The VM list and the retired totals are taken together under the lock, so a VM deleted meanwhile
+        is counted exactly once; its counters are read outside the lock.
+        """
+        with self._lock:
+            live = list(self._vms.values())
+            counted = live + self._deleting
+            totals = self._retired.copy()
+        for vm in counted:
+            totals.add(vm_totals(vm))
+        snap = MetricsSnapshot(totals, posted_batches=POSTED_BATCH_SIZES.snapshot())
+        for vm in live:
+            snap.vm_states[vm.run_state.value] += 1
+            snap.vcpu_states += [(vm.vm_id, v.index, vcpu_state_name(v.state)) for v in vm.vcpus]
+        return snap
 
     def shutdown(self) -> None:
         with self._lock:
@@ -245,9 +275,15 @@ def build_server(listen: str, servicer: VcpuServicer) -> tuple[grpc.Server, str]
     return server, bound
 
 
-def serve(listen: str, ram_cap: int = DEFAULT_RAM_CAP, ready: Callable[[str], None] | None = None) -> None:
-    """Run the vcpu service until SIGTERM or SIGINT; then stop every VM and exit."""
+def serve(listen: str, ram_cap: int = DEFAULT_RAM_CAP, ready: Callable[[str], None] | None = None,
+          on_servicer: Callable[[VcpuServicer], None] | None = None) -> None:
+    """Run the vcpu service until SIGTERM or SIGINT; then stop every VM and exit.
+
+    on_servicer sees the servicer before the server starts (the metrics collector attaches there).
+    """
     servicer = VcpuServicer(ram_cap=ram_cap)
+    if on_servicer is not None:
+        on_servicer(servicer)
     server, bound = build_server(listen, servicer)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,6 +25,7 @@ from unicorn import (
     UC_ERR_WRITE_PROT,
     UC_ERR_WRITE_UNMAPPED,
     UC_HOOK_CODE,
+    UC_HOOK_INSN,
     UC_HOOK_INTR,
     UC_HOOK_MEM_FETCH_PROT,
     UC_HOOK_MEM_READ_PROT,
@@ -36,13 +39,15 @@ from unicorn import (
     UC_PROT_EXEC,
     UC_PROT_NONE,
     UC_PROT_READ,
+    UC_PROT_WRITE,
     Uc,
     UcError,
+    arm64_const,
 )
 
 from mmiosplit.v1 import vcpu_pb2
-from vcpu_service import psci
-from vcpu_service.arch import EXCEPTION_NAMES, EXCP_HVC, EXCP_SMC, AArch64, close_uc
+from vcpu_service import fastreg, psci
+from vcpu_service.arch import EXCEPTION_NAMES, EXCP_HVC, EXCP_SMC, SCTLR_EE_E0E, AArch64, close_uc
 from vcpu_service.exits import ExitPath, VcpuFault
 from vcpu_service.transport import AccessReply, ExitChannel, MmioRequest, TransportError, architecture_enum
 
@@ -64,6 +69,63 @@ class VcpuState(enum.Enum):
 
 # States in which nothing touches the vCPU's Unicorn instance, so registers can be read.
 QUIESCENT = frozenset({VcpuState.OFF, VcpuState.EXIT_WAIT, VcpuState.PAUSED, VcpuState.HALTED, VcpuState.STOPPED})
+
+
+class _PostedWatch:
+    """One thread that makes vCPUs send posted writes that have waited: 5-10 ms after the guest stops
+    posting, or 20-25 ms while it posts without filling a batch. A kicked vCPU ends its slice, which
+    sends what is queued (without waiting for the completion)."""
+
+    PERIOD_S = 0.005
+    QUIET_PERIODS = 2
+    FLUSH_PERIODS = 4
+
+    def __init__(self) -> None:
+        self._vcpus: set[Vcpu] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, vcpu: Vcpu) -> None:
+        if vcpu in self._vcpus:
+            return
+        with self._lock:
+            self._vcpus.add(vcpu)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="posted-write-watchdog", daemon=True)
+                self._thread.start()
+
+    def remove(self, vcpu: Vcpu) -> None:
+        with self._lock:
+            self._vcpus.discard(vcpu)
+
+    def _run(self) -> None:
+        # vCPU -> (posted stores seen, periods without a new one, periods with writes waiting)
+        seen: dict[Vcpu, tuple[int, int, int]] = {}
+        while True:
+            time.sleep(self.PERIOD_S)
+            with self._lock:
+                vcpus = list(self._vcpus)
+            running = [v for v in vcpus if v.state is VcpuState.RUNNING]
+            for v in running:
+                count = v.exits.stats.posted_writes
+                last, quiet, waiting = seen.get(v, (-1, 0, 0))
+                quiet = quiet + 1 if count == last else 0
+                waiting = waiting + 1 if v.has_pending_posted() else 0
+                seen[v] = (count, quiet, waiting)
+                # Queued writes go out when the guest stops posting, or every FLUSH_PERIODS while it
+                # keeps posting without filling a batch; a kick ends the slice, which sends them.
+                if waiting and (quiet or waiting >= self.FLUSH_PERIODS):
+                    v.kick()
+                    seen[v] = (count, quiet, 0)
+                # A kick the write hook has not honoured (the guest stopped posting) is delivered from
+                # outside once the vCPU has made no posted store for QUIET_PERIODS whole periods.
+                if v.kick_requested and quiet >= self.QUIET_PERIODS:
+                    v.uc.emu_stop()
+            for v in set(seen) - set(running):
+                del seen[v]
+
+
+_POSTED_WATCH = _PostedWatch()
 
 
 @dataclass(slots=True)
@@ -88,6 +150,8 @@ class Vcpu:
         # Set while a system reset gathers every vCPU back to OFF.
         self.off_req = False
         self._power_on: tuple[int, int] | None = None
+        # Set by kick() on a vCPU with posted windows; cleared when a slice starts.
+        self.kick_requested = False
         self._thread: threading.Thread | None = None
         self._channels: dict[str, ExitChannel] = {}
         self._stop_cause: _StopCause | None = None
@@ -98,8 +162,8 @@ class Vcpu:
         self.latency = HdrHistogram(1, 60_000_000_000, 3)
         # HdrHistogram is not thread-safe: the vCPU records, GetStats copies, both under this lock.
         self.latency_lock = threading.Lock()
-        self.uc = self._new_uc()
         self.exits = ExitPath(self)
+        self.uc = self._new_uc()
 
     # ----- setup -------------------------------------------------------------------------------------
     def _new_uc(self) -> Uc:
@@ -110,12 +174,26 @@ class Vcpu:
         # ROMD mirrors: a write always exits like MMIO; a read exits while the device traps everything.
         uc.hook_add(UC_HOOK_MEM_WRITE_PROT | UC_HOOK_MEM_READ_PROT | UC_HOOK_MEM_FETCH_PROT, self._on_unmapped)
         uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
+        self._raw_hooks: list[object] = []  # ctypes callbacks libunicorn holds: keep them alive
+        self._hook_error: BaseException | None = None
         self._mapped_mirrors: set[tuple[str, str, str]] = set()
         self._mirror_prot: dict[tuple[str, str, str], bool] = {}
         self._trapping = False
         self._map_generation = -1
         if self.vm.instruction_budget:
             uc.hook_add(UC_HOOK_CODE, self._on_instruction)
+        self._sctlr_ee: int | None = None
+        if self.vm.posted_windows and isinstance(self.arch, AArch64):
+            # Posted stores need the data endianness for every write; SCTLR_EL1 changes only by MSR, so it is
+            # cached and any MSR drops the cache (a Python call per MSR, which guests execute rarely).
+            uc.hook_add(UC_HOOK_INSN, self._on_msr, None, 1, 0, arm64_const.UC_ARM64_INS_MSR)
+        for region, sink in self.vm.posted_windows:
+            # Stores land in a sink nobody reads and are queued by the hook; loads fault on the missing
+            # read permission and exit. Any write hook sends all loads and stores through Unicorn's slow
+            # path, where permissions are always checked, so a stale TLB entry cannot serve a load.
+            uc.mem_map_ptr(region.base, region.size, UC_PROT_WRITE, sink.address)
+            store = functools.partial(self.exits.posted_store, region, (region.device, region.name, "posted_write"))
+            self._raw_hooks.append(fastreg.hook_mem_write(uc, store, self._on_hook_error, region.base, region.end - 1))
         return uc
 
     def reinit(self) -> None:
@@ -146,8 +224,20 @@ class Vcpu:
         self.cond.notify_all()
 
     def kick(self) -> None:
-        """Ask Unicorn to return at the next block boundary (safe: no device access happens inside)."""
-        self.uc.emu_stop()
+        """Ask Unicorn to return soon, with every instruction either done once or not started.
+
+        Unicorn 2.1.4 checks for a stop after every load and store and then resumes *at* that instruction,
+        so a store whose write hook already ran is run again: a posted write would reach its device twice.
+        A vCPU with posted windows is therefore stopped from inside its own write hook, before the write is
+        queued (``ExitPath.posted_store``); only a vCPU that has made no posted store for two watchdog periods is
+        stopped from outside. (A thread stalled for that long right after a hook could still see its store
+        repeated: the one case left open, and it needs a stall of 10 ms at exactly that point.)
+        """
+        if not self.vm.posted_windows:
+            self.uc.emu_stop()
+            return
+        self.kick_requested = True  # the hook stops at the next posted store, or the watchdog once it is quiet
+
 
     # ----- hooks (run on this vCPU's thread, inside emu_start) -----------------------------------------
     def _on_unmapped(self, uc: Uc, access: int, address: int, size: int, value: int, _user: object) -> bool:
@@ -157,6 +247,27 @@ class Vcpu:
                 # The state is exact here but Unicorn will run on past the store: keep it to go back to.
                 self._fault_context = uc.context_save()
         return False
+
+    def _on_msr(self, _uc: Uc, _reg: int, _cp_reg: object, _user: object) -> bool:
+        self._sctlr_ee = None
+        return False  # the MSR executes as usual
+
+    def posted_big_endian(self) -> bool:
+        """The data endianness for a posted store (called from the write hook, once per store)."""
+        if not isinstance(self.arch, AArch64):
+            return self.arch.big_endian_data(self.uc)
+        ee = self._sctlr_ee
+        if ee is None:
+            ee = self._sctlr_ee = fastreg.sctlr_el1(self.uc) & SCTLR_EE_E0E
+        if ee == 0 or ee == SCTLR_EE_E0E:  # the same at EL0 and EL1
+            return bool(ee)
+        return self.arch.big_endian_data(self.uc)
+
+    def _on_hook_error(self, exc: BaseException) -> None:
+        """A raw hook failed (a bad posted write): stop here and raise it once emu_start returns."""
+        if self._hook_error is None:
+            self._hook_error = exc
+        self.uc.emu_stop()
 
     def _on_instruction(self, uc: Uc, address: int, size: int, _user: object) -> None:
         self.executed += 1
@@ -213,6 +324,7 @@ class Vcpu:
             self.vm.fail(vcpu_pb2.VM_ERROR_KIND_INTERNAL, f"vCPU {self.index}: internal error: {exc!r}",
                          vcpu_id=self.index)
         finally:
+            _POSTED_WATCH.remove(self)
             self._close_channels()
             with self.cond:
                 self.state = VcpuState.STOPPED
@@ -228,21 +340,29 @@ class Vcpu:
                 channel.close()
         self._channels.clear()
 
-    def flush_posted(self) -> None:
-        """Deliver queued posted writes (on halt, pause, stop and reset)."""
+    def flush_posted(self, wait: bool = True) -> None:
+        """Deliver queued posted writes. With ``wait`` (halt, pause, stop, reset) every write has reached
+        its device on return and failures are known; without (a slice ended) they are only sent."""
         for name, channel in self._channels.items():
-            if not channel.pending_posted():
+            queued = channel.pending_posted()
+            if not (queued or wait):
                 continue
             try:
-                reply = channel.flush()
+                reply = channel.flush(wait)
             except TransportError as exc:
                 raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_DEVICE_SERVICE, str(exc), device=name) from None
+            if queued:
+                self.exits.stats.posted_batches += 1
             self.vm.apply_mirror_changes(reply.mirror_changes)
             if reply.posted_errors:
                 raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_DEVICE_ERROR, "; ".join(reply.posted_errors), device=name)
 
     def _pending_posted(self) -> bool:
         return any(ch.pending_posted() for ch in self._channels.values())
+
+    def has_pending_posted(self) -> bool:
+        """Whether posted writes wait in any queue (read by the posted-write watchdog's thread)."""
+        return any(ch.pending_posted() for ch in list(self._channels.values()))
 
     def _park(self, parked: VcpuState = VcpuState.PAUSED) -> bool:
         """Honour pause and stop requests (VM lock held). Returns False when the vCPU must stop.
@@ -278,13 +398,19 @@ class Vcpu:
             self._fault = None
             self._fault_context = None
             self._stop_cause = None
-            # Posted writes must not wait forever behind a guest that never exits again.
-            timeout_us = 10_000 if self._pending_posted() else 0
+            # Posted writes must not wait forever behind a guest that never exits again: the posted-write
+            # watchdog kicks a vCPU whose queue stays non-empty (emu_start's own timeout starts a thread
+            # per call, which costs more than an exit).
+            _POSTED_WATCH.add(self)
+            self.kick_requested = self.pause_req or self.stop_req or self.off_req
             try:
-                uc.emu_start(begin, never, timeout=timeout_us)
+                uc.emu_start(begin, never)
                 error: UcError | None = None
             except UcError as exc:
                 error = exc
+            if self._hook_error is not None:
+                hook_error, self._hook_error = self._hook_error, None
+                raise hook_error
             pc = self.arch.pc(uc)
             if error is not None:
                 self._on_emu_error(error, pc)
@@ -292,9 +418,11 @@ class Vcpu:
                 if not self._on_stop_cause(self._stop_cause):
                     return
             elif not (self.pause_req or self.stop_req):
-                self.flush_posted()  # a slice ended (timeout or WFI): nothing queued may wait longer
-                if self.arch.is_wfi_before(uc, pc) and not self._halt(pc):
-                    return
+                self.flush_posted(wait=False)  # a slice ended (a kick or WFI): nothing queued may wait longer
+                if self.arch.is_wfi_before(uc, pc):
+                    self.flush_posted()
+                    if not self._halt(pc):
+                        return
             begin = self.arch.start_address(uc, self.arch.pc(uc))
 
     def _halt(self, pc: int) -> bool:
@@ -353,7 +481,7 @@ class Vcpu:
                                 pc=pc, fault_address=fault[1])
             raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_GUEST_EXCEPTION,
                             f"vCPU {self.index}: emulation stopped at 0x{pc:x}: {error}", pc=pc)
-        if error.errno == UC_ERR_READ_PROT:
+        if error.errno == UC_ERR_READ_PROT and self._trapping:
             # With the guest's MMU on, Unicorn fills the softmmu TLB even for a read it refuses, and the
             # next read of that page would be served from the mirror: drop the entry.
             self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
@@ -415,6 +543,8 @@ class Vcpu:
         pause that arrives meanwhile holds the completion until resume, so it is applied exactly once.
         """
         channel = self.channel(service)
+        if channel.pending_posted():
+            self.exits.stats.posted_batches += 1  # they ride on this exit
         with self.cond:
             self.state = VcpuState.EXIT_WAIT
             self.cond.notify_all()

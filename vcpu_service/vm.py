@@ -11,6 +11,7 @@ import collections
 import ctypes
 import enum
 import itertools
+import logging
 import mmap
 import threading
 import time
@@ -25,11 +26,16 @@ from vcpu_service import psci
 from vcpu_service.arch import Arch, arch_by_name, close_uc
 from vcpu_service.events import EventLog
 from vcpu_service.exits import TraceLog
-from vcpu_service.transport import DeviceEndpoint, MirrorChange, RemoteRegion, TransportError
+from vcpu_service.shadows import ShadowTable
+from vcpu_service.transport import DeviceEndpoint, MirrorChange, RemoteRegion, ShadowWatch, TransportError
 from vcpu_service.vcpu import QUIESCENT, Vcpu, VcpuState, summarize
 
 PAGE = 0x1000
 MAX_VCPUS = 64
+#: How long a device service may take to send its shadow registers (at VM creation and after a reset).
+SHADOW_SNAPSHOT_S = 10.0
+
+log = logging.getLogger("mmiosplit.vcpu")
 
 
 class VmConfigError(ValueError):
@@ -145,9 +151,14 @@ class Vm:
         # (generation, start, end) of mirror bytes changed, so vCPUs drop only the code translated from them.
         self._patch_log: collections.deque[tuple[int, int, int]] = collections.deque(maxlen=4096)
         self.vcpus: list[Vcpu] = []
+        # Shadow registers: reads served from this table without an exit (filled in _start_shadows).
+        self.shadows = ShadowTable(())
+        self._shadow_watches: list[tuple[ShadowWatch, threading.Thread]] = []
+        self._shadows_closing = False
         self._validate_basic(spec, ram_cap)
         self.regions: list[RemoteRegion] = []
         self._region_bases: list[int] = []
+        self.posted_windows: list[tuple[RemoteRegion, RamBlock]] = []
         self.ram: list[RamBlock] = []
         try:
             self.ram = [RamBlock(base, size) for base, size in sorted(spec.ram)]
@@ -157,7 +168,9 @@ class Vm:
                 self._images.append(ImageSpec("virt.dtb", self.machine_dtb(), self.ram[0].base))
             self._load_images()
             self.vcpus = [Vcpu(self, i) for i in range(spec.vcpu_count)]
+            self._start_shadows()
         except Exception:
+            self._stop_shadow_watches()
             self._release_memory()
             raise
 
@@ -247,6 +260,23 @@ class Vm:
                                             f"{len(data)} bytes at +0x{offset:x}, past the region's {r.size}")
                     mirror.write(r.base + offset, data)
                 self.mirrors[(r.service, r.device, r.name)] = Mirror(r, mirror, enabled)
+        self.posted_windows = self._posted_windows(regions)
+
+    def _posted_windows(self, regions: list[RemoteRegion]) -> list[tuple[RemoteRegion, RamBlock]]:
+        """Posted regions whose stores need no exit at all: the vCPUs map them write-only over a sink
+        and queue each store from a write hook, while loads still fault like any MMIO read.
+
+        A write hook makes Unicorn send every guest load and store through its slow path (about a third
+        slower on memory-heavy code), so only VMs with posted regions pay it. Regions must own whole
+        pages; a traced or strict-KVM VM keeps the exit for every store (each one is traced or checked).
+        AArch64 only (see below).
+        """
+        if self.trace is not None or self.strict_kvm or self.arch.name != "aarch64":
+            # AArch32 keeps an exit per store: with a write hook, Unicorn 2.1.4 gets stores inside Thumb IT
+            # blocks wrong (the differential campaign finds registers of later instructions never written).
+            return []
+        return [(r, RamBlock(r.base, r.size)) for r in regions
+                if r.posted and not r.romd and r.base % PAGE == 0 and r.size % PAGE == 0]
 
     def patched_since(self, generation: int) -> list[tuple[int, int]] | None:
         """Address ranges of mirror bytes changed after `generation`; None when the log no longer reaches
@@ -283,6 +313,71 @@ class Vm:
                 for v in self.vcpus:
                     if v.state is VcpuState.RUNNING:
                         v.kick()
+
+    # ----- shadow registers ------------------------------------------------------------------------------
+    def _start_shadows(self) -> None:
+        """Build the shadow table, fill it from each service's first WatchShadows message, and keep it current
+        with one thread per service. Completions update it too, through each endpoint's shadow sink."""
+        self.shadows = ShadowTable(self.regions)
+        for endpoint in self.endpoints:
+            # Every endpoint, so a shadow value from a service that declared none is refused by name.
+            endpoint.shadow_sink = self.shadows.apply
+            if endpoint.name not in self.shadows.services:
+                continue
+            watch = endpoint.watch_shadows(self.vm_id)
+            thread = threading.Thread(target=self._watch_shadows, args=(endpoint.name, watch),
+                                      name=f"shadows-{self.vm_id}", daemon=True)
+            self._shadow_watches.append((watch, thread))
+            try:
+                first = watch.next(SHADOW_SNAPSHOT_S)
+                if first is not None:
+                    self.shadows.apply(first)
+            except TransportError as exc:
+                raise VmConfigError(str(exc)) from None
+            thread.start()
+
+    def _watch_shadows(self, service: str, watch: ShadowWatch) -> None:
+        """Apply a device service's shadow updates until the VM is deleted.
+
+        A broken stream ends the run with an error naming the service: a guest polling a shadow register
+        makes no exit, so it would otherwise wait forever on a value nobody updates.
+        """
+        try:
+            while (change := watch.next()) is not None:
+                self.shadows.apply(change)
+        except Exception as exc:  # TransportError, or a bug: either way the copies can no longer be trusted
+            if self._shadows_closing:
+                return
+            self.shadows.disable(service)
+            reason = str(exc) if isinstance(exc, TransportError) else f"internal error: {exc!r}"
+            with self.lock:
+                over = self._final_pending or self.run_state is RunState.FINISHED
+            if not over:
+                log.warning("VM %s: shadow registers of %s: %s", self.vm_id, service, reason)
+                self.fail(vcpu_pb2.VM_ERROR_KIND_DEVICE_SERVICE, f"shadow registers: {reason}")
+
+    def _resync_shadows(self) -> None:
+        """After a reset, take a fresh snapshot of every service's shadow registers before a vCPU runs: the
+        reset's own update may still be on its way through the watch stream."""
+        for endpoint in self.endpoints:
+            if endpoint.name not in self.shadows.services:
+                continue
+            watch = endpoint.watch_shadows(self.vm_id)
+            try:
+                snapshot = watch.next(SHADOW_SNAPSHOT_S)
+            finally:
+                watch.cancel()
+            if snapshot is not None:
+                self.shadows.apply(snapshot)
+
+    def _stop_shadow_watches(self) -> None:
+        self._shadows_closing = True
+        for watch, _thread in self._shadow_watches:
+            watch.cancel()
+        for _watch, thread in self._shadow_watches:
+            if thread.is_alive():
+                thread.join(2.0)
+        self._shadow_watches = []
 
     def find_region(self, address: int) -> RemoteRegion | None:
         i = bisect.bisect_right(self._region_bases, address) - 1
@@ -428,6 +523,7 @@ class Vm:
             self._wait_quiescent(frozenset({VcpuState.OFF, VcpuState.STOPPED}), "stop for the reset", 30.0)
             for endpoint in self.endpoints:
                 self.apply_mirror_changes(endpoint.reset())
+            self._resync_shadows()
             self._load_images()
             with self.lock:
                 if self._final_pending:
@@ -517,6 +613,7 @@ class Vm:
         self.finish(vcpu_pb2.VM_EVENT_KIND_STOPPED, reason="stopped by a client")
         deadline = time.monotonic() + timeout
         stopped = all(v.join(max(0.0, deadline - time.monotonic())) for v in self.vcpus)
+        self._stop_shadow_watches()
         for endpoint in self.endpoints:
             endpoint.close()
         if not stopped:
@@ -530,5 +627,8 @@ class Vm:
             block.close()
         for mirror in self.mirrors.values():
             mirror.block.close()
+        for _region, sink in self.posted_windows:
+            sink.close()
         self.ram = []
         self.mirrors = {}
+        self.posted_windows = []

@@ -10,6 +10,11 @@ byte with QEMU's:
 * changing LCR_H.FEN empties the receive FIFO;
 * registers take 1-, 2- and 4-byte accesses at their own offset.
 
+Every register whose read changes nothing (all but DR, which pops the RX FIFO, and the write-only
+ICR) is a shadow register for 32-bit reads, the size U-Boot and Linux use: the vCPU process answers
+them from a copy, so a guest polling FR costs no round trip. Input arriving on the console is the
+one change that comes without a guest access, and ``receive`` reports it (``shadows_changed``).
+
 Differences from QEMU 7.2, taken from the manual: the RX interrupt fires when
 the FIFO reaches the UARTIFLS trigger level (QEMU fires at one character), and
 the receive-timeout status is set while received data waits (QEMU never sets
@@ -73,6 +78,9 @@ TX_KEEP_BYTES = 64 * 1024
 
 REGION_SIZE = 0x1000
 
+#: Shadow registers are served for reads of this size only (other sizes exit as usual).
+SHADOW_SIZE = 4
+
 
 def _append_bounded(buffer: bytearray, data: bytes, keep: int) -> int:
     """Append, then drop the oldest bytes once the buffer holds twice ``keep``; returns bytes dropped."""
@@ -121,11 +129,22 @@ class Pl011(DeviceModel):
                 *primecell_id_registers(PRIMECELL_ID),
             ]
         )  # fmt: skip
+        self._shadow_registers = {r.offset: r for r in self.regs.side_effect_free_reads if r.access != "wo"}
+        self._shadows = tuple((offset, SHADOW_SIZE) for offset in self._shadow_registers)
 
     # --- DeviceModel -----------------------------------------------------------------------
 
     def regions(self) -> list[RegionSpec]:
-        return [RegionSpec("regs", 0, REGION_SIZE, access_sizes=(1, 2, 4))]
+        return [RegionSpec("regs", 0, REGION_SIZE, access_sizes=(1, 2, 4), shadows=self._shadows)]
+
+    def peek(self, region: str, offset: int, size: int) -> bytes:
+        """A shadow register's value now, as a 4-byte read returns it; refuses DR (its read pops the FIFO)
+        and anything not declared. Called after every access to the UART, so it skips the access checks."""
+        register = self._shadow_registers.get(offset) if region == "regs" and size == SHADOW_SIZE else None
+        if register is None:
+            raise ValueError(f"{self.name}: no shadow register of {size} bytes at {region}+{offset:#x}")
+        value = register.on_read() if register.on_read is not None else self.regs.values[register.name]
+        return value.to_bytes(SHADOW_SIZE, "little")
 
     def read(self, offset: int, size: int) -> AccessResult:
         return self.regs.read(offset, size)
@@ -154,7 +173,10 @@ class Pl011(DeviceModel):
                 sink(pending)
 
     def receive(self, data: bytes) -> int:
-        """Put input into the RX FIFO while it has room; returns how many bytes were taken."""
+        """Put input into the RX FIFO while it has room; returns how many bytes were taken.
+
+        FR, RIS and MIS change without a guest access, so the shadow copies are told (outside the lock).
+        """
         with self.lock:
             taken = data[: self.rx_space()]
             if not taken:
@@ -165,7 +187,8 @@ class Pl011(DeviceModel):
             if before < trigger <= len(self.rx_fifo):
                 self.regs["RIS"] |= INT_RX
             self.regs["RIS"] |= INT_RT
-            return len(taken)
+        self.shadows_changed()
+        return len(taken)
 
     def rx_space(self) -> int:
         return self.fifo_depth() - len(self.rx_fifo)
