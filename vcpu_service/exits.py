@@ -163,6 +163,15 @@ class ExitPath:
         if vcpu.kick_requested:
             vcpu.uc.emu_stop()  # stopped before this store retires: it runs again, and is queued, on resume
             return
+        vcpu.in_posted_hook = True  # the posted-write watchdog never stops a vCPU from outside meanwhile
+        try:
+            self._post(region, key, address, size, value)
+        finally:
+            vcpu.in_posted_hook = False
+            vcpu.posted_hooks_done += 1
+
+    def _post(self, region: RemoteRegion, key: tuple[str, str, str], address: int, size: int, value: int) -> None:
+        vcpu = self.vcpu
         if size not in region.access_sizes or address + size > region.end:
             raise VcpuFault(
                 vcpu_pb2.VM_ERROR_KIND_DEVICE_ERROR,

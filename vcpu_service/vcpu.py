@@ -72,12 +72,12 @@ QUIESCENT = frozenset({VcpuState.OFF, VcpuState.EXIT_WAIT, VcpuState.PAUSED, Vcp
 
 
 class _PostedWatch:
-    """One thread that makes vCPUs send posted writes that have waited: 5-10 ms after the guest stops
-    posting, or 20-25 ms while it posts without filling a batch. A kicked vCPU ends its slice, which
+    """One thread that makes vCPUs send posted writes that have waited: once the guest has run 2 ms of
+    CPU without posting, or every 20-25 ms while it posts without filling a batch. A kicked vCPU ends its slice, which
     sends what is queued (without waiting for the completion)."""
 
     PERIOD_S = 0.005
-    QUIET_PERIODS = 2
+    QUIET_CPU_S = 0.002
     FLUSH_PERIODS = 4
 
     def __init__(self) -> None:
@@ -99,27 +99,32 @@ class _PostedWatch:
             self._vcpus.discard(vcpu)
 
     def _run(self) -> None:
-        # vCPU -> (posted stores seen, periods without a new one, periods with writes waiting)
-        seen: dict[Vcpu, tuple[int, int, int]] = {}
+        # vCPU -> (posted stores seen, its thread's CPU time when that count last changed, periods waiting)
+        seen: dict[Vcpu, tuple[int, float, int]] = {}
         while True:
             time.sleep(self.PERIOD_S)
             with self._lock:
                 vcpus = list(self._vcpus)
-            running = [v for v in vcpus if v.state is VcpuState.RUNNING]
+            running = [v for v in vcpus if v.state is VcpuState.RUNNING and v.cpu_clock is not None]
             for v in running:
-                count = v.exits.stats.posted_writes
-                last, quiet, waiting = seen.get(v, (-1, 0, 0))
-                quiet = quiet + 1 if count == last else 0
+                count = v.posted_hooks_done
+                cpu = time.clock_gettime(v.cpu_clock)  # type: ignore[arg-type]
+                last, since, waiting = seen.get(v, (-1, cpu, 0))
+                if count != last or v.in_posted_hook:
+                    since = cpu
+                # Quiet: the vCPU's own thread ran QUIET_CPU_S of CPU, outside the write hook, since a posted
+                # store last completed its hook. Wall time would not do: a thread descheduled right after a
+                # hook, before Unicorn's check after that store, must not count as quiet (see kick).
+                quiet = cpu - since >= self.QUIET_CPU_S
                 waiting = waiting + 1 if v.has_pending_posted() else 0
-                seen[v] = (count, quiet, waiting)
                 # Queued writes go out when the guest stops posting, or every FLUSH_PERIODS while it
                 # keeps posting without filling a batch; a kick ends the slice, which sends them.
                 if waiting and (quiet or waiting >= self.FLUSH_PERIODS):
                     v.kick()
-                    seen[v] = (count, quiet, 0)
-                # A kick the write hook has not honoured (the guest stopped posting) is delivered from
-                # outside once the vCPU has made no posted store for QUIET_PERIODS whole periods.
-                if v.kick_requested and quiet >= self.QUIET_PERIODS:
+                    waiting = 0
+                seen[v] = (count, since, waiting)
+                # A kick the write hook has not honoured (the guest stopped posting) is delivered from outside.
+                if v.kick_requested and quiet:
                     v.uc.emu_stop()
             for v in set(seen) - set(running):
                 del seen[v]
@@ -152,6 +157,9 @@ class Vcpu:
         self._power_on: tuple[int, int] | None = None
         # Set by kick() on a vCPU with posted windows; cleared when a slice starts.
         self.kick_requested = False
+        self.cpu_clock: int | None = None  # the vCPU thread's CPU-time clock, for the posted-write watchdog
+        self.in_posted_hook = False
+        self.posted_hooks_done = 0
         self._thread: threading.Thread | None = None
         self._channels: dict[str, ExitChannel] = {}
         self._stop_cause: _StopCause | None = None
@@ -229,9 +237,9 @@ class Vcpu:
         Unicorn 2.1.4 checks for a stop after every load and store and then resumes *at* that instruction,
         so a store whose write hook already ran is run again: a posted write would reach its device twice.
         A vCPU with posted windows is therefore stopped from inside its own write hook, before the write is
-        queued (``ExitPath.posted_store``); only a vCPU that has made no posted store for two watchdog periods is
-        stopped from outside. (A thread stalled for that long right after a hook could still see its store
-        repeated: the one case left open, and it needs a stall of 10 ms at exactly that point.)
+        queued (``ExitPath.posted_store``); only a vCPU whose thread has run 2 ms of CPU time without a posted
+        store is stopped from outside (CPU time, not wall time: a thread descheduled between a write hook and
+        Unicorn's check after that store does not advance it).
         """
         if not self.vm.posted_windows:
             self.uc.emu_stop()
@@ -298,6 +306,7 @@ class Vcpu:
 
     # ----- the thread ----------------------------------------------------------------------------------
     def _thread_main(self) -> None:
+        self.cpu_clock = time.pthread_getcpuclockid(threading.get_ident())
         try:
             self._open_channels()
             while True:
