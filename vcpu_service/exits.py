@@ -324,6 +324,8 @@ class ExitPath:
             self._trace(pc, insn, syn, address, int.from_bytes(data, "little"), region.device, "posted", t0)
             return
         request = MmioRequest(self.vcpu.index, address, region, size, syn.wnr, data, syndrome, pc, insn.word)
+        # Latency is measured from sending the exit to completing it (decoding before it is not part of it).
+        sent = time.perf_counter_ns()
         try:
             reply = self.vcpu.exchange(region.service, request)
         except DeadlineExceeded as exc:
@@ -362,8 +364,8 @@ class ExitPath:
         self._retire(pc, syn, new_base)
         self.stats.exits += 1
         self.stats.by_region[region.device, region.name, "write" if syn.wnr else "read"] += 1
-        self.vcpu.record_latency(time.perf_counter_ns() - t0)
-        self._trace(pc, insn, syn, address, value, region.device, "ok", t0)
+        self.vcpu.record_latency(time.perf_counter_ns() - sent)
+        self._trace(pc, insn, syn, address, value, region.device, "ok", sent)
 
     def _shadow_read(self, pc: int, insn: FetchedInsn, syn: Syndrome, address: int, region: RemoteRegion,
                      new_base: int | None, t0: int) -> bool:
