@@ -410,7 +410,8 @@ class Vcpu:
             # Posted writes must not wait forever behind a guest that never exits again: the posted-write
             # watchdog kicks a vCPU whose queue stays non-empty (emu_start's own timeout starts a thread
             # per call, which costs more than an exit).
-            _POSTED_WATCH.add(self)
+            if self.vm.has_posted:
+                _POSTED_WATCH.add(self)
             self.kick_requested = self.pause_req or self.stop_req or self.off_req
             try:
                 uc.emu_start(begin, never)

@@ -159,6 +159,7 @@ class Vm:
         self.regions: list[RemoteRegion] = []
         self._region_bases: list[int] = []
         self.posted_windows: list[tuple[RemoteRegion, RamBlock]] = []
+        self.has_posted = False
         self.ram: list[RamBlock] = []
         try:
             self.ram = [RamBlock(base, size) for base, size in sorted(spec.ram)]
@@ -261,6 +262,8 @@ class Vm:
                     mirror.write(r.base + offset, data)
                 self.mirrors[(r.service, r.device, r.name)] = Mirror(r, mirror, enabled)
         self.posted_windows = self._posted_windows(regions)
+        # Only VMs with posted regions need the posted-write watchdog (it wakes every 5 ms).
+        self.has_posted = any(r.posted for r in regions)
 
     def _posted_windows(self, regions: list[RemoteRegion]) -> list[tuple[RemoteRegion, RamBlock]]:
         """Posted regions whose stores need no exit at all: the vCPUs map them write-only over a sink
