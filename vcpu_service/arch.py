@@ -253,10 +253,11 @@ class AArch64(Arch):
         return pc
 
     def fetch(self, uc: Uc, pc: int) -> FetchedInsn:
-        return FetchedInsn(Isa.A64, fastreg.mem_read_u32(uc, pc), 4)
+        return FetchedInsn(Isa.A64, fastreg.mem_read_le(uc, pc, 4), 4)
 
-    def big_endian_data(self, uc: Uc) -> bool:
-        sctlr = fastreg.sctlr_el1(uc) & SCTLR_EE_E0E
+    def big_endian_data(self, uc: Uc, sctlr: int | None = None) -> bool:
+        """``sctlr``: SCTLR_EL1 if the caller holds a current copy (read from the vCPU otherwise)."""
+        sctlr = (fastreg.sctlr_el1(uc) if sctlr is None else sctlr) & SCTLR_EE_E0E
         if sctlr == 0 or sctlr == SCTLR_EE_E0E:  # the same at EL0 and EL1: no need for PSTATE
             return bool(sctlr)
         el = (fastreg.reg_read(uc, a64.UC_ARM64_REG_PSTATE) >> 2) & 3
@@ -401,12 +402,12 @@ class AArch32(Arch):
 
     def fetch(self, uc: Uc, pc: int) -> FetchedInsn:
         if self._thumb(uc):
-            hw1 = fastreg.mem_read_u16(uc, pc)
+            hw1 = fastreg.mem_read_le(uc, pc, 2)
             if thumb_insn_len(hw1) == 4:
-                hw2 = fastreg.mem_read_u16(uc, pc + 2)
+                hw2 = fastreg.mem_read_le(uc, pc + 2, 2)
                 return FetchedInsn(Isa.T32, (hw1 << 16) | hw2, 4)
             return FetchedInsn(Isa.T32, hw1, 2)
-        return FetchedInsn(Isa.A32, fastreg.mem_read_u32(uc, pc), 4)
+        return FetchedInsn(Isa.A32, fastreg.mem_read_le(uc, pc, 4), 4)
 
     def big_endian_data(self, uc: Uc) -> bool:
         return bool(fastreg.reg_read(uc, a32.UC_ARM_REG_CPSR) & _CPSR_E)

@@ -183,12 +183,19 @@ class ExitPath:
         # with SETEND or SCTLR.EE/E0E between two stores without any exit in between).
         data = (value & ((1 << (size * 8)) - 1)).to_bytes(
             size, "big" if size > 1 and vcpu.posted_big_endian() else "little")
+        self._queue_posted(region, key, address, data)
+
+    def _queue_posted(self, region: RemoteRegion, key: tuple[str, str, str], address: int, data: bytes,
+                      where: str = "", **fields: object) -> None:
+        """Queue one posted write on the stream to its service (from the write hook or an exit) and count it.
+
+        ``where`` and ``fields`` describe the access for an error: an exit knows its PC and instruction."""
         try:
-            batch = vcpu.channel(region.service).post(address, data)
+            batch = self.vcpu.channel(region.service).post(address, data)
         except TransportError as exc:
             raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_DEVICE_SERVICE,
-                            f"vCPU {vcpu.index}: posted write to 0x{address:x}: {exc}",
-                            fault_address=address, device=region.device) from None
+                            f"vCPU {self.vcpu.index}: posted write to {where or f'0x{address:x}'}: {exc}",
+                            fault_address=address, device=region.device, **fields) from None
         self.stats.by_region[key] += 1
         self.stats.posted_writes += 1
         if batch is not None:
@@ -311,15 +318,7 @@ class ExitPath:
         big_endian = size > 1 and arch.big_endian_data(uc)
         data = store_data(arch.read_gpr(uc, syn.srt), syn, big_endian) if syn.wnr else b""
         if syn.wnr and region.posted:
-            try:
-                batch = self.vcpu.channel(region.service).post(address, data)
-            except TransportError as exc:
-                raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_DEVICE_SERVICE, f"{who}: posted write to {where}: {exc}",
-                                pc=pc, fault_address=address, device=region.device) from None
-            if batch is not None:  # a full batch went out
-                self._posted_batch_done(batch, region.device)
-            self.stats.by_region[region.device, region.name, "posted_write"] += 1
-            self.stats.posted_writes += 1
+            self._queue_posted(region, (region.device, region.name, "posted_write"), address, data, where, pc=pc)
             self._retire(pc, syn, new_base)
             self._trace(pc, insn, syn, address, int.from_bytes(data, "little"), region.device, "posted", t0)
             return

@@ -42,19 +42,10 @@ def reg_write(uc: Uc, reg: int, value: int) -> None:
         raise UcError(status)
 
 
-def mem_read_u32(uc: Uc, address: int) -> int:
-    """Four bytes of guest memory as a little-endian word (an instruction fetch)."""
-    buf = ctypes.create_string_buffer(4)
-    status = _mem_read(uc._uch, address, buf, 4)
-    if status:
-        raise UcError(status)
-    return int.from_bytes(buf.raw, "little")
-
-
-def mem_read_u16(uc: Uc, address: int) -> int:
-    """Two bytes of guest memory as a little-endian halfword (a Thumb fetch)."""
-    buf = ctypes.create_string_buffer(2)
-    status = _mem_read(uc._uch, address, buf, 2)
+def mem_read_le(uc: Uc, address: int, size: int) -> int:
+    """``size`` bytes of guest memory as a little-endian integer (an instruction fetch)."""
+    buf = ctypes.create_string_buffer(size)
+    status = _mem_read(uc._uch, address, buf, size)
     if status:
         raise UcError(status)
     return int.from_bytes(buf.raw, "little")

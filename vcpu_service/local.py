@@ -11,7 +11,7 @@ import queue
 import threading
 
 from device_service.bus import DeviceBus
-from device_service.dispatch import BusReply, Outcome, dispatch
+from device_service.dispatch import BusReply, Outcome, dispatch, dispatch_posted
 from device_service.model import DeviceModel, RegionKind, supports_console, supports_romd
 from device_service.shadows import ShadowEvent, ShadowFailure, ShadowTracker, ShadowValues
 from vcpu_service.transport import (
@@ -52,13 +52,10 @@ class LocalExitChannel:
         return reply
 
     def _apply_posted(self) -> tuple[str, ...]:
-        errors = []
-        for address, data in self._posted:
-            reply = self._dispatch(address, len(data), True, data)
-            if reply.outcome is not Outcome.OK:
-                errors.append(f"posted write to 0x{address:x}: {reply.error}")
+        failed, touched = self._endpoint.dispatch_posted(self._posted)
+        self._touched |= touched
         self._posted.clear()
-        return tuple(errors)
+        return tuple(f"posted write to 0x{address:x}: {error}" for _index, address, error in failed)
 
     def _shadow(self) -> ShadowChange | None:
         """What the accesses changed, and anything else this vCPU was not given yet (lock held)."""
@@ -158,6 +155,14 @@ class LocalEndpoint:
         if reply.region is not None and self._pending_input:
             self._pump(reply.region.device.name)
         return reply
+
+    def dispatch_posted(self, writes: list[tuple[int, bytes]]) -> tuple[list[tuple[int, int, str]], set[DeviceModel]]:
+        """A posted batch (lock held), applied as the device service applies one; then waiting console input."""
+        failed, touched = dispatch_posted(self.bus, writes)
+        if self._pending_input:
+            for device in touched:
+                self._pump(device.name)
+        return failed, touched
 
     def _pump(self, device: str) -> None:
         pending = self._pending_input.get(device)

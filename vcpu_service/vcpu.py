@@ -47,7 +47,7 @@ from unicorn import (
 
 from mmiosplit.v1 import vcpu_pb2
 from vcpu_service import fastreg, psci
-from vcpu_service.arch import EXCEPTION_NAMES, EXCP_HVC, EXCP_SMC, SCTLR_EE_E0E, AArch64, close_uc
+from vcpu_service.arch import EXCEPTION_NAMES, EXCP_HVC, EXCP_SMC, AArch64, close_uc
 from vcpu_service.exits import ExitPath, VcpuFault
 from vcpu_service.transport import AccessReply, ExitChannel, MmioRequest, TransportError, architecture_enum
 
@@ -190,7 +190,7 @@ class Vcpu:
         self._map_generation = -1
         if self.vm.instruction_budget:
             uc.hook_add(UC_HOOK_CODE, self._on_instruction)
-        self._sctlr_ee: int | None = None
+        self._sctlr: int | None = None  # SCTLR_EL1 as posted stores last read it; any MSR drops it
         if self.vm.posted_windows and isinstance(self.arch, AArch64):
             # Posted stores need the data endianness for every write; SCTLR_EL1 changes only by MSR, so it is
             # cached and any MSR drops the cache (a Python call per MSR, which guests execute rarely).
@@ -257,19 +257,16 @@ class Vcpu:
         return False
 
     def _on_msr(self, _uc: Uc, _reg: int, _cp_reg: object, _user: object) -> bool:
-        self._sctlr_ee = None
+        self._sctlr = None
         return False  # the MSR executes as usual
 
     def posted_big_endian(self) -> bool:
         """The data endianness for a posted store (called from the write hook, once per store)."""
         if not isinstance(self.arch, AArch64):
             return self.arch.big_endian_data(self.uc)
-        ee = self._sctlr_ee
-        if ee is None:
-            ee = self._sctlr_ee = fastreg.sctlr_el1(self.uc) & SCTLR_EE_E0E
-        if ee == 0 or ee == SCTLR_EE_E0E:  # the same at EL0 and EL1
-            return bool(ee)
-        return self.arch.big_endian_data(self.uc)
+        if self._sctlr is None:
+            self._sctlr = fastreg.sctlr_el1(self.uc)
+        return self.arch.big_endian_data(self.uc, self._sctlr)
 
     def _on_hook_error(self, exc: BaseException) -> None:
         """A raw hook failed (a bad posted write): stop here and raise it once emu_start returns."""
@@ -366,9 +363,6 @@ class Vcpu:
             if reply.posted_errors:
                 raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_DEVICE_ERROR, "; ".join(reply.posted_errors), device=name)
 
-    def _pending_posted(self) -> bool:
-        return any(ch.pending_posted() for ch in self._channels.values())
-
     def has_pending_posted(self) -> bool:
         """Whether posted writes wait in any queue (read by the posted-write watchdog's thread)."""
         return any(ch.pending_posted() for ch in list(self._channels.values()))
@@ -393,7 +387,7 @@ class Vcpu:
         uc = self.uc
         never = self.arch.never_pc
         while True:
-            if self.pause_req and self._pending_posted():
+            if self.pause_req and self.has_pending_posted():
                 self.flush_posted()
             with self.cond:
                 if not self._park():
