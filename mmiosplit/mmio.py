@@ -1,0 +1,251 @@
+"""The MMIO exchange between a vCPU and a device host, in Python terms: no gRPC in this module.
+
+Both services and every transport speak these types. The gRPC adapters (``vcpu_service.transport`` on the
+vCPU side, ``device_service.server`` on the device side) convert them to and from ``mmiosplit.v1`` once,
+at the edge; the in-process transport (``device_service.local``) passes them through untouched.
+
+One name per concept, the same as on the wire: a trapped access is an ``MmioExit``, the answer is a
+``Completion`` whose outcome is a ``CompletionStatus``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+#: Writes a posted batch holds at most; a full batch is sent without waiting for the next exit.
+POSTED_BATCH_MAX = 1024
+#: Full batches a vCPU may have sent without reading their completions (backpressure beyond that).
+POSTED_INFLIGHT = 2
+
+
+class TransportError(Exception):
+    """A device service cannot be reached or broke the protocol; the message names the service."""
+
+
+class DeadlineExceeded(TransportError):
+    """No completion arrived before the exit deadline."""
+
+
+class CompletionStatus(enum.Enum):
+    """How an access ended (the wire's ``CompletionStatus``). Anything but OK never completes a load."""
+
+    OK = "ok"
+    DEVICE_ERROR = "device error"
+    NO_DEVICE = "no device"
+    BAD_REQUEST = "bad request"
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteRegion:
+    """A region a device service owns, as its Describe reported it to a vCPU service."""
+
+    service: str
+    device: str
+    device_type: str
+    name: str
+    base: int
+    size: int
+    romd: bool
+    posted: bool
+    access_sizes: tuple[int, ...]
+    has_console: bool
+    compatible: tuple[str, ...] = ()
+    #: Shadow registers, as (offset inside the region, size): reads of exactly these are answered from the
+    #: VM's shadow table when it holds a value, without an exit.
+    shadows: frozenset[tuple[int, int]] = frozenset()
+
+    @property
+    def end(self) -> int:
+        return self.base + self.size
+
+
+def check_shadow_windows(where: str, size: int, access_sizes: Iterable[int],
+                         windows: Iterable[tuple[int, int]]) -> frozenset[tuple[int, int]]:
+    """Check declared shadow registers: each inside its region, of a size the region takes, none overlapping
+    another. Raises ValueError naming the register (``where`` names the region); the one check both the
+    device models' region specs and a vCPU service reading a Describe apply."""
+    sizes = tuple(access_sizes)
+    out: set[tuple[int, int]] = set()
+    taken_until = 0
+    for offset, length in sorted(windows):
+        what = f"{where}: shadow register at +0x{offset:x} ({length} bytes)"
+        if length not in sizes:
+            raise ValueError(f"{what}: the region takes {'/'.join(map(str, sizes))}-byte accesses")
+        if offset < 0 or offset + length > size:
+            raise ValueError(f"{what} is outside the region's 0x{size:x} bytes")
+        if offset < taken_until:
+            raise ValueError(f"{what} overlaps another shadow register")
+        taken_until = offset + length
+        out.add((offset, length))
+    return frozenset(out)
+
+
+@dataclass(slots=True)
+class MmioExit:
+    """One trapped access, as a vCPU forwards it (KVM's ``kvm_run.mmio``).
+
+    ``data`` is in guest-memory order (the ``kvm_run.mmio.data`` rule): the bytes a store wrote, empty for a
+    load. ``syndrome``, ``pc`` and ``instruction`` are for observability; a device never needs them.
+    """
+
+    vcpu_id: int
+    address: int
+    length: int
+    is_write: bool
+    data: bytes = b""
+    device: str = ""
+    region: str = ""
+    region_offset: int = 0
+    syndrome: int = 0
+    pc: int = 0
+    instruction: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorChange:
+    """A ROMD region switching mode and/or changing bytes, as a device service reported it."""
+
+    service: str
+    device: str
+    region: str
+    enabled: bool
+    patches: tuple[tuple[int, bytes], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowChange:
+    """New values of shadow registers from one device service, all current as of ``generation``; values are
+    (device, region, offset inside the region, bytes as a read returns them)."""
+
+    service: str
+    generation: int
+    values: tuple[tuple[str, str, int, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """The answer to an exit, a posted batch or a flush, with everything it changed besides the access.
+
+    ``posted_errors`` name posted writes that failed (they retired long ago, so they cannot be made precise);
+    ``mirror_changes`` and ``shadows`` must reach the VM before the vCPU runs on.
+    """
+
+    status: CompletionStatus = CompletionStatus.OK
+    data: bytes = b""
+    error: str = ""
+    posted_errors: tuple[str, ...] = ()
+    mirror_changes: tuple[MirrorChange, ...] = ()
+    shadows: tuple[ShadowChange, ...] = ()
+
+    @property
+    def has_effects(self) -> bool:
+        """Whether anything besides the access itself needs applying."""
+        return bool(self.posted_errors or self.mirror_changes or self.shadows)
+
+    def merged_after(self, earlier: Iterable[Completion]) -> Completion:
+        """This completion carrying the side effects of earlier ones (posted batches answered meanwhile)."""
+        errors: list[str] = []
+        changes: list[MirrorChange] = []
+        shadows: list[ShadowChange] = []
+        for c in earlier:
+            errors += c.posted_errors
+            changes += c.mirror_changes
+            shadows += c.shadows
+        if not (errors or changes or shadows):
+            return self
+        return Completion(self.status, self.data, self.error, (*errors, *self.posted_errors),
+                          (*changes, *self.mirror_changes), (*shadows, *self.shadows))
+
+
+@dataclass(slots=True)
+class PostedQueue:
+    """Posted writes queued by one vCPU for one device service, in order, packed as the wire packs them."""
+
+    addresses: list[int] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    data: bytearray = field(default_factory=bytearray)
+
+    def __len__(self) -> int:
+        return len(self.addresses)
+
+    def add(self, address: int, data: bytes) -> bool:
+        """Queue one write; True when the batch is full and must be sent."""
+        self.addresses.append(address)
+        self.lengths.append(len(data))
+        self.data += data
+        return len(self.addresses) >= POSTED_BATCH_MAX
+
+    def take(self) -> tuple[list[int], list[int], bytes]:
+        """Empty the queue: (addresses, lengths, packed data)."""
+        out = (self.addresses, self.lengths, bytes(self.data))
+        self.addresses, self.lengths, self.data = [], [], bytearray()
+        return out
+
+
+def unpack_posted(addresses: Iterable[int], lengths: Iterable[int], data: bytes) -> list[tuple[int, bytes]]:
+    """(address, bytes) pairs of a packed posted batch; ValueError if the columns disagree."""
+    addresses = list(addresses)
+    lengths = list(lengths)
+    if len(addresses) != len(lengths):
+        raise ValueError(f"posted batch has {len(addresses)} addresses but {len(lengths)} lengths")
+    if sum(lengths) != len(data):
+        raise ValueError(f"posted batch lengths add up to {sum(lengths)} bytes but carry {len(data)}")
+    out = []
+    offset = 0
+    for address, length in zip(addresses, lengths, strict=True):
+        out.append((address, data[offset:offset + length]))
+        offset += length
+    return out
+
+
+class ExitChannel(Protocol):
+    """One vCPU's path to one device service: exits, posted writes and flushes, in order."""
+
+    def access(self, exit: MmioExit) -> Completion:
+        """Send the queued posted writes, then the exit, and wait for its completion."""
+        ...
+
+    def post(self, address: int, data: bytes) -> Completion | None:
+        """Queue a posted write; a full batch is sent at once. Returns what answered batches reported, if any."""
+        ...
+
+    def flush(self, wait: bool = True) -> Completion:
+        """Send the queued posted writes; with ``wait``, also wait until every one has reached its device."""
+        ...
+
+    def pending_posted(self) -> int: ...
+    def broken(self) -> bool: ...
+    def close(self) -> None: ...
+
+
+class ShadowWatch(Protocol):
+    """A device service's stream of shadow-register values: every current value first, then changes."""
+
+    def next(self, timeout: float | None = None) -> ShadowChange | None:
+        """The next update; None once cancelled. Raises TransportError when the stream breaks or, with
+        ``timeout``, when nothing arrives in time."""
+        ...
+
+    def cancel(self) -> None: ...
+
+
+class DeviceEndpoint(Protocol):
+    """One device service, over gRPC or in this process: what a VM needs of it."""
+
+    name: str
+
+    def describe(self) -> list[RemoteRegion]: ...
+    def watch_shadows(self, vm_id: str) -> ShadowWatch: ...
+    def open_exit_channel(self, vm_id: str, vcpu_id: int, architecture: str) -> ExitChannel:
+        """A channel for one vCPU; ``architecture`` is ``aarch64`` or ``arm``."""
+        ...
+
+    def read_mirror(self, device: str, region: str) -> tuple[list[tuple[int, bytes]], bool]:
+        """The non-zero chunks of a ROMD region as (offset, bytes), and whether reads may be served now."""
+        ...
+
+    def reset(self) -> tuple[MirrorChange, ...]: ...
+    def close(self) -> None: ...
