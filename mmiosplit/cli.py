@@ -278,7 +278,7 @@ def _run(args: argparse.Namespace, files: dict[str, TextIO]) -> int:
     from mmiosplit.launcher import LaunchError, local_services
     from mmiosplit.runner import EXIT_CONFIG_ERROR, ConsoleInput, RunError, format_latency, pump_stdin, run_vm
     from mmiosplit.trace import TracePrinter
-    from vcpu_service.events import kind_name
+    from mmiosplit.wire import event_kind_name as kind_name
 
     try:
         image = _read_image(args.image)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from mmiosplit.v1 import device_pb2
+from mmiosplit.v1 import device_pb2, vcpu_pb2
 
 PROTOCOL_VERSION = 1
 GRPC_OPTIONS = [
@@ -26,3 +26,19 @@ def iter_posted(batch: device_pb2.PostedWrites) -> Iterator[tuple[int, bytes]]:
     for address, length in zip(batch.address, batch.length, strict=True):
         yield address, data[offset:offset + length]
         offset += length
+
+
+def event_kind_name(kind: int) -> str:
+    """A wire ``VmEventKind`` as a word: ``VM_EVENT_KIND_POWERED_OFF`` -> ``powered_off``."""
+    return str(vcpu_pb2.VmEventKind.Name(kind)).removeprefix("VM_EVENT_KIND_").lower()  # type: ignore[arg-type]
+
+
+#: Wire event kinds after which a VM's run is over.
+FINAL_EVENT_KINDS = frozenset({
+    vcpu_pb2.VM_EVENT_KIND_HALTED,
+    vcpu_pb2.VM_EVENT_KIND_POWERED_OFF,
+    vcpu_pb2.VM_EVENT_KIND_ERROR,
+    vcpu_pb2.VM_EVENT_KIND_BUDGET_EXHAUSTED,
+    vcpu_pb2.VM_EVENT_KIND_TIMED_OUT,
+    vcpu_pb2.VM_EVENT_KIND_STOPPED,
+})

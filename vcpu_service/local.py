@@ -14,25 +14,24 @@ from device_service.bus import DeviceBus
 from device_service.dispatch import BusReply, Outcome, dispatch, dispatch_posted
 from device_service.model import DeviceModel, RegionKind, supports_console, supports_romd
 from device_service.shadows import ShadowEvent, ShadowFailure, ShadowTracker, ShadowValues
-from vcpu_service.transport import (
+from mmiosplit.mmio import (
     POSTED_BATCH_MAX,
-    AccessReply,
-    AccessStatus,
+    Completion,
+    CompletionStatus,
     ExitChannel,
     MirrorChange,
-    MmioRequest,
+    MmioExit,
     RemoteRegion,
     ShadowChange,
-    ShadowSink,
     ShadowWatch,
     TransportError,
 )
 
 _STATUS = {
-    Outcome.OK: AccessStatus.OK,
-    Outcome.DEVICE_ERROR: AccessStatus.DEVICE_ERROR,
-    Outcome.NO_DEVICE: AccessStatus.NO_DEVICE,
-    Outcome.BAD_REQUEST: AccessStatus.BAD_REQUEST,
+    Outcome.OK: CompletionStatus.OK,
+    Outcome.DEVICE_ERROR: CompletionStatus.DEVICE_ERROR,
+    Outcome.NO_DEVICE: CompletionStatus.NO_DEVICE,
+    Outcome.BAD_REQUEST: CompletionStatus.BAD_REQUEST,
 }
 
 
@@ -70,33 +69,28 @@ class LocalExitChannel:
         self._shadows_seen = update.generation
         return self._endpoint.shadow_change(update)
 
-    def _deliver(self, shadow: ShadowChange | None) -> None:
-        sink = self._endpoint.shadow_sink
-        if shadow is not None and sink is not None:
-            sink(shadow)
-
-    def access(self, request: MmioRequest) -> AccessReply:
+    def access(self, request: MmioExit) -> Completion:
         with self._endpoint.lock:
             errors = self._apply_posted() if self._posted else ()
             reply = self._dispatch(request.address, request.length, request.is_write, request.data)
             changes = self._endpoint.take_mirror_changes()
             shadow = self._shadow()
-        self._deliver(shadow)
-        return AccessReply(_STATUS[reply.outcome], reply.data, reply.error, errors, changes, shadow)
+        return Completion(_STATUS[reply.outcome], reply.data, reply.error, errors, changes,
+                          () if shadow is None else (shadow,))
 
-    def post(self, address: int, data: bytes) -> AccessReply | None:
+    def post(self, address: int, data: bytes) -> Completion | None:
         self._posted.append((address, data))
         if len(self._posted) >= POSTED_BATCH_MAX:  # the same batches as over gRPC, and bounded memory
             return self.flush()
         return None
 
-    def flush(self, wait: bool = True) -> AccessReply:
+    def flush(self, wait: bool = True) -> Completion:
         with self._endpoint.lock:
             errors = self._apply_posted()
             changes = self._endpoint.take_mirror_changes()
             shadow = self._shadow()
-        self._deliver(shadow)
-        return AccessReply(AccessStatus.OK, posted_errors=errors, mirror_changes=changes, shadow=shadow)
+        return Completion(CompletionStatus.OK, posted_errors=errors, mirror_changes=changes,
+                          shadows=() if shadow is None else (shadow,))
 
     def pending_posted(self) -> int:
         return len(self._posted)
@@ -143,7 +137,6 @@ class LocalEndpoint:
         self.bus = bus
         self.lock = threading.Lock()
         self.tracker = ShadowTracker(bus, enabled=shadows)
-        self.shadow_sink: ShadowSink | None = None
         # Console input the RX FIFO could not take yet, by device; pumped in as the guest drains the FIFO.
         self._pending_input: dict[str, bytearray] = {}
         # Found once: a runtime Protocol check per access would cost more than the access itself.
@@ -201,7 +194,7 @@ class LocalEndpoint:
                 ))
         return regions
 
-    def open_exit_channel(self, vm_id: str, vcpu_id: int, architecture: int) -> ExitChannel:
+    def open_exit_channel(self, vm_id: str, vcpu_id: int, architecture: str) -> ExitChannel:
         return LocalExitChannel(self)
 
     def take_mirror_changes(self) -> tuple[MirrorChange, ...]:

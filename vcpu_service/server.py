@@ -18,12 +18,23 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mmiosplit.address import parse_address
+from mmiosplit.mmio import DeviceEndpoint, TransportError
 from mmiosplit.v1 import common_pb2, vcpu_pb2, vcpu_pb2_grpc
 from mmiosplit.wire import GRPC_OPTIONS
 from vcpu_service.arch import ArchError
-from vcpu_service.exits import ExitRecord
-from vcpu_service.totals import POSTED_BATCH_SIZES, MetricsSnapshot, VmTotals, vcpu_state_name, vm_totals
-from vcpu_service.transport import DeviceEndpoint, GrpcEndpoint, TransportError
+from vcpu_service.domain import (
+    ErrorKind,
+    EventKind,
+    FaultPolicy,
+    LatencySummary,
+    Policies,
+    UnmappedPolicy,
+    VmEvent,
+    VmStats,
+)
+from vcpu_service.totals import MetricsSnapshot, VmTotals, vcpu_state_name, vm_totals
+from vcpu_service.tracelog import ExitRecord
+from vcpu_service.transport import POSTED_BATCH_SIZES, GrpcEndpoint
 from vcpu_service.vm import ImageSpec, Vm, VmConfigError, VmSpec, VmStateError
 
 log = logging.getLogger("mmiosplit.vcpu")
@@ -33,6 +44,20 @@ SERVICE_NAME = "mmiosplit.v1.VcpuService"
 T = TypeVar("T")
 
 _ARCH = {common_pb2.ARCHITECTURE_AARCH64: "aarch64", common_pb2.ARCHITECTURE_ARM: "arm"}
+# Unset policies get the architecture doc's defaults: what real hardware (and QEMU for NISV) would do.
+_UNMAPPED = {
+    vcpu_pb2.UNMAPPED_ACCESS_POLICY_UNSPECIFIED: UnmappedPolicy.RAZ_WI,
+    vcpu_pb2.UNMAPPED_ACCESS_POLICY_RAZ_WI: UnmappedPolicy.RAZ_WI,
+    vcpu_pb2.UNMAPPED_ACCESS_POLICY_ABORT: UnmappedPolicy.ABORT,
+    vcpu_pb2.UNMAPPED_ACCESS_POLICY_STOP: UnmappedPolicy.STOP,
+}
+_FAULT = {
+    vcpu_pb2.FAULT_POLICY_UNSPECIFIED: FaultPolicy.ABORT,
+    vcpu_pb2.FAULT_POLICY_ABORT: FaultPolicy.ABORT,
+    vcpu_pb2.FAULT_POLICY_STOP: FaultPolicy.STOP,
+}
+_EVENT_KIND = {kind: vcpu_pb2.VmEventKind.Value(f"VM_EVENT_KIND_{kind.name}") for kind in EventKind}
+_ERROR_KIND = {kind: vcpu_pb2.VmErrorKind.Value(f"VM_ERROR_KIND_{kind.name}") for kind in ErrorKind}
 
 
 def spec_from_proto(cfg: vcpu_pb2.VmConfig) -> VmSpec:
@@ -40,20 +65,17 @@ def spec_from_proto(cfg: vcpu_pb2.VmConfig) -> VmSpec:
     arch = _ARCH.get(cfg.architecture)
     if arch is None:
         raise VmConfigError("architecture is unset or unknown: use ARCHITECTURE_AARCH64 or ARCHITECTURE_ARM")
-    pol = vcpu_pb2.Policies()
-    pol.CopyFrom(cfg.policies)
-    if pol.unmapped_access == vcpu_pb2.UNMAPPED_ACCESS_POLICY_UNSPECIFIED:
-        pol.unmapped_access = vcpu_pb2.UNMAPPED_ACCESS_POLICY_RAZ_WI
+    pol = cfg.policies
+    unmapped = _UNMAPPED.get(pol.unmapped_access)
+    if unmapped is None:
+        raise VmConfigError(f"policy unmapped_access={pol.unmapped_access} is not a known UnmappedAccessPolicy")
+    faults = {}
     for name in ("device_error", "deadline", "nisv"):
         value = getattr(pol, name)
-        if value == vcpu_pb2.FAULT_POLICY_UNSPECIFIED:
-            # The architecture doc's defaults: what real hardware (and QEMU for NISV) would do.
-            setattr(pol, name, vcpu_pb2.FAULT_POLICY_ABORT)
-        elif value not in (vcpu_pb2.FAULT_POLICY_ABORT, vcpu_pb2.FAULT_POLICY_STOP):
+        fault = _FAULT.get(value)
+        if fault is None:
             raise VmConfigError(f"policy {name}={value} is not a known FaultPolicy")
-    if pol.unmapped_access not in (vcpu_pb2.UNMAPPED_ACCESS_POLICY_RAZ_WI, vcpu_pb2.UNMAPPED_ACCESS_POLICY_ABORT,
-                                   vcpu_pb2.UNMAPPED_ACCESS_POLICY_STOP):
-        raise VmConfigError(f"policy unmapped_access={pol.unmapped_access} is not a known UnmappedAccessPolicy")
+        faults[name] = fault
     if cfg.machine not in ("", "virt"):
         raise VmConfigError(f"unknown machine profile {cfg.machine!r}; known: virt")
     if cfg.limits.wall_clock_seconds < 0:
@@ -65,7 +87,7 @@ def spec_from_proto(cfg: vcpu_pb2.VmConfig) -> VmSpec:
         ram=[(r.base, r.size) for r in cfg.ram],
         images=[ImageSpec(i.name or f"image{n}", bytes(i.data), i.load_address) for n, i in enumerate(cfg.images)],
         entry_point=cfg.entry_point,
-        policies=pol,
+        policies=Policies(unmapped, **faults),
         instruction_budget=cfg.limits.instruction_budget,
         wall_clock_seconds=cfg.limits.wall_clock_seconds,
         exit_deadline_ms=cfg.exit_deadline_ms,
@@ -83,6 +105,34 @@ def exit_trace_proto(r: ExitRecord) -> vcpu_pb2.ExitTrace:
         sixty_four=r.sixty_four, writeback=r.writeback, value=r.value & 0xFFFF_FFFF_FFFF_FFFF, device=r.device,
         outcome=r.outcome, latency_us=r.latency_ns / 1000, syndrome=r.syndrome,
     )
+
+
+def event_to_wire(e: VmEvent) -> vcpu_pb2.VmEvent:
+    return vcpu_pb2.VmEvent(seq=e.seq, kind=_EVENT_KIND[e.kind], time=e.time, vcpu_id=e.vcpu_id, reason=e.reason,
+                            error_kind=_ERROR_KIND[e.error_kind], pc=e.pc, fault_address=e.fault_address,
+                            syndrome=e.syndrome, instruction=e.instruction, device=e.device)
+
+
+def _latency_to_wire(s: LatencySummary) -> vcpu_pb2.LatencySummary:
+    return vcpu_pb2.LatencySummary(count=s.count, p50_us=s.p50_us, p90_us=s.p90_us, p99_us=s.p99_us,
+                                   p999_us=s.p999_us, max_us=s.max_us, mean_us=s.mean_us, hdr=s.hdr)
+
+
+def stats_to_wire(stats: VmStats) -> vcpu_pb2.GetStatsResponse:
+    resp = vcpu_pb2.GetStatsResponse(exits=stats.exits, run_seconds=stats.run_seconds)
+    for v in stats.vcpus:
+        vs = resp.vcpus.add(vcpu_id=v.vcpu_id, state=v.state, exits=v.exits, reads=v.reads, writes=v.writes,
+                            posted_writes=v.posted_writes, posted_batches=v.posted_batches, psci_calls=v.psci_calls,
+                            external_aborts=v.external_aborts, nops=v.nops, hand_decoded=v.hand_decoded,
+                            shadow_reads=v.shadow_reads)
+        if v.exit_latency is not None:
+            vs.exit_latency.CopyFrom(_latency_to_wire(v.exit_latency))
+    if stats.exit_latency is not None:
+        resp.exit_latency.CopyFrom(_latency_to_wire(stats.exit_latency))
+    for e in stats.kvm_report:
+        resp.kvm_report.add(pc=e.pc, isa=e.isa, instruction=e.instruction, reason=e.reason, handled=e.handled,
+                            count=e.count)
+    return resp
 
 
 class VcpuServicer(vcpu_pb2_grpc.VcpuServiceServicer):
@@ -170,7 +220,7 @@ class VcpuServicer(vcpu_pb2_grpc.VcpuServiceServicer):
                        context: grpc.ServicerContext) -> Iterator[vcpu_pb2.StreamVmEventsResponse]:
         vm = self._vm(request.vm_id, context)
         for event in vm.events.follow(context.is_active):
-            yield vcpu_pb2.StreamVmEventsResponse(event=event)
+            yield vcpu_pb2.StreamVmEventsResponse(event=event_to_wire(event))
 
     def GetRegisters(self, request: vcpu_pb2.GetRegistersRequest,
                      context: grpc.ServicerContext) -> vcpu_pb2.GetRegistersResponse:
@@ -202,7 +252,7 @@ class VcpuServicer(vcpu_pb2_grpc.VcpuServiceServicer):
 
     def GetStats(self, request: vcpu_pb2.GetStatsRequest, context: grpc.ServicerContext) -> vcpu_pb2.GetStatsResponse:
         vm = self._vm(request.vm_id, context)
-        return self._call(context, lambda: vm.stats(request.include_histograms, request.counters_only))
+        return stats_to_wire(self._call(context, lambda: vm.stats(request.include_histograms, request.counters_only)))
 
     def StreamExitTrace(self, request: vcpu_pb2.StreamExitTraceRequest,
                         context: grpc.ServicerContext) -> Iterator[vcpu_pb2.StreamExitTraceResponse]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 
-from vcpu_service.transport import RemoteRegion, ShadowChange, TransportError
+from mmiosplit.mmio import RemoteRegion, ShadowChange, TransportError
 
 
 class ShadowTable:

@@ -2,7 +2,7 @@
 
 Nothing here runs on the exit path: the vCPUs only bump plain integers (``ExitStats``) and record
 into their latency HdrHistogram; this module reads those at scrape time. The one exception is
-``POSTED_BATCH_SIZES``, recorded once per posted batch (not per write). Counters are service-wide and
+``transport.POSTED_BATCH_SIZES``, recorded once per posted batch (not per write). Counters are service-wide and
 survive VM deletion: the server folds a deleted VM's totals into its retired totals, so Prometheus
 counters never go backwards. No prometheus_client import here, so a service without
 ``--metrics-port`` never loads it.
@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from mmiosplit.buckets import POSTED_BATCH_BOUNDS, BucketSnapshot, FixedHistogram
-from mmiosplit.v1 import vcpu_pb2
+from mmiosplit.buckets import POSTED_BATCH_BOUNDS, BucketSnapshot
+from vcpu_service.domain import EventKind
 
 if TYPE_CHECKING:
     from hdrh.histogram import HdrHistogram
@@ -32,23 +32,11 @@ LATENCY_BOUNDS_NS: tuple[int, ...] = (
     100_000_000, 250_000_000, 500_000_000, 1_000_000_000,
 )
 
-# Writes per posted batch sent by any vCPU of this process; GrpcExitChannel records each batch it sends.
-POSTED_BATCH_SIZES = FixedHistogram(POSTED_BATCH_BOUNDS)
-
 # Exit kinds whose counts come from ExitStats.by_region: every such exit has a device region.
 REGION_KINDS = ("read", "write", "posted_write")
 # Kinds counted only in aggregate (ExitStats attribute); reported with device="" and region="" unless
 # ExitStats.by_region carries that kind too, in which case by_region is used for it.
 AGGREGATE_KINDS = {"shadow_read": "shadow_reads", "nop": "nops", "abort": "aborts"}
-
-
-def error_kind_name(kind: int) -> str:
-    """``VM_ERROR_KIND_DEVICE_ERROR`` -> ``device_error`` (a label value)."""
-    try:
-        name = vcpu_pb2.VmErrorKind.Name(kind)  # type: ignore[arg-type]
-    except ValueError:
-        return str(kind)
-    return str(name).removeprefix("VM_ERROR_KIND_").lower()
 
 
 def vcpu_state_name(state: VcpuState) -> str:
@@ -143,8 +131,8 @@ def vm_totals(vm: Vm) -> VmTotals:
             t.kvm_unhandled["decoded" if entry.handled else "refused"] += entry.count
         t.latency = t.latency.merged(hdr_buckets(v.latency_snapshot()))
     final = vm.events.final
-    if final is not None and final.kind == vcpu_pb2.VM_EVENT_KIND_ERROR:
-        t.vm_errors[error_kind_name(final.error_kind)] += 1
+    if final is not None and final.kind is EventKind.ERROR:
+        t.vm_errors[final.error_kind.value] += 1
     return t
 
 

@@ -1,92 +1,51 @@
-"""How a vCPU reaches device models: the one small interface the exit path talks to.
+"""The gRPC transport: how a vCPU reaches a device service over ``mmiosplit.v1`` (one bidirectional stream per
+vCPU per device service, handshake first, a sequence number on every message).
 
-``GrpcEndpoint`` is the product's transport (one bidirectional stream per vCPU per device service,
-handshake first, a sequence number on every message). ``LocalEndpoint`` calls the same device models
-inside the vcpu process: the floor every benchmark compares against, as KVM keeps a few devices in
-the kernel. The exit path never knows which one it has.
+This is the vCPU side's only gRPC adapter for devices: protobufs enter and leave here, converted once to the
+plain types of ``mmiosplit.mmio`` (``to_wire_exit``, ``completion_from_wire``, ``regions_from_wire``). The
+in-process transport, ``device_service.local``, implements the same protocols without any of this.
 """
 
 from __future__ import annotations
 
 import collections
-import enum
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Iterable
 
 import grpc
 
 from mmiosplit.address import parse_address
+from mmiosplit.buckets import POSTED_BATCH_BOUNDS, FixedHistogram
+from mmiosplit.mmio import (
+    POSTED_INFLIGHT,
+    Completion,
+    CompletionStatus,
+    DeadlineExceeded,
+    ExitChannel,
+    MirrorChange,
+    MmioExit,
+    PostedQueue,
+    RemoteRegion,
+    ShadowChange,
+    ShadowWatch,
+    TransportError,
+    check_shadow_windows,
+)
 from mmiosplit.v1 import common_pb2, device_pb2, device_pb2_grpc
 from mmiosplit.wire import GRPC_OPTIONS, PROTOCOL_VERSION
-from vcpu_service.totals import POSTED_BATCH_SIZES
 
-POSTED_BATCH_MAX = 1024
-# Full batches a vCPU may have sent without reading their completions (backpressure beyond that).
-POSTED_INFLIGHT = 2
+# Writes per posted batch sent by any vCPU of this process, for the metrics (recorded once per batch).
+POSTED_BATCH_SIZES = FixedHistogram(POSTED_BATCH_BOUNDS)
 
-
-class TransportError(Exception):
-    """The device service cannot be reached or broke the protocol; the message names the service."""
-
-
-class DeadlineExceeded(TransportError):
-    """No completion arrived before the exit deadline."""
-
-
-class AccessStatus(enum.Enum):
-    OK = "ok"
-    DEVICE_ERROR = "device error"
-    NO_DEVICE = "no device"
-    BAD_REQUEST = "bad request"
-
-
-@dataclass(frozen=True, slots=True)
-class RemoteRegion:
-    """A region a device service owns, as its Describe reported it."""
-
-    service: str
-    device: str
-    device_type: str
-    name: str
-    base: int
-    size: int
-    romd: bool
-    posted: bool
-    access_sizes: tuple[int, ...]
-    has_console: bool
-    compatible: tuple[str, ...] = ()
-    #: Shadow registers, as (offset inside the region, size): reads of exactly these are answered from the
-    #: VM's shadow table when it holds a value, without an exit.
-    shadows: frozenset[tuple[int, int]] = frozenset()
-
-    @property
-    def end(self) -> int:
-        return self.base + self.size
-
-
-@dataclass(frozen=True, slots=True)
-class MirrorChange:
-    """A ROMD region switching mode and/or changing bytes, as a device service reported it."""
-
-    service: str
-    device: str
-    region: str
-    enabled: bool
-    patches: tuple[tuple[int, bytes], ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class ShadowChange:
-    """New values of shadow registers from one device service, all current as of ``generation``; values are
-    (device, region, offset inside the region, bytes as a read returns them)."""
-
-    service: str
-    generation: int
-    values: tuple[tuple[str, str, int, bytes], ...]
+_ARCHITECTURE = {"aarch64": common_pb2.ARCHITECTURE_AARCH64, "arm": common_pb2.ARCHITECTURE_ARM}
+_STATUS = {
+    device_pb2.COMPLETION_STATUS_OK: CompletionStatus.OK,
+    device_pb2.COMPLETION_STATUS_DEVICE_ERROR: CompletionStatus.DEVICE_ERROR,
+    device_pb2.COMPLETION_STATUS_NO_DEVICE: CompletionStatus.NO_DEVICE,
+    device_pb2.COMPLETION_STATUS_BAD_REQUEST: CompletionStatus.BAD_REQUEST,
+}
 
 
 def shadow_change(service: str, update: device_pb2.ShadowUpdate) -> ShadowChange:
@@ -94,92 +53,32 @@ def shadow_change(service: str, update: device_pb2.ShadowUpdate) -> ShadowChange
                         tuple((v.device, v.region, v.offset, bytes(v.data)) for v in update.values))
 
 
-#: Where a transport hands every ShadowChange a completion carries, before the completion is returned, so
-#: the VM's table is current before the vCPU runs on (whichever path the completion took: exit, flush, batch).
-ShadowSink = Callable[[ShadowChange], None]
-
-
-@dataclass(frozen=True, slots=True)
-class AccessReply:
-    status: AccessStatus
-    data: bytes = b""
-    error: str = ""
-    posted_errors: tuple[str, ...] = ()
-    mirror_changes: tuple[MirrorChange, ...] = ()
-    shadow: ShadowChange | None = None
-
-
 def mirror_changes(service: str, updates: Iterable[device_pb2.MirrorUpdate]) -> tuple[MirrorChange, ...]:
     return tuple(MirrorChange(service, u.device, u.region, u.mirror_enabled,
                               tuple((p.offset, bytes(p.data)) for p in u.patches)) for u in updates)
 
 
-@dataclass(slots=True)
-class MmioRequest:
-    """One trapped access as the exit path hands it to a transport."""
-
-    vcpu_id: int
-    address: int
-    region: RemoteRegion
-    length: int
-    is_write: bool
-    data: bytes = b""
-    syndrome: int = 0
-    pc: int = 0
-    instruction: int = 0
+def to_wire_exit(exit: MmioExit) -> device_pb2.MmioExit:
+    return device_pb2.MmioExit(
+        vcpu_id=exit.vcpu_id, address=exit.address, region_offset=exit.region_offset, device=exit.device,
+        region=exit.region, length=exit.length,
+        direction=device_pb2.ACCESS_DIRECTION_WRITE if exit.is_write else device_pb2.ACCESS_DIRECTION_READ,
+        data=exit.data, syndrome=exit.syndrome, pc=exit.pc, instruction=exit.instruction,
+    )
 
 
-@dataclass(slots=True)
-class _PostedQueue:
-    addresses: list[int] = field(default_factory=list)
-    lengths: list[int] = field(default_factory=list)
-    data: bytearray = field(default_factory=bytearray)
-
-    def __len__(self) -> int:
-        return len(self.addresses)
-
-    def take(self) -> device_pb2.PostedWrites:
-        POSTED_BATCH_SIZES.record(len(self.addresses))  # once per batch, for the metrics
-        batch = device_pb2.PostedWrites(address=self.addresses, length=self.lengths, data=bytes(self.data))
-        self.addresses, self.lengths, self.data = [], [], bytearray()
-        return batch
-
-
-class ExitChannel(Protocol):
-    """One vCPU's path to one device service."""
-
-    def access(self, request: MmioRequest) -> AccessReply: ...
-    def post(self, address: int, data: bytes) -> AccessReply | None: ...
-    def flush(self, wait: bool = True) -> AccessReply: ...
-    def pending_posted(self) -> int: ...
-    def broken(self) -> bool: ...
-    def close(self) -> None: ...
-
-
-class ShadowWatch(Protocol):
-    """A device service's stream of shadow-register values: every current value first, then changes."""
-
-    def next(self, timeout: float | None = None) -> ShadowChange | None:
-        """The next update; None once cancelled. Raises TransportError when the stream breaks or, with
-        ``timeout``, when nothing arrives in time."""
-        ...
-
-    def cancel(self) -> None: ...
-
-
-class DeviceEndpoint(Protocol):
-    """One device service (or the in-process models)."""
-
-    name: str
-    #: Set by the VM that uses this endpoint; channels call it with the shadow values of each completion.
-    shadow_sink: ShadowSink | None
-
-    def describe(self) -> list[RemoteRegion]: ...
-    def watch_shadows(self, vm_id: str) -> ShadowWatch: ...
-    def open_exit_channel(self, vm_id: str, vcpu_id: int, architecture: int) -> ExitChannel: ...
-    def read_mirror(self, device: str, region: str) -> tuple[list[tuple[int, bytes]], bool]: ...
-    def reset(self) -> tuple[MirrorChange, ...]: ...
-    def close(self) -> None: ...
+def completion_from_wire(service: str, c: device_pb2.Completion) -> Completion:
+    """A wire completion as the exit path sees it; TransportError for a status this side does not know."""
+    status = _STATUS.get(c.status)
+    if status is None:
+        raise TransportError(f"device service {service} sent completion status {c.status}, "
+                             "which is not a known CompletionStatus")
+    return Completion(
+        status, bytes(c.data), c.error,
+        tuple(f"posted write to 0x{e.address:x}: {e.error}" for e in c.posted_errors),
+        mirror_changes(service, c.mirror_updates),
+        (shadow_change(service, c.shadow),) if c.HasField("shadow") else (),
+    )
 
 
 class _Watchdog:
@@ -223,24 +122,23 @@ class GrpcExitChannel:
     (latency.md section 1).
     """
 
-    def __init__(self, endpoint: GrpcEndpoint, vm_id: str, vcpu_id: int, architecture: int,
+    def __init__(self, endpoint: GrpcEndpoint, vm_id: str, vcpu_id: int, architecture: str,
                  deadline_s: float) -> None:
-        self._endpoint = endpoint
         self._name = endpoint.name
         self._requests: queue.SimpleQueue[device_pb2.ExitStreamRequest | None] = queue.SimpleQueue()
         self._seq = 0
-        self._posted = _PostedQueue()
-        # Posted-write flushes sent but not yet answered, and what answered ones reported meanwhile.
+        self._posted = PostedQueue()
+        # Posted-write flushes sent but not yet answered, and the completions of answered ones whose side
+        # effects have not reached the vCPU yet (they ride on the next completion it sees).
         self._inflight: collections.deque[int] = collections.deque()
-        self._carried_errors: list[str] = []
-        self._carried_changes: list[MirrorChange] = []
+        self._carried: list[Completion] = []
         self._closed = False
         self._expired = False
         self.deadline_s = deadline_s
         self.waiting_since: float | None = None
         self._call = endpoint.stub.ExitStream(iter(self._requests.get, None))
         hello = device_pb2.StreamHello(protocol_version=PROTOCOL_VERSION, vm_id=vm_id, vcpu_id=vcpu_id,
-                                       architecture=common_pb2.Architecture.ValueType(architecture))
+                                       architecture=_ARCHITECTURE[architecture])
         _WATCHDOG.add(self)
         reply = self._round_trip(device_pb2.ExitStreamRequest(seq=0, hello=hello), what="handshake")
         if reply.WhichOneof("body") != "welcome":
@@ -292,88 +190,62 @@ class GrpcExitChannel:
             )
         return reply
 
+    def _completion(self, reply: device_pb2.ExitStreamResponse) -> Completion:
+        if reply.WhichOneof("body") != "completion":
+            self._closed = True
+            raise TransportError(f"device service {self._name} sent {reply.WhichOneof('body')!r} "
+                                 "where a completion was due")
+        return completion_from_wire(self._name, reply.completion)
+
     def _drain(self, keep: int) -> None:
         """Read the completions of posted-write flushes sent earlier until at most ``keep`` are unanswered;
-        what they report (failed writes, mirror changes) rides on the next reply the vCPU sees."""
+        what they report (failed writes, mirror changes, shadow values) rides on the next completion."""
         while len(self._inflight) > keep:
             seq = self._inflight.popleft()
-            done = self._completion(self._receive(seq, "posted-write flush"), None)
-            self._carried_errors += done.posted_errors
-            self._carried_changes += done.mirror_changes
+            self._carried.append(self._completion(self._receive(seq, "posted-write flush")))
 
-    def _with_carried(self, reply: AccessReply) -> AccessReply:
-        if not (self._carried_errors or self._carried_changes):
-            return reply
-        merged = AccessReply(reply.status, reply.data, reply.error,
-                             (*self._carried_errors, *reply.posted_errors),
-                             (*self._carried_changes, *reply.mirror_changes), reply.shadow)
-        self._carried_errors, self._carried_changes = [], []
-        return merged
+    def _with_carried(self, completion: Completion) -> Completion:
+        if not self._carried:
+            return completion
+        carried, self._carried = self._carried, []
+        return completion.merged_after(carried)
 
     def _next_seq(self) -> int:
         self._seq += 1
         return self._seq
 
-    def access(self, request: MmioRequest) -> AccessReply:
-        region = request.region
-        exit_msg = device_pb2.MmioExit(
-            vcpu_id=request.vcpu_id, address=request.address, region_offset=request.address - region.base,
-            device=region.device, region=region.name, length=request.length,
-            direction=device_pb2.ACCESS_DIRECTION_WRITE if request.is_write else device_pb2.ACCESS_DIRECTION_READ,
-            data=request.data, syndrome=request.syndrome, pc=request.pc, instruction=request.instruction,
-        )
+    def access(self, exit: MmioExit) -> Completion:
+        message = to_wire_exit(exit)
         if len(self._posted):
-            exit_msg.posted.CopyFrom(self._posted.take())
+            message.posted.CopyFrom(self._take_posted())
         seq = self._next_seq()
-        self._send(device_pb2.ExitStreamRequest(seq=seq, exit=exit_msg))
+        self._send(device_pb2.ExitStreamRequest(seq=seq, exit=message))
         self._drain(0)  # flushes sent earlier are answered first, in order
-        reply = self._receive(seq, f"access at 0x{request.address:x}")
-        return self._with_carried(self._completion(reply, request))
-
-    def _completion(self, reply: device_pb2.ExitStreamResponse, request: MmioRequest | None) -> AccessReply:
-        if reply.WhichOneof("body") != "completion":
-            self._closed = True
-            raise TransportError(f"device service {self._name} sent {reply.WhichOneof('body')!r} "
-                                 "where a completion was due")
-        c = reply.completion
-        status = _STATUS.get(c.status)
-        if status is None:
-            raise TransportError(f"device service {self._name} sent completion status {c.status}, "
-                                 "which is not a known CompletionStatus")
-        posted_errors = tuple(f"posted write to 0x{e.address:x}: {e.error}" for e in c.posted_errors)
-        if (request is not None and status is AccessStatus.OK and not request.is_write
-                and len(c.data) != request.length):
+        completion = self._completion(self._receive(seq, f"access at 0x{exit.address:x}"))
+        if completion.status is CompletionStatus.OK and not exit.is_write and len(completion.data) != exit.length:
             raise TransportError(
-                f"device service {self._name} completed a {request.length}-byte read of "
-                f"{request.region.device} at 0x{request.address:x} with {len(c.data)} bytes"
+                f"device service {self._name} completed a {exit.length}-byte read of "
+                f"{exit.device} at 0x{exit.address:x} with {len(completion.data)} bytes"
             )
-        shadow = None
-        if c.HasField("shadow"):
-            shadow = shadow_change(self._name, c.shadow)
-            sink = self._endpoint.shadow_sink
-            if sink is not None:
-                sink(shadow)  # raises TransportError naming a value the device service had no right to send
-        return AccessReply(status, bytes(c.data), c.error, posted_errors,
-                           mirror_changes(self._name, c.mirror_updates), shadow)
+        return self._with_carried(completion)
 
-    def post(self, address: int, data: bytes) -> AccessReply | None:
+    def _take_posted(self) -> device_pb2.PostedWrites:
+        addresses, lengths, data = self._posted.take()
+        POSTED_BATCH_SIZES.record(len(addresses))  # once per batch, for the metrics
+        return device_pb2.PostedWrites(address=addresses, length=lengths, data=data)
+
+    def post(self, address: int, data: bytes) -> Completion | None:
         """Queue a posted write. A full batch is sent without waiting for its completion (at most
-        ``POSTED_INFLIGHT`` unanswered); what earlier batches reported is returned when there is any."""
-        posted = self._posted
-        posted.addresses.append(address)
-        posted.lengths.append(len(data))
-        posted.data += data
-        if len(posted) < POSTED_BATCH_MAX:
+        ``POSTED_INFLIGHT`` unanswered) and what answered batches reported is returned with it."""
+        if not self._posted.add(address, data):
             return None
         self._send_flush()
         self._drain(POSTED_INFLIGHT)
-        if self._carried_errors or self._carried_changes:
-            return self._with_carried(AccessReply(AccessStatus.OK))
-        return None
+        return self._with_carried(Completion())
 
     def _send_flush(self) -> None:
         seq = self._next_seq()
-        self._send(device_pb2.ExitStreamRequest(seq=seq, flush=self._posted.take()))
+        self._send(device_pb2.ExitStreamRequest(seq=seq, flush=self._take_posted()))
         self._inflight.append(seq)
 
     def pending_posted(self) -> int:
@@ -383,13 +255,13 @@ class GrpcExitChannel:
         """The stream failed (deadline, protocol error, lost service) and must be reopened."""
         return self._closed
 
-    def flush(self, wait: bool = True) -> AccessReply:
+    def flush(self, wait: bool = True) -> Completion:
         """Send the queued posted writes; with ``wait``, also read every outstanding completion so that
         all of them have reached the device (halt, pause, stop, reset) and their errors are known."""
         if len(self._posted):
             self._send_flush()
         self._drain(0 if wait else POSTED_INFLIGHT)
-        return self._with_carried(AccessReply(AccessStatus.OK))
+        return self._with_carried(Completion())
 
     def close(self) -> None:
         _WATCHDOG.remove(self)
@@ -397,14 +269,6 @@ class GrpcExitChannel:
             self._closed = True
             self._requests.put(None)
         self._call.cancel()
-
-
-_STATUS = {
-    device_pb2.COMPLETION_STATUS_OK: AccessStatus.OK,
-    device_pb2.COMPLETION_STATUS_DEVICE_ERROR: AccessStatus.DEVICE_ERROR,
-    device_pb2.COMPLETION_STATUS_NO_DEVICE: AccessStatus.NO_DEVICE,
-    device_pb2.COMPLETION_STATUS_BAD_REQUEST: AccessStatus.BAD_REQUEST,
-}
 
 
 class GrpcEndpoint:
@@ -415,7 +279,6 @@ class GrpcEndpoint:
         self._target = parse_address(address).target
         self._connect_timeout_s = connect_timeout_s
         self._deadline_s = deadline_s
-        self.shadow_sink: ShadowSink | None = None
         self.channel = grpc.insecure_channel(self._target, options=GRPC_OPTIONS)
         self.stub = device_pb2_grpc.DeviceServiceStub(self.channel)
         try:
@@ -444,20 +307,24 @@ class GrpcEndpoint:
                     raise TransportError(f"device service {self.name}: device {dev.name} region {r.name} "
                                          "has size 0")
                 access_sizes = tuple(r.access_sizes) or (1, 2, 4, 8)
+                try:
+                    shadows = check_shadow_windows(
+                        f"device service {self.name}: {dev.name}/{r.name}", r.size, access_sizes,
+                        [(w.offset, w.size) for w in r.shadows])
+                except ValueError as exc:
+                    raise TransportError(str(exc)) from None
                 regions.append(RemoteRegion(
                     service=self.name, device=dev.name, device_type=dev.type, name=r.name, base=r.base,
                     size=r.size, romd=r.kind == device_pb2.REGION_KIND_ROMD, posted=r.posted,
                     access_sizes=access_sizes, has_console=dev.has_console,
-                    compatible=tuple(dev.compatible),
-                    shadows=shadow_windows(self.name, dev.name, r.name, r.size, access_sizes,
-                                           [(w.offset, w.size) for w in r.shadows]),
+                    compatible=tuple(dev.compatible), shadows=shadows,
                 ))
         return regions
 
     def watch_shadows(self, vm_id: str) -> ShadowWatch:
         return GrpcShadowWatch(self, vm_id)
 
-    def open_exit_channel(self, vm_id: str, vcpu_id: int, architecture: int) -> ExitChannel:
+    def open_exit_channel(self, vm_id: str, vcpu_id: int, architecture: str) -> ExitChannel:
         return GrpcExitChannel(self, vm_id, vcpu_id, architecture, self._deadline_s)
 
     def read_mirror(self, device: str, region: str) -> tuple[list[tuple[int, bytes]], bool]:
@@ -490,26 +357,6 @@ class GrpcEndpoint:
 
     def close(self) -> None:
         self.channel.close()
-
-
-def shadow_windows(service: str, device: str, region: str, size: int, access_sizes: tuple[int, ...],
-                   windows: Iterable[tuple[int, int]]) -> frozenset[tuple[int, int]]:
-    """Check the shadow registers a Describe declared: each inside its region, of a size the region takes,
-    none overlapping another. A bad one is refused by name, before any VM trusts it."""
-    out: set[tuple[int, int]] = set()
-    taken_until = 0
-    for offset, length in sorted(windows):
-        where = (f"device service {service}: {device}/{region} declares a shadow register at +0x{offset:x} "
-                 f"({length} bytes)")
-        if length not in access_sizes:
-            raise TransportError(f"{where}, but the region takes {'/'.join(map(str, access_sizes))}-byte accesses")
-        if offset + length > size:
-            raise TransportError(f"{where}, past the end of the region (0x{size:x} bytes)")
-        if offset < taken_until:
-            raise TransportError(f"{where}, overlapping another one")
-        taken_until = offset + length
-        out.add((offset, length))
-    return frozenset(out)
 
 
 class GrpcShadowWatch:
@@ -555,7 +402,3 @@ class GrpcShadowWatch:
     def cancel(self) -> None:
         self._cancelled = True
         self._call.cancel()
-
-
-def architecture_enum(name: str) -> int:
-    return {"aarch64": common_pb2.ARCHITECTURE_AARCH64, "arm": common_pb2.ARCHITECTURE_ARM}[name]

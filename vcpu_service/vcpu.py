@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from hdrh.histogram import HdrHistogram
 from unicorn import (
     UC_CTL_IO_WRITE,
     UC_CTL_TLB_FLUSH,
@@ -45,13 +44,14 @@ from unicorn import (
     arm64_const,
 )
 
-from mmiosplit.v1 import vcpu_pb2
+from mmiosplit.mmio import Completion, ExitChannel, RemoteRegion, TransportError
 from vcpu_service import fastreg, psci
 from vcpu_service.arch import EXCEPTION_NAMES, EXCP_HVC, EXCP_SMC, AArch64, close_uc
-from vcpu_service.exits import ExitPath, VcpuFault
-from vcpu_service.transport import AccessReply, ExitChannel, MmioRequest, TransportError, architecture_enum
+from vcpu_service.domain import ErrorKind, EventKind
+from vcpu_service.exits import ExitPath, Forward, PendingAccess, VcpuFault
 
 if TYPE_CHECKING:
+    from hdrh.histogram import HdrHistogram
     from unicorn.unicorn_py3 import UcContext
 
     from vcpu_service.vm import Vm
@@ -167,9 +167,6 @@ class Vcpu:
         self._fault_context: UcContext | None = None
         self.executed = 0
         self.psci_calls = 0
-        self.latency = HdrHistogram(1, 60_000_000_000, 3)
-        # HdrHistogram is not thread-safe: the vCPU records, GetStats copies, both under this lock.
-        self.latency_lock = threading.Lock()
         self.exits = ExitPath(self)
         self.uc = self._new_uc()
 
@@ -200,7 +197,7 @@ class Vcpu:
             # read permission and exit. Any write hook sends all loads and stores through Unicorn's slow
             # path, where permissions are always checked, so a stale TLB entry cannot serve a load.
             uc.mem_map_ptr(region.base, region.size, UC_PROT_WRITE, sink.address)
-            store = functools.partial(self.exits.posted_store, region, (region.device, region.name, "posted_write"))
+            store = functools.partial(self._posted_store, region, (region.device, region.name, "posted_write"))
             self._raw_hooks.append(fastreg.hook_mem_write(uc, store, self._on_hook_error, region.base, region.end - 1))
         return uc
 
@@ -248,6 +245,23 @@ class Vcpu:
 
 
     # ----- hooks (run on this vCPU's thread, inside emu_start) -----------------------------------------
+    def _posted_store(self, region: RemoteRegion, key: tuple[str, str, str], address: int, size: int,
+                      value: int) -> None:
+        """Unicorn's write hook on an exit-free posted window: the exit path queues the store.
+
+        A kick is taken here, before the write is queued (see ``kick``): stopped before this store retires,
+        it runs again, and is queued, on resume.
+        """
+        if self.kick_requested:
+            self.uc.emu_stop()
+            return
+        self.in_posted_hook = True  # the posted-write watchdog never stops a vCPU from outside meanwhile
+        try:
+            self.exits.post_store(region, key, address, size, value, self.posted_big_endian())
+        finally:
+            self.in_posted_hook = False
+            self.posted_hooks_done += 1
+
     def _on_unmapped(self, uc: Uc, access: int, address: int, size: int, value: int, _user: object) -> bool:
         if self._fault_context is None:  # after a deferred store fault, later faults are past it: ignore them
             self._fault = (access, address, size, value)
@@ -317,7 +331,7 @@ class Vcpu:
                         break
                     entry, context = self._power_on
                     self._power_on = None
-                self.vm.events.emit(vcpu_pb2.VM_EVENT_KIND_VCPU_STARTED, vcpu_id=self.index, pc=entry,
+                self.vm.events.emit(EventKind.VCPU_STARTED, vcpu_id=self.index, pc=entry,
                                     reason=f"vCPU {self.index} started at 0x{entry:x}")
                 begin = self.arch.set_entry(self.uc, entry, context)
                 self._run(begin)
@@ -327,7 +341,7 @@ class Vcpu:
                 self.flush_posted()
             self.vm.fail(fault.error_kind, fault.reason, vcpu_id=self.index, **fault.fields)
         except Exception as exc:  # a bug here must end the run with a reason, not kill the thread silently
-            self.vm.fail(vcpu_pb2.VM_ERROR_KIND_INTERNAL, f"vCPU {self.index}: internal error: {exc!r}",
+            self.vm.fail(ErrorKind.INTERNAL, f"vCPU {self.index}: internal error: {exc!r}",
                          vcpu_id=self.index)
         finally:
             _POSTED_WATCH.remove(self)
@@ -354,14 +368,10 @@ class Vcpu:
             if not (queued or wait):
                 continue
             try:
-                reply = channel.flush(wait)
+                completion = channel.flush(wait)
             except TransportError as exc:
-                raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_DEVICE_SERVICE, str(exc), device=name) from None
-            if queued:
-                self.exits.stats.posted_batches += 1
-            self.vm.apply_mirror_changes(reply.mirror_changes)
-            if reply.posted_errors:
-                raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_DEVICE_ERROR, "; ".join(reply.posted_errors), device=name)
+                raise VcpuFault(ErrorKind.DEVICE_SERVICE, str(exc), device=name) from None
+            self.exits.absorb(completion, name, batch_sent=bool(queued))
 
     def has_pending_posted(self) -> bool:
         """Whether posted writes wait in any queue (read by the posted-write watchdog's thread)."""
@@ -434,7 +444,7 @@ class Vcpu:
         with self.cond:
             self.state = VcpuState.HALTED
             self.cond.notify_all()
-        self.vm.events.emit(vcpu_pb2.VM_EVENT_KIND_VCPU_STOPPED, vcpu_id=self.index, pc=pc,
+        self.vm.events.emit(EventKind.VCPU_STOPPED, vcpu_id=self.index, pc=pc,
                             reason=f"vCPU {self.index} halted in WFI at 0x{pc - 4:x}; nothing can wake it")
         self.vm.check_idle()
         with self.cond:
@@ -444,12 +454,12 @@ class Vcpu:
 
     def _on_stop_cause(self, cause: _StopCause) -> bool:
         if cause.kind == "budget":
-            self.vm.finish(vcpu_pb2.VM_EVENT_KIND_BUDGET_EXHAUSTED, vcpu_id=self.index, pc=self.arch.pc(self.uc),
+            self.vm.finish(EventKind.BUDGET_EXHAUSTED, vcpu_id=self.index, pc=self.arch.pc(self.uc),
                            reason=f"instruction budget of {self.vm.instruction_budget} exhausted on vCPU {self.index}")
             return False
         if cause.kind == "exception":
             raise VcpuFault(
-                vcpu_pb2.VM_ERROR_KIND_GUEST_EXCEPTION,
+                ErrorKind.GUEST_EXCEPTION,
                 f"vCPU {self.index}: guest took a {cause.detail} at 0x{cause.pc:x}; this version delivers no "
                 "exceptions to the guest's vectors",
                 pc=cause.pc,
@@ -459,18 +469,18 @@ class Vcpu:
             with self.cond:
                 self.state = VcpuState.OFF
                 self.cond.notify_all()
-            self.vm.events.emit(vcpu_pb2.VM_EVENT_KIND_VCPU_STOPPED, vcpu_id=self.index, pc=cause.pc,
+            self.vm.events.emit(EventKind.VCPU_STOPPED, vcpu_id=self.index, pc=cause.pc,
                                 reason=f"vCPU {self.index} called PSCI CPU_OFF")
             self.vm.check_idle()
             return False
         if cause.kind == psci.PsciAction.SYSTEM_OFF.value:
-            self.vm.finish(vcpu_pb2.VM_EVENT_KIND_POWERED_OFF, vcpu_id=self.index, pc=cause.pc,
+            self.vm.finish(EventKind.POWERED_OFF, vcpu_id=self.index, pc=cause.pc,
                            reason=f"PSCI SYSTEM_OFF from vCPU {self.index}")
             return False
         if cause.kind == psci.PsciAction.SYSTEM_RESET.value:
             self.vm.request_reset(self.index, cause.pc)
             return False
-        raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_INTERNAL, f"unknown stop cause {cause.kind}")
+        raise VcpuFault(ErrorKind.INTERNAL, f"unknown stop cause {cause.kind}")
 
     def _on_emu_error(self, error: UcError, pc: int) -> None:
         fault = self._fault
@@ -480,16 +490,27 @@ class Vcpu:
         if fault is None or error.errno not in (UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED, UC_ERR_WRITE_PROT,
                                                 UC_ERR_READ_PROT):
             if fault is not None and fault[0] in (UC_MEM_FETCH_UNMAPPED, UC_MEM_FETCH_PROT):
-                raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_GUEST_EXCEPTION,
+                raise VcpuFault(ErrorKind.GUEST_EXCEPTION,
                                 f"vCPU {self.index}: instruction fetch from 0x{fault[1]:x}, which is not RAM",
                                 pc=pc, fault_address=fault[1])
-            raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_GUEST_EXCEPTION,
+            raise VcpuFault(ErrorKind.GUEST_EXCEPTION,
                             f"vCPU {self.index}: emulation stopped at 0x{pc:x}: {error}", pc=pc)
         if error.errno == UC_ERR_READ_PROT and self._trapping:
             # With the guest's MMU on, Unicorn fills the softmmu TLB even for a read it refuses, and the
             # next read of that page would be served from the mirror: drop the entry.
             self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
-        self.exits.handle(pc, fault[1], fault[0] in (UC_MEM_WRITE_UNMAPPED, UC_MEM_WRITE_PROT), fault[2])
+        self._take_exit(pc, fault[1], fault[0] in (UC_MEM_WRITE_UNMAPPED, UC_MEM_WRITE_PROT), fault[2])
+
+    def _take_exit(self, pc: int, address: int, is_write: bool, size: int) -> None:
+        """KVM_RUN's exit path: begin, exchange with the device service if the access must leave the process,
+        complete. On return the vCPU resumes at its (possibly new) PC."""
+        action = self.exits.begin(pc, address, is_write, size)
+        if isinstance(action, Forward):
+            result = self.exchange(action.pending)
+            if result is not None:
+                self.exits.complete(action.pending, result)
+        else:
+            self.exits.settle(action)
 
     def _sync_mirrors(self) -> None:
         """Follow the ROMD mirrors: readable while enabled, no access at all while the device traps
@@ -534,37 +555,41 @@ class Vcpu:
                     channel.close()
             endpoint = next(e for e in self.vm.endpoints if e.name == service)
             try:
-                channel = endpoint.open_exit_channel(self.vm.vm_id, self.index, architecture_enum(self.arch.name))
+                channel = endpoint.open_exit_channel(self.vm.vm_id, self.index, self.arch.name)
             except TransportError as exc:
-                raise VcpuFault(vcpu_pb2.VM_ERROR_KIND_DEVICE_SERVICE, f"vCPU {self.index}: {exc}") from None
+                raise VcpuFault(ErrorKind.DEVICE_SERVICE, f"vCPU {self.index}: {exc}") from None
             self._channels[service] = channel
         return channel
 
-    def exchange(self, service: str, request: MmioRequest) -> AccessReply | None:
-        """Send an exit and wait for its completion; None when the vCPU must stop without completing.
+    def exchange(self, pending: PendingAccess) -> Completion | TransportError | None:
+        """Send an exit and wait for its completion (or the transport's failure); None when the vCPU must stop
+        without completing it.
 
-        While waiting the vCPU is quiescent (its registers show the state before the instruction). A
-        pause that arrives meanwhile holds the completion until resume, so it is applied exactly once.
+        While waiting the vCPU is quiescent (its registers show the state before the instruction). A pause that
+        arrives meanwhile holds the completion until resume, so it is applied exactly once.
         """
-        channel = self.channel(service)
+        assert pending.exit is not None and pending.region is not None
+        channel = self.channel(pending.region.service)
         if channel.pending_posted():
             self.exits.stats.posted_batches += 1  # they ride on this exit
         with self.cond:
             self.state = VcpuState.EXIT_WAIT
             self.cond.notify_all()
-        reply: AccessReply | None = None
+        result: Completion | TransportError | None = None
         try:
-            reply = channel.access(request)
+            pending.sent_ns = time.perf_counter_ns()
+            result = channel.access(pending.exit)
+        except TransportError as exc:
+            result = exc
         finally:
             with self.cond:
                 if not self._park(VcpuState.EXIT_WAIT):
-                    reply = None
+                    result = None
                 self.state = VcpuState.RUNNING
-        return reply
+        return result
 
-    def record_latency(self, ns: int) -> None:
-        with self.latency_lock:
-            self.latency.record_value(max(1, ns))
+    def latency_snapshot(self) -> HdrHistogram:
+        return self.exits.latency_snapshot()
 
     # ----- inspection (VM lock held by the caller, vCPU quiescent) -----------------------------------
     def read_registers(self, names: list[str]) -> list[tuple[str, int]]:
@@ -574,25 +599,3 @@ class Vcpu:
         for name, value in values:
             self.arch.write_named(self.uc, name, value)
 
-    def latency_snapshot(self) -> HdrHistogram:
-        copy = HdrHistogram(1, 60_000_000_000, 3)
-        with self.latency_lock:
-            copy.add(self.latency)
-        return copy
-
-
-def summarize(hist: HdrHistogram, include_histogram: bool = False) -> vcpu_pb2.LatencySummary:
-    """Percentiles in microseconds from a histogram of nanoseconds (and the histogram itself if asked)."""
-    count = hist.get_total_count()
-    if count == 0:
-        return vcpu_pb2.LatencySummary()
-    return vcpu_pb2.LatencySummary(
-        hdr=hist.encode().decode("ascii") if include_histogram else "",
-        count=count,
-        p50_us=hist.get_value_at_percentile(50) / 1000,
-        p90_us=hist.get_value_at_percentile(90) / 1000,
-        p99_us=hist.get_value_at_percentile(99) / 1000,
-        p999_us=hist.get_value_at_percentile(99.9) / 1000,
-        max_us=hist.get_max_value() / 1000,
-        mean_us=hist.get_mean_value() / 1000,
-    )

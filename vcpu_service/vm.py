@@ -6,7 +6,6 @@ overlapping regions, images that do not fit, RAM over the cap, unreachable devic
 
 from __future__ import annotations
 
-import bisect
 import collections
 import ctypes
 import enum
@@ -19,16 +18,17 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from hdrh.histogram import HdrHistogram
-
-from mmiosplit.v1 import vcpu_pb2
+from mmiosplit.mmio import DeviceEndpoint, MirrorChange, RemoteRegion, ShadowWatch, TransportError
 from vcpu_service import psci
 from vcpu_service.arch import Arch, arch_by_name, close_uc
+from vcpu_service.domain import ErrorKind, EventKind, Policies, VcpuStats, VmStats
 from vcpu_service.events import EventLog
-from vcpu_service.exits import TraceLog
+from vcpu_service.exits import new_latency_histogram, summarize
+from vcpu_service.handlers import HandlerRegistry, PostedWrites, ShadowReads, Unmapped
+from vcpu_service.machines.virt import VirtMachine
 from vcpu_service.shadows import ShadowTable
-from vcpu_service.transport import DeviceEndpoint, MirrorChange, RemoteRegion, ShadowWatch, TransportError
-from vcpu_service.vcpu import QUIESCENT, Vcpu, VcpuState, summarize
+from vcpu_service.tracelog import TraceLog
+from vcpu_service.vcpu import QUIESCENT, Vcpu, VcpuState
 
 PAGE = 0x1000
 MAX_VCPUS = 64
@@ -70,7 +70,7 @@ class VmSpec:
     ram: list[tuple[int, int]] = field(default_factory=list)
     images: list[ImageSpec] = field(default_factory=list)
     entry_point: int = 0
-    policies: vcpu_pb2.Policies = field(default_factory=vcpu_pb2.Policies)
+    policies: Policies = field(default_factory=Policies)
     instruction_budget: int = 0
     wall_clock_seconds: float = 0.0
     exit_deadline_ms: int = 0
@@ -157,7 +157,9 @@ class Vm:
         self._shadows_closing = False
         self._validate_basic(spec, ram_cap)
         self.regions: list[RemoteRegion] = []
-        self._region_bases: list[int] = []
+        # The address map: device regions and the in-process handlers tried before an exit (filled in
+        # _build_device_map).
+        self.handlers = HandlerRegistry((), Unmapped(spec.policies.unmapped_access))
         self.posted_windows: list[tuple[RemoteRegion, RamBlock]] = []
         self.has_posted = False
         self.ram: list[RamBlock] = []
@@ -202,10 +204,11 @@ class Vm:
                 return block
         return None
 
+    def in_ram(self, address: int, length: int) -> bool:
+        return self._ram_block(address, length) is not None
+
     def machine_dtb(self) -> bytes:
         """The device tree of the machine profile, from the devices the services described."""
-        from vcpu_service.machines.virt import VirtMachine
-
         ram = self.ram[0]
         return VirtMachine(self.arch.name, self.cpu_model, self.spec.vcpu_count, (ram.base, ram.size),
                            self.regions).dtb()
@@ -245,7 +248,15 @@ class Vm:
                     raise VmConfigError(f"device region {r.device}/{r.name} {_fmt_range(r.base, r.size)} on "
                                         f"{r.service} overlaps RAM {_fmt_range(block.base, block.size)}")
         self.regions = regions
-        self._region_bases = [r.base for r in regions]
+        self.shadows = ShadowTable(regions)
+        self.handlers = HandlerRegistry(regions, Unmapped(self.policies.unmapped_access))
+        shadow_reads = ShadowReads(self.shadows)
+        posted_writes = PostedWrites()
+        for r in regions:
+            if r.shadows:
+                self.handlers.attach(r, shadow_reads)
+            if r.posted:
+                self.handlers.attach(r, posted_writes)
         for r in regions:
             if r.romd:
                 endpoint = next(e for e in self.endpoints if e.name == r.service)
@@ -319,12 +330,9 @@ class Vm:
 
     # ----- shadow registers ------------------------------------------------------------------------------
     def _start_shadows(self) -> None:
-        """Build the shadow table, fill it from each service's first WatchShadows message, and keep it current
-        with one thread per service. Completions update it too, through each endpoint's shadow sink."""
-        self.shadows = ShadowTable(self.regions)
+        """Fill the shadow table from each service's first WatchShadows message, and keep it current with one
+        thread per service. Completions update it too (``ExitPath.apply_effects``)."""
         for endpoint in self.endpoints:
-            # Every endpoint, so a shadow value from a service that declared none is refused by name.
-            endpoint.shadow_sink = self.shadows.apply
             if endpoint.name not in self.shadows.services:
                 continue
             watch = endpoint.watch_shadows(self.vm_id)
@@ -357,7 +365,7 @@ class Vm:
                 over = self._final_pending or self.run_state is RunState.FINISHED
             if not over:
                 log.warning("VM %s: shadow registers of %s: %s", self.vm_id, service, reason)
-                self.fail(vcpu_pb2.VM_ERROR_KIND_DEVICE_SERVICE, f"shadow registers: {reason}")
+                self.fail(ErrorKind.DEVICE_SERVICE, f"shadow registers: {reason}")
 
     def _resync_shadows(self) -> None:
         """After a reset, take a fresh snapshot of every service's shadow registers before a vCPU runs: the
@@ -383,10 +391,8 @@ class Vm:
         self._shadow_watches = []
 
     def find_region(self, address: int) -> RemoteRegion | None:
-        i = bisect.bisect_right(self._region_bases, address) - 1
-        if i >= 0 and address < self.regions[i].end:
-            return self.regions[i]
-        return None
+        slot = self.handlers.lookup(address)
+        return slot.region if slot is not None else None
 
     # ----- run control -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -398,7 +404,7 @@ class Vm:
             self._started_at = time.monotonic()
             for vcpu in self.vcpus:
                 vcpu.start_thread()
-            self.events.emit(vcpu_pb2.VM_EVENT_KIND_RUNNING, reason=f"VM {self.vm_id} started")
+            self.events.emit(EventKind.RUNNING, reason=f"VM {self.vm_id} started")
             self.vcpus[0].power_on(self.spec.entry_point, 0)
         if self.spec.wall_clock_seconds > 0:
             timer = threading.Timer(self.spec.wall_clock_seconds, self._wall_clock_expired)
@@ -406,7 +412,7 @@ class Vm:
             timer.start()
 
     def _wall_clock_expired(self) -> None:
-        self.finish(vcpu_pb2.VM_EVENT_KIND_TIMED_OUT,
+        self.finish(EventKind.TIMED_OUT,
                     reason=f"wall-clock limit of {self.spec.wall_clock_seconds:g} s reached")
 
     def _wait_quiescent(self, pred: set[VcpuState] | frozenset[VcpuState], what: str, timeout: float) -> None:
@@ -433,7 +439,7 @@ class Vm:
                 v.pause_req = True
             self.run_state = RunState.PAUSED
         self._wait_quiescent(QUIESCENT, "pause", timeout)
-        self.events.emit(vcpu_pb2.VM_EVENT_KIND_PAUSED, reason="paused by a client")
+        self.events.emit(EventKind.PAUSED, reason="paused by a client")
 
     def resume(self) -> None:
         with self.lock:
@@ -443,12 +449,12 @@ class Vm:
             for v in self.vcpus:
                 v.pause_req = False
                 v.cond.notify_all()
-            self.events.emit(vcpu_pb2.VM_EVENT_KIND_RUNNING, reason="resumed by a client")
+            self.events.emit(EventKind.RUNNING, reason="resumed by a client")
 
-    def fail(self, error_kind: int, reason: str, **fields: object) -> None:
-        self.finish(vcpu_pb2.VM_EVENT_KIND_ERROR, error_kind=error_kind, reason=reason, **fields)
+    def fail(self, error_kind: ErrorKind, reason: str, **fields: object) -> None:
+        self.finish(EventKind.ERROR, error_kind=error_kind, reason=reason, **fields)
 
-    def finish(self, kind: int, **fields: object) -> None:
+    def finish(self, kind: EventKind, **fields: object) -> None:
         """End the run: the first final event wins; it is emitted once every vCPU has stopped."""
         with self.lock:
             if self._final_pending or self.run_state is RunState.FINISHED:
@@ -459,7 +465,7 @@ class Vm:
                 v.cond.notify_all()
         threading.Thread(target=self._stop_all, args=(kind, fields), name="vm-stop", daemon=True).start()
 
-    def _stop_all(self, kind: int, fields: dict[str, object]) -> None:
+    def _stop_all(self, kind: EventKind, fields: dict[str, object]) -> None:
         for _ in range(2000):
             alive = [v for v in self.vcpus if v.thread_alive_elsewhere()]
             if not alive:
@@ -473,7 +479,7 @@ class Vm:
             self._finished_at = time.monotonic()
         if self.trace is not None:
             self.trace.close()
-        self.events.emit(kind, **fields)
+        self.events.emit(kind, **fields)  # type: ignore[arg-type]
 
     def check_idle(self) -> None:
         """When every vCPU is off or halted and nothing can wake one, the run is over."""
@@ -485,7 +491,7 @@ class Vm:
                 halted = sum(s is VcpuState.HALTED for s in states)
                 reason = (f"every vCPU is halted in WFI or off ({halted} halted) and nothing can wake them"
                           if halted else "every vCPU is off (PSCI CPU_OFF)")
-                self.finish(vcpu_pb2.VM_EVENT_KIND_HALTED, reason=reason)
+                self.finish(EventKind.HALTED, reason=reason)
 
     # ----- PSCI that needs the whole VM --------------------------------------------------------------
     def psci_cpu_on(self, caller: int, target_mpidr: int, entry: int, context: int) -> int:
@@ -534,14 +540,14 @@ class Vm:
                 for v in self.vcpus:
                     v.reinit()
                     v.off_req = False
-                self.events.emit(vcpu_pb2.VM_EVENT_KIND_RESET, vcpu_id=caller, pc=pc,
+                self.events.emit(EventKind.RESET, vcpu_id=caller, pc=pc,
                                  reason=f"PSCI SYSTEM_RESET from vCPU {caller}")
                 self._resetting = False
                 self.vcpus[0].power_on(self.spec.entry_point, 0)
         except (TransportError, VmStateError) as exc:
             with self.lock:
                 self._resetting = False
-            self.fail(vcpu_pb2.VM_ERROR_KIND_DEVICE_SERVICE, f"system reset failed: {exc}")
+            self.fail(ErrorKind.DEVICE_SERVICE, f"system reset failed: {exc}")
 
     # ----- inspection ------------------------------------------------------------------------------------
     def _quiescent_vcpu(self, vcpu_id: int) -> Vcpu:
@@ -581,39 +587,40 @@ class Vm:
             for v in self.vcpus:
                 v.uc.ctl_flush_tb()  # type: ignore[attr-defined]
 
-    def stats(self, include_histograms: bool = False, counters_only: bool = False) -> vcpu_pb2.GetStatsResponse:
+    def stats(self, include_histograms: bool = False, counters_only: bool = False) -> VmStats:
         """Counters and exit latency per vCPU and for the VM.
 
         Percentiles cost about 0.1 s per vCPU in pure Python, so a client polling during a run asks for
         counters only; a load tester asks for the whole histograms to merge and plot them itself.
         """
-        total = HdrHistogram(1, 60_000_000_000, 3)
-        resp = vcpu_pb2.GetStatsResponse()
+        total = new_latency_histogram()
+        vcpus = []
+        report = []
         for v in self.vcpus:
             st = v.exits.stats
-            vs = vcpu_pb2.VcpuStats(
+            latency = None
+            if not counters_only:
+                snapshot = v.latency_snapshot()
+                total.add(snapshot)
+                latency = summarize(snapshot, include_histograms)
+            vcpus.append(VcpuStats(
                 vcpu_id=v.index, state=v.state.value, exits=st.exits, reads=st.reads, writes=st.writes,
                 posted_writes=st.posted_writes, posted_batches=st.posted_batches, psci_calls=v.psci_calls,
                 external_aborts=st.aborts, nops=st.nops, hand_decoded=st.hand_decoded, shadow_reads=st.shadow_reads,
-            )
-            if not counters_only:
-                latency = v.latency_snapshot()
-                total.add(latency)
-                vs.exit_latency.CopyFrom(summarize(latency, include_histograms))
-            resp.vcpus.append(vs)
-            for e in list(st.kvm_report.values()):
-                resp.kvm_report.add(pc=e.pc, isa=e.isa, instruction=e.instruction, reason=e.reason,
-                                    handled=e.handled, count=e.count)
-        if not counters_only:
-            resp.exit_latency.CopyFrom(summarize(total, include_histograms))
-        resp.exits = sum(v.exits.stats.exits for v in self.vcpus)
+                exit_latency=latency,
+            ))
+            report += list(st.kvm_report.values())
         end = self._finished_at or time.monotonic()
-        resp.run_seconds = (end - self._started_at) if self._started_at else 0.0
-        return resp
+        return VmStats(
+            vcpus=tuple(vcpus), exits=sum(v.exits for v in vcpus),
+            run_seconds=(end - self._started_at) if self._started_at else 0.0,
+            exit_latency=None if counters_only else summarize(total, include_histograms),
+            kvm_report=tuple(report),
+        )
 
     # ----- teardown --------------------------------------------------------------------------------------
     def delete(self, timeout: float = 10.0) -> None:
-        self.finish(vcpu_pb2.VM_EVENT_KIND_STOPPED, reason="stopped by a client")
+        self.finish(EventKind.STOPPED, reason="stopped by a client")
         deadline = time.monotonic() + timeout
         stopped = all(v.join(max(0.0, deadline - time.monotonic())) for v in self.vcpus)
         self._stop_shadow_watches()

@@ -331,7 +331,7 @@ def _vcpu_counters(v: vcpu_pb2.VcpuStats, run_seconds: float) -> dict[str, float
 
 
 def _failed(vm: VmHandle, event: vcpu_pb2.VmEvent, when: str) -> GuestFailed:
-    from vcpu_service.events import kind_name
+    from mmiosplit.wire import event_kind_name as kind_name
 
     return GuestFailed(f"{vm.label}: the guest stopped {when}: {kind_name(event.kind)}: {event.reason}")
 

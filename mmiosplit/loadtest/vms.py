@@ -15,6 +15,7 @@ import grpc
 from mmiosplit.loadtest.guest import RAM_BASE, RAM_SIZE, GuestProgram
 from mmiosplit.runner import EXIT_STATUS, channel
 from mmiosplit.v1 import common_pb2, vcpu_pb2, vcpu_pb2_grpc
+from vcpu_service.server import event_to_wire, stats_to_wire
 
 CREATE_TIMEOUT_S = 60.0
 CALL_TIMEOUT_S = 30.0
@@ -182,10 +183,11 @@ class LocalVm:
         self._guard("resume", self.vm.resume)
 
     def stats(self, histograms: bool = False, counters_only: bool = False) -> vcpu_pb2.GetStatsResponse:
-        return self.vm.stats(histograms, counters_only)
+        return stats_to_wire(self.vm.stats(histograms, counters_only))
 
     def final(self) -> vcpu_pb2.VmEvent | None:
-        return self.vm.events.final
+        final = self.vm.events.final
+        return None if final is None else event_to_wire(final)
 
     def delete(self) -> None:
         if not self._deleted:

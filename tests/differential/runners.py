@@ -17,10 +17,12 @@ from unicorn import UC_ERR_INSN_INVALID, UC_HOOK_INTR, Uc, UcError
 from device_service.bus import DeviceBus
 from device_service.models.scratch import Scratch
 from mmiosplit.v1 import common_pb2, vcpu_pb2, vcpu_pb2_grpc
+from mmiosplit.wire import FINAL_EVENT_KINDS
 from tests.differential.program import PSCI_SYSTEM_OFF, RAM_BASE, RAM_SIZE, READBACK, RECORDS, Program
+from tests.exitpath.harness import event_from_wire
 from vcpu_service.arch import EXCEPTION_NAMES, EXCP_HVC, Arch, arch_by_name, close_uc
 from vcpu_service.decode import Isa
-from vcpu_service.events import FINAL_KINDS, kind_name
+from vcpu_service.domain import ErrorKind, EventKind, FaultPolicy, Policies, UnmappedPolicy, VmEvent
 from vcpu_service.local import LocalEndpoint
 from vcpu_service.vm import ImageSpec, Vm, VmSpec
 
@@ -99,24 +101,24 @@ def run_reference(program: Program) -> RunResult:
         close_uc(uc)
 
 
-def _stop_policies() -> vcpu_pb2.Policies:
-    """Every fault ends the run with a reason: the differential must see failures, not injected aborts."""
-    return vcpu_pb2.Policies(
-        unmapped_access=vcpu_pb2.UNMAPPED_ACCESS_POLICY_STOP, device_error=vcpu_pb2.FAULT_POLICY_STOP,
-        deadline=vcpu_pb2.FAULT_POLICY_STOP, nisv=vcpu_pb2.FAULT_POLICY_STOP,
-    )
+# Every fault ends the run with a reason: the differential must see failures, not injected aborts.
+_STOP_POLICIES = Policies(UnmappedPolicy.STOP, FaultPolicy.STOP, FaultPolicy.STOP, FaultPolicy.STOP)
+_WIRE_STOP_POLICIES = vcpu_pb2.Policies(
+    unmapped_access=vcpu_pb2.UNMAPPED_ACCESS_POLICY_STOP, device_error=vcpu_pb2.FAULT_POLICY_STOP,
+    deadline=vcpu_pb2.FAULT_POLICY_STOP, nisv=vcpu_pb2.FAULT_POLICY_STOP,
+)
 
 
-def _ending(final: vcpu_pb2.VmEvent | None, program: Program) -> tuple[bool, str, int, str]:
+def _ending(final: VmEvent | None, program: Program) -> tuple[bool, str, int, str]:
     """(ended as expected, status in the reference's terms, pc, detail) from a VM's final event."""
     if final is None:
         return False, f"no final event within {RUN_TIMEOUT_S:g} s", 0, ""
-    if final.kind == vcpu_pb2.VM_EVENT_KIND_POWERED_OFF:
+    if final.kind is EventKind.POWERED_OFF:
         status = "powered off"
-    elif final.kind == vcpu_pb2.VM_EVENT_KIND_ERROR and final.error_kind == vcpu_pb2.VM_ERROR_KIND_GUEST_EXCEPTION:
+    elif final.kind is EventKind.ERROR and final.error_kind is ErrorKind.GUEST_EXCEPTION:
         status = f"exception at 0x{final.pc:x}"
     else:
-        status = f"{kind_name(final.kind)}: {final.reason}"
+        status = f"{final.kind.value}: {final.reason}"
     return status == program.expected_ending, status, int(final.pc), final.reason
 
 
@@ -134,14 +136,14 @@ def run_local(program: Program) -> RunResult:
     spec = VmSpec(
         architecture=arch, cpu_model=batch.cpu_model, ram=[(RAM_BASE, RAM_SIZE)],
         images=[ImageSpec("differential", program.image, RAM_BASE)], entry_point=program.entry,
-        policies=_stop_policies(), wall_clock_seconds=RUN_TIMEOUT_S, name=f"differential {batch.seed}",
+        policies=_STOP_POLICIES, wall_clock_seconds=RUN_TIMEOUT_S, name=f"differential {batch.seed}",
     )
     vm = Vm(spec, [LocalEndpoint(bus)], ram_cap=RAM_SIZE)
     try:
         vm.start()
         ok, status, pc, detail = _ending(vm.events.wait_final(RUN_TIMEOUT_S + 5), program)
         if not ok and vm.events.final is None:
-            vm.finish(vcpu_pb2.VM_EVENT_KIND_STOPPED, reason="differential: no ending")
+            vm.finish(EventKind.STOPPED, reason="differential: no ending")
             vm.events.wait_final(10)
         registers = dict(vm.get_registers(0, [])[0])
         if status == "powered off":
@@ -190,20 +192,20 @@ class GrpcTarget:
             cpu_model=batch.cpu_model, vcpu_count=1, ram=[vcpu_pb2.MemoryRegion(base=RAM_BASE, size=RAM_SIZE)],
             device_services=[self.device_address],
             images=[vcpu_pb2.Image(name="differential", data=program.image, load_address=RAM_BASE)],
-            entry_point=program.entry, policies=_stop_policies(),
+            entry_point=program.entry, policies=_WIRE_STOP_POLICIES,
             limits=vcpu_pb2.RunLimits(wall_clock_seconds=RUN_TIMEOUT_S), name=f"differential {batch.seed}",
         )
         vm_id = self.stub.CreateVm(vcpu_pb2.CreateVmRequest(config=config), timeout=30).vm_id
         try:
-            final: list[vcpu_pb2.VmEvent] = []
+            final: list[VmEvent] = []
             done = threading.Event()
 
             def follow() -> None:
                 stream = self.stub.StreamVmEvents(vcpu_pb2.StreamVmEventsRequest(vm_id=vm_id),
                                                   timeout=RUN_TIMEOUT_S + 10)
                 for response in stream:
-                    if response.event.kind in FINAL_KINDS:
-                        final.append(response.event)
+                    if response.event.kind in FINAL_EVENT_KINDS:
+                        final.append(event_from_wire(response.event))
                 done.set()
 
             threading.Thread(target=follow, daemon=True).start()

@@ -32,8 +32,10 @@ from device_service.bus import DeviceBus
 from device_service.config import create_device, parse_device_specs
 from device_service.model import BUS_ACCESS_SIZES, AccessError, AccessResult, DeviceModel, RegionSpec
 from mmiosplit.v1 import vcpu_pb2
-from vcpu_service.exits import ExitRecord, ExitStats
+from vcpu_service.domain import ErrorKind, EventKind, FaultPolicy, Policies, UnmappedPolicy, VmEvent
+from vcpu_service.exits import ExitStats
 from vcpu_service.local import LocalEndpoint
+from vcpu_service.tracelog import ExitRecord
 from vcpu_service.vm import ImageSpec, Vm, VmSpec
 
 RAM_BASE = 0x4000_0000
@@ -176,15 +178,15 @@ def architecture(isa: str) -> str:
 
 # ----- policies -----------------------------------------------------------------------------------------
 
-_FAULT = {"abort": vcpu_pb2.FAULT_POLICY_ABORT, "stop": vcpu_pb2.FAULT_POLICY_STOP}
-_UNMAPPED = {"razwi": vcpu_pb2.UNMAPPED_ACCESS_POLICY_RAZ_WI, "abort": vcpu_pb2.UNMAPPED_ACCESS_POLICY_ABORT,
-             "stop": vcpu_pb2.UNMAPPED_ACCESS_POLICY_STOP}
+_FAULT = {"abort": FaultPolicy.ABORT, "stop": FaultPolicy.STOP}
+_UNMAPPED = {"razwi": UnmappedPolicy.RAZ_WI, "abort": UnmappedPolicy.ABORT,
+             "stop": UnmappedPolicy.STOP}
 
 
 def policies(*, unmapped: str = "razwi", device_error: str = "abort", deadline: str = "abort",
-             nisv: str = "abort") -> vcpu_pb2.Policies:
+             nisv: str = "abort") -> Policies:
     """The VM defaults (what the VcpuService fills in for unset fields) unless overridden."""
-    return vcpu_pb2.Policies(unmapped_access=_UNMAPPED[unmapped], device_error=_FAULT[device_error],
+    return Policies(unmapped_access=_UNMAPPED[unmapped], device_error=_FAULT[device_error],
                              deadline=_FAULT[deadline], nisv=_FAULT[nisv])
 
 
@@ -352,8 +354,8 @@ class Result:
     read back, the devices and the exit trace."""
 
     isa: str
-    final: vcpu_pb2.VmEvent
-    events: list[vcpu_pb2.VmEvent]
+    final: VmEvent
+    events: list[VmEvent]
     regs: dict[str, int]
     exit_stats: list[ExitStats]
     abort: Abort | None
@@ -364,7 +366,7 @@ class Result:
 
     @property
     def powered_off(self) -> bool:
-        return self.final.kind == vcpu_pb2.VM_EVENT_KIND_POWERED_OFF
+        return self.final.kind == EventKind.POWERED_OFF
 
     @property
     def finished_body(self) -> bool:
@@ -376,8 +378,8 @@ class Result:
         """The PC SYSTEM_OFF reports: just after the epilogue's HVC."""
         return LOAD + self.body_end + (14 if self.isa == T32 else 16)
 
-    def aborts_events(self) -> list[vcpu_pb2.VmEvent]:
-        return [e for e in self.events if e.kind == vcpu_pb2.VM_EVENT_KIND_EXTERNAL_ABORT]
+    def aborts_events(self) -> list[VmEvent]:
+        return [e for e in self.events if e.kind == EventKind.EXTERNAL_ABORT]
 
     @property
     def vcpu_stats(self) -> ExitStats:
@@ -396,7 +398,7 @@ class Machine:
 
     def __init__(self, isa: str, body: bytes, *, regs: Mapping[str, int] | None = None,
                  devices: Sequence[DeviceModel] | None = None, specs: Sequence[str] = (),
-                 pol: vcpu_pb2.Policies | None = None, strict_kvm: bool = False, vcpus: int = 1,
+                 pol: Policies | None = None, strict_kvm: bool = False, vcpus: int = 1,
                  cpu_model: str = "", ram: Mapping[int, bytes] | None = None, trace: bool = True) -> None:
         self.isa = isa
         self.body = body
@@ -429,7 +431,7 @@ class Machine:
     def start(self) -> None:
         self.vm.start()
 
-    def wait(self, timeout: float = 10.0) -> vcpu_pb2.VmEvent:
+    def wait(self, timeout: float = 10.0) -> VmEvent:
         final = self.vm.events.wait_final(timeout)
         assert final is not None, f"no final event within {timeout} s: {self.vm.events.snapshot()}"
         return final
@@ -438,7 +440,7 @@ class Machine:
         regs, _pending = self.vm.get_registers(vcpu, list(names))
         return dict(regs)
 
-    def result(self, final: vcpu_pb2.VmEvent, read: Sequence[tuple[int, int]] = ()) -> Result:
+    def result(self, final: VmEvent, read: Sequence[tuple[int, int]] = ()) -> Result:
         regs, abort = interpret(self.isa, final, self.registers(*register_names(self.isa)))
         ram = {address: self.vm.read_memory(address, length) for address, length in read}
         # The exit counters straight from the exit path (GetStats copies them; its latency summaries take
@@ -454,18 +456,26 @@ class Machine:
         return list(itertools.chain.from_iterable(self.vm.trace.follow(lambda: False, poll_s=0)))
 
 
+def event_from_wire(e: vcpu_pb2.VmEvent) -> VmEvent:
+    """A VmEvent from the gRPC API in the vcpu service's own terms, to compare runs over both transports."""
+    kind = EventKind[vcpu_pb2.VmEventKind.Name(e.kind).removeprefix("VM_EVENT_KIND_")]
+    error = ErrorKind[vcpu_pb2.VmErrorKind.Name(e.error_kind).removeprefix("VM_ERROR_KIND_")]
+    return VmEvent(e.seq, kind, e.time, e.reason, e.vcpu_id, error, e.pc, e.fault_address, e.syndrome,
+                   e.instruction, e.device)
+
+
 def register_names(isa: str) -> list[str]:
     return A64_REGS if isa == A64 else A32_REGS
 
 
-def interpret(isa: str, final: vcpu_pb2.VmEvent, regs: dict[str, int]) -> tuple[dict[str, int], Abort | None]:
+def interpret(isa: str, final: VmEvent, regs: dict[str, int]) -> tuple[dict[str, int], Abort | None]:
     """The registers as the test body left them, and the abort the handler recorded, from a final dump.
 
     After SYSTEM_OFF from the harness (epilogue or handler), x0/r0 is the value kept in x19/r8.
     """
     regs = dict(regs)
     abort = None
-    if final.kind == vcpu_pb2.VM_EVENT_KIND_POWERED_OFF:
+    if final.kind == EventKind.POWERED_OFF:
         aborted = VBAR <= final.pc < VBAR + 0x800
         if isa == A64:
             regs["x0"] = regs["x19"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 
-from mmiosplit.v1 import vcpu_pb2
 from tests.exitpath.harness import (
     A32,
     A64,
@@ -34,6 +33,7 @@ from tests.exitpath.harness import (
     words,
 )
 from tests.exitpath.test_kvm_nisv import A64_MMU_ON, MAIR, TABLES, TCR, block
+from vcpu_service.domain import ErrorKind, EventKind
 
 MARK = {A64: 0x91000442, A32: 0xE2822001, T32: 0x3201}  # add x2,x2,#1 / add r2,r2,#1 / adds r2,#1
 LOAD_WORD = {A64: (0xB9400001,), A32: (0xE5901000,), T32: (0x6801,)}  # ldr w1,[x0] / ldr r1,[r0] / ldr r1,[r0,#0]
@@ -74,8 +74,8 @@ def test_case21_hole_can_be_an_external_abort(isa: str, store: bool) -> None:
 
 def test_case21_hole_can_stop_the_vm() -> None:
     res = run(A64, words(0xB9400001), regs={"x0": HOLE, "x1": 3}, pol=policies(unmapped="stop"))
-    assert res.final.kind == vcpu_pb2.VM_EVENT_KIND_ERROR
-    assert res.final.error_kind == vcpu_pb2.VM_ERROR_KIND_UNMAPPED_ACCESS
+    assert res.final.kind == EventKind.ERROR
+    assert res.final.error_kind == ErrorKind.UNMAPPED_ACCESS
     assert res.final.pc == body_addr(A64) and res.final.fault_address == HOLE
     assert f"0x{HOLE:x}" in res.final.reason and "no device" in res.final.reason
     assert res.regs["x1"] == 3 and res.regs["pc"] == body_addr(A64)
@@ -159,8 +159,8 @@ def test_case22_device_error_can_stop_the_vm_naming_device_and_address() -> None
     probe = Probe(fail=refuse_from(0x1000))
     res = run(A64, words(0xB9400001), regs={"x0": REFUSED, "x1": 1}, devices=[probe],
               pol=policies(device_error="stop"))
-    assert res.final.kind == vcpu_pb2.VM_EVENT_KIND_ERROR
-    assert res.final.error_kind == vcpu_pb2.VM_ERROR_KIND_DEVICE_ERROR
+    assert res.final.kind == EventKind.ERROR
+    assert res.final.error_kind == ErrorKind.DEVICE_ERROR
     assert res.final.pc == body_addr(A64) and res.final.fault_address == REFUSED and res.final.device == "dev"
     assert "dev refused the 4-byte read" in res.final.reason and f"0x{REFUSED:x}" in res.final.reason
     assert res.regs["x1"] == 1 and res.regs["pc"] == body_addr(A64)
@@ -245,8 +245,8 @@ def test_case31_straddle_can_stop_the_vm() -> None:
     probe = Probe()
     res = run(A64, words(0xF9400001), regs={"x0": DEV + DEV_SIZE - 4}, devices=[probe],
               pol=policies(device_error="stop"))
-    assert res.final.kind == vcpu_pb2.VM_EVENT_KIND_ERROR
-    assert res.final.error_kind == vcpu_pb2.VM_ERROR_KIND_DEVICE_ERROR
+    assert res.final.kind == EventKind.ERROR
+    assert res.final.error_kind == ErrorKind.DEVICE_ERROR
     assert "straddles the end of dev" in res.final.reason and res.final.device == "dev"
     assert probe.log == []
 

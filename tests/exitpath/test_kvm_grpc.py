@@ -28,6 +28,7 @@ from tests.exitpath.harness import (
     build_image,
     code,
     entry_point,
+    event_from_wire,
     interpret,
     policies,
     register_names,
@@ -35,6 +36,7 @@ from tests.exitpath.harness import (
 )
 from tests.integration.client import Services
 from tests.integration.conftest import DEVICES
+from vcpu_service.domain import EventKind, VmEvent
 
 pytestmark = pytest.mark.integration
 
@@ -48,54 +50,54 @@ class Case:
     isa: str
     body: bytes
     regs: dict[str, int]
-    check: Callable[[vcpu_pb2.VmEvent, dict[str, int], Abort | None], None]
+    check: Callable[[VmEvent, dict[str, int], Abort | None], None]
 
 
-def _finished(final: vcpu_pb2.VmEvent, abort: Abort | None) -> None:
-    assert final.kind == vcpu_pb2.VM_EVENT_KIND_POWERED_OFF and abort is None, (final, abort)
+def _finished(final: VmEvent, abort: Abort | None) -> None:
+    assert final.kind == EventKind.POWERED_OFF and abort is None, (final, abort)
 
 
-def _c01_c03(final: vcpu_pb2.VmEvent, regs: dict[str, int], abort: Abort | None) -> None:
+def _c01_c03(final: VmEvent, regs: dict[str, int], abort: Abort | None) -> None:
     _finished(final, abort)
     assert regs["x1"] == 0xFFFF_FF80  # ldrsb w1: sign-extended to 32 bits, upper half clear
     assert regs["x4"] == 0x8000_0000  # ldr w4: upper half clear
 
 
-def _c12(final: vcpu_pb2.VmEvent, regs: dict[str, int], abort: Abort | None) -> None:
+def _c12(final: VmEvent, regs: dict[str, int], abort: Abort | None) -> None:
     _finished(final, abort)
     assert regs["x2"] == 0x55  # the first byte in the device is the most significant one of w1
     assert regs["x3"] == 0x5566_7788  # and a big-endian load gives the word back
 
 
-def _c14(final: vcpu_pb2.VmEvent, regs: dict[str, int], abort: Abort | None) -> None:
+def _c14(final: VmEvent, regs: dict[str, int], abort: Abort | None) -> None:
     _finished(final, abort)
     assert regs["x0"] == SCRATCH  # +8 by the post-index store, -8 by the pre-index load
     assert regs["x2"] == 0x5566_7788
 
 
-def _c17(final: vcpu_pb2.VmEvent, regs: dict[str, int], abort: Abort | None) -> None:
+def _c17(final: VmEvent, regs: dict[str, int], abort: Abort | None) -> None:
     assert abort is not None, final
     assert abort.esr == 0x9600_0010 and abort.far == SCRATCH and abort.elr == body_addr(A64)
     assert regs["x1"] == 0x11 and regs["x2"] == 0x22 and regs["x0"] == SCRATCH
 
 
-def _c21(final: vcpu_pb2.VmEvent, regs: dict[str, int], abort: Abort | None) -> None:
+def _c21(final: VmEvent, regs: dict[str, int], abort: Abort | None) -> None:
     _finished(final, abort)
     assert regs["r1"] == 0 and regs["r2"] == 1
 
 
-def _c22(final: vcpu_pb2.VmEvent, regs: dict[str, int], abort: Abort | None) -> None:
+def _c22(final: VmEvent, regs: dict[str, int], abort: Abort | None) -> None:
     assert abort is not None, final
     assert abort.esr == 0x9600_0010 and abort.far == UART + 1 and abort.elr == body_addr(A64)
     assert regs["x1"] == 0x77
 
 
-def _c25_c29(final: vcpu_pb2.VmEvent, regs: dict[str, int], abort: Abort | None) -> None:
+def _c25_c29(final: VmEvent, regs: dict[str, int], abort: Abort | None) -> None:
     _finished(final, abort)
     assert regs["r1"] == 0xFFFF_FF80 and regs["r4"] == 1  # ldrsb; then PC + 2 exactly (the marker ran)
 
 
-def _c32(final: vcpu_pb2.VmEvent, regs: dict[str, int], abort: Abort | None) -> None:
+def _c32(final: VmEvent, regs: dict[str, int], abort: Abort | None) -> None:
     _finished(final, abort)
     assert (regs["x2"], regs["x6"]) == (0x11, 0x22)  # the posted writes landed before the reads
 
@@ -144,14 +146,14 @@ CASES = {
 }
 
 
-def _run_local(case: Case) -> tuple[vcpu_pb2.VmEvent, dict[str, int]]:
+def _run_local(case: Case) -> tuple[VmEvent, dict[str, int]]:
     with Machine(case.isa, case.body, regs=case.regs, devices=[], specs=DEVICES, pol=policies()) as machine:
         machine.start()
         final = machine.wait()
         return final, machine.registers(*register_names(case.isa))
 
 
-def _run_grpc(services: Services, case: Case) -> tuple[vcpu_pb2.VmEvent, dict[str, int]]:
+def _run_grpc(services: Services, case: Case) -> tuple[VmEvent, dict[str, int]]:
     zero = "x0" if case.isa == A64 else "r0"
     preset = {k: v for k, v in case.regs.items() if k != zero}
     if case.isa == A64:
@@ -162,7 +164,7 @@ def _run_grpc(services: Services, case: Case) -> tuple[vcpu_pb2.VmEvent, dict[st
     try:
         services.stub.SetRegisters(vcpu_pb2.SetRegistersRequest(
             vm_id=vm_id, vcpu_id=0, registers=[vcpu_pb2.Register(name=k, value=v) for k, v in preset.items()]))
-        final = services.start_and_wait(vm_id, timeout=30)
+        final = event_from_wire(services.start_and_wait(vm_id, timeout=30))
         return final, services.registers(vm_id, 0, *register_names(case.isa))
     finally:
         services.delete(vm_id)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 
-from mmiosplit.v1 import vcpu_pb2
 from tests.exitpath.harness import (
     A32,
     A64,
@@ -29,6 +28,7 @@ from tests.exitpath.harness import (
     run,
     words,
 )
+from vcpu_service.domain import ErrorKind, EventKind
 
 MARK = {A64: 0x91000442, A32: 0xE2822001, T32: 0x3201}  # add x2,x2,#1 / add r2,r2,#1 / adds r2,#1
 
@@ -94,8 +94,8 @@ def test_case14_strict_kvm_with_nisv_stop_ends_the_run_naming_the_instruction() 
     probe = Probe()
     res = run(A64, words(0xB8404401), regs={"x0": DEV + 0x10}, devices=[probe], strict_kvm=True,
               pol=policies(nisv="stop"))
-    assert res.final.kind == vcpu_pb2.VM_EVENT_KIND_ERROR
-    assert res.final.error_kind == vcpu_pb2.VM_ERROR_KIND_NISV
+    assert res.final.kind == EventKind.ERROR
+    assert res.final.error_kind == ErrorKind.NISV
     assert res.final.pc == body_addr(A64) and res.final.instruction == 0xB8404401
     assert "strict KVM" in res.final.reason and "b8404401" in res.final.reason
     assert res.regs["pc"] == body_addr(A64) and res.regs["x0"] == DEV + 0x10
@@ -241,8 +241,8 @@ def test_case17_stxr_without_a_reservation_fails_without_any_access() -> None:
 def test_case17_nisv_stop_ends_the_run_naming_the_class() -> None:
     probe = Probe()
     res = run(A64, words(0xA9400801), regs={"x0": DEV, "x1": 0x11}, devices=[probe], pol=policies(nisv="stop"))
-    assert res.final.kind == vcpu_pb2.VM_EVENT_KIND_ERROR
-    assert res.final.error_kind == vcpu_pb2.VM_ERROR_KIND_NISV
+    assert res.final.kind == EventKind.ERROR
+    assert res.final.error_kind == ErrorKind.NISV
     assert res.final.pc == body_addr(A64) and res.final.fault_address == DEV and res.final.instruction == 0xA9400801
     assert "pair" in res.final.reason and "a9400801" in res.final.reason
     assert res.regs["x1"] == 0x11 and res.regs["pc"] == body_addr(A64)
@@ -330,8 +330,8 @@ def test_case20_page_table_in_device_memory_stops_with_a_data_abort_and_no_devic
     # The walk for the load reads its level-2 descriptor from DEV + 0x280: Unicorn takes it as a data abort
     # (a stage-1 walk fault), which this version reports rather than delivering to the guest. KVM would
     # inject an abort (S1PTW); neither forwards the walk to a device.
-    assert res.final.kind == vcpu_pb2.VM_EVENT_KIND_ERROR
-    assert res.final.error_kind == vcpu_pb2.VM_ERROR_KIND_GUEST_EXCEPTION
+    assert res.final.kind == EventKind.ERROR
+    assert res.final.error_kind == ErrorKind.GUEST_EXCEPTION
     assert "data abort" in res.final.reason
     assert res.final.pc == body_addr(A64, 4 * len(A64_MMU_ON))
     assert probe.log == [] and res.trace == []
@@ -342,8 +342,8 @@ def test_case20_translation_table_base_in_device_memory_stops_at_the_first_fetch
     probe = Probe()
     res = run(A64, words(*A64_MMU_ON, 0xB9400001), regs={"x0": DEV, "x2": MAIR, "x3": TCR, "x4": DEV},
               devices=[probe])
-    assert res.final.kind == vcpu_pb2.VM_EVENT_KIND_ERROR
-    assert res.final.error_kind == vcpu_pb2.VM_ERROR_KIND_GUEST_EXCEPTION
+    assert res.final.kind == EventKind.ERROR
+    assert res.final.error_kind == ErrorKind.GUEST_EXCEPTION
     assert "prefetch abort" in res.final.reason
     assert res.final.pc == body_addr(A64, 4 * 7)  # the `isb`: the first instruction fetched with the MMU on
     assert probe.log == []

@@ -6,7 +6,6 @@ import itertools
 
 import pytest
 
-from mmiosplit.v1 import vcpu_pb2
 from tests.exitpath.harness import (
     A32,
     A64,
@@ -20,6 +19,7 @@ from tests.exitpath.harness import (
     run,
     words,
 )
+from vcpu_service.domain import ErrorKind, EventKind
 
 POSTED = DEV + 0x1000  # Probe(posted_from=0x1000): writes from here on are posted
 
@@ -103,8 +103,8 @@ def test_case32_a_refused_posted_write_ends_the_run_naming_it() -> None:
         0xB9400006,  # ldr w6, [x0]                (flushes the posted write first)
     )
     res = run(A64, body, regs={"x0": DEV, "x3": POSTED, "x1": 1, "x6": 6}, devices=[probe])
-    assert res.final.kind == vcpu_pb2.VM_EVENT_KIND_ERROR
-    assert res.final.error_kind == vcpu_pb2.VM_ERROR_KIND_DEVICE_ERROR
+    assert res.final.kind == EventKind.ERROR
+    assert res.final.error_kind == ErrorKind.DEVICE_ERROR
     assert f"posted write to 0x{POSTED + 0xFF0:x}" in res.final.reason
     assert res.regs["x6"] == 6  # the read that found the error did not complete
 
@@ -206,7 +206,7 @@ def test_case34_vcpus_hitting_one_device_concurrently_lose_and_duplicate_nothing
     with Machine(isa, SMP[isa], devices=[counter], vcpus=VCPUS) as machine:
         machine.start()
         final = machine.wait(30)
-        assert final.kind == vcpu_pb2.VM_EVENT_KIND_HALTED and "every vCPU is off" in final.reason, final
+        assert final.kind == EventKind.HALTED and "every vCPU is off" in final.reason, final
         logs = []
         for n in range(VCPUS):
             raw = machine.vm.read_memory(DATA + 0x1000 * n, 4 * ROUNDS)

@@ -13,7 +13,6 @@ import time
 
 import pytest
 
-from mmiosplit.v1 import vcpu_pb2
 from tests.exitpath.harness import (
     A32,
     A64,
@@ -27,6 +26,7 @@ from tests.exitpath.harness import (
     code,
     words,
 )
+from vcpu_service.domain import EventKind
 from vcpu_service.vm import VmStateError
 
 PENDING = [
@@ -162,4 +162,4 @@ def test_case24_resuming_again_after_the_completion_changes_nothing(isa: str) ->
         assert counter.count == 1
         assert machine.vm.stats().vcpus[0].reads == 1
     final = machine.vm.events.wait_final(5)
-    assert final is not None and final.kind == vcpu_pb2.VM_EVENT_KIND_STOPPED
+    assert final is not None and final.kind == EventKind.STOPPED

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from mmiosplit.v1 import vcpu_pb2
 from tests.exitpath.harness import A32, A64, DEV, Access, Machine, Probe, run, words
+from vcpu_service.domain import ErrorKind, EventKind
 
 POSTED = DEV + 0x1000  # Probe(posted_from=0x1000): a whole page, so stores go through the write hook
 
@@ -87,8 +87,8 @@ def test_a_posted_store_of_a_size_the_region_refuses_ends_the_run_naming_it() ->
                  trace=False) as machine:
         machine.start()
         final = machine.wait()
-    assert final.kind == vcpu_pb2.VM_EVENT_KIND_ERROR
-    assert final.error_kind == vcpu_pb2.VM_ERROR_KIND_DEVICE_ERROR
+    assert final.kind == EventKind.ERROR
+    assert final.error_kind == ErrorKind.DEVICE_ERROR
     assert "posted 1-byte write to 0xa001000" in final.reason and "dev" in final.reason and "SError" in final.reason
     assert probe.log == []
 
@@ -113,7 +113,7 @@ def test_pauses_and_flush_kicks_in_a_posting_loop_neither_lose_nor_repeat_a_writ
             machine.vm.pause()
             machine.vm.resume()
         final = machine.wait(60)
-    assert final.kind == vcpu_pb2.VM_EVENT_KIND_POWERED_OFF
+    assert final.kind == EventKind.POWERED_OFF
     writes = [a.value for a in probe.log if a.is_write]
     assert writes == list(range(n, 0, -1))
 

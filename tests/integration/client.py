@@ -12,7 +12,7 @@ import grpc
 from mmiosplit.launcher import LocalServices
 from mmiosplit.runner import channel
 from mmiosplit.v1 import common_pb2, vcpu_pb2, vcpu_pb2_grpc
-from vcpu_service.events import FINAL_KINDS
+from mmiosplit.wire import FINAL_EVENT_KINDS as FINAL_KINDS
 
 RAM_BASE = 0x4000_0000
 LOAD = 0x4008_0000

@@ -216,7 +216,7 @@ class ShadowRogueServer:
 
 
 @pytest.mark.parametrize(("mode", "needle"), [
-    ("wide-window", "rogue0/regs declares a shadow register at +0x18 (8 bytes), but the region takes 1/2/4-byte"),
+    ("wide-window", "rogue0/regs: shadow register at +0x18 (8 bytes): the region takes 1/2/4-byte"),
     ("short-snapshot", "sent 2 bytes for the 4-byte shadow register rogue0/regs+0x18"),
     ("unknown-snapshot", "sent a shadow value for rogue0/regs+0x1c, which is not a shadow register it described"),
 ])

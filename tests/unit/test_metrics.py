@@ -25,7 +25,7 @@ from device_service.server import DeviceServicer
 from mmiosplit import cli
 from mmiosplit.buckets import POSTED_BATCH_BOUNDS, BucketSnapshot, FixedHistogram
 from mmiosplit.metrics import MetricsError, histogram_family, serve_metrics
-from mmiosplit.v1 import vcpu_pb2
+from vcpu_service.domain import ErrorKind, EventKind, VmEvent
 from vcpu_service.exits import ExitStats, KvmReportEntry
 from vcpu_service.metrics import VcpuCollector
 from vcpu_service.totals import LATENCY_BOUNDS_NS, MetricsSnapshot, VmTotals, hdr_buckets, vm_totals
@@ -201,7 +201,7 @@ class _Vcpu:
 
 @dataclass
 class _Events:
-    final: vcpu_pb2.VmEvent | None = None
+    final: VmEvent | None = None
 
 
 @dataclass
@@ -215,7 +215,7 @@ def test_vm_totals_sum_vcpus_and_report_unattributed_kinds_without_a_region() ->
     a.by_region.update({("uart0", "regs", "read"): 2, ("uart0", "regs", "write"): 1})
     b.by_region.update({("uart0", "regs", "read"): 1, ("rtc0", "regs", "shadow_read"): 5})
     a.kvm_report[(0x1000, 0xB8404401)] = KvmReportEntry(0x1000, "A64", 0xB8404401, "writeback", True, count=3)
-    error = vcpu_pb2.VmEvent(kind=vcpu_pb2.VM_EVENT_KIND_ERROR, error_kind=vcpu_pb2.VM_ERROR_KIND_DEADLINE)
+    error = VmEvent(1, EventKind.ERROR, 0.0, error_kind=ErrorKind.DEADLINE)
     vm = _Vm([_Vcpu(_Path(a), ns_hist(20_000, 30_000, 40_000), psci_calls=1),
               _Vcpu(_Path(b), ns_hist(20_000), psci_calls=2)], _Events(error))
     t = vm_totals(vm)  # type: ignore[arg-type]

@@ -11,17 +11,11 @@ from device_service.bus import DeviceBus
 from device_service.model import AccessResult, DeviceModel, RegionSpec
 from device_service.models.pl011 import FR_RXFE, FR_RXFF, FR_TXFE, INT_RT, INT_RX, PRIMECELL_ID, Pl011
 from device_service.shadows import ShadowFailure, ShadowTracker, ShadowValues
+from mmiosplit.mmio import MmioExit, RemoteRegion, ShadowChange, TransportError, check_shadow_windows
 from mmiosplit.v1 import device_pb2
 from vcpu_service.local import LocalEndpoint
 from vcpu_service.shadows import ShadowTable
-from vcpu_service.transport import (
-    MmioRequest,
-    RemoteRegion,
-    ShadowChange,
-    TransportError,
-    shadow_change,
-    shadow_windows,
-)
+from vcpu_service.transport import shadow_change
 
 UART = 0x0900_0000
 FR, DR, RIS, MIS, IMSC, ICR, LCR_H = 0x18, 0x00, 0x3C, 0x40, 0x38, 0x44, 0x2C
@@ -261,14 +255,14 @@ def test_shadow_update_decodes_to_a_shadow_change() -> None:
 
 
 @pytest.mark.parametrize(("windows", "needle"), [
-    ([(0x18, 8)], "declares a shadow register at +0x18 (8 bytes), but the region takes 1/2/4-byte accesses"),
-    ([(0xFFE, 4)], "declares a shadow register at +0xffe (4 bytes), past the end of the region"),
-    ([(0x18, 4), (0x1A, 2)], "declares a shadow register at +0x1a (2 bytes), overlapping another one"),
+    ([(0x18, 8)], "shadow register at +0x18 (8 bytes): the region takes 1/2/4-byte accesses"),
+    ([(0xFFE, 4)], "shadow register at +0xffe (4 bytes) is outside the region's 0x1000 bytes"),
+    ([(0x18, 4), (0x1A, 2)], "shadow register at +0x1a (2 bytes) overlaps another shadow register"),
 ])
 def test_describe_refuses_bad_shadow_windows_by_name(windows: list[tuple[int, int]], needle: str) -> None:
-    with pytest.raises(TransportError, match=re.escape("device service dev: uart0/regs " + needle)):
-        shadow_windows("dev", "uart0", "regs", 0x1000, (1, 2, 4), windows)
-    assert shadow_windows("dev", "uart0", "regs", 0x1000, (1, 2, 4), [(0x18, 4), (0x1C, 2)]) == {(0x18, 4), (0x1C, 2)}
+    with pytest.raises(ValueError, match=re.escape("device service dev: uart0/regs: " + needle)):
+        check_shadow_windows("device service dev: uart0/regs", 0x1000, (1, 2, 4), windows)
+    assert check_shadow_windows("dev", 0x1000, (1, 2, 4), [(0x18, 4), (0x1C, 2)]) == {(0x18, 4), (0x1C, 2)}
 
 
 # ----- the local transport ----------------------------------------------------------------------------------------
@@ -278,27 +272,25 @@ def test_local_endpoint_completions_carry_what_the_vcpu_was_not_sent_yet() -> No
     endpoint = LocalEndpoint(DeviceBus([uart]))
     (described,) = endpoint.describe()
     assert (FR, 4) in described.shadows
-    sunk: list[ShadowChange] = []
-    endpoint.shadow_sink = sunk.append
     watch = endpoint.watch_shadows("vm")
     snapshot = watch.next(1.0)
     assert snapshot is not None and snapshot.generation == 1
-    channel = endpoint.open_exit_channel("vm", 0, 0)
+    channel = endpoint.open_exit_channel("vm", 0, "aarch64")
     endpoint.console_input("uart0", b"hi")  # one fits (FIFO off); the other waits for the guest
     update = watch.next(1.0)
     assert update is not None and ("uart0", "regs", FR, word(FR_TXFE | FR_RXFF)) in update.values
-    reply = channel.access(MmioRequest(0, UART + DR, described, 4, False))
+    reply = channel.access(MmioExit(0, UART + DR, 4, False))
     assert reply.data == word(ord("h"))
     # The read popped "h" and the waiting "i" came in: FR is unchanged, but this vCPU's first completion
     # brings its copy up to date with everything (it was sent nothing before).
-    assert reply.shadow is not None and sunk == [reply.shadow]
-    assert ("uart0", "regs", FR, word(FR_TXFE | FR_RXFF)) in reply.shadow.values
-    reply = channel.access(MmioRequest(0, UART + DR, described, 4, False))
+    (shadow,) = reply.shadows
+    assert ("uart0", "regs", FR, word(FR_TXFE | FR_RXFF)) in shadow.values
+    reply = channel.access(MmioExit(0, UART + DR, 4, False))
     assert reply.data == word(ord("i"))
-    assert reply.shadow is not None
-    assert [v for v in reply.shadow.values if v[2] == FR] == [("uart0", "regs", FR, word(FR_TXFE | FR_RXFE))]
-    reply = channel.access(MmioRequest(0, UART + FR, described, 4, False))
-    assert reply.shadow is None  # nothing changed since the last completion
+    (shadow,) = reply.shadows
+    assert [v for v in shadow.values if v[2] == FR] == [("uart0", "regs", FR, word(FR_TXFE | FR_RXFE))]
+    reply = channel.access(MmioExit(0, UART + FR, 4, False))
+    assert reply.shadows == ()  # nothing changed since the last completion
     watch.cancel()
     drained = []
     while (queued := watch.next(1.0)) is not None:  # the reads' updates went to the watcher too

@@ -6,11 +6,12 @@ import pytest
 
 from mmiosplit import protogen
 from mmiosplit.address import AddressError, parse_address
-from mmiosplit.v1 import device_pb2, vcpu_pb2
+from mmiosplit.v1 import device_pb2
 from mmiosplit.wire import iter_posted
 from vcpu_service import psci
 from vcpu_service.arch import it_advance
-from vcpu_service.events import EventLog, kind_name
+from vcpu_service.domain import EventKind
+from vcpu_service.events import EventLog
 
 
 @pytest.mark.parametrize(
@@ -69,10 +70,10 @@ def test_iter_posted_checks_the_packing() -> None:
 
 def test_event_log_replays_and_stops_at_the_final_event() -> None:
     log = EventLog()
-    log.emit(vcpu_pb2.VM_EVENT_KIND_RUNNING, reason="go")
-    log.emit(vcpu_pb2.VM_EVENT_KIND_POWERED_OFF, reason="off")
-    log.emit(vcpu_pb2.VM_EVENT_KIND_RUNNING, reason="never seen")
-    seen = [kind_name(e.kind) for e in log.follow(lambda: True)]
+    log.emit(EventKind.RUNNING, reason="go")
+    log.emit(EventKind.POWERED_OFF, reason="off")
+    log.emit(EventKind.RUNNING, reason="never seen")
+    seen = [e.kind.value for e in log.follow(lambda: True)]
     assert seen == ["running", "powered_off"]
     assert [e.seq for e in log.snapshot()] == [1, 2, 3]
 

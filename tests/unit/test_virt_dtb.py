@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from mmiosplit.mmio import RemoteRegion
 from vcpu_service.fdt import walk
 from vcpu_service.machines.virt import VirtMachine
-from vcpu_service.transport import RemoteRegion
 
 SEEDS = ("rng-seed", "kaslr-seed")
 

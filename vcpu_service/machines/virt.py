@@ -12,8 +12,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mmiosplit.mmio import RemoteRegion
 from vcpu_service.fdt import Node, build, cells, sized_cells, strings
-from vcpu_service.transport import RemoteRegion
 
 FLASH_BASE = 0x0000_0000
 FLASH_BANK_SIZE = 0x0400_0000
