@@ -14,7 +14,7 @@ import functools
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from unicorn import (
     UC_CTL_IO_WRITE,
@@ -44,17 +44,16 @@ from unicorn import (
     arm64_const,
 )
 
-from mmiosplit.mmio import Completion, ExitChannel, RemoteRegion, TransportError
+from mmiosplit.mmio import Completion, DeviceEndpoint, ExitChannel, RemoteRegion, TransportError
 from vcpu_service import fastreg, psci
-from vcpu_service.arch import EXCEPTION_NAMES, EXCP_HVC, EXCP_SMC, AArch64, close_uc
+from vcpu_service.arch import EXCEPTION_NAMES, EXCP_HVC, EXCP_SMC, AArch64, Arch, close_uc
 from vcpu_service.domain import ErrorKind, EventKind
-from vcpu_service.exits import ExitPath, Forward, PendingAccess, VcpuFault
+from vcpu_service.exits import ExitPath, Forward, PendingAccess, VcpuFault, VmView
+from vcpu_service.memory import Mirror, RamBlock
 
 if TYPE_CHECKING:
     from hdrh.histogram import HdrHistogram
     from unicorn.unicorn_py3 import UcContext
-
-    from vcpu_service.vm import Vm
 
 
 class VcpuState(enum.Enum):
@@ -69,6 +68,41 @@ class VcpuState(enum.Enum):
 
 # States in which nothing touches the vCPU's Unicorn instance, so registers can be read.
 QUIESCENT = frozenset({VcpuState.OFF, VcpuState.EXIT_WAIT, VcpuState.PAUSED, VcpuState.HALTED, VcpuState.STOPPED})
+
+
+class VmLink(VmView, Protocol):
+    """What a vCPU needs of its VM (``vm.Vm``): shared RAM and mirrors, the device services, run control."""
+
+    @property
+    def vm_id(self) -> str: ...
+    @property
+    def arch(self) -> Arch: ...
+    @property
+    def cpu_model(self) -> str: ...
+    @property
+    def lock(self) -> threading.RLock: ...
+    @property
+    def ram(self) -> list[RamBlock]: ...
+    @property
+    def endpoints(self) -> list[DeviceEndpoint]: ...
+    @property
+    def instruction_budget(self) -> int: ...
+    @property
+    def posted_windows(self) -> list[tuple[RemoteRegion, RamBlock]]: ...
+    @property
+    def has_posted(self) -> bool: ...
+    @property
+    def map_generation(self) -> int: ...
+    @property
+    def mirrors(self) -> dict[tuple[str, str, str], Mirror]: ...
+
+    def patched_since(self, generation: int) -> list[tuple[int, int]] | None: ...
+    def psci_cpu_on(self, caller: int, target_mpidr: int, entry: int, context: int) -> int: ...
+    def psci_affinity_info(self, target_mpidr: int) -> int: ...
+    def request_reset(self, caller: int, pc: int) -> None: ...
+    def check_idle(self) -> None: ...
+    def fail(self, error_kind: ErrorKind, reason: str, **fields: object) -> None: ...
+    def finish(self, kind: EventKind, **fields: object) -> None: ...
 
 
 class _PostedWatch:
@@ -144,7 +178,7 @@ class _StopCause:
 class Vcpu:
     """A vCPU thread and its Unicorn instance. All state changes happen under the VM's lock."""
 
-    def __init__(self, vm: Vm, index: int) -> None:
+    def __init__(self, vm: VmLink, index: int) -> None:
         self.vm = vm
         self.index = index
         self.arch = vm.arch

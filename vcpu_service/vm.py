@@ -7,11 +7,9 @@ overlapping regions, images that do not fit, RAM over the cap, unreachable devic
 from __future__ import annotations
 
 import collections
-import ctypes
 import enum
 import itertools
 import logging
-import mmap
 import threading
 import time
 import uuid
@@ -26,6 +24,7 @@ from vcpu_service.events import EventLog
 from vcpu_service.exits import new_latency_histogram, summarize
 from vcpu_service.handlers import HandlerRegistry, PostedWrites, ShadowReads, Unmapped
 from vcpu_service.machines.virt import VirtMachine
+from vcpu_service.memory import Mirror, RamBlock
 from vcpu_service.shadows import ShadowTable
 from vcpu_service.tracelog import TraceLog
 from vcpu_service.vcpu import QUIESCENT, Vcpu, VcpuState
@@ -78,45 +77,6 @@ class VmSpec:
     machine: str = ""
     strict_kvm: bool = False
     trace_exits: bool = False
-
-
-class RamBlock:
-    """One RAM region: host memory that every vCPU's Unicorn maps with mem_map_ptr."""
-
-    def __init__(self, base: int, size: int) -> None:
-        self.base = base
-        self.size = size
-        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self._pin = ctypes.c_char.from_buffer(self._map)
-        self.address = ctypes.addressof(self._pin)
-
-    @property
-    def end(self) -> int:
-        return self.base + self.size
-
-    def contains(self, address: int, length: int) -> bool:
-        return self.base <= address and address + length <= self.end
-
-    def read(self, address: int, length: int) -> bytes:
-        off = address - self.base
-        return self._map[off:off + length]
-
-    def write(self, address: int, data: bytes) -> None:
-        off = address - self.base
-        self._map[off:off + len(data)] = data
-
-    def close(self) -> None:
-        del self._pin
-        self._map.close()
-
-
-@dataclass(slots=True)
-class Mirror:
-    """The vcpu service's copy of a ROMD region: mapped read-only while enabled, else unmapped."""
-
-    region: RemoteRegion
-    block: RamBlock
-    enabled: bool
 
 
 def _fmt_range(base: int, size: int) -> str:
