@@ -25,7 +25,7 @@ have executed).
 """
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeAlias
 
 __all__ = [
@@ -152,6 +152,8 @@ class Syndrome:
     rn: int
     writeback: Writeback | None = None
     cm: bool = False
+    #: Access size in bytes (1, 2, 4 or 8), ``1 << sas``: computed once, since every exit asks for it.
+    size: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.sas <= 3:
@@ -160,11 +162,7 @@ class Syndrome:
             raise ValueError(f"srt {self.srt} out of range 0..31")
         if not 0 <= self.rn <= 31:
             raise ValueError(f"rn {self.rn} out of range 0..31")
-
-    @property
-    def size(self) -> int:
-        """Access size in bytes (1, 2, 4 or 8)."""
-        return 1 << self.sas
+        object.__setattr__(self, "size", 1 << self.sas)
 
     @property
     def insn_len(self) -> int:

@@ -12,6 +12,7 @@ synchronous external abort, or a stop. The arithmetic lives in the pure modules 
 
 from __future__ import annotations
 
+import array
 import functools
 import threading
 import time
@@ -37,18 +38,39 @@ from vcpu_service.completion import load_value, store_data
 from vcpu_service.decode import Decoded, Isa, Refused, Syndrome, decode
 from vcpu_service.domain import ErrorKind, EventKind, FaultPolicy, KvmReportEntry, LatencySummary, Policies
 from vcpu_service.events import EventLog
-from vcpu_service.handlers import QUEUED, Abort, Access, HandlerRegistry, PostedWriteLost, PostedWrites, VcpuLink
+from vcpu_service.handlers import (
+    QUEUED,
+    Abort,
+    Access,
+    Handler,
+    HandlerRegistry,
+    PostedWriteLost,
+    PostedWrites,
+    VcpuLink,
+)
 from vcpu_service.shadows import ShadowTable
 from vcpu_service.tracelog import ExitRecord, TraceLog
 
+# Exit latencies buffered before the vCPU folds them into its histogram itself (8 MiB).
+LATENCY_BUFFER = 1 << 20
 # What KVM would see at stage 2: a data abort from the guest (a lower EL), translation fault level 3.
 DFSC_TRANSLATION_L3 = 0x07
 
 
 @functools.lru_cache(maxsize=4096)
-def decode_cached(isa: Isa, word: int) -> Decoded:
-    """Decoding is a pure function of the encoding, so cache it (the PC only locates the word)."""
-    return decode(isa, word)
+def decode_cached(isa: Isa, word: int) -> tuple[Decoded, int]:
+    """The decode of an encoding and the ESR_EL2 KVM would see for it at stage 2; -1 when there is no access
+    to forward (no syndrome, or cache maintenance). Decoding is a pure function of the encoding, so it is
+    cached (the PC only locates the word)."""
+    decoded = decode(isa, word)
+    if isinstance(decoded, Refused) or decoded.cm:
+        return decoded, -1
+    return decoded, decoded.esr(EC_DABT_LOW, DFSC_TRANSLATION_L3)
+
+
+def describe_access(pc: int, address: int, insn: FetchedInsn) -> str:
+    """How every message names an access: the address, the instruction and the PC."""
+    return f"0x{address:x} by the instruction 0x{insn.word:0{insn.length * 2}x} at pc 0x{pc:x}"
 
 
 def new_latency_histogram() -> HdrHistogram:
@@ -148,9 +170,12 @@ class PendingAccess:
     big_endian: bool
     new_base: int | None
     started_ns: int  # when begin took the fault, for traces of in-process completions
-    where: str
     exit: MmioExit | None = None  # what to forward (Forward only)
     sent_ns: int = 0  # when the loop sent the exit; exit latency runs from here
+
+    @property
+    def where(self) -> str:
+        return describe_access(self.pc, self.address, self.insn)
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,84 +228,112 @@ class ExitPath:
         self.arch = vcpu.arch
         self.vm = vcpu.vm
         self.stats = ExitStats()
+        self._who = f"vCPU {vcpu.index}"
         self.latency = new_latency_histogram()
-        # HdrHistogram is not thread-safe: the vCPU records, GetStats copies, both under this lock.
+        # Exit latencies (ns) not yet in the histogram: recording into an HdrHistogram costs a dozen Python
+        # calls, so the exit path appends here and whoever reads the histogram folds them in. HdrHistogram is
+        # not thread-safe either: both sides hold latency_lock.
+        self._latencies = array.array("q")
         self.latency_lock = threading.Lock()
 
     # ----- begin --------------------------------------------------------------------------------------------
     def begin(self, pc: int, address: int, fault_is_write: bool, fault_size: int = 0) -> Action:
         """Decode the access Unicorn trapped at ``pc`` and decide what happens to it.
 
-        ``address`` and ``fault_size`` are what Unicorn's unmapped-memory hook reported (0: unknown).
+        ``address`` and ``fault_size`` are what Unicorn's unmapped-memory hook reported (0: unknown). This runs
+        on every exit, so messages are only built for failures.
         """
         t0 = time.perf_counter_ns()
         uc = self.vcpu.uc
         arch = self.arch
         insn = arch.fetch(uc, pc)
-        decoded = decode_cached(insn.isa, insn.word)
-        if isinstance(decoded, Syndrome) and decoded.cm:
-            # Cache maintenance by address on device memory is a NOP, as KVM does ("the guest is just
-            # being cautious").
-            return Skip(pc, decoded.insn_len)
-        if insn.isa is Isa.A32 and not arch.condition_passed(uc, insn.word):
-            # A conditional instruction may trap although it would not execute: no access, PC moves on.
-            return Skip(pc, 4)
-        where = f"0x{address:x} by the instruction 0x{insn.word:0{insn.length * 2}x} at pc 0x{pc:x}"
-        who = f"vCPU {self.vcpu.index}"
-        policies = self.vm.policies
-        if isinstance(decoded, Refused):
-            self._kvm_note(pc, insn, decoded.reason, handled=False)
-            return Refuse(policies.nisv, ErrorKind.NISV,
-                          f"{who}: NISV: access to {where} has no usable instruction syndrome ({decoded.reason})",
-                          pc, address, fault_is_write, insn,
-                          syndrome=(EC_DABT_LOW << 26) | (1 << 25) | (int(fault_is_write) << 6) | DFSC_TRANSLATION_L3)
-        syn = decoded
-        syndrome = syn.esr(EC_DABT_LOW, DFSC_TRANSLATION_L3)
+        decoded, syndrome = decode_cached(insn.isa, insn.word)
+        if syndrome < 0 or insn.isa is Isa.A32:
+            action = self._not_forwardable(pc, address, fault_is_write, insn, decoded)
+            if action is not None:
+                return action
+        syn: Syndrome = decoded  # type: ignore[assignment]
         if not syn.isv:
             reason = "load/store with base writeback (ISV=0)"
             self._kvm_note(pc, insn, reason, handled=not self.vm.strict_kvm)
             if self.vm.strict_kvm:
-                return Refuse(policies.nisv, ErrorKind.NISV,
-                              f"{who}: NISV: access to {where}: {reason}, refused in strict KVM mode",
-                              pc, address, syn.wnr, insn, syndrome=syndrome)
+                return Refuse(self.vm.policies.nisv, ErrorKind.NISV,
+                              f"{self._who}: NISV: access to {describe_access(pc, address, insn)}: {reason}, refused "
+                              "in strict KVM mode", pc, address, syn.wnr, insn, syndrome=syndrome)
             self.stats.hand_decoded += 1
-        size = syn.size
-        new_base = self._writeback_value(syn)
+        size = 1 << syn.sas
+        is_write = syn.wnr
+        new_base = None if syn.writeback is None else self._writeback_value(syn)
         slot = self.vm.handlers.lookup(address)
-        if self._split_from_ram(pc, address, syn, fault_size):
+        if fault_size and size > 1 and (fault_size != size or not (is_write or address & 0xFFF)) \
+                and self._split_from_ram(pc, address, syn, fault_size):
             device = slot.region.device if slot is not None and slot.region is not None else ""
-            return Refuse(policies.device_error, ErrorKind.DEVICE_ERROR,
-                          f"{who}: {size}-byte access to {where}: it starts in RAM and straddles into "
-                          f"{device or 'unmapped space'}; a bus error, like an access that no single device can "
-                          "answer", pc, address, syn.wnr, insn, device, syndrome)
-        region = slot.region if slot is not None else None
-        if region is not None:
-            problem = region_problem(region, address, size)
-            if problem:
-                return Refuse(policies.device_error, ErrorKind.DEVICE_ERROR,
-                              f"{who}: {size}-byte access to {where}: {problem}", pc, address, syn.wnr, insn,
+            return Refuse(self.vm.policies.device_error, ErrorKind.DEVICE_ERROR,
+                          f"{self._who}: {size}-byte access to {describe_access(pc, address, insn)}: it starts in "
+                          f"RAM and straddles into {device or 'unmapped space'}; a bus error, like an access that no "
+                          "single device can answer", pc, address, is_write, insn, device, syndrome)
+        region = None
+        if slot is not None:
+            region = slot.region
+            if region is not None and (address + size > region.end or size not in region.access_sizes):
+                return Refuse(self.vm.policies.device_error, ErrorKind.DEVICE_ERROR,
+                              f"{self._who}: {size}-byte access to {describe_access(pc, address, insn)}: "
+                              f"{region_problem(region, address, size)}", pc, address, is_write, insn,
                               region.device, syndrome)
         big_endian = size > 1 and arch.big_endian_data(uc)
-        data = store_data(arch.read_gpr(uc, syn.srt), syn, big_endian) if syn.wnr else b""
-        pending = PendingAccess(pc, insn, syn, address, region, data, big_endian, new_base, t0, where)
-        access = Access(self.vcpu.index, address, size, syn.wnr, data, region)
+        data = store_data(arch.read_gpr(uc, syn.srt), syn, big_endian) if is_write else b""
+        pending = PendingAccess(pc, insn, syn, address, region, data, big_endian, new_base, t0)
         handlers = slot.handlers if slot is not None else (self.vm.handlers.unmapped,)
+        if handlers:
+            action = self._try_handlers(handlers, pending, syndrome)
+            if action is not None:
+                return action
+        if region is None:
+            raise VcpuFault(ErrorKind.INTERNAL, f"{self._who}: no handler answered the access to "
+                            f"{describe_access(pc, address, insn)}, which no device service owns", pc=pc)
+        pending.exit = MmioExit(self.vcpu.index, address, size, is_write, data, region.device, region.name,
+                                address - region.base, syndrome, pc, insn.word)
+        return Forward(pending)
+
+    def _not_forwardable(self, pc: int, address: int, fault_is_write: bool, insn: FetchedInsn,
+                         decoded: Decoded) -> Action | None:
+        """The action for an instruction with no access to forward (cache maintenance, a failed A32 condition,
+        no syndrome), or None when it has one."""
+        if isinstance(decoded, Syndrome) and decoded.cm:
+            # Cache maintenance by address on device memory is a NOP, as KVM does ("the guest is just being
+            # cautious").
+            return Skip(pc, decoded.insn_len)
+        if insn.isa is Isa.A32 and not self.arch.condition_passed(self.vcpu.uc, insn.word):
+            # A conditional instruction may trap although it would not execute: no access, PC moves on.
+            return Skip(pc, 4)
+        if isinstance(decoded, Syndrome):
+            return None
+        reason = decoded.reason
+        self._kvm_note(pc, insn, reason, handled=False)
+        return Refuse(self.vm.policies.nisv, ErrorKind.NISV,
+                      f"{self._who}: NISV: access to {describe_access(pc, address, insn)} has no usable instruction "
+                      f"syndrome ({reason})", pc, address, fault_is_write, insn,
+                      syndrome=(EC_DABT_LOW << 26) | (1 << 25) | (int(fault_is_write) << 6) | DFSC_TRANSLATION_L3)
+
+    def _try_handlers(self, handlers: tuple[Handler, ...], pending: PendingAccess, syndrome: int) -> Action | None:
+        """KVM's kvm_io_bus: the in-process handlers of the slot, in order, before the access leaves the process."""
+        region = pending.region
+        access = Access(self.vcpu.index, pending.address, pending.syn.size, pending.syn.wnr, pending.data, region)
         for handler in handlers:
             try:
                 answer = handler.handle(access, self.vcpu)
             except PostedWriteLost as exc:
-                raise VcpuFault(ErrorKind.DEVICE_SERVICE, f"{who}: {exc}", pc=pc, fault_address=address,
-                                instruction=insn.word, device=exc.device) from None
+                raise VcpuFault(ErrorKind.DEVICE_SERVICE, f"{self._who}: {exc}", pc=pending.pc,
+                                fault_address=pending.address, instruction=pending.insn.word,
+                                device=exc.device) from None
             if answer is None:
                 continue
             if isinstance(answer, Abort):
-                return Refuse(answer.policy, answer.error_kind, f"{who}: access to {where}: {answer.reason}", pc,
-                              address, syn.wnr, insn, answer.device, syndrome)
+                return Refuse(answer.policy, answer.error_kind,
+                              f"{self._who}: access to {pending.where}: {answer.reason}", pending.pc, pending.address,
+                              pending.syn.wnr, pending.insn, answer.device, syndrome)
             return CompleteNow(pending, answer, handler.kind)
-        assert region is not None, "an in-process device's handler must answer every access"
-        pending.exit = MmioExit(self.vcpu.index, address, size, syn.wnr, data, region.device, region.name,
-                                address - region.base, syndrome, pc, insn.word)
-        return Forward(pending)
+        return None
 
     # ----- complete -----------------------------------------------------------------------------------------
     def settle(self, action: Skip | Refuse | CompleteNow) -> None:
@@ -300,57 +353,58 @@ class ExitPath:
         (sign, width, byte order), base writeback and PC, exactly once. A failure applies its fault policy.
         """
         syn = pending.syn
-        region = pending.region
-        device = region.device if region is not None else ""
-        who = f"vCPU {self.vcpu.index}"
-        policies = self.vm.policies
         if isinstance(result, TransportError):
             deadline = isinstance(result, DeadlineExceeded)
-            self._refuse_pending(pending, policies.deadline if deadline else policies.device_error,
+            self._refuse_pending(pending, self.vm.policies.deadline if deadline else self.vm.policies.device_error,
                                  ErrorKind.DEADLINE if deadline else ErrorKind.DEVICE_SERVICE,
-                                 f"{who}: access to {pending.where}: {result}")
+                                 f"{self._who}: access to {pending.where}: {result}")
             return
-        if result.has_effects:
+        region = pending.region
+        if result.posted_errors or result.mirror_changes or result.shadows:
             try:
-                self.apply_effects(result, device, pc=pending.pc)
+                self.apply_effects(result, region.device if region is not None else "", pc=pending.pc)
             except TransportError as exc:
-                self._refuse_pending(pending, policies.device_error, ErrorKind.DEVICE_SERVICE,
-                                     f"{who}: access to {pending.where}: {exc}")
+                self._refuse_pending(pending, self.vm.policies.device_error, ErrorKind.DEVICE_SERVICE,
+                                     f"{self._who}: access to {pending.where}: {exc}")
                 return
         if result.status is not CompletionStatus.OK:
-            direction = "write" if syn.wnr else "read"
-            self._refuse_pending(pending, policies.device_error, ErrorKind.DEVICE_ERROR,
-                                 f"{who}: {device} refused the {syn.size}-byte {direction} of {pending.where}: "
+            self._refuse_pending(pending, self.vm.policies.device_error, ErrorKind.DEVICE_ERROR,
+                                 f"{self._who}: {region.device if region is not None else ''} refused the "
+                                 f"{syn.size}-byte {'write' if syn.wnr else 'read'} of {pending.where}: "
                                  f"{result.status.value}: {result.error}")
             return
         uc = self.vcpu.uc
-        stats = self.stats
+        arch = self.arch
         if syn.wnr:
-            value = int.from_bytes(pending.data, "little")
+            value = 0
         else:
             try:
                 value = load_value(result.data, syn, pending.big_endian)
             except ValueError as exc:
-                self._refuse_pending(pending, policies.device_error, ErrorKind.DEVICE_SERVICE,
-                                     f"{who}: completion for {pending.where}: {exc}")
+                self._refuse_pending(pending, self.vm.policies.device_error, ErrorKind.DEVICE_SERVICE,
+                                     f"{self._who}: completion for {pending.where}: {exc}")
                 return
-            self.arch.write_gpr(uc, syn.srt, value)
+            arch.write_gpr(uc, syn.srt, value)
         if pending.new_base is not None and syn.writeback is not None:
-            self.arch.write_base(uc, syn.writeback.rn, pending.new_base)
-        self.arch.advance(uc, pending.pc, syn.insn_len)
+            arch.write_base(uc, syn.writeback.rn, pending.new_base)
+        arch.advance(uc, pending.pc, 4 if syn.il else 2)
+        stats = self.stats
         if kind == "exit":
-            assert region is not None
             now = time.perf_counter_ns()
+            with self.latency_lock:
+                self._latencies.append(now - pending.sent_ns)
+                if len(self._latencies) >= LATENCY_BUFFER:
+                    self._fold_latencies()
             stats.exits += 1
+            assert region is not None
             if syn.wnr:
                 stats.writes += 1
                 stats.by_region[region.device, region.name, "write"] += 1
             else:
                 stats.reads += 1
                 stats.by_region[region.device, region.name, "read"] += 1
-            with self.latency_lock:
-                self.latency.record_value(max(1, now - pending.sent_ns))
-            self._trace(pending, value, device, "ok", pending.sent_ns, now)
+            if self.vm.trace is not None:
+                self._trace(pending, value or int.from_bytes(pending.data, "little"), "ok", pending.sent_ns, now)
             return
         if kind == "posted":
             assert region is not None
@@ -362,7 +416,9 @@ class ExitPath:
             assert region is not None
             stats.shadow_reads += 1
             stats.by_region[region.device, region.name, "shadow_read"] += 1
-        self._trace(pending, value, device, kind, pending.started_ns, time.perf_counter_ns())
+        if self.vm.trace is not None:
+            self._trace(pending, value or int.from_bytes(pending.data, "little"), kind, pending.started_ns,
+                        time.perf_counter_ns())
 
     def apply_effects(self, completion: Completion, device: str, pc: int = 0) -> None:
         """What a completion (of an exit, a posted batch or a flush) changed besides the access itself.
@@ -456,10 +512,11 @@ class ExitPath:
             entry = self.stats.kvm_report[key] = KvmReportEntry(pc, insn.isa.name, insn.word, reason, handled)
         entry.count += 1
 
-    def _trace(self, pending: PendingAccess, value: int, device: str, outcome: str, t0: int, t1: int) -> None:
+    def _trace(self, pending: PendingAccess, value: int, outcome: str, t0: int, t1: int) -> None:
         trace = self.vm.trace
         if trace is None:
             return
+        device = pending.region.device if pending.region is not None else ""
         syn = pending.syn
         insn = pending.insn
         wb = syn.writeback
@@ -472,9 +529,17 @@ class ExitPath:
             syndrome=syn.esr(EC_DABT_LOW, DFSC_TRANSLATION_L3),
         ))
 
+    def _fold_latencies(self) -> None:
+        """Move the buffered exit latencies into the histogram (latency_lock held)."""
+        record = self.latency.record_value
+        for ns in self._latencies:
+            record(ns if ns > 0 else 1)
+        del self._latencies[:]
+
     def latency_snapshot(self) -> HdrHistogram:
         copy = new_latency_histogram()
         with self.latency_lock:
+            self._fold_latencies()
             copy.add(self.latency)
         return copy
 

@@ -9,6 +9,7 @@ PSTATE, CPSR) and SCTLR_EL1 go this way; everything else keeps the binding.
 from __future__ import annotations
 
 import ctypes
+import sys
 import threading
 from collections.abc import Callable
 
@@ -18,10 +19,24 @@ from unicorn.unicorn_py3.arch.arm64 import UcRegCP64
 from unicorn.unicorn_py3.arch.types import uc_hook_h
 from unicorn.unicorn_py3.unicorn import uclib
 
-_reg_read = uclib.uc_reg_read
-_reg_write = uclib.uc_reg_write
-_mem_read = uclib.uc_mem_read
+# The same library through PyDLL: these calls keep the GIL. They take well under a microsecond, and handing
+# the GIL to another thread and back (what ctypes does around every CDLL call) cost more than the call
+# itself, several times per exit. Only calls that never run guest code or hooks may go this way.
+_gil_held = ctypes.PyDLL(uclib._name)
+
+
+def _held(name: str, *argtypes: object) -> Callable[..., int]:
+    fn = getattr(_gil_held, name)
+    fn.restype = ctypes.c_int
+    fn.argtypes = argtypes
+    return fn
+
+
+_reg_read = _held("uc_reg_read", ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p)
+_reg_write = _held("uc_reg_write", ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p)
+_mem_read = _held("uc_mem_read", ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t)
 _c_u64 = ctypes.c_uint64
+assert sys.byteorder == "little", "fastreg reads guest memory into host integers"
 _byref = ctypes.byref
 _CP_REG = a64.UC_ARM64_REG_CP_REG
 
@@ -43,12 +58,12 @@ def reg_write(uc: Uc, reg: int, value: int) -> None:
 
 
 def mem_read_le(uc: Uc, address: int, size: int) -> int:
-    """``size`` bytes of guest memory as a little-endian integer (an instruction fetch)."""
-    buf = ctypes.create_string_buffer(size)
-    status = _mem_read(uc._uch, address, buf, size)
+    """``size`` (at most 8) bytes of guest memory as a little-endian integer (an instruction fetch)."""
+    value = _c_u64()  # read into the low bytes of a zeroed 64-bit integer: the host is little-endian
+    status = _mem_read(uc._uch, address, _byref(value), size)
     if status:
         raise UcError(status)
-    return int.from_bytes(buf.raw, "little")
+    return value.value
 
 
 _per_thread = threading.local()
@@ -72,6 +87,47 @@ def sctlr_el1(uc: Uc) -> int:
 
 
 # uc_cb_hookmem_t: void (uc_engine *, uc_mem_type, uint64_t address, int size, int64_t value, void *user_data)
+_emu_start = uclib.uc_emu_start  # CDLL: releases the GIL while the guest runs, as it must (hooks take it back)
+
+
+def emu_start(uc: Uc, begin: int, until: int) -> int:
+    """Run the guest; returns Unicorn's status (0 or a UC_ERR_*) instead of raising it: a data abort ends every
+    exit's slice with an error status, and building, raising and catching UcError for each cost more than the
+    call. An exception a binding hook recorded is raised as the binding's own ``emu_start`` would."""
+    uc._hook_exception = None
+    status: int = _emu_start(uc._uch, begin, until, 0, 0)
+    if uc._hook_exception is not None:
+        raise uc._hook_exception
+    return status
+
+
+# uc_cb_eventmem_t: bool (uc_engine *, uc_mem_type, uint64_t address, int size, int64_t value, void *user_data)
+_HOOKMEM_INVALID = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_int,
+                                    ctypes.c_int64, ctypes.c_void_p)
+
+
+def hook_mem_invalid(uc: Uc, hook_type: int, callback: Callable[[int, int, int, int], bool],
+                     on_error: Callable[[BaseException], None]) -> object:
+    """An unmapped- or protected-memory hook calling ``callback(access, address, size, value)`` with one Python
+    frame instead of the binding's three (every exit takes one). An exception goes to ``on_error`` (which must
+    stop the emulation) and the access fails. Returns what must stay referenced while the hook is installed."""
+
+    def trampoline(_uch: int, access: int, address: int, size: int, value: int, _user: int) -> bool:
+        try:
+            return callback(access, address, size, value)
+        except BaseException as exc:
+            on_error(exc)
+            return False
+
+    fptr = _HOOKMEM_INVALID(trampoline)
+    handle = uc_hook_h()
+    status = _hook_add(uc._uch, _byref(handle), hook_type, ctypes.cast(fptr, ctypes.c_void_p), ctypes.c_void_p(0),
+                       ctypes.c_uint64(1), ctypes.c_uint64(0))
+    if status:
+        raise UcError(status)
+    return fptr
+
+
 _HOOKMEM = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_int, ctypes.c_int64,
                             ctypes.c_void_p)
 _hook_add = uclib.uc_hook_add

@@ -209,12 +209,14 @@ class Vcpu:
         uc = self.arch.new_uc(self.vm.cpu_model)
         for block in self.vm.ram:
             uc.mem_map_ptr(block.base, block.size, UC_PROT_ALL, block.address)
-        uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
-        # ROMD mirrors: a write always exits like MMIO; a read exits while the device traps everything.
-        uc.hook_add(UC_HOOK_MEM_WRITE_PROT | UC_HOOK_MEM_READ_PROT | UC_HOOK_MEM_FETCH_PROT, self._on_unmapped)
-        uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         self._raw_hooks: list[object] = []  # ctypes callbacks libunicorn holds: keep them alive
         self._hook_error: BaseException | None = None
+        # Device regions are unmapped. ROMD mirrors: a write always exits like MMIO; a read exits while the
+        # device traps everything.
+        self._raw_hooks.append(fastreg.hook_mem_invalid(
+            uc, UC_HOOK_MEM_UNMAPPED | UC_HOOK_MEM_WRITE_PROT | UC_HOOK_MEM_READ_PROT | UC_HOOK_MEM_FETCH_PROT,
+            self._on_unmapped, self._on_hook_error))
+        uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         self._mapped_mirrors: set[tuple[str, str, str]] = set()
         self._mirror_prot: dict[tuple[str, str, str], bool] = {}
         self._trapping = False
@@ -296,12 +298,12 @@ class Vcpu:
             self.in_posted_hook = False
             self.posted_hooks_done += 1
 
-    def _on_unmapped(self, uc: Uc, access: int, address: int, size: int, value: int, _user: object) -> bool:
+    def _on_unmapped(self, access: int, address: int, size: int, value: int) -> bool:
         if self._fault_context is None:  # after a deferred store fault, later faults are past it: ignore them
             self._fault = (access, address, size, value)
-            if access == UC_MEM_WRITE_UNMAPPED and self.arch.store_fault_is_deferred(uc):
+            if access == UC_MEM_WRITE_UNMAPPED and self.arch.store_fault_is_deferred(self.uc):
                 # The state is exact here but Unicorn will run on past the store: keep it to go back to.
-                self._fault_context = uc.context_save()
+                self._fault_context = self.uc.context_save()
         return False
 
     def _on_msr(self, _uc: Uc, _reg: int, _cp_reg: object, _user: object) -> bool:
@@ -431,15 +433,17 @@ class Vcpu:
         uc = self.uc
         never = self.arch.never_pc
         while True:
-            if self.pause_req and self.has_pending_posted():
-                self.flush_posted()
-            with self.cond:
-                if not self._park():
+            # After an exit the vCPU is RUNNING and exchange() has honoured any request: go straight back in.
+            if self.state is not VcpuState.RUNNING or self.pause_req or self.stop_req or self.off_req:
+                if self.pause_req and self.has_pending_posted():
                     self.flush_posted()
-                    return
-                self.state = VcpuState.RUNNING
-                self.cond.notify_all()
-            self._sync_mirrors()
+                with self.cond:
+                    if not self._park():
+                        self.flush_posted()
+                        return
+                    self.state = VcpuState.RUNNING
+            if self._map_generation != self.vm.map_generation:
+                self._sync_mirrors()
             if self._trapping:
                 uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
             self._fault = None
@@ -451,17 +455,13 @@ class Vcpu:
             if self.vm.has_posted:
                 _POSTED_WATCH.add(self)
             self.kick_requested = self.pause_req or self.stop_req or self.off_req
-            try:
-                uc.emu_start(begin, never)
-                error: UcError | None = None
-            except UcError as exc:
-                error = exc
+            status = fastreg.emu_start(uc, begin, never)
             if self._hook_error is not None:
                 hook_error, self._hook_error = self._hook_error, None
                 raise hook_error
             pc = self.arch.pc(uc)
-            if error is not None:
-                self._on_emu_error(error, pc)
+            if status:
+                self._on_emu_error(status, pc)
             elif self._stop_cause is not None:
                 if not self._on_stop_cause(self._stop_cause):
                     return
@@ -516,20 +516,20 @@ class Vcpu:
             return False
         raise VcpuFault(ErrorKind.INTERNAL, f"unknown stop cause {cause.kind}")
 
-    def _on_emu_error(self, error: UcError, pc: int) -> None:
+    def _on_emu_error(self, status: int, pc: int) -> None:
         fault = self._fault
         if self._fault_context is not None:
             self.uc.context_restore(self._fault_context)  # undo what ran past a store in an IT block
             pc = self.arch.pc(self.uc)
-        if fault is None or error.errno not in (UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED, UC_ERR_WRITE_PROT,
-                                                UC_ERR_READ_PROT):
+        if fault is None or status not in (UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED, UC_ERR_WRITE_PROT,
+                                           UC_ERR_READ_PROT):
             if fault is not None and fault[0] in (UC_MEM_FETCH_UNMAPPED, UC_MEM_FETCH_PROT):
                 raise VcpuFault(ErrorKind.GUEST_EXCEPTION,
                                 f"vCPU {self.index}: instruction fetch from 0x{fault[1]:x}, which is not RAM",
                                 pc=pc, fault_address=fault[1])
             raise VcpuFault(ErrorKind.GUEST_EXCEPTION,
-                            f"vCPU {self.index}: emulation stopped at 0x{pc:x}: {error}", pc=pc)
-        if error.errno == UC_ERR_READ_PROT and self._trapping:
+                            f"vCPU {self.index}: emulation stopped at 0x{pc:x}: {UcError(status)}", pc=pc)
+        if status == UC_ERR_READ_PROT and self._trapping:
             # With the guest's MMU on, Unicorn fills the softmmu TLB even for a read it refuses, and the
             # next read of that page would be served from the mirror: drop the entry.
             self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
@@ -606,9 +606,11 @@ class Vcpu:
         channel = self.channel(pending.region.service)
         if channel.pending_posted():
             self.exits.stats.posted_batches += 1  # they ride on this exit
-        with self.cond:
+        lock = self.vm.lock  # the lock itself, not the condition: entering it costs no Python frame
+        with lock:
             self.state = VcpuState.EXIT_WAIT
-            self.cond.notify_all()
+            if self.pause_req:  # somebody may be waiting for this vCPU to be quiescent
+                self.cond.notify_all()
         result: Completion | TransportError | None = None
         try:
             pending.sent_ns = time.perf_counter_ns()
@@ -616,8 +618,8 @@ class Vcpu:
         except TransportError as exc:
             result = exc
         finally:
-            with self.cond:
-                if not self._park(VcpuState.EXIT_WAIT):
+            with lock:
+                if (self.pause_req or self.stop_req or self.off_req) and not self._park(VcpuState.EXIT_WAIT):
                     result = None
                 self.state = VcpuState.RUNNING
         return result
