@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from unicorn import UC_ERR_INSN_INVALID, UC_HOOK_INTR, Uc, UcError
 
 from device_service.bus import DeviceBus
+from device_service.local import LocalEndpoint
 from device_service.models.scratch import Scratch
 from mmiosplit.v1 import common_pb2, vcpu_pb2, vcpu_pb2_grpc
 from tests.differential.program import PSCI_SYSTEM_OFF, RAM_BASE, RAM_SIZE, READBACK, RECORDS, Program
 from vcpu_service.arch import EXCEPTION_NAMES, EXCP_HVC, Arch, arch_by_name, close_uc
 from vcpu_service.decode import Isa
 from vcpu_service.events import FINAL_KINDS, kind_name
-from vcpu_service.local import LocalEndpoint
 from vcpu_service.vm import ImageSpec, Vm, VmSpec
 
 SCRATCH = "scratch0"

@@ -11,11 +11,11 @@ import threading
 import pytest
 
 from device_service.bus import DeviceBus
+from device_service.local import LocalEndpoint
 from device_service.model import RegionSpec
 from device_service.models.pl011 import FR_RXFE, FR_TXFE, Pl011
 from tests.exitpath.harness import A32, A64, DEV, T32, Probe, code, run
 from tests.exitpath.test_kvm_table import A64_SET_EE
-from vcpu_service.local import LocalEndpoint
 from vcpu_service.transport import ShadowChange, ShadowWatch
 from vcpu_service.vm import ImageSpec, Vm, VmSpec
 
