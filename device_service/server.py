@@ -94,11 +94,10 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
     def __init__(self, bus: DeviceBus, service_name: str = "mmiosplit-devices",
                  console_log: str | None = None, shadows: bool = True) -> None:
         self.host = DeviceHost(bus, service_name, console_log, shadows)
-        self.service_name = service_name
 
     async def Describe(self, request: device_pb2.DescribeRequest,
                        context: grpc.aio.ServicerContext) -> device_pb2.DescribeResponse:
-        return device_pb2.DescribeResponse(service_name=self.service_name, protocol_version=PROTOCOL_VERSION,
+        return device_pb2.DescribeResponse(service_name=self.host.service_name, protocol_version=PROTOCOL_VERSION,
                                            devices=[_device_pb(d) for d in self.host.describe()])
 
     async def ReadMirror(self, request: device_pb2.ReadMirrorRequest,
@@ -125,7 +124,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             while True:
                 event = await queue.get()
                 if isinstance(event, ShadowFailure):
-                    await context.abort(grpc.StatusCode.INTERNAL, f"shadow registers of {self.service_name} "
+                    await context.abort(grpc.StatusCode.INTERNAL, f"shadow registers of {self.host.service_name} "
                                         f"stopped: {event.message}")
                     return
                 yield _shadow_update_pb(event)
@@ -151,7 +150,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         self.host.bus.stats.stream_opened(context)
         yield device_pb2.ExitStreamResponse(
             seq=first.seq,
-            welcome=device_pb2.StreamWelcome(protocol_version=PROTOCOL_VERSION, service_name=self.service_name))
+            welcome=device_pb2.StreamWelcome(protocol_version=PROTOCOL_VERSION, service_name=self.host.service_name))
         session = self.host.session()
         expected = first.seq + 1
         async for req in requests:
