@@ -57,18 +57,18 @@ def cpu_seconds(pid: int) -> float:
 
 def serve_devices_noting_dr_reads(log_path: str, argv: list[str]) -> int:
     """``mmiosplit serve-devices`` that appends the monotonic time of every read of the UART's DR to a file."""
-    import device_service.server as server
+    import device_service.host as host
     from mmiosplit.cli import main as cli_main
 
     log = open(log_path, "w", buffering=1)  # noqa: SIM115 - lives as long as the service
-    dispatch = server.dispatch
+    dispatch = host.dispatch
 
     def noting(bus: object, address: int, length: int, is_write: bool, data: bytes) -> object:
         if address == UART_DR and not is_write:
             log.write(f"{time.monotonic():.6f}\n")
         return dispatch(bus, address, length, is_write, data)  # type: ignore[arg-type]
 
-    server.dispatch = noting  # type: ignore[assignment]
+    host.dispatch = noting  # type: ignore[assignment]
     return cli_main(["serve-devices", *argv])
 
 

@@ -33,7 +33,7 @@ BANNER = b"U-Boot 2023.01"
 def local_transport(arch: str, flash1: str) -> dict[str, float]:
     """The vcpu loop and the device models in this process: no gRPC, no second process."""
     from device_service.config import build_bus, parse_device_specs
-    from vcpu_service.local import LocalEndpoint
+    from device_service.local import LocalEndpoint
     from vcpu_service.machines.virt import device_specs
     from vcpu_service.vm import Vm, VmSpec
 

@@ -1,39 +1,31 @@
 """One access from the wire onto the bus: the checks and byte conversion every transport shares.
 
-The gRPC servicer and the in-process local transport both call ``dispatch``, so a device model
-answers exactly the same whichever way the vCPU reaches it.
+The device host (``device_service.host``) calls ``dispatch`` for the gRPC servicer and the in-process
+transport alike, so a device model answers exactly the same whichever way the vCPU reaches it. The answer
+is the ``Completion`` the vCPU receives, plus the region the access reached, which the host needs for
+console input and shadow registers.
 """
 
 from __future__ import annotations
 
 import collections
-import enum
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from device_service.bus import BusRegion, DeviceBus
 from device_service.model import AccessError, DeviceModel
 from device_service.stats import DeviceStats
+from mmiosplit.mmio import Completion, CompletionStatus, PostedError
+
+#: Every successful write completes alike: one shared, immutable answer.
+_WRITTEN = Completion()
 
 
-class Outcome(enum.Enum):
-    OK = "ok"
-    DEVICE_ERROR = "device error"
-    NO_DEVICE = "no device"
-    BAD_REQUEST = "bad request"
-
-
-@dataclass(frozen=True, slots=True)
-class BusReply:
-    outcome: Outcome
-    data: bytes = b""
-    error: str = ""
-    region: BusRegion | None = None
-
-
-def dispatch(bus: DeviceBus, address: int, length: int, is_write: bool, data: bytes) -> BusReply:
-    """Perform one access; data (for a write) and the reply's data (for a read) are in guest-memory order.
+def dispatch(bus: DeviceBus, address: int, length: int, is_write: bool,
+             data: bytes) -> tuple[Completion, BusRegion | None]:
+    """Perform one access: its completion, and the region it reached (None when no region covers the
+    address or the request is malformed). Data (for a write) and the completion's data (for a read) are
+    in guest-memory order.
 
     Devices are little-endian bus slaves: the bytes are the register value, least significant first.
     Every access is counted in ``bus.stats`` (and timed once metrics are enabled).
@@ -43,40 +35,41 @@ def dispatch(bus: DeviceBus, address: int, length: int, is_write: bool, data: by
     if handling is None:
         return _dispatch(bus, stats, address, length, is_write, data)
     t0 = time.perf_counter_ns()
-    reply = _dispatch(bus, stats, address, length, is_write, data)
+    done = _dispatch(bus, stats, address, length, is_write, data)
     handling.record(time.perf_counter_ns() - t0)
-    return reply
+    return done
 
 
 def _dispatch(bus: DeviceBus, stats: DeviceStats, address: int, length: int, is_write: bool,
-              data: bytes) -> BusReply:
+              data: bytes) -> tuple[Completion, BusRegion | None]:
     region = bus.find(address)
     device = region.device.name if region is not None else ""
     stats.accesses[device, region.spec.name if region is not None else "", "write" if is_write else "read"] += 1
     if length not in (1, 2, 4, 8):
         stats.errors[device, "bad_request"] += 1
-        return BusReply(Outcome.BAD_REQUEST, error=f"access length {length} at 0x{address:x} is not 1, 2, 4 or 8")
+        return Completion(CompletionStatus.BAD_REQUEST,
+                          error=f"access length {length} at 0x{address:x} is not 1, 2, 4 or 8"), None
     if is_write:
         if len(data) != length:
             stats.errors[device, "bad_request"] += 1
-            return BusReply(Outcome.BAD_REQUEST,
-                            error=f"write of length {length} at 0x{address:x} carries {len(data)} data bytes")
+            return Completion(CompletionStatus.BAD_REQUEST,
+                              error=f"write of length {length} at 0x{address:x} carries {len(data)} data bytes"), None
         result = bus.write(address, length, int.from_bytes(data, "little"))
     else:
         result = bus.read(address, length)
     if result.ok:
-        out = b"" if is_write else (result.value & ((1 << (8 * length)) - 1)).to_bytes(length, "little")
-        return BusReply(Outcome.OK, out, region=region)
-    outcome = (Outcome.NO_DEVICE if result.error is AccessError.OUT_OF_RANGE and region is None
-               else Outcome.DEVICE_ERROR)
-    stats.errors[device, "no_device" if outcome is Outcome.NO_DEVICE else "device_error"] += 1
-    return BusReply(outcome, error=result.message, region=region)
+        if is_write:
+            return _WRITTEN, region
+        return Completion(data=(result.value & ((1 << (8 * length)) - 1)).to_bytes(length, "little")), region
+    no_device = result.error is AccessError.OUT_OF_RANGE and region is None
+    stats.errors[device, "no_device" if no_device else "device_error"] += 1
+    status = CompletionStatus.NO_DEVICE if no_device else CompletionStatus.DEVICE_ERROR
+    return Completion(status, error=result.message), region
 
 
 def dispatch_posted(bus: DeviceBus,
-                    writes: Iterable[tuple[int, bytes]]) -> tuple[list[tuple[int, int, str]], set[DeviceModel]]:
-    """Apply a posted batch in order: (index, address, error) of each write that failed, and the devices
-    written.
+                    writes: Iterable[tuple[int, bytes]]) -> tuple[list[PostedError], set[DeviceModel]]:
+    """Apply a posted batch in order: the writes that failed, and the devices written.
 
     Each write gets the checks and the answer ``dispatch`` would give it, but a run of writes to one
     region looks the region up once and is counted once: a posted batch can hold a thousand writes,
@@ -84,7 +77,7 @@ def dispatch_posted(bus: DeviceBus,
     """
     stats = bus.stats
     handling = stats.handling
-    errors: list[tuple[int, int, str]] = []
+    errors: list[PostedError] = []
     touched: set[DeviceModel] = set()
     counted: collections.Counter[tuple[str, str, str]] = collections.Counter()
     region: BusRegion | None = None
@@ -92,13 +85,12 @@ def dispatch_posted(bus: DeviceBus,
     for index, (address, data) in enumerate(writes):
         length = len(data)
         if region is None or not lo <= address <= hi - length or length not in region.spec.access_sizes:
-            reply = dispatch(bus, address, length, True, data)  # routes, counts and checks this one in full
-            region = reply.region
+            done, region = dispatch(bus, address, length, True, data)  # routes, counts and checks this one in full
             if region is not None:
                 lo, hi = region.base, region.end
                 touched.add(region.device)
-            if reply.outcome is not Outcome.OK:
-                errors.append((index, address, reply.error))
+            if done.status is not CompletionStatus.OK:
+                errors.append(PostedError(index, address, done.error))
                 region = None
             continue
         if handling is None:
@@ -110,7 +102,7 @@ def dispatch_posted(bus: DeviceBus,
         name = region.device.name
         counted[name, region.spec.name, "write"] += 1
         if not result.ok:
-            errors.append((index, address, result.message))
+            errors.append(PostedError(index, address, result.message))
             stats.errors[name, "device_error"] += 1
     stats.accesses.update(counted)
     return errors, touched

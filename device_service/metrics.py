@@ -1,4 +1,4 @@
-"""The device service's Prometheus collector: reads ``bus.stats`` and the console hubs at scrape time.
+"""The device service's Prometheus collector: reads ``bus.stats`` and the host's consoles at scrape time.
 
 A custom collector so that an access costs one Counter increment in ``dispatch`` and nothing more;
 see docs/metrics.md for the table of metrics.
@@ -16,6 +16,7 @@ from device_service.bus import DeviceBus
 from mmiosplit.metrics import histogram_family
 
 if TYPE_CHECKING:
+    from device_service.host import DeviceHost
     from device_service.server import DeviceServicer
 
 
@@ -24,11 +25,11 @@ class DeviceCollector(Collector):
 
     def __init__(self, bus: DeviceBus) -> None:
         self.bus = bus
-        self.servicer: DeviceServicer | None = None
+        self.host: DeviceHost | None = None
 
     def attach(self, servicer: DeviceServicer) -> None:
-        """Also report what only the servicer knows (its name, console bytes)."""
-        self.servicer = servicer
+        """Also report what only the device host knows (its name, console bytes)."""
+        self.host = servicer.host
 
     def collect(self) -> Iterator[Metric]:
         stats = self.bus.stats
@@ -70,18 +71,18 @@ class DeviceCollector(Collector):
         family.add_metric([], stats.streams_opened)
         yield family
 
-        servicer = self.servicer
-        if servicer is None:
+        host = self.host
+        if host is None:
             return
         family = CounterMetricFamily(
             "mmiosplit_device_console_bytes",
             "Bytes through UART consoles: out = transmitted by the guest, in = fed to it by console clients.",
             labels=["device", "direction"])
-        for name, hub in sorted(servicer.consoles.items()):
+        for name, hub in sorted(host.consoles.items()):
             family.add_metric([name, "in"], hub.bytes_in)
             family.add_metric([name, "out"], hub.bytes_out)
         yield family
         info = GaugeMetricFamily("mmiosplit_device_service_info", "The service name reported to vcpu services.",
                                  labels=["service"])
-        info.add_metric([servicer.service_name], 1.0)
+        info.add_metric([host.service_name], 1.0)
         yield info

@@ -22,6 +22,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, Self, runtime_checkable
 
+from mmiosplit.mmio import check_shadow_windows
+
 #: Access sizes a bus transaction can have, in bytes (KVM's ``mmio.len``).
 BUS_ACCESS_SIZES: tuple[int, ...] = (1, 2, 4, 8)
 
@@ -100,16 +102,7 @@ class RegionSpec:
                 f"region {self.name!r}: access sizes must be a non-empty subset of {BUS_ACCESS_SIZES},"
                 f" got {self.access_sizes}"
             )
-        taken_until = 0
-        for offset, size in sorted(self.shadows):
-            where = f"region {self.name!r}: shadow register at +{offset:#x} ({size} bytes)"
-            if size not in self.access_sizes:
-                raise ValueError(f"{where}: the region takes {self.access_sizes}-byte accesses")
-            if offset < 0 or offset + size > self.size:
-                raise ValueError(f"{where} is outside the region's {self.size:#x} bytes")
-            if offset < taken_until:
-                raise ValueError(f"{where} overlaps another shadow register")
-            taken_until = offset + size
+        check_shadow_windows(f"region {self.name!r}", self.size, self.access_sizes, self.shadows)
 
     @property
     def end(self) -> int:

@@ -2,14 +2,14 @@
 ``RegionSpec.shadows``, and who must hear when one changes.
 
 The vCPU process answers guest reads of those registers from a copy, so a guest polling a status
-register costs no round trip. This tracker keeps that copy honest: the host (the gRPC servicer or the
-in-process local transport) calls ``refresh`` for the devices a request touched, after a reset, and
+register costs no round trip. This tracker keeps that copy honest: the device host (``device_service.host``,
+under both transports) calls ``refresh`` for the devices a request touched, after a reset, and
 whenever a model reports ``shadows_changed`` (input on a console); every change gets a new
 ``generation`` and goes to every subscriber (the WatchShadows streams). ``since`` gives an exit stream
 every value that changed after the last generation it was sent, so a completion brings its vCPU's copy
 up to date: a vCPU never reads a shadow value older than its own last completion.
 
-Transport-neutral on purpose, like the models: values are plain tuples, the servicer converts them.
+Transport-neutral on purpose, like the models: values are plain tuples, the host names its service on them.
 Thread-safe: the local transport refreshes from vCPU threads and from whoever feeds a console. Lock
 order is the tracker's lock, then a model's, so models call ``shadows_changed`` without their own.
 """

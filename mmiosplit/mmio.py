@@ -126,6 +126,19 @@ class ShadowChange:
 
 
 @dataclass(frozen=True, slots=True)
+class PostedError:
+    """A posted write that failed: its place in its batch, its address and why (the wire's
+    ``PostedWriteError``). ``str()`` gives the sentence a user sees."""
+
+    index: int
+    address: int
+    error: str
+
+    def __str__(self) -> str:
+        return f"posted write to 0x{self.address:x}: {self.error}"
+
+
+@dataclass(frozen=True, slots=True)
 class Completion:
     """The answer to an exit, a posted batch or a flush, with everything it changed besides the access.
 
@@ -136,7 +149,7 @@ class Completion:
     status: CompletionStatus = CompletionStatus.OK
     data: bytes = b""
     error: str = ""
-    posted_errors: tuple[str, ...] = ()
+    posted_errors: tuple[PostedError, ...] = ()
     mirror_changes: tuple[MirrorChange, ...] = ()
     shadows: tuple[ShadowChange, ...] = ()
 
@@ -147,7 +160,7 @@ class Completion:
 
     def merged_after(self, earlier: Iterable[Completion]) -> Completion:
         """This completion carrying the side effects of earlier ones (posted batches answered meanwhile)."""
-        errors: list[str] = []
+        errors: list[PostedError] = []
         changes: list[MirrorChange] = []
         shadows: list[ShadowChange] = []
         for c in earlier:

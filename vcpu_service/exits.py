@@ -434,8 +434,8 @@ class ExitPath:
             fields: dict[str, object] = {"device": device}
             if pc:
                 fields["pc"] = pc
-            raise VcpuFault(ErrorKind.DEVICE_ERROR, f"vCPU {self.vcpu.index}: " + "; ".join(completion.posted_errors),
-                            **fields)
+            raise VcpuFault(ErrorKind.DEVICE_ERROR,
+                            f"{self._who}: " + "; ".join(map(str, completion.posted_errors)), **fields)
 
     def absorb(self, completion: Completion, device: str, batch_sent: bool) -> None:
         """The completion of posted writes (a full batch, or a flush): count the batch and apply what it carried.

@@ -26,6 +26,7 @@ from mmiosplit.mmio import (
     ExitChannel,
     MirrorChange,
     MmioExit,
+    PostedError,
     PostedQueue,
     RemoteRegion,
     ShadowChange,
@@ -75,7 +76,7 @@ def completion_from_wire(service: str, c: device_pb2.Completion) -> Completion:
                              "which is not a known CompletionStatus")
     return Completion(
         status, bytes(c.data), c.error,
-        tuple(f"posted write to 0x{e.address:x}: {e.error}" for e in c.posted_errors),
+        tuple(PostedError(e.index, e.address, e.error) for e in c.posted_errors),
         mirror_changes(service, c.mirror_updates),
         (shadow_change(service, c.shadow),) if c.HasField("shadow") else (),
     )

@@ -147,7 +147,7 @@ class LocalVm:
 
     def __init__(self, config: vcpu_pb2.VmConfig, device_specs: list[str], label: str = "local") -> None:
         from device_service.config import ConfigError, build_bus, parse_device_specs
-        from vcpu_service.local import LocalEndpoint
+        from device_service.local import LocalEndpoint
         from vcpu_service.server import spec_from_proto
         from vcpu_service.vm import Vm, VmConfigError
 

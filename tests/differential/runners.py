@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from unicorn import UC_ERR_INSN_INVALID, UC_HOOK_INTR, Uc, UcError
 
 from device_service.bus import DeviceBus
+from device_service.local import LocalEndpoint
 from device_service.models.scratch import Scratch
 from mmiosplit.v1 import common_pb2, vcpu_pb2, vcpu_pb2_grpc
 from mmiosplit.wire import FINAL_EVENT_KINDS
@@ -23,7 +24,6 @@ from tests.exitpath.harness import event_from_wire
 from vcpu_service.arch import EXCEPTION_NAMES, EXCP_HVC, Arch, arch_by_name, close_uc
 from vcpu_service.decode import Isa
 from vcpu_service.domain import ErrorKind, EventKind, FaultPolicy, Policies, UnmappedPolicy, VmEvent
-from vcpu_service.local import LocalEndpoint
 from vcpu_service.vm import ImageSpec, Vm, VmSpec
 
 SCRATCH = "scratch0"

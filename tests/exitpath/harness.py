@@ -30,11 +30,11 @@ from dataclasses import dataclass
 
 from device_service.bus import DeviceBus
 from device_service.config import create_device, parse_device_specs
+from device_service.local import LocalEndpoint
 from device_service.model import BUS_ACCESS_SIZES, AccessError, AccessResult, DeviceModel, RegionSpec
 from mmiosplit.v1 import vcpu_pb2
 from vcpu_service.domain import ErrorKind, EventKind, FaultPolicy, Policies, UnmappedPolicy, VmEvent
 from vcpu_service.exits import ExitStats
-from vcpu_service.local import LocalEndpoint
 from vcpu_service.tracelog import ExitRecord
 from vcpu_service.vm import ImageSpec, Vm, VmSpec
 

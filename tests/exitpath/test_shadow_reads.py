@@ -11,12 +11,12 @@ import threading
 import pytest
 
 from device_service.bus import DeviceBus
+from device_service.local import LocalEndpoint
 from device_service.model import RegionSpec
 from device_service.models.pl011 import FR_RXFE, FR_TXFE, Pl011
 from mmiosplit.mmio import ShadowChange, ShadowWatch
 from tests.exitpath.harness import A32, A64, DEV, T32, Probe, code, run
 from tests.exitpath.test_kvm_table import A64_SET_EE
-from vcpu_service.local import LocalEndpoint
 from vcpu_service.vm import ImageSpec, Vm, VmSpec
 
 WINDOWS = ((0x00, 4), (0x08, 8), (0x10, 2), (0x18, 1))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import random
 
 from device_service.bus import DeviceBus
-from device_service.dispatch import Outcome, dispatch, dispatch_posted
+from device_service.dispatch import dispatch, dispatch_posted
 from device_service.models import Pl011, ReadAsZero, Scratch
+from mmiosplit.mmio import CompletionStatus, PostedError
 
 SCRATCH, SCRATCH2, UART, ZERO = 0x0A00_0000, 0x0A00_1000, 0x0900_0000, 0x0B00_0000
 
@@ -34,9 +35,9 @@ def test_same_answers_and_state_as_per_write_dispatch() -> None:
         one, batch = _bus(), _bus()
         expected = []
         for i, (address, data) in enumerate(writes):
-            reply = dispatch(one, address, len(data), True, data)
-            if reply.outcome is not Outcome.OK:
-                expected.append((i, address, reply.error))
+            done, _region = dispatch(one, address, len(data), True, data)
+            if done.status is not CompletionStatus.OK:
+                expected.append(PostedError(i, address, done.error))
         errors, touched = dispatch_posted(batch, writes)
         assert errors == expected
         for name in ("s0", "s1"):

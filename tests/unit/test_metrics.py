@@ -237,7 +237,7 @@ def test_device_collector_counts_accesses_errors_batches_streams_and_consoles() 
     servicer = DeviceServicer(bus, "devs")
     collector = DeviceCollector(bus)
     collector.attach(servicer)
-    assert dispatch(bus, 0x0A00_0000, 4, True, b"\x01\x02\x03\x04").outcome.value == "ok"
+    assert dispatch(bus, 0x0A00_0000, 4, True, b"\x01\x02\x03\x04")[0].status.value == "ok"
     dispatch(bus, 0x0A00_0000, 4, False, b"")
     dispatch(bus, 0x0A00_0004, 2, False, b"")
     dispatch(bus, 0x0A00_0FFE, 4, False, b"")  # straddles the end: a device error
@@ -257,7 +257,7 @@ def test_device_collector_counts_accesses_errors_batches_streams_and_consoles() 
     bus.stats.stream_opened(ctx)
     bus.stats.stream_opened(ctx)
     ctx.callbacks[0](ctx)  # type: ignore[operator]
-    hub = servicer.consoles["uart0"]
+    hub = servicer.host.consoles["uart0"]
     hub.feed(b"hi")
     hub._on_output(b"hello\n")
 

@@ -1,5 +1,6 @@
 """Shadow registers: the PL011's declarations and side-effect-free peek, the device-side tracker, the vcpu
-side's table (the generation rule) and the decoding of what a device service sends."""
+side's table (the generation rule) and the decoding of what a device service sends. The device host's
+part (generations on completions and on the watch) is in test_device_host.py and test_device_local.py."""
 
 from __future__ import annotations
 
@@ -11,9 +12,8 @@ from device_service.bus import DeviceBus
 from device_service.model import AccessResult, DeviceModel, RegionSpec
 from device_service.models.pl011 import FR_RXFE, FR_RXFF, FR_TXFE, INT_RT, INT_RX, PRIMECELL_ID, Pl011
 from device_service.shadows import ShadowFailure, ShadowTracker, ShadowValues
-from mmiosplit.mmio import MmioExit, RemoteRegion, ShadowChange, TransportError, check_shadow_windows
+from mmiosplit.mmio import RemoteRegion, ShadowChange, TransportError, check_shadow_windows
 from mmiosplit.v1 import device_pb2
-from vcpu_service.local import LocalEndpoint
 from vcpu_service.shadows import ShadowTable
 from vcpu_service.transport import shadow_change
 
@@ -264,41 +264,3 @@ def test_describe_refuses_bad_shadow_windows_by_name(windows: list[tuple[int, in
         check_shadow_windows("device service dev: uart0/regs", 0x1000, (1, 2, 4), windows)
     assert check_shadow_windows("dev", 0x1000, (1, 2, 4), [(0x18, 4), (0x1C, 2)]) == {(0x18, 4), (0x1C, 2)}
 
-
-# ----- the local transport ----------------------------------------------------------------------------------------
-
-def test_local_endpoint_completions_carry_what_the_vcpu_was_not_sent_yet() -> None:
-    uart = Pl011("uart0", UART)
-    endpoint = LocalEndpoint(DeviceBus([uart]))
-    (described,) = endpoint.describe()
-    assert (FR, 4) in described.shadows
-    watch = endpoint.watch_shadows("vm")
-    snapshot = watch.next(1.0)
-    assert snapshot is not None and snapshot.generation == 1
-    channel = endpoint.open_exit_channel("vm", 0, "aarch64")
-    endpoint.console_input("uart0", b"hi")  # one fits (FIFO off); the other waits for the guest
-    update = watch.next(1.0)
-    assert update is not None and ("uart0", "regs", FR, word(FR_TXFE | FR_RXFF)) in update.values
-    reply = channel.access(MmioExit(0, UART + DR, 4, False))
-    assert reply.data == word(ord("h"))
-    # The read popped "h" and the waiting "i" came in: FR is unchanged, but this vCPU's first completion
-    # brings its copy up to date with everything (it was sent nothing before).
-    (shadow,) = reply.shadows
-    assert ("uart0", "regs", FR, word(FR_TXFE | FR_RXFF)) in shadow.values
-    reply = channel.access(MmioExit(0, UART + DR, 4, False))
-    assert reply.data == word(ord("i"))
-    (shadow,) = reply.shadows
-    assert [v for v in shadow.values if v[2] == FR] == [("uart0", "regs", FR, word(FR_TXFE | FR_RXFE))]
-    reply = channel.access(MmioExit(0, UART + FR, 4, False))
-    assert reply.shadows == ()  # nothing changed since the last completion
-    watch.cancel()
-    drained = []
-    while (queued := watch.next(1.0)) is not None:  # the reads' updates went to the watcher too
-        drained.append(queued)
-    assert [g.generation for g in drained] == sorted(g.generation for g in drained) and drained
-
-
-def test_local_endpoint_without_shadows_declares_none() -> None:
-    endpoint = LocalEndpoint(DeviceBus([Pl011("uart0", UART)]), shadows=False)
-    (described,) = endpoint.describe()
-    assert described.shadows == frozenset()
