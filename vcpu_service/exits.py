@@ -137,6 +137,9 @@ class VmView(Protocol):
     @property
     def shadows(self) -> ShadowTable: ...
 
+    @property
+    def ram_ends(self) -> frozenset[int]: ...
+
     def in_ram(self, address: int, length: int) -> bool: ...
     def apply_mirror_changes(self, changes: Iterable[MirrorChange]) -> None: ...
 
@@ -265,7 +268,7 @@ class ExitPath:
         is_write = syn.wnr
         new_base = None if syn.writeback is None else self._writeback_value(syn)
         slot = self.vm.handlers.lookup(address)
-        if fault_size and size > 1 and (fault_size != size or not (is_write or address & 0xFFF)) \
+        if fault_size and size > 1 and (fault_size != size or (not is_write and address in self.vm.ram_ends)) \
                 and self._split_from_ram(pc, address, syn, fault_size):
             device = slot.region.device if slot is not None and slot.region is not None else ""
             return Refuse(self.vm.policies.device_error, ErrorKind.DEVICE_ERROR,

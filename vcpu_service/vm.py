@@ -123,8 +123,10 @@ class Vm:
         self.posted_windows: list[tuple[RemoteRegion, RamBlock]] = []
         self.has_posted = False
         self.ram: list[RamBlock] = []
+        self._ram_ends: frozenset[int] = frozenset()
         try:
             self.ram = [RamBlock(base, size) for base, size in sorted(spec.ram)]
+            self._ram_ends = frozenset(block.end for block in self.ram)
             self._build_device_map()
             self._images = list(spec.images)
             if spec.machine == "virt" and not any(i.load_address == self.ram[0].base for i in self._images):
@@ -166,6 +168,11 @@ class Vm:
 
     def in_ram(self, address: int, length: int) -> bool:
         return self._ram_block(address, length) is not None
+
+    @property
+    def ram_ends(self) -> frozenset[int]:
+        """The first addresses past each RAM block: where an access can start in RAM and run on into a device."""
+        return self._ram_ends
 
     def machine_dtb(self) -> bytes:
         """The device tree of the machine profile, from the devices the services described."""
