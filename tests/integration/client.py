@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from mmiosplit.launcher import LocalServices
-from mmiosplit.runner import channel
 from mmiosplit.v1 import common_pb2, vcpu_pb2, vcpu_pb2_grpc
+from mmiosplit_cli.launcher import LocalServices
+from mmiosplit_cli.runner import channel
 from vcpu_service.events import FINAL_KINDS
 
 RAM_BASE = 0x4000_0000

@@ -16,10 +16,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from mmiosplit.launcher import check_health, local_services
-from mmiosplit.runner import ConsoleInput, channel, run_vm
 from mmiosplit.v1 import device_pb2, device_pb2_grpc, vcpu_pb2
 from mmiosplit.wire import PROTOCOL_VERSION
+from mmiosplit_cli.launcher import check_health, local_services
+from mmiosplit_cli.runner import ConsoleInput, channel, run_vm
 from tests.exitpath.test_shadow_reads import RESET_GUEST
 from tests.integration.client import Services, a64
 from tests.integration.test_device_protocol import RawStream, _exit
@@ -135,7 +135,7 @@ def test_run_no_shadows_makes_every_poll_exit(tmp_path: Path) -> None:
     image.write_bytes(a64(*ECHO_UNTIL_Q))
     exits = {}
     for flag in ([], ["--no-shadows"]):
-        proc = subprocess.run([sys.executable, "-m", "mmiosplit", "run", str(image), "--device", "pl011@0x09000000",
+        proc = subprocess.run([sys.executable, "-m", "mmiosplit_cli", "run", str(image), "--device", "pl011@0x09000000",
                                *flag], input="hi q", capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout == "hi q"
@@ -144,7 +144,7 @@ def test_run_no_shadows_makes_every_poll_exit(tmp_path: Path) -> None:
         exits[bool(flag)] = int(match.group(1))
     assert exits[False] == 8  # a DR read and an echo per byte
     assert exits[True] > 8
-    proc = subprocess.run([sys.executable, "-m", "mmiosplit", "run", str(image), "--no-shadows",
+    proc = subprocess.run([sys.executable, "-m", "mmiosplit_cli", "run", str(image), "--no-shadows",
                            "--device-service", "unix:/nonexistent.sock"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--no-shadows" in proc.stderr
 

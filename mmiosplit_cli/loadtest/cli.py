@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mmiosplit.loadtest.progress import Reporter
+from mmiosplit_cli.loadtest.progress import Reporter
 
 EXIT_GUEST_FAILED = 1
 EXIT_USAGE = 2
@@ -43,7 +43,7 @@ def _seconds(text: str) -> float:
 
 
 def _mix(text: str) -> str:
-    from mmiosplit.loadtest.guest import GuestError, parse_mix
+    from mmiosplit_cli.loadtest.guest import GuestError, parse_mix
 
     try:
         parse_mix(text)
@@ -203,8 +203,8 @@ def _out_console() -> Any:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
-    from mmiosplit.loadtest import report
-    from mmiosplit.loadtest.runner import GuestFailed, LoadConfig, LoadTestError, default_exits, run_loadtest
+    from mmiosplit_cli.loadtest import report
+    from mmiosplit_cli.loadtest.runner import GuestFailed, LoadConfig, LoadTestError, default_exits, run_loadtest
 
     problem = _check(args)
     if problem:
@@ -239,7 +239,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from mmiosplit.loadtest.compare import CompareError, load, render_compare
+    from mmiosplit_cli.loadtest.compare import CompareError, load, render_compare
 
     try:
         a, b = load(args.a), load(args.b)

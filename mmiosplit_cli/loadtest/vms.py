@@ -12,9 +12,9 @@ from typing import Protocol
 
 import grpc
 
-from mmiosplit.loadtest.guest import RAM_BASE, RAM_SIZE, GuestProgram
-from mmiosplit.runner import EXIT_STATUS, channel
 from mmiosplit.v1 import common_pb2, vcpu_pb2, vcpu_pb2_grpc
+from mmiosplit_cli.loadtest.guest import RAM_BASE, RAM_SIZE, GuestProgram
+from mmiosplit_cli.runner import EXIT_STATUS, channel
 
 CREATE_TIMEOUT_S = 60.0
 CALL_TIMEOUT_S = 30.0

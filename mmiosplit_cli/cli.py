@@ -77,7 +77,7 @@ def _port(text: str) -> int:
 
 def _start_metrics(command: str, service: str, collector: object, args: argparse.Namespace) -> bool:
     """Serve collector on --metrics-host/--metrics-port; False (after saying why) when it cannot."""
-    from mmiosplit.metrics import MetricsError, serve_metrics
+    from mmiosplit_cli.metrics import MetricsError, serve_metrics
 
     try:
         server = serve_metrics(collector, args.metrics_host, args.metrics_port)  # type: ignore[arg-type]
@@ -138,7 +138,7 @@ def cmd_serve_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from mmiosplit.launcher import check_health
+    from mmiosplit_cli.launcher import check_health
 
     status = check_health(args.address, timeout=args.timeout, service=args.service)
     print(status)
@@ -251,7 +251,7 @@ def _print_kvm_report(stats: vcpu_pb2.GetStatsResponse, files: dict[str, TextIO]
     """The KVM compatibility report from the final statistics: a table on stderr and/or JSON in a file."""
     import json
 
-    from mmiosplit.trace import format_kvm_report, kvm_report_to_json
+    from mmiosplit_cli.trace import format_kvm_report, kvm_report_to_json
 
     entries = list(stats.kvm_report)
     if show:
@@ -275,9 +275,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, files: dict[str, TextIO]) -> int:
-    from mmiosplit.launcher import LaunchError, local_services
-    from mmiosplit.runner import EXIT_CONFIG_ERROR, ConsoleInput, RunError, format_latency, pump_stdin, run_vm
-    from mmiosplit.trace import TracePrinter
+    from mmiosplit_cli.launcher import LaunchError, local_services
+    from mmiosplit_cli.runner import EXIT_CONFIG_ERROR, ConsoleInput, RunError, format_latency, pump_stdin, run_vm
+    from mmiosplit_cli.trace import TracePrinter
     from vcpu_service.events import kind_name
 
     try:
@@ -375,7 +375,7 @@ def _run(args: argparse.Namespace, files: dict[str, TextIO]) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from mmiosplit.demo import run_demo
+    from mmiosplit_cli.demo import run_demo
 
     return run_demo(vcpus=args.vcpus, cpu=None if args.no_pin else args.pin_cpu, transport=args.transport)
 
@@ -501,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--transport", choices=["unix", "tcp"], default="unix")
     d.set_defaults(func=cmd_demo)
 
-    from mmiosplit.loadtest.cli import add_parser as add_loadtest_parser
+    from mmiosplit_cli.loadtest.cli import add_parser as add_loadtest_parser
 
     add_loadtest_parser(sub)
     return p

@@ -7,7 +7,7 @@
 
 The client side runs in the calling process (pinned where the vCPU would be), the server side in a child
 pinned where the device service would be. Shared by ``mmiosplit loadtest`` and ``bench/exit_latency.py``.
-Run as ``python -m mmiosplit.loadtest.floors --echo-server ADDR --cpu N`` it is that gRPC server.
+Run as ``python -m mmiosplit_cli.loadtest.floors --echo-server ADDR --cpu N`` it is that gRPC server.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import grpc
 from hdrh.histogram import HdrHistogram
 
 from mmiosplit.address import parse_address
-from mmiosplit.launcher import check_health
-from mmiosplit.loadtest.stats import new_histogram
 from mmiosplit.v1 import device_pb2, device_pb2_grpc
 from mmiosplit.wire import GRPC_OPTIONS
+from mmiosplit_cli.launcher import check_health
+from mmiosplit_cli.loadtest.stats import new_histogram
 
 WARMUP = 500
 MESSAGE = b"x" * 40
@@ -135,7 +135,7 @@ EXIT_MESSAGE = device_pb2.MmioExit(
 
 def start_echo_server(address: str, cpu: int | None) -> subprocess.Popen[bytes]:
     """Start the echo server as a child process and wait until it is SERVING."""
-    cmd = [sys.executable, "-m", "mmiosplit.loadtest.floors", "--echo-server", address]
+    cmd = [sys.executable, "-m", "mmiosplit_cli.loadtest.floors", "--echo-server", address]
     if cpu is not None:
         cmd += ["--cpu", str(cpu)]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -1,5 +1,5 @@
 """``python -m mmiosplit`` is the same as the ``mmiosplit`` command."""
 
-from mmiosplit.cli import main
+from mmiosplit_cli.cli import main
 
 raise SystemExit(main())

@@ -89,7 +89,7 @@ class ServiceProcess:
 
 
 def _python_cmd() -> list[str]:
-    return [sys.executable, "-m", "mmiosplit"]
+    return [sys.executable, "-m", "mmiosplit_cli"]
 
 
 @dataclass

@@ -6,9 +6,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmiosplit.launcher import LaunchError, local_services
-from mmiosplit.runner import RunError, format_latency, run_vm
 from mmiosplit.v1 import common_pb2, vcpu_pb2
+from mmiosplit_cli.launcher import LaunchError, local_services
+from mmiosplit_cli.runner import RunError, format_latency, run_vm
 from vcpu_service.events import kind_name
 
 GUEST_DIR = Path(__file__).resolve().parent.parent / "guests" / "bin"

@@ -14,8 +14,8 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
-from mmiosplit.loadtest import stats
-from mmiosplit.loadtest.runner import LoadResult, Measurement
+from mmiosplit_cli.loadtest import stats
+from mmiosplit_cli.loadtest.runner import LoadResult, Measurement
 
 FLOOR_TITLES = {"grpc": "floor: bare gRPC ping-pong", "socket": "floor: raw socket ping-pong",
                 "local": "floor: local transport (same guest)"}

@@ -31,8 +31,9 @@ from pathlib import Path
 
 from hdrh.histogram import HdrHistogram
 
-from mmiosplit.loadtest import stats
-from mmiosplit.loadtest.guest import (
+from mmiosplit.v1 import vcpu_pb2
+from mmiosplit_cli.loadtest import stats
+from mmiosplit_cli.loadtest.guest import (
     RAM_BASE,
     RAM_SIZE,
     Access,
@@ -44,9 +45,8 @@ from mmiosplit.loadtest.guest import (
     parse_mix,
     sync_exits_per_iteration,
 )
-from mmiosplit.loadtest.progress import Reporter
-from mmiosplit.loadtest.vms import GrpcVm, LocalVm, VmError, VmHandle, vm_config
-from mmiosplit.v1 import vcpu_pb2
+from mmiosplit_cli.loadtest.progress import Reporter
+from mmiosplit_cli.loadtest.vms import GrpcVm, LocalVm, VmError, VmHandle, vm_config
 
 DEFAULT_DEVICE = "scratch@0x0a000000,size=0x1000"
 DEFAULT_EXITS = 5000
@@ -286,7 +286,7 @@ def describe_target(address: str, target: str | None, posted: bool) -> tuple[int
 
 
 def check_reachable(address: str, option: str) -> None:
-    from mmiosplit.launcher import check_health
+    from mmiosplit_cli.launcher import check_health
 
     status = check_health(address, timeout=3.0)
     if status != "SERVING":
@@ -500,7 +500,7 @@ def _started(plans: list[ProcessPlan], cfg: LoadConfig, reporter: Reporter) -> I
     """Start the services each plan needs (none for given addresses); yields a scratch folder."""
     import tempfile
 
-    from mmiosplit.launcher import LaunchError, local_services
+    from mmiosplit_cli.launcher import LaunchError, local_services
 
     with contextlib.ExitStack() as stack:
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mmiosplit-loadtest-")))
@@ -529,7 +529,7 @@ def _started(plans: list[ProcessPlan], cfg: LoadConfig, reporter: Reporter) -> I
 
 
 def _echo_address(cfg: LoadConfig, scratch: Path) -> str:
-    from mmiosplit.launcher import free_tcp_port
+    from mmiosplit_cli.launcher import free_tcp_port
 
     return f"unix:{scratch / 'echo.sock'}" if cfg.transport == "unix" else f"127.0.0.1:{free_tcp_port()}"
 
@@ -624,7 +624,7 @@ def _measure_floors(cfg: LoadConfig, plan: ProcessPlan, scratch: Path, mix: tupl
                     addresses: list[int], local_specs: list[str], warm_iters: int, reporter: Reporter,
                     notes: list[str]) -> dict[str, Floor]:
     """The floors with the first process's placement; one that fails is a note, not the end of the run."""
-    from mmiosplit.loadtest import floors as floors_mod
+    from mmiosplit_cli.loadtest import floors as floors_mod
 
     out: dict[str, Floor] = {}
     client_cpu, server_cpu = plan.vcpu_cpu, plan.device_cpu
