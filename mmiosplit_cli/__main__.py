@@ -1,4 +1,4 @@
-"""``python -m mmiosplit`` is the same as the ``mmiosplit`` command."""
+"""``python -m mmiosplit_cli`` is the same as the ``mmiosplit`` command."""
 
 from mmiosplit_cli.cli import main
 

@@ -24,6 +24,8 @@ import time
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
+from grpc_health.v1 import _async as health_async
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hdrh.histogram import HdrHistogram
 
 from mmiosplit.address import parse_address
@@ -115,9 +117,6 @@ class _Echo(device_pb2_grpc.DeviceServiceServicer):
 
 async def serve_echo(address: str) -> None:
     """The floor's server: only ExitStream (an echo) and health, on grpc.aio like the device service."""
-    from grpc_health.v1 import _async as health_async
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     server = grpc.aio.server(options=GRPC_OPTIONS)
     device_pb2_grpc.add_DeviceServiceServicer_to_server(_Echo(), server)
     hs = health_async.HealthServicer()
