@@ -184,7 +184,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         return device_pb2.ResetResponse(mirror_updates=self._mirror_updates())
 
     async def WatchShadows(self, request: device_pb2.WatchShadowsRequest,
-                           context: grpc.aio.ServicerContext) -> AsyncIterator[device_pb2.ShadowUpdate]:
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[device_pb2.WatchShadowsResponse]:
         """Every shadow register now, then each change (all on this event loop, so none is missed)."""
         queue: asyncio.Queue[ShadowEvent] = asyncio.Queue()
         unsubscribe = self.shadows.subscribe(queue.put_nowait)
@@ -196,7 +196,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                     await context.abort(grpc.StatusCode.INTERNAL, f"shadow registers of {self.service_name} "
                                         f"stopped: {event.message}")
                     return
-                yield _shadow_update(event)
+                yield device_pb2.WatchShadowsResponse(update=_shadow_update(event))
         finally:
             unsubscribe()
 
