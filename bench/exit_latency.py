@@ -24,10 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 from hdrh.histogram import HdrHistogram  # noqa: E402
 
-from mmiosplit.launcher import free_tcp_port, local_services  # noqa: E402
-from mmiosplit.loadtest.floors import WARMUP, grpc_floor, socket_floor  # noqa: E402
-from mmiosplit.loadtest.stats import histogram_of, percentiles_us  # noqa: E402
 from mmiosplit.v1 import common_pb2, vcpu_pb2  # noqa: E402
+from mmiosplit_cli.launcher import free_tcp_port, local_services  # noqa: E402
+from mmiosplit_cli.loadtest.floors import WARMUP, grpc_floor, socket_floor  # noqa: E402
+from mmiosplit_cli.loadtest.stats import histogram_of, percentiles_us  # noqa: E402
 
 
 def percentiles(hist: HdrHistogram) -> dict[str, float]:
@@ -36,17 +36,18 @@ def percentiles(hist: HdrHistogram) -> dict[str, float]:
     return {"p50": p["p50"], "p90": p["p90"], "p99": p["p99"], "max": p["max"], "n": int(p["count"])}
 
 
-# The floors (raw socket, bare gRPC) are mmiosplit.loadtest.floors, shared with `mmiosplit loadtest`.
+# The floors (raw socket, bare gRPC) are mmiosplit_cli.loadtest.floors, shared with `mmiosplit loadtest`.
 
 
 # ----- our transport alone, then the whole split -----------------------------------------------------------
 def channel_only(n: int, device_address: str) -> dict[str, float]:
-    from vcpu_service.transport import GrpcEndpoint, MmioRequest
+    from mmiosplit.mmio import MmioExit
+    from vcpu_service.transport import GrpcEndpoint
 
     endpoint = GrpcEndpoint(device_address)
     region = next(r for r in endpoint.describe() if r.device_type == "scratch")
-    channel = endpoint.open_exit_channel("bench", 0, common_pb2.ARCHITECTURE_AARCH64)
-    request = MmioRequest(0, region.base, region, 4, False)
+    channel = endpoint.open_exit_channel("bench", 0, "aarch64")
+    request = MmioExit(0, region.base, 4, False, device=region.device, region=region.name)
     samples = []
     for i in range(n + WARMUP):
         t = time.perf_counter_ns()
@@ -66,7 +67,7 @@ def guest_loop(exits: int) -> bytes:
 
 
 def whole_split(exits: int, vcpu_address: str, device_address: str) -> dict[str, float]:
-    from mmiosplit.runner import run_vm
+    from mmiosplit_cli.runner import run_vm
 
     cfg = vcpu_pb2.VmConfig(
         architecture=common_pb2.ARCHITECTURE_AARCH64, vcpu_count=1,

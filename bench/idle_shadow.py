@@ -38,7 +38,7 @@ import pexpect
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mmiosplit.launcher import ServiceProcess, local_services  # noqa: E402
+from mmiosplit_cli.launcher import ServiceProcess, local_services  # noqa: E402
 from tests.firmware.console import AUTOBOOT, BANNER, CTRL_A_X, PROMPT  # noqa: E402
 from vcpu_service.machines.virt import device_specs  # noqa: E402
 
@@ -58,7 +58,7 @@ def cpu_seconds(pid: int) -> float:
 def serve_devices_noting_dr_reads(log_path: str, argv: list[str]) -> int:
     """``mmiosplit serve-devices`` that appends the monotonic time of every read of the UART's DR to a file."""
     import device_service.host as host
-    from mmiosplit.cli import main as cli_main
+    from mmiosplit_cli.cli import main as cli_main
 
     log = open(log_path, "w", buffering=1)  # noqa: SIM115 - lives as long as the service
     dispatch = host.dispatch
@@ -111,7 +111,7 @@ def measure(arch: str, shadows: bool, seconds: float, keys: int, cpu: int, work:
         with local_services(None, cpu=cpu) as (vaddr, _, services):
             assert vaddr
             pids = {"device service": dev.process.pid, "vcpu service": services.processes[0].process.pid}
-            command = [sys.executable, "-m", "mmiosplit", "run", "--machine", "virt", "--arch", arch, UBOOT[arch],
+            command = [sys.executable, "-m", "mmiosplit_cli", "run", "--machine", "virt", "--arch", arch, UBOOT[arch],
                        "--vcpu-service", vaddr, "--device-service", daddr]
             t0 = time.monotonic()
             child = pexpect.spawn(command[0], command[1:], timeout=300, encoding="utf-8", codec_errors="replace",

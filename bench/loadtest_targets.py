@@ -34,10 +34,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mmiosplit.launcher import local_services  # noqa: E402
-from mmiosplit.loadtest import report  # noqa: E402
-from mmiosplit.loadtest.guest import COMPUTE_INSTRUCTIONS_PER_ITERATION, build_compute_program  # noqa: E402
-from mmiosplit.loadtest.runner import (  # noqa: E402
+from mmiosplit_cli.launcher import local_services  # noqa: E402
+from mmiosplit_cli.loadtest import report  # noqa: E402
+from mmiosplit_cli.loadtest.guest import COMPUTE_INSTRUCTIONS_PER_ITERATION, build_compute_program  # noqa: E402
+from mmiosplit_cli.loadtest.runner import (  # noqa: E402
     GuestFailed,
     LoadConfig,
     LoadTestError,

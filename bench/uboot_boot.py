@@ -83,9 +83,9 @@ def main() -> int:
             else ["qemu-system-arm", "-M", "virt,highmem=off", "-cpu", "cortex-a15"])
     qemu += ["-m", "128M", "-nic", "none", "-nographic", "-bios", UBOOT[args.arch],
              "-drive", f"if=pflash,format=raw,unit=1,file={flash1}"]
-    grpc = [sys.executable, "-m", "mmiosplit", "run", "--machine", "virt", "--arch", args.arch, UBOOT[args.arch],
+    grpc = [sys.executable, "-m", "mmiosplit_cli", "run", "--machine", "virt", "--arch", args.arch, UBOOT[args.arch],
             "--flash1", str(flash1), "-q"]
-    from mmiosplit.launcher import local_services
+    from mmiosplit_cli.launcher import local_services
     from vcpu_service.machines.virt import device_specs
 
     results: dict[str, list[dict[str, float]]] = {"grpc": [], "grpc-warm": [], "local": [], "qemu": []}
@@ -95,7 +95,7 @@ def main() -> int:
     device_args = [a for d in device_specs(args.arch, UBOOT[args.arch], str(warm_flash)) for a in ("--device", d)]
     with local_services(device_args, cpu=args.cpu) as (vaddr, daddr, _):
         assert vaddr and daddr
-        warm = [sys.executable, "-m", "mmiosplit", "run", "--machine", "virt", "--arch", args.arch,
+        warm = [sys.executable, "-m", "mmiosplit_cli", "run", "--machine", "virt", "--arch", args.arch,
                 UBOOT[args.arch], "--vcpu-service", vaddr, "--device-service", daddr, "-q"]
         for _ in range(args.runs):
             results["grpc"].append(console(grpc))

@@ -115,7 +115,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         return device_pb2.ResetResponse(mirror_updates=[_mirror_update_pb(c) for c in self.host.reset()])
 
     async def WatchShadows(self, request: device_pb2.WatchShadowsRequest,
-                           context: grpc.aio.ServicerContext) -> AsyncIterator[device_pb2.ShadowUpdate]:
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[device_pb2.WatchShadowsResponse]:
         """Every shadow register now, then each change (all on this event loop, so none is missed)."""
         queue: asyncio.Queue[ShadowChange | ShadowFailure] = asyncio.Queue()
         unsubscribe = self.host.watch_shadows(queue.put_nowait)
@@ -127,7 +127,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                     await context.abort(grpc.StatusCode.INTERNAL, f"shadow registers of {self.host.service_name} "
                                         f"stopped: {event.message}")
                     return
-                yield _shadow_update_pb(event)
+                yield device_pb2.WatchShadowsResponse(update=_shadow_update_pb(event))
         finally:
             unsubscribe()
 

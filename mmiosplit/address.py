@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 from dataclasses import dataclass
 
@@ -58,8 +59,6 @@ def parse_address(text: str) -> ServiceAddress:
 
 def address_argument(text: str) -> str:
     """An argparse ``type`` for service addresses: the text back, or an argparse error naming the problem."""
-    import argparse
-
     try:
         parse_address(text)
     except AddressError as exc:

@@ -380,7 +380,7 @@ class GrpcShadowWatch:
             timer.daemon = True
             timer.start()
         try:
-            update: device_pb2.ShadowUpdate = next(self._call)
+            update: device_pb2.ShadowUpdate = next(self._call).update
         except StopIteration:
             if self._cancelled:
                 return None

@@ -587,6 +587,26 @@ class WatchShadowsRequest(_message.Message):
 Global___WatchShadowsRequest: _TypeAlias = WatchShadowsRequest  # noqa: Y015
 
 @_typing.final
+class WatchShadowsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPDATE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def update(self) -> Global___ShadowUpdate: ...
+    def __init__(
+        self,
+        *,
+        update: Global___ShadowUpdate | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update", b"update"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["update", b"update"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchShadowsResponse: _TypeAlias = WatchShadowsResponse  # noqa: Y015
+
+@_typing.final
 class MirrorUpdate(_message.Message):
     """A ROMD region switching between mirror mode (reads served by the vcpu service) and trap mode
     (every access exits), and the bytes that changed.

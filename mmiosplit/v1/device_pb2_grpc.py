@@ -62,7 +62,7 @@ class DeviceServiceStub:
         self.WatchShadows = channel.unary_stream(
                 '/mmiosplit.v1.DeviceService/WatchShadows',
                 request_serializer=mmiosplit_dot_v1_dot_device__pb2.WatchShadowsRequest.SerializeToString,
-                response_deserializer=mmiosplit_dot_v1_dot_device__pb2.ShadowUpdate.FromString,
+                response_deserializer=mmiosplit_dot_v1_dot_device__pb2.WatchShadowsResponse.FromString,
                 _registered_method=True)
 
 
@@ -145,7 +145,7 @@ def add_DeviceServiceServicer_to_server(servicer, server):
             'WatchShadows': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchShadows,
                     request_deserializer=mmiosplit_dot_v1_dot_device__pb2.WatchShadowsRequest.FromString,
-                    response_serializer=mmiosplit_dot_v1_dot_device__pb2.ShadowUpdate.SerializeToString,
+                    response_serializer=mmiosplit_dot_v1_dot_device__pb2.WatchShadowsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -309,7 +309,7 @@ class DeviceService:
             target,
             '/mmiosplit.v1.DeviceService/WatchShadows',
             mmiosplit_dot_v1_dot_device__pb2.WatchShadowsRequest.SerializeToString,
-            mmiosplit_dot_v1_dot_device__pb2.ShadowUpdate.FromString,
+            mmiosplit_dot_v1_dot_device__pb2.WatchShadowsResponse.FromString,
             options,
             channel_credentials,
             insecure,

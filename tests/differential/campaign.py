@@ -307,7 +307,7 @@ def summary(result: CampaignResult, show: int = 5) -> str:
 @contextlib.contextmanager
 def grpc_services(transport: str = "unix") -> Iterator[GrpcTarget]:
     """A device service with a scratch device at each gRPC window (one posted), and a vcpu service, as subprocesses."""
-    from mmiosplit.launcher import local_services
+    from mmiosplit_cli.launcher import local_services
 
     devices = [f"scratch@0x{base:x},size=0x{GRPC_WINDOW_SIZE:x},name=scratch{int(posted)},"
                f"posted={'on' if posted else 'off'}" for posted, base in GRPC_WINDOWS.items()]

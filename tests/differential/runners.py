@@ -163,7 +163,7 @@ def run_local(program: Program) -> RunResult:
 
 
 class GrpcTarget:
-    """A vcpu service and a device service (started by `mmiosplit.launcher.local_services`) to run programs on.
+    """A vcpu service and a device service (started by `mmiosplit_cli.launcher.local_services`) to run programs on.
 
     The device service hosts a scratch device at `windows[False]` and a posted one at `windows[True]`, each
     `window_size` bytes. Programs must be self-seeded with their window at the one that fits the batch, because
@@ -171,7 +171,7 @@ class GrpcTarget:
     """
 
     def __init__(self, vcpu_address: str, device_address: str, windows: dict[bool, int], window_size: int) -> None:
-        from mmiosplit.runner import channel
+        from mmiosplit_cli.runner import channel
 
         self.device_address = device_address
         self.windows = windows

@@ -73,7 +73,7 @@ def test_uboot_console_matches_qemu(arch: str, tmp_path: Path) -> None:
             f.truncate(64 << 20)
     qemu = [*QEMU[arch], "-m", "128M", "-nic", "none", "-nographic", "-bios", str(UBOOT[arch]),
             "-drive", f"if=pflash,format=raw,unit=1,file={images['qemu']}"]
-    ours = [sys.executable, "-m", "mmiosplit", "run", "--machine", "virt", "--arch", arch, str(UBOOT[arch]),
+    ours = [sys.executable, "-m", "mmiosplit_cli", "run", "--machine", "virt", "--arch", arch, str(UBOOT[arch]),
             "--flash1", str(images["mmiosplit"]), "-q"]
     reference = run_uboot_script(qemu, SCRIPT)
     transcript = run_uboot_script(ours, SCRIPT, timeout=600)
@@ -95,7 +95,7 @@ def test_saveenv_survives_reset_and_a_restart_of_the_whole_stack(arch: str, tmp_
     flash1 = tmp_path / "flash1.img"
     with open(flash1, "wb") as f:
         f.truncate(64 << 20)
-    ours = [sys.executable, "-m", "mmiosplit", "run", "--machine", "virt", "--arch", arch, str(UBOOT[arch]),
+    ours = [sys.executable, "-m", "mmiosplit_cli", "run", "--machine", "virt", "--arch", arch, str(UBOOT[arch]),
             "--flash1", str(flash1), "--persist-flash", "--flash-write-buffer", "direct", "-q"]
     first = run_uboot_script(ours, ["setenv foo bar; saveenv; reset", "printenv foo"], timeout=600).lines()
     assert "Writing to Flash... done" in first

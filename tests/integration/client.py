@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from mmiosplit.launcher import LocalServices
-from mmiosplit.runner import channel
 from mmiosplit.v1 import common_pb2, vcpu_pb2, vcpu_pb2_grpc
 from mmiosplit.wire import FINAL_EVENT_KINDS as FINAL_KINDS
+from mmiosplit_cli.launcher import LocalServices
+from mmiosplit_cli.runner import channel
 
 RAM_BASE = 0x4000_0000
 LOAD = 0x4008_0000

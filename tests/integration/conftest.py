@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mmiosplit.launcher import local_services
+from mmiosplit_cli.launcher import local_services
 from tests.integration.client import Services
 
 # The devices every integration test gets: a UART, an RTC, a RAM-like scratch device, and a scratch

@@ -9,8 +9,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from mmiosplit.launcher import check_health
 from mmiosplit.v1 import vcpu_pb2
+from mmiosplit_cli.launcher import check_health
 from tests.integration.client import LOAD, Services, a64, a64_with_vectors
 from tests.integration.rogue_device import BASE, RogueServer
 
@@ -104,7 +104,7 @@ def test_unknown_vm_id(unix_services: Services) -> None:
 
 
 def _serve_devices(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mmiosplit", "serve-devices", "--listen", "127.0.0.1:1", *args],
+    return subprocess.run([sys.executable, "-m", "mmiosplit_cli", "serve-devices", "--listen", "127.0.0.1:1", *args],
                           capture_output=True, text=True, timeout=60)
 
 
@@ -121,7 +121,7 @@ def test_overlapping_devices_are_refused_at_startup() -> None:
 
 
 def test_malformed_address_on_the_command_line() -> None:
-    proc = subprocess.run([sys.executable, "-m", "mmiosplit", "serve-vcpu", "--listen", "localhost"],
+    proc = subprocess.run([sys.executable, "-m", "mmiosplit_cli", "serve-vcpu", "--listen", "localhost"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "malformed address 'localhost'" in proc.stderr

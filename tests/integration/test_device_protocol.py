@@ -10,10 +10,10 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from mmiosplit.launcher import check_health, local_services
-from mmiosplit.runner import channel
 from mmiosplit.v1 import device_pb2, device_pb2_grpc, vcpu_pb2, vcpu_pb2_grpc
 from mmiosplit.wire import PROTOCOL_VERSION
+from mmiosplit_cli.launcher import check_health, local_services
+from mmiosplit_cli.runner import channel
 from tests.integration.client import Services, a64
 
 pytestmark = pytest.mark.integration

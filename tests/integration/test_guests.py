@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from mmiosplit.demo import GUESTS, Guest
-from mmiosplit.runner import run_vm
 from mmiosplit.v1 import vcpu_pb2
+from mmiosplit_cli.demo import GUESTS, Guest
+from mmiosplit_cli.runner import run_vm
 from tests.integration.client import Services
 
 pytestmark = pytest.mark.integration
@@ -78,7 +78,7 @@ def test_loads_return_what_stores_put_there(unix_services: Services, guest: Gues
 def test_run_command_is_scriptable() -> None:
     """`mmiosplit run` with pipes: console on stdout, exit status 0 for PSCI SYSTEM_OFF."""
     proc = subprocess.run(
-        [sys.executable, "-m", "mmiosplit", "run", str(ROOT / "guests" / "bin" / "hello-t32.bin"), "--arch", "arm",
+        [sys.executable, "-m", "mmiosplit_cli", "run", str(ROOT / "guests" / "bin" / "hello-t32.bin"), "--arch", "arm",
          "--entry", "0x40080001", "--vcpus", "2"],
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
     )
@@ -90,11 +90,11 @@ def test_run_command_is_scriptable() -> None:
 def test_run_exit_status_says_how_the_guest_ended(tmp_path: Path) -> None:
     spin = tmp_path / "wfi.bin"
     spin.write_bytes(bytes.fromhex("7f2003d5ffffff17"))  # wfi; b wfi
-    proc = subprocess.run([sys.executable, "-m", "mmiosplit", "run", str(spin)], stdin=subprocess.DEVNULL,
+    proc = subprocess.run([sys.executable, "-m", "mmiosplit_cli", "run", str(spin)], stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3, proc.stderr
     assert "halted" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "mmiosplit", "run", str(tmp_path / "missing.bin")],
+    proc = subprocess.run([sys.executable, "-m", "mmiosplit_cli", "run", str(tmp_path / "missing.bin")],
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "missing.bin" in proc.stderr
 
@@ -107,7 +107,7 @@ ECHO = bytes.fromhex(  # x0=UART; 1: poll FR.RXFE; w2=DR; DR=w2; until 'q'; then
 def test_console_input_reaches_the_guest(tmp_path: Path) -> None:
     image = tmp_path / "echo.bin"
     image.write_bytes(ECHO)
-    proc = subprocess.run([sys.executable, "-m", "mmiosplit", "run", str(image), "--device", "pl011@0x09000000"],
+    proc = subprocess.run([sys.executable, "-m", "mmiosplit_cli", "run", str(image), "--device", "pl011@0x09000000"],
                           input="typed into stdin, q", capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "typed into stdin, q"
@@ -115,9 +115,9 @@ def test_console_input_reaches_the_guest(tmp_path: Path) -> None:
 
 def test_health_command(unix_services: Services, tmp_path: Path) -> None:
     for address in (unix_services.vcpu, unix_services.devices):
-        proc = subprocess.run([sys.executable, "-m", "mmiosplit", "health", address],
+        proc = subprocess.run([sys.executable, "-m", "mmiosplit_cli", "health", address],
                               capture_output=True, text=True, timeout=60)
         assert (proc.returncode, proc.stdout.strip()) == (0, "SERVING")
-    proc = subprocess.run([sys.executable, "-m", "mmiosplit", "health", f"unix:{tmp_path / 'none.sock'}",
+    proc = subprocess.run([sys.executable, "-m", "mmiosplit_cli", "health", f"unix:{tmp_path / 'none.sock'}",
                            "--timeout", "0.5"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "UNREACHABLE" in proc.stdout

@@ -22,7 +22,7 @@ QUICK = ["--floor-exits", "200", "--warmup", "100", "--no-progress"]
 
 
 def loadtest(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mmiosplit", "loadtest", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "mmiosplit_cli", "loadtest", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env=dict(os.environ, COLUMNS="200"))
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mmiosplit.demo import GUESTS
-from mmiosplit.launcher import local_services
-from mmiosplit.runner import run_vm
 from mmiosplit.v1 import vcpu_pb2
+from mmiosplit_cli.demo import GUESTS
+from mmiosplit_cli.launcher import local_services
+from mmiosplit_cli.runner import run_vm
 from tests.integration.client import Services, a64, a64_with_vectors
 from tests.integration.conftest import DEVICES, ROOT
 from tests.integration.test_run_control import POSTED, SPIN, SYSTEM_OFF
@@ -173,7 +173,7 @@ def test_vcpu_state_gauges_follow_a_running_vm(metered: Metered) -> None:
 
 
 def test_run_passes_metrics_ports_to_the_services_it_starts() -> None:
-    proc = subprocess.run([sys.executable, "-m", "mmiosplit", "run", str(ROOT / "guests" / "bin" / "hello-a64.bin"),
+    proc = subprocess.run([sys.executable, "-m", "mmiosplit_cli", "run", str(ROOT / "guests" / "bin" / "hello-a64.bin"),
                            "--metrics-port", "0"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -191,7 +191,7 @@ def _busy_port() -> socket.socket:
 def test_serve_devices_with_its_metrics_port_in_use_says_so(tmp_path: Path) -> None:
     with _busy_port() as busy:
         port = busy.getsockname()[1]
-        proc = subprocess.run([sys.executable, "-m", "mmiosplit", "serve-devices", "--listen",
+        proc = subprocess.run([sys.executable, "-m", "mmiosplit_cli", "serve-devices", "--listen",
                                f"unix:{tmp_path / 'd.sock'}", "--device", "scratch@0x0a000000",
                                "--metrics-port", str(port)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
@@ -202,7 +202,7 @@ def test_serve_devices_with_its_metrics_port_in_use_says_so(tmp_path: Path) -> N
 def test_run_with_its_metrics_port_in_use_says_so() -> None:
     with _busy_port() as busy:
         port = busy.getsockname()[1]
-        proc = subprocess.run([sys.executable, "-m", "mmiosplit", "run",
+        proc = subprocess.run([sys.executable, "-m", "mmiosplit_cli", "run",
                                str(ROOT / "guests" / "bin" / "hello-a64.bin"), "--metrics-port", str(port)],
                               stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

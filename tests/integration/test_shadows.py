@@ -16,10 +16,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from mmiosplit.launcher import check_health, local_services
-from mmiosplit.runner import ConsoleInput, channel, run_vm
 from mmiosplit.v1 import device_pb2, device_pb2_grpc, vcpu_pb2
 from mmiosplit.wire import PROTOCOL_VERSION
+from mmiosplit_cli.launcher import check_health, local_services
+from mmiosplit_cli.runner import ConsoleInput, channel, run_vm
 from tests.exitpath.test_shadow_reads import RESET_GUEST
 from tests.integration.client import Services, a64
 from tests.integration.test_device_protocol import RawStream, _exit
@@ -104,12 +104,12 @@ def test_the_device_service_describes_watches_and_completes_with_shadows() -> No
             assert (0x18, 4) in windows and {(0xFE0 + 4 * i, 4) for i in range(8)} <= windows
             assert not any(offset == 0 for offset, _ in windows)  # DR: its read pops the FIFO
             watch = stub.WatchShadows(device_pb2.WatchShadowsRequest(vm_id="test"))
-            snapshot = next(watch)
+            snapshot = next(watch).update
             assert len(snapshot.values) == len(windows)
             values = {v.offset: bytes(v.data) for v in snapshot.values}
             assert values[0x18] == b"\x90\0\0\0" and values[0xFE0] == b"\x11\0\0\0"
             console = stub.Console(iter([device_pb2.ConsoleRequest(device="uart0", input=b"x")]))
-            typed = next(watch)  # the byte arrived without any guest access
+            typed = next(watch).update  # the byte arrived without any guest access
             assert typed.generation > snapshot.generation
             assert {v.offset: bytes(v.data) for v in typed.values}[0x18] == b"\xc0\0\0\0"
             stream = RawStream(devices)
@@ -120,7 +120,7 @@ def test_the_device_service_describes_watches_and_completes_with_shadows() -> No
             carried = {v.offset: bytes(v.data) for v in first.completion.shadow.values}
             assert carried[0x18] == b"\x90\0\0\0" and len(carried) == len(windows)
             assert first.completion.shadow.generation > typed.generation
-            popped = next(watch)
+            popped = next(watch).update
             assert popped.generation == first.completion.shadow.generation
             # Nothing changed since: the next completion carries nothing.
             second = stream.send(device_pb2.ExitStreamRequest(seq=2, exit=_exit(UART + 0xFE0, 4)))
@@ -135,7 +135,7 @@ def test_run_no_shadows_makes_every_poll_exit(tmp_path: Path) -> None:
     image.write_bytes(a64(*ECHO_UNTIL_Q))
     exits = {}
     for flag in ([], ["--no-shadows"]):
-        proc = subprocess.run([sys.executable, "-m", "mmiosplit", "run", str(image), "--device", "pl011@0x09000000",
+        proc = subprocess.run([sys.executable, "-m", "mmiosplit_cli", "run", str(image), "--device", "pl011@0x09000000",
                                *flag], input="hi q", capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout == "hi q"
@@ -144,7 +144,7 @@ def test_run_no_shadows_makes_every_poll_exit(tmp_path: Path) -> None:
         exits[bool(flag)] = int(match.group(1))
     assert exits[False] == 8  # a DR read and an echo per byte
     assert exits[True] > 8
-    proc = subprocess.run([sys.executable, "-m", "mmiosplit", "run", str(image), "--no-shadows",
+    proc = subprocess.run([sys.executable, "-m", "mmiosplit_cli", "run", str(image), "--no-shadows",
                            "--device-service", "unix:/nonexistent.sock"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--no-shadows" in proc.stderr
 
@@ -175,13 +175,14 @@ class ShadowRogue(device_pb2_grpc.DeviceServiceServicer):
             device_pb2.ShadowValue(device="rogue0", region="regs", offset=offset, data=data)])
 
     def WatchShadows(self, request: device_pb2.WatchShadowsRequest,
-                     context: grpc.ServicerContext) -> Iterator[device_pb2.ShadowUpdate]:
+                     context: grpc.ServicerContext) -> Iterator[device_pb2.WatchShadowsResponse]:
         if self.mode == "short-snapshot":
-            yield self._value(1, data=b"\0\0")
+            yield device_pb2.WatchShadowsResponse(update=self._value(1, data=b"\0\0"))
         elif self.mode == "unknown-snapshot":
-            yield self._value(1, offset=0x1C)
+            yield device_pb2.WatchShadowsResponse(update=self._value(1, offset=0x1C))
         else:
-            yield self._value(1)  # FR-like: bit 4 clear... the guest below polls bit 4 set, so it spins
+            # FR-like: bit 4 clear... the guest below polls bit 4 set, so it spins
+            yield device_pb2.WatchShadowsResponse(update=self._value(1))
         if self.mode == "broken-watch":
             time.sleep(0.5)
             context.abort(grpc.StatusCode.INTERNAL, "rogue went away")

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from mmiosplit.cli import build_parser
-from mmiosplit.runner import run_vm
-from mmiosplit.trace import TracePrinter
 from mmiosplit.v1 import vcpu_pb2
+from mmiosplit_cli.cli import build_config, build_parser
+from mmiosplit_cli.runner import run_vm
+from mmiosplit_cli.trace import TracePrinter
 from tests.integration.client import LOAD, Services, a64, a64_with_vectors
 from tests.integration.rogue_device import RogueServer
 
@@ -68,7 +68,7 @@ LDP_A64 = a64(
 def mmiosplit_run(tmp_path: Path, image: bytes, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "guest.bin"
     path.write_bytes(image)
-    return subprocess.run([sys.executable, "-m", "mmiosplit", "run", str(path), *args], stdin=subprocess.DEVNULL,
+    return subprocess.run([sys.executable, "-m", "mmiosplit_cli", "run", str(path), *args], stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -223,8 +223,6 @@ def test_build_config_maps_every_flag() -> None:
     args = build_parser().parse_args(["run", "x.bin", "--unmapped", "abort", "--on-nisv", "stop",
                                       "--on-device-error", "stop", "--on-deadline", "stop", "--strict-kvm",
                                       "--trace-json", "t.jsonl"])
-    from mmiosplit.cli import build_config
-
     cfg = build_config(args, b"\0" * 4, "x.bin", [])
     assert isinstance(cfg, vcpu_pb2.VmConfig)
     assert cfg.policies == vcpu_pb2.Policies(

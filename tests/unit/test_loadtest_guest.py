@@ -11,7 +11,7 @@ from unicorn import UC_HOOK_INTR, UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE, UC_MEM_WR
 from unicorn.arm64_const import UC_ARM64_REG_X0
 from unicorn.arm_const import UC_ARM_REG_R0
 
-from mmiosplit.loadtest.guest import (
+from mmiosplit_cli.loadtest.guest import (
     PSCI_CPU_ON_32,
     PSCI_CPU_ON_64,
     PSCI_SYSTEM_OFF,

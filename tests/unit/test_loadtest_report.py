@@ -10,8 +10,8 @@ import pytest
 from hdrh.histogram import HdrHistogram
 from rich.console import Console
 
-from mmiosplit.loadtest import compare, report, stats
-from mmiosplit.loadtest.runner import (
+from mmiosplit_cli.loadtest import compare, report, stats
+from mmiosplit_cli.loadtest.runner import (
     Floor,
     LoadConfig,
     LoadResult,

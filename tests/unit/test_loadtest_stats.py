@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mmiosplit.loadtest import stats
+from mmiosplit_cli.loadtest import stats
 
 
 def us(values: list[float]) -> list[int]:

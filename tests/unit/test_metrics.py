@@ -22,9 +22,10 @@ from device_service.config import build_bus, parse_device_specs
 from device_service.dispatch import dispatch
 from device_service.metrics import DeviceCollector
 from device_service.server import DeviceServicer
-from mmiosplit import cli
 from mmiosplit.buckets import POSTED_BATCH_BOUNDS, BucketSnapshot, FixedHistogram
-from mmiosplit.metrics import MetricsError, histogram_family, serve_metrics
+from mmiosplit.metrics import histogram_family
+from mmiosplit_cli import cli
+from mmiosplit_cli.metrics import MetricsError, serve_metrics
 from vcpu_service.domain import ErrorKind, EventKind, VmEvent
 from vcpu_service.exits import ExitStats, KvmReportEntry
 from vcpu_service.metrics import VcpuCollector

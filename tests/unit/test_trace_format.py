@@ -5,7 +5,8 @@ from __future__ import annotations
 import io
 import json
 
-from mmiosplit.trace import (
+from mmiosplit.v1 import vcpu_pb2
+from mmiosplit_cli.trace import (
     TracePrinter,
     disassemble,
     exit_to_dict,
@@ -18,7 +19,6 @@ from mmiosplit.trace import (
     kvm_report_to_json,
     register_name,
 )
-from mmiosplit.v1 import vcpu_pb2
 
 # ESR_EL2 of a data abort from a lower EL, IL=1, translation fault level 3, and the ISS fields.
 _ESR = (0x24 << 26) | (1 << 25) | 0x07

@@ -93,7 +93,7 @@ def compare_text(a: dict[str, Any], b: dict[str, Any], name_a: str = "A", name_b
 
 
 def render_compare(a: dict[str, Any], b: dict[str, Any], name_a: str, name_b: str, console: Any) -> None:
-    from rich.table import Table
+    from rich.table import Table  # lazy: start-up time (every `mmiosplit` command imports this module)
 
     table = Table(title=f"A = {name_a}, B = {name_b}", title_justify="left")
     for col in ("metric", "A", "B", "B/A"):

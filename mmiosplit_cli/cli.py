@@ -4,18 +4,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import sys
+import termios
 import threading
+import tty
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
+from device_service.config import ConfigError, build_bus, load_config, parse_device_specs, parse_size
 from mmiosplit.address import address_argument
+from mmiosplit.v1 import common_pb2, vcpu_pb2
+from mmiosplit.wire import event_kind_name as kind_name
+from mmiosplit_cli.demo import run_demo
+from mmiosplit_cli.launcher import LaunchError, check_health, local_services
+from mmiosplit_cli.loadtest.cli import add_parser as add_loadtest_parser
+from mmiosplit_cli.runner import EXIT_CONFIG_ERROR, ConsoleInput, RunError, format_latency, pump_stdin, run_vm
 
-if TYPE_CHECKING:
-    from mmiosplit.v1 import vcpu_pb2
+# Start-up time: every service process is `python -m mmiosplit_cli serve-vcpu|serve-devices`, and `health` is
+# run in loops, so what only some subcommands need (Unicorn and the vCPU core, the device service's server,
+# prometheus_client, capstone, libfdt) is imported inside them, each marked "lazy: start-up time". Importing it
+# all here would add about 0.2 s to every service start. No import in this package is local to avoid a cycle:
+# the import-linter contracts in pyproject.toml keep the graph acyclic.
 
 DEFAULT_DEVICES = ["pl011@0x09000000", "pl031@0x09010000", "scratch@0x0a000000,size=0x1000"]
 DEFAULT_RAM = "128M@0x40000000"
@@ -34,8 +47,6 @@ _address = address_argument
 
 
 def _ram(text: str) -> tuple[int, int]:
-    from device_service.config import ConfigError, parse_size
-
     size_text, _, base_text = text.partition("@")
     try:
         size = parse_size(size_text)
@@ -77,7 +88,7 @@ def _port(text: str) -> int:
 
 def _start_metrics(command: str, service: str, collector: object, args: argparse.Namespace) -> bool:
     """Serve collector on --metrics-host/--metrics-port; False (after saying why) when it cannot."""
-    from mmiosplit.metrics import MetricsError, serve_metrics
+    from mmiosplit_cli.metrics import MetricsError, serve_metrics  # lazy: start-up time (prometheus_client)
 
     try:
         server = serve_metrics(collector, args.metrics_host, args.metrics_port)  # type: ignore[arg-type]
@@ -90,13 +101,13 @@ def _start_metrics(command: str, service: str, collector: object, args: argparse
 
 # ----- subcommands ---------------------------------------------------------------------------------------
 def cmd_serve_vcpu(args: argparse.Namespace) -> int:
-    from vcpu_service.server import serve
+    from vcpu_service.server import serve  # lazy: start-up time (Unicorn, the vCPU core)
 
     _pin(args.cpu_affinity)
     _log_setup(args.verbose)
     on_servicer = None
     if args.metrics_port is not None:
-        from vcpu_service.metrics import VcpuCollector
+        from vcpu_service.metrics import VcpuCollector  # lazy: start-up time (prometheus_client)
 
         collector = VcpuCollector()
         if not _start_metrics("serve-vcpu", "vcpu service", collector, args):
@@ -108,8 +119,7 @@ def cmd_serve_vcpu(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_devices(args: argparse.Namespace) -> int:
-    from device_service.config import ConfigError, build_bus, load_config, parse_device_specs
-    from device_service.server import serve
+    from device_service.server import serve  # lazy: start-up time (the device service's asyncio server)
 
     _pin(args.cpu_affinity)
     _log_setup(args.verbose)
@@ -125,7 +135,7 @@ def cmd_serve_devices(args: argparse.Namespace) -> int:
         return 2
     on_servicer = None
     if args.metrics_port is not None:
-        from device_service.metrics import DeviceCollector
+        from device_service.metrics import DeviceCollector  # lazy: start-up time (prometheus_client)
 
         collector = DeviceCollector(bus)
         if not _start_metrics("serve-devices", "device service", collector, args):
@@ -138,8 +148,6 @@ def cmd_serve_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from mmiosplit.launcher import check_health
-
     status = check_health(args.address, timeout=args.timeout, service=args.service)
     print(status)
     return 0 if status == "SERVING" else 1
@@ -153,8 +161,6 @@ def _read_image(path: str) -> bytes:
 
 
 def build_config(args: argparse.Namespace, image: bytes, image_name: str, device_services: list[str]) -> object:
-    from mmiosplit.v1 import common_pb2, vcpu_pb2
-
     ram = args.ram or [_ram(DEFAULT_RAM)]
     load = args.load if args.load is not None else ram[0][0] + LOAD_OFFSET
     entry = args.entry if args.entry is not None else load
@@ -197,9 +203,6 @@ class _Terminal:
     """Raw mode on a terminal with QEMU's escape: Ctrl-A X quits, Ctrl-A Ctrl-A sends Ctrl-A."""
 
     def __init__(self, fd: int, inp: object, quit_event: threading.Event) -> None:
-        import termios
-        import tty
-
         self.fd = fd
         self._saved = termios.tcgetattr(fd)
         tty.setraw(fd)
@@ -232,8 +235,6 @@ class _Terminal:
                 self._inp.feed(bytes(out))  # type: ignore[attr-defined]
 
     def restore(self) -> None:
-        import termios
-
         termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
 
 
@@ -249,9 +250,7 @@ def _open_outputs(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict
 
 def _print_kvm_report(stats: vcpu_pb2.GetStatsResponse, files: dict[str, TextIO], show: bool) -> None:
     """The KVM compatibility report from the final statistics: a table on stderr and/or JSON in a file."""
-    import json
-
-    from mmiosplit.trace import format_kvm_report, kvm_report_to_json
+    from mmiosplit_cli.trace import format_kvm_report, kvm_report_to_json  # lazy: start-up time (capstone)
 
     entries = list(stats.kvm_report)
     if show:
@@ -275,10 +274,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, files: dict[str, TextIO]) -> int:
-    from mmiosplit.launcher import LaunchError, local_services
-    from mmiosplit.runner import EXIT_CONFIG_ERROR, ConsoleInput, RunError, format_latency, pump_stdin, run_vm
-    from mmiosplit.trace import TracePrinter
-    from mmiosplit.wire import event_kind_name as kind_name
+    from mmiosplit_cli.trace import TracePrinter  # lazy: start-up time (capstone)
 
     try:
         image = _read_image(args.image)
@@ -289,7 +285,7 @@ def _run(args: argparse.Namespace, files: dict[str, TextIO]) -> int:
     if not args.device_service:
         device_args = []
         if args.machine == "virt":
-            from vcpu_service.machines.virt import device_specs
+            from vcpu_service.machines.virt import device_specs  # lazy: start-up time (libfdt)
 
             # The image is flash bank 0, like QEMU's -bios; flash bank 1 is --flash1 (U-Boot keeps its env there).
             defaults = device_specs(args.arch, flash0=str(Path(args.image).resolve()),
@@ -375,8 +371,6 @@ def _run(args: argparse.Namespace, files: dict[str, TextIO]) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from mmiosplit.demo import run_demo
-
     return run_demo(vcpus=args.vcpus, cpu=None if args.no_pin else args.pin_cpu, transport=args.transport)
 
 
@@ -500,8 +494,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-pin", action="store_true", help="do not pin the services")
     d.add_argument("--transport", choices=["unix", "tcp"], default="unix")
     d.set_defaults(func=cmd_demo)
-
-    from mmiosplit.loadtest.cli import add_parser as add_loadtest_parser
 
     add_loadtest_parser(sub)
     return p

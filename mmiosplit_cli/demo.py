@@ -6,10 +6,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmiosplit.launcher import LaunchError, local_services
-from mmiosplit.runner import RunError, format_latency, run_vm
 from mmiosplit.v1 import common_pb2, vcpu_pb2
 from mmiosplit.wire import event_kind_name as kind_name
+from mmiosplit_cli.launcher import LaunchError, local_services
+from mmiosplit_cli.runner import RunError, format_latency, run_vm
 
 GUEST_DIR = Path(__file__).resolve().parent.parent / "guests" / "bin"
 DEMO_DEVICES = ["pl011@0x09000000", "pl031@0x09010000", "scratch@0x0a000000,size=0x1000"]

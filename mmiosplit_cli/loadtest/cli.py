@@ -11,7 +11,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mmiosplit.loadtest.progress import Reporter
+from mmiosplit.address import address_argument
+from mmiosplit_cli.loadtest.compare import CompareError, load, render_compare
+from mmiosplit_cli.loadtest.guest import GuestError, parse_mix
+from mmiosplit_cli.loadtest.progress import Reporter
+
+# Start-up time: every `mmiosplit` command (each service process too) builds this subcommand's parser, so rich,
+# the runner (both services, Unicorn) and the report are imported only when a load test runs, each marked
+# "lazy: start-up time". None of them is local to avoid a cycle.
 
 EXIT_GUEST_FAILED = 1
 EXIT_USAGE = 2
@@ -43,8 +50,6 @@ def _seconds(text: str) -> float:
 
 
 def _mix(text: str) -> str:
-    from mmiosplit.loadtest.guest import GuestError, parse_mix
-
     try:
         parse_mix(text)
     except GuestError as exc:
@@ -53,8 +58,6 @@ def _mix(text: str) -> str:
 
 
 def _address(text: str) -> str:
-    from mmiosplit.address import address_argument
-
     return address_argument(text)
 
 
@@ -164,8 +167,14 @@ class _RichReporter(Reporter):
     """A rich progress bar on stderr (only on a terminal), one task per phase."""
 
     def __init__(self, enabled: bool) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+        from rich.console import Console  # lazy: start-up time
+        from rich.progress import (  # lazy: start-up time
+            BarColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self.console = Console(stderr=True)
         self.enabled = enabled and self.console.is_terminal
@@ -194,7 +203,7 @@ class _RichReporter(Reporter):
 
 
 def _out_console() -> Any:
-    from rich.console import Console
+    from rich.console import Console  # lazy: start-up time
 
     console = Console()
     if not console.is_terminal:
@@ -203,8 +212,14 @@ def _out_console() -> Any:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
-    from mmiosplit.loadtest import report
-    from mmiosplit.loadtest.runner import GuestFailed, LoadConfig, LoadTestError, default_exits, run_loadtest
+    from mmiosplit_cli.loadtest import report  # lazy: start-up time
+    from mmiosplit_cli.loadtest.runner import (  # lazy: start-up time
+        GuestFailed,
+        LoadConfig,
+        LoadTestError,
+        default_exits,
+        run_loadtest,
+    )
 
     problem = _check(args)
     if problem:
@@ -239,8 +254,6 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from mmiosplit.loadtest.compare import CompareError, load, render_compare
-
     try:
         a, b = load(args.a), load(args.b)
     except CompareError as exc:

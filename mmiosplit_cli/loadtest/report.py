@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from hdrh.histogram import HdrHistogram
+from rich.table import Table
 
-from mmiosplit.loadtest import stats
-from mmiosplit.loadtest.runner import LoadResult, Measurement
+from mmiosplit_cli.loadtest import stats
+from mmiosplit_cli.loadtest.runner import LoadResult, Measurement
 
 FLOOR_TITLES = {"grpc": "floor: bare gRPC ping-pong", "socket": "floor: raw socket ping-pong",
                 "local": "floor: local transport (same guest)"}
@@ -193,6 +194,7 @@ def write_outputs(result: LoadResult, json_path: str | None = None, csv_path: st
 
 def write_plot(result: LoadResult, path: str) -> None:
     """Latency by percentile for the run and its floors, HdrHistogram style (x = 1/(1-p), log scale)."""
+    # lazy: start-up time (matplotlib takes about 0.2 s to import, and only --plot needs it)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,8 +234,6 @@ def write_plot(result: LoadResult, path: str) -> None:
 # ----- the terminal --------------------------------------------------------------------------------------------
 def render(result: LoadResult, console: Any, doc: dict[str, Any] | None = None) -> None:
     """The rich tables: measurements beside the gRPC floor, CPU per process, the scale curve."""
-    from rich.table import Table
-
     cfg = result.config
     doc = doc or to_json(result)
     title = (f"{cfg.arch}, {cfg.vcpus} vCPU{'s' if cfg.vcpus > 1 else ''}, mix {doc['config']['mix']}, "

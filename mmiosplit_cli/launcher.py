@@ -10,6 +10,7 @@ import contextlib
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -89,7 +90,7 @@ class ServiceProcess:
 
 
 def _python_cmd() -> list[str]:
-    return [sys.executable, "-m", "mmiosplit"]
+    return [sys.executable, "-m", "mmiosplit_cli"]
 
 
 @dataclass
@@ -175,8 +176,6 @@ def local_services(device_args: Sequence[str] | None, start_vcpu: bool = True, c
 
 
 def free_tcp_port() -> int:
-    import socket
-
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -7,7 +7,7 @@
 
 The client side runs in the calling process (pinned where the vCPU would be), the server side in a child
 pinned where the device service would be. Shared by ``mmiosplit loadtest`` and ``bench/exit_latency.py``.
-Run as ``python -m mmiosplit.loadtest.floors --echo-server ADDR --cpu N`` it is that gRPC server.
+Run as ``python -m mmiosplit_cli.loadtest.floors --echo-server ADDR --cpu N`` it is that gRPC server.
 """
 
 from __future__ import annotations
@@ -24,13 +24,15 @@ import time
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
+from grpc_health.v1 import _async as health_async
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hdrh.histogram import HdrHistogram
 
 from mmiosplit.address import parse_address
-from mmiosplit.launcher import check_health
-from mmiosplit.loadtest.stats import new_histogram
 from mmiosplit.v1 import device_pb2, device_pb2_grpc
 from mmiosplit.wire import GRPC_OPTIONS
+from mmiosplit_cli.launcher import check_health
+from mmiosplit_cli.loadtest.stats import new_histogram
 
 WARMUP = 500
 MESSAGE = b"x" * 40
@@ -115,9 +117,6 @@ class _Echo(device_pb2_grpc.DeviceServiceServicer):
 
 async def serve_echo(address: str) -> None:
     """The floor's server: only ExitStream (an echo) and health, on grpc.aio like the device service."""
-    from grpc_health.v1 import _async as health_async
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     server = grpc.aio.server(options=GRPC_OPTIONS)
     device_pb2_grpc.add_DeviceServiceServicer_to_server(_Echo(), server)
     hs = health_async.HealthServicer()
@@ -135,7 +134,7 @@ EXIT_MESSAGE = device_pb2.MmioExit(
 
 def start_echo_server(address: str, cpu: int | None) -> subprocess.Popen[bytes]:
     """Start the echo server as a child process and wait until it is SERVING."""
-    cmd = [sys.executable, "-m", "mmiosplit.loadtest.floors", "--echo-server", address]
+    cmd = [sys.executable, "-m", "mmiosplit_cli.loadtest.floors", "--echo-server", address]
     if cpu is not None:
         cmd += ["--cpu", str(cpu)]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

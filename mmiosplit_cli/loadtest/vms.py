@@ -12,10 +12,13 @@ from typing import Protocol
 
 import grpc
 
-from mmiosplit.loadtest.guest import RAM_BASE, RAM_SIZE, GuestProgram
-from mmiosplit.runner import EXIT_STATUS, channel
+from device_service.config import ConfigError, build_bus, parse_device_specs
+from device_service.local import LocalEndpoint
 from mmiosplit.v1 import common_pb2, vcpu_pb2, vcpu_pb2_grpc
-from vcpu_service.server import event_to_wire, stats_to_wire
+from mmiosplit_cli.loadtest.guest import RAM_BASE, RAM_SIZE, GuestProgram
+from mmiosplit_cli.runner import EXIT_STATUS, channel
+from vcpu_service.server import event_to_wire, spec_from_proto, stats_to_wire
+from vcpu_service.vm import Vm, VmConfigError, VmStateError
 
 CREATE_TIMEOUT_S = 60.0
 CALL_TIMEOUT_S = 30.0
@@ -146,11 +149,6 @@ class LocalVm:
     """The same VM in this process with the device models on the local transport (no gRPC at all)."""
 
     def __init__(self, config: vcpu_pb2.VmConfig, device_specs: list[str], label: str = "local") -> None:
-        from device_service.config import ConfigError, build_bus, parse_device_specs
-        from device_service.local import LocalEndpoint
-        from vcpu_service.server import spec_from_proto
-        from vcpu_service.vm import Vm, VmConfigError
-
         self.label = label
         try:
             bus = build_bus(parse_device_specs(device_specs))
@@ -160,8 +158,6 @@ class LocalVm:
         self._deleted = False
 
     def _guard(self, what: str, fn: object) -> object:
-        from vcpu_service.vm import VmConfigError, VmStateError
-
         try:
             return fn()  # type: ignore[operator]
         except (VmConfigError, VmStateError) as exc:

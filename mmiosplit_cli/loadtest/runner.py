@@ -24,6 +24,7 @@ import contextlib
 import importlib.metadata
 import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,8 +32,14 @@ from pathlib import Path
 
 from hdrh.histogram import HdrHistogram
 
-from mmiosplit.loadtest import stats
-from mmiosplit.loadtest.guest import (
+from device_service.config import ConfigError, create_device, parse_device_spec
+from mmiosplit.mmio import TransportError
+from mmiosplit.v1 import vcpu_pb2
+from mmiosplit.wire import event_kind_name as kind_name
+from mmiosplit_cli.launcher import LaunchError, check_health, free_tcp_port, local_services
+from mmiosplit_cli.loadtest import floors as floors_mod
+from mmiosplit_cli.loadtest import stats
+from mmiosplit_cli.loadtest.guest import (
     RAM_BASE,
     RAM_SIZE,
     Access,
@@ -44,9 +51,10 @@ from mmiosplit.loadtest.guest import (
     parse_mix,
     sync_exits_per_iteration,
 )
-from mmiosplit.loadtest.progress import Reporter
-from mmiosplit.loadtest.vms import GrpcVm, LocalVm, VmError, VmHandle, vm_config
-from mmiosplit.v1 import vcpu_pb2
+from mmiosplit_cli.loadtest.progress import Reporter
+from mmiosplit_cli.loadtest.vms import GrpcVm, LocalVm, VmError, VmHandle, vm_config
+from vcpu_service.arch import arch_by_name
+from vcpu_service.transport import GrpcEndpoint
 
 DEFAULT_DEVICE = "scratch@0x0a000000,size=0x1000"
 DEFAULT_EXITS = 5000
@@ -230,7 +238,6 @@ def available_cpus() -> list[int]:
 
 def replica_specs(device: str, replicas: int, posted: bool) -> tuple[list[str], list[int], int]:
     """Spec texts of the target device for each replica (shifted apart), their bases, and its extent."""
-    from device_service.config import ConfigError, create_device, parse_device_spec
 
     text = device.strip()
     if posted and "posted=" not in text:
@@ -254,7 +261,6 @@ def replica_specs(device: str, replicas: int, posted: bool) -> tuple[list[str], 
 
 def describe_target(address: str, target: str | None, posted: bool) -> tuple[int, int, str]:
     """Find the device to load in a running device service: (base, size, local spec or '')."""
-    from vcpu_service.transport import GrpcEndpoint, TransportError
 
     try:
         endpoint = GrpcEndpoint(address, connect_timeout_s=3.0)
@@ -286,7 +292,6 @@ def describe_target(address: str, target: str | None, posted: bool) -> tuple[int
 
 
 def check_reachable(address: str, option: str) -> None:
-    from mmiosplit.launcher import check_health
 
     status = check_health(address, timeout=3.0)
     if status != "SERVING":
@@ -331,7 +336,6 @@ def _vcpu_counters(v: vcpu_pb2.VcpuStats, run_seconds: float) -> dict[str, float
 
 
 def _failed(vm: VmHandle, event: vcpu_pb2.VmEvent, when: str) -> GuestFailed:
-    from mmiosplit.wire import event_kind_name as kind_name
 
     return GuestFailed(f"{vm.label}: the guest stopped {when}: {kind_name(event.kind)}: {event.reason}")
 
@@ -498,9 +502,6 @@ _ZERO = {"exits": 0, "posted_writes": 0, "reads": 0, "writes": 0, "run_seconds":
 @contextlib.contextmanager
 def _started(plans: list[ProcessPlan], cfg: LoadConfig, reporter: Reporter) -> Iterator[Path]:
     """Start the services each plan needs (none for given addresses); yields a scratch folder."""
-    import tempfile
-
-    from mmiosplit.launcher import LaunchError, local_services
 
     with contextlib.ExitStack() as stack:
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mmiosplit-loadtest-")))
@@ -529,7 +530,6 @@ def _started(plans: list[ProcessPlan], cfg: LoadConfig, reporter: Reporter) -> I
 
 
 def _echo_address(cfg: LoadConfig, scratch: Path) -> str:
-    from mmiosplit.launcher import free_tcp_port
 
     return f"unix:{scratch / 'echo.sock'}" if cfg.transport == "unix" else f"127.0.0.1:{free_tcp_port()}"
 
@@ -624,7 +624,6 @@ def _measure_floors(cfg: LoadConfig, plan: ProcessPlan, scratch: Path, mix: tupl
                     addresses: list[int], local_specs: list[str], warm_iters: int, reporter: Reporter,
                     notes: list[str]) -> dict[str, Floor]:
     """The floors with the first process's placement; one that fails is a note, not the end of the run."""
-    from mmiosplit.loadtest import floors as floors_mod
 
     out: dict[str, Floor] = {}
     client_cpu, server_cpu = plan.vcpu_cpu, plan.device_cpu
@@ -707,7 +706,6 @@ def run_compute(vcpu_address: str, program: GuestProgram, timeout: float = 600.0
 
 def bare_unicorn_seconds(program: GuestProgram, cpu_model: str = "") -> float:
     """Wall time of the same device-free code in a bare Unicorn in this process: RAM mapped, no hooks."""
-    from vcpu_service.arch import arch_by_name
 
     arch = arch_by_name(program.arch)
     uc = arch.new_uc(cpu_model or arch.default_cpu)
