@@ -42,9 +42,13 @@ _STATUS = {
 }
 
 
+_WRITE = device_pb2.ACCESS_DIRECTION_WRITE
+
+
 def _exit_from_pb(ex: device_pb2.MmioExit) -> MmioExit:
-    return MmioExit(ex.vcpu_id, ex.address, ex.length, ex.direction == device_pb2.ACCESS_DIRECTION_WRITE, ex.data,
-                    ex.device, ex.region, ex.region_offset, ex.syndrome, ex.pc, ex.instruction)
+    """What the host acts on. The address is authoritative (the bus routes it); device, region, syndrome, PC and
+    instruction are for observability and are not read here: each field read costs on every exit."""
+    return MmioExit(ex.vcpu_id, ex.address, ex.length, ex.direction == _WRITE, ex.data)
 
 
 def _posted_from_pb(batch: device_pb2.PostedWrites) -> list[tuple[int, bytes]]:
@@ -62,15 +66,23 @@ def _mirror_update_pb(change: MirrorChange) -> device_pb2.MirrorUpdate:
                                    patches=[device_pb2.MirrorPatch(offset=o, data=d) for o, d in change.patches])
 
 
-def _completion_pb(done: Completion) -> device_pb2.Completion:
-    pb = device_pb2.Completion(status=_STATUS[done.status], data=done.data, error=done.error)
-    if done.has_effects:
+def _response_pb(seq: int, done: Completion) -> device_pb2.ExitStreamResponse:
+    """The response carrying ``done``, filled in place (building a Completion and then the response would copy it)."""
+    response = device_pb2.ExitStreamResponse(seq=seq)
+    pb = response.completion
+    status = done.status
+    pb.status = device_pb2.COMPLETION_STATUS_OK if status is CompletionStatus.OK else _STATUS[status]
+    if done.data:
+        pb.data = done.data
+    if done.error:
+        pb.error = done.error
+    if done.posted_errors or done.mirror_changes or done.shadows:
         for e in done.posted_errors:
             pb.posted_errors.add(index=e.index, address=e.address, error=e.error)
         pb.mirror_updates.extend(_mirror_update_pb(c) for c in done.mirror_changes)
         for change in done.shadows:  # a host sends at most one per completion
             pb.shadow.CopyFrom(_shadow_update_pb(change))
-    return pb
+    return response
 
 
 def _device_pb(dev: DescribedDevice) -> device_pb2.Device:
@@ -176,7 +188,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             else:
                 done = session.bad_request(f"unexpected {kind!r} from {peer} after the handshake")
             expected = req.seq + 1
-            yield device_pb2.ExitStreamResponse(seq=req.seq, completion=_completion_pb(done))
+            yield _response_pb(req.seq, done)
 
     async def Console(self, request_iterator: AsyncIterator[device_pb2.ConsoleRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[device_pb2.ConsoleResponse]:

@@ -74,6 +74,8 @@ def completion_from_wire(service: str, c: device_pb2.Completion) -> Completion:
     if status is None:
         raise TransportError(f"device service {service} sent completion status {c.status}, "
                              "which is not a known CompletionStatus")
+    if not (c.posted_errors or c.mirror_updates or c.HasField("shadow")):
+        return Completion(status, c.data, c.error)  # the usual answer: nothing besides the access
     return Completion(
         status, bytes(c.data), c.error,
         tuple(PostedError(e.index, e.address, e.error) for e in c.posted_errors),
@@ -114,6 +116,10 @@ class _Watchdog:
 
 
 _WATCHDOG = _Watchdog()
+
+
+def _what(what: str | int) -> str:
+    return f"access at 0x{what:x}" if isinstance(what, int) else what
 
 
 class GrpcExitChannel:
@@ -164,21 +170,24 @@ class GrpcExitChannel:
             raise TransportError(f"device service {self._name}: exit stream is closed")
         self._requests.put(request)
 
-    def _receive(self, seq: int, what: str) -> device_pb2.ExitStreamResponse:
+    def _receive(self, seq: int, what: str | int) -> device_pb2.ExitStreamResponse:
+        """The response to request ``seq``; ``what`` names it in errors (an int: the address of an access, formatted
+        only if something goes wrong)."""
         self.waiting_since = time.monotonic()
         try:
             reply: device_pb2.ExitStreamResponse = next(self._call)
         except StopIteration:
-            raise TransportError(f"device service {self._name} ended the exit stream during the {what}") from None
+            raise TransportError(
+                f"device service {self._name} ended the exit stream during the {_what(what)}") from None
         except grpc.RpcError as exc:
             self._closed = True
             if self._expired:
                 raise DeadlineExceeded(
-                    f"device service {self._name}: no completion for the {what} within "
+                    f"device service {self._name}: no completion for the {_what(what)} within "
                     f"{self.deadline_s * 1000:.0f} ms"
                 ) from None
             raise TransportError(
-                f"device service {self._name}: exit stream failed during the {what}: "
+                f"device service {self._name}: exit stream failed during the {_what(what)}: "
                 f"{exc.code().name}: {exc.details()}"
             ) from None
         finally:
@@ -187,7 +196,7 @@ class GrpcExitChannel:
             self._closed = True
             raise TransportError(
                 f"device service {self._name} answered sequence number {reply.seq} to request {seq} "
-                f"({what}); the stream is out of step and was closed"
+                f"({_what(what)}); the stream is out of step and was closed"
             )
         return reply
 
@@ -222,7 +231,7 @@ class GrpcExitChannel:
         seq = self._next_seq()
         self._send(device_pb2.ExitStreamRequest(seq=seq, exit=message))
         self._drain(0)  # flushes sent earlier are answered first, in order
-        completion = self._completion(self._receive(seq, f"access at 0x{exit.address:x}"))
+        completion = self._completion(self._receive(seq, exit.address))
         if completion.status is CompletionStatus.OK and not exit.is_write and len(completion.data) != exit.length:
             raise TransportError(
                 f"device service {self._name} completed a {exit.length}-byte read of "
