@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from device_service.model import (
     BUS_ACCESS_SIZES,
@@ -32,11 +32,16 @@ class BusRegion:
     spec: RegionSpec
     base: int
     size: int
+    #: First address past the region (computed once: every access asks).
+    end: int = field(init=False, repr=False, compare=False)
+    #: The access counters' keys, (device, region, "read"/"write"), built once rather than per access.
+    read_key: tuple[str, str, str] = field(init=False, repr=False, compare=False)
+    write_key: tuple[str, str, str] = field(init=False, repr=False, compare=False)
 
-    @property
-    def end(self) -> int:
-        """First address past the region."""
-        return self.base + self.size
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "end", self.base + self.size)
+        object.__setattr__(self, "read_key", (self.device.name, self.spec.name, "read"))
+        object.__setattr__(self, "write_key", (self.device.name, self.spec.name, "write"))
 
     def __str__(self) -> str:
         return f"{self.device.name}.{self.spec.name} [{self.base:#x}-{self.end - 1:#x}]"
@@ -106,6 +111,16 @@ class DeviceBus:
                 f"{size}-byte write at {address:#x}: value {value:#x} does not fit in {size} bytes",
             )
         return self.write_routed(region, address, size, value)
+
+    def read_routed(self, region: BusRegion, address: int, size: int) -> AccessResult:
+        """``read`` for a caller that already routed and checked the access (``dispatch``'s fast path)."""
+        device = region.device
+        try:
+            with device.lock:
+                result = device.read(address - device.base, size)
+        except Exception as exc:
+            return _device_fault(device, address, size, "read", exc)
+        return result if result.error is None else _name_device(result, device, address)
 
     def write_routed(self, region: BusRegion, address: int, size: int, value: int) -> AccessResult:
         """``write`` for a caller that already routed and checked the access (a run of posted writes)."""

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable
 
 from device_service.bus import BusRegion, DeviceBus
-from device_service.model import AccessError, DeviceModel
+from device_service.model import AccessError, AccessResult, DeviceModel
 from device_service.stats import DeviceStats
 from mmiosplit.mmio import Completion, CompletionStatus, PostedError
 
@@ -43,8 +43,27 @@ def dispatch(bus: DeviceBus, address: int, length: int, is_write: bool,
 def _dispatch(bus: DeviceBus, stats: DeviceStats, address: int, length: int, is_write: bool,
               data: bytes) -> tuple[Completion, BusRegion | None]:
     region = bus.find(address)
+    if region is not None and length in region.spec.access_sizes and address + length <= region.end:
+        # The usual access: routed once, checked here, straight to the device.
+        if is_write:
+            stats.accesses[region.write_key] += 1
+            if len(data) == length:
+                result = bus.write_routed(region, address, length, int.from_bytes(data, "little"))
+                if result.error is None:
+                    return _WRITTEN, region
+                return _failed(stats, result, region), region
+        else:
+            stats.accesses[region.read_key] += 1
+            result = bus.read_routed(region, address, length)
+            if result.error is None:
+                return Completion(data=(result.value & ((1 << (8 * length)) - 1)).to_bytes(length, "little")), region
+            return _failed(stats, result, region), region
+    elif region is not None:
+        stats.accesses[region.write_key if is_write else region.read_key] += 1
+    else:
+        stats.accesses["", "", "write" if is_write else "read"] += 1
+    # Everything else goes the long way, which names what is wrong.
     device = region.device.name if region is not None else ""
-    stats.accesses[device, region.spec.name if region is not None else "", "write" if is_write else "read"] += 1
     if length not in (1, 2, 4, 8):
         stats.errors[device, "bad_request"] += 1
         return Completion(CompletionStatus.BAD_REQUEST,
@@ -61,10 +80,14 @@ def _dispatch(bus: DeviceBus, stats: DeviceStats, address: int, length: int, is_
         if is_write:
             return _WRITTEN, region
         return Completion(data=(result.value & ((1 << (8 * length)) - 1)).to_bytes(length, "little")), region
+    return _failed(stats, result, region), region
+
+
+def _failed(stats: DeviceStats, result: AccessResult, region: BusRegion | None) -> Completion:
+    """The completion of a refused access, counted by kind."""
     no_device = result.error is AccessError.OUT_OF_RANGE and region is None
-    stats.errors[device, "no_device" if no_device else "device_error"] += 1
-    status = CompletionStatus.NO_DEVICE if no_device else CompletionStatus.DEVICE_ERROR
-    return Completion(status, error=result.message), region
+    stats.errors[region.device.name if region is not None else "", "no_device" if no_device else "device_error"] += 1
+    return Completion(CompletionStatus.NO_DEVICE if no_device else CompletionStatus.DEVICE_ERROR, error=result.message)
 
 
 def dispatch_posted(bus: DeviceBus,

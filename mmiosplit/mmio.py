@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 #: Writes a posted batch holds at most; a full batch is sent without waiting for the next exit.
 POSTED_BATCH_MAX = 1024
@@ -138,9 +138,11 @@ class PostedError:
         return f"posted write to 0x{self.address:x}: {self.error}"
 
 
-@dataclass(frozen=True, slots=True)
-class Completion:
+class Completion(NamedTuple):
     """The answer to an exit, a posted batch or a flush, with everything it changed besides the access.
+
+    A NamedTuple, not a frozen dataclass: one is built for every exit on both sides, and a frozen dataclass
+    costs four times as much to build.
 
     ``posted_errors`` name posted writes that failed (they retired long ago, so they cannot be made precise);
     ``mirror_changes`` and ``shadows`` must reach the VM before the vCPU runs on.

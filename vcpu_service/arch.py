@@ -7,8 +7,7 @@ architecture it runs.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 from unicorn import UC_ARCH_ARM, UC_ARCH_ARM64, UC_MODE_ARM, Uc
 from unicorn import arm64_const as a64
@@ -58,8 +57,7 @@ class ArchError(ValueError):
     """A configuration the architecture cannot honour (unknown CPU model, bad register name)."""
 
 
-@dataclass(frozen=True, slots=True)
-class FetchedInsn:
+class FetchedInsn(NamedTuple):
     """The instruction at PC, read the way the CPU would fetch it."""
 
     isa: Isa

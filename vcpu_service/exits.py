@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from hdrh.histogram import HdrHistogram
 from unicorn import UC_HOOK_MEM_READ, Uc, UcError
@@ -181,16 +181,14 @@ class PendingAccess:
         return describe_access(self.pc, self.address, self.insn)
 
 
-@dataclass(frozen=True, slots=True)
-class Skip:
+class Skip(NamedTuple):
     """The instruction makes no access (cache maintenance by address, a failed A32 condition): PC moves on."""
 
     pc: int
     length: int
 
 
-@dataclass(frozen=True, slots=True)
-class Refuse:
+class Refuse(NamedTuple):
     """Apply a fault policy to the instruction at ``pc``: inject a precise external abort, or end the run."""
 
     policy: FaultPolicy
@@ -204,8 +202,7 @@ class Refuse:
     syndrome: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class CompleteNow:
+class CompleteNow(NamedTuple):
     """An in-process handler answered: complete without an exit. ``kind`` names the handler."""
 
     pending: PendingAccess
@@ -213,8 +210,7 @@ class CompleteNow:
     kind: str
 
 
-@dataclass(frozen=True, slots=True)
-class Forward:
+class Forward(NamedTuple):
     """Send ``pending.exit`` to its device service; the loop does the exchange, then calls ``complete``."""
 
     pending: PendingAccess

@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from mmiosplit.mmio import Completion, ExitChannel, RemoteRegion, TransportError
 from vcpu_service.domain import ErrorKind, FaultPolicy, UnmappedPolicy
@@ -36,8 +36,7 @@ class Access:
     region: RemoteRegion | None
 
 
-@dataclass(frozen=True, slots=True)
-class Abort:
+class Abort(NamedTuple):
     """Apply ``policy``: a precise external abort, or the end of the run; ``reason`` names the access."""
 
     policy: FaultPolicy
