@@ -5,8 +5,10 @@ The VM builds one ``HandlerRegistry``: an address map of slots, each a range wit
 it (if any) and the in-process handlers tried first, in order. ``ExitPath.begin`` makes one lookup per trapped
 access. A handler is a small class with ``handle(access, vcpu)``; it answers with a ``Completion`` (complete now:
 read data for a load), an ``Abort`` (a fault policy), or None (not mine: try the next one, and in the end
-forward the access to the region's device service). Handlers never wait for a device service and never touch
-the vCPU's registers: ``ExitPath.complete`` applies what they answer, exactly as it applies a remote one.
+forward the access to the region's device service). Handlers never wait for an answer to the access they handle
+and never touch the vCPU's registers: ``ExitPath.complete`` applies what they answer, exactly as it applies a
+remote one. (The one wait: a posted store that fills a batch sends it, and when two full batches are already
+unanswered the transport waits for the older one first; that is flow control, as a full coalesced-MMIO ring.)
 
 Today: shadow-register reads, posted-write queuing, and the unmapped-access policy. An in-process device (the
 GIC, the generic timer's registers) registers its own range with ``add_device`` and no remote region.
