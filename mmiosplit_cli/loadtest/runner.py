@@ -581,6 +581,15 @@ def run_loadtest(cfg: LoadConfig, reporter: Reporter | None = None) -> LoadResul
             device_cpu = cpus[0] if cfg.device_cpu is None else cfg.device_cpu
         plans.append(ProcessPlan(p, vcpu_cpu, device_cpu, [list(a) for a in device_args],
                                  cfg.vcpu_service, list(cfg.device_services)))
+    if cfg.processes > len(cpus):
+        # Placement follows this process's affinity: under `taskset -c 0` every process shares CPU 0, and a
+        # scale-out curve would measure CPU sharing. Say so beside the numbers.
+        shared = [str(p.index) for p in plans if p.index >= len(cpus)]
+        many = len(shared) > 1
+        notes.append(f"{cfg.processes} processes on {len(cpus)} CPU{'s' if len(cpus) > 1 else ''} "
+                     f"({', '.join(map(str, cpus))}: all this process may use): process{'es' if many else ''} "
+                     f"{', '.join(shared)} share{'' if many else 's'} a CPU with another one, so aggregate "
+                     "exits/s and scale-out efficiency measure CPU sharing, not scale-out")
     # This process is the floors' client side and hosts the local transport: it sits where the (first)
     # vcpu service does, and gives the caller its own affinity back afterwards.
     saved_affinity = os.sched_getaffinity(0)

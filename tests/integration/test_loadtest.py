@@ -115,6 +115,19 @@ def test_two_processes_scale_out(tmp_path: Path) -> None:
     assert doc["scale"][0]["efficiency"] == 1.0 and doc["scale"][1]["efficiency"] > 0
 
 
+def test_processes_confined_to_one_cpu_say_they_share_it(tmp_path: Path) -> None:
+    """Under `taskset -c 0` every process lands on CPU 0: the report must not pass that off as scale-out."""
+    cpu = min(os.sched_getaffinity(0))
+    proc = subprocess.run([sys.executable, "-m", "mmiosplit", "loadtest", "--processes", "2", "--exits", "300",
+                           "--warmup", "50", "--no-floors", "--no-progress", "--json", str(tmp_path / "s.json")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert [p["vcpu_cpu"] for p in doc["placement"]] == [cpu, cpu]
+    assert any("share" in n and "not scale-out" in n for n in doc["notes"]), doc["notes"]
+
+
 def test_duration_mode_stops_the_vm(tmp_path: Path) -> None:
     proc = loadtest("--duration", "1", "--no-floors", "--json", str(tmp_path / "d.json"), "--warmup", "50",
                     "--no-progress")
