@@ -118,7 +118,7 @@ def test_two_processes_scale_out(tmp_path: Path) -> None:
 def test_processes_confined_to_one_cpu_say_they_share_it(tmp_path: Path) -> None:
     """Under `taskset -c 0` every process lands on CPU 0: the report must not pass that off as scale-out."""
     cpu = min(os.sched_getaffinity(0))
-    proc = subprocess.run([sys.executable, "-m", "mmiosplit", "loadtest", "--processes", "2", "--exits", "300",
+    proc = subprocess.run([sys.executable, "-m", "mmiosplit_cli", "loadtest", "--processes", "2", "--exits", "300",
                            "--warmup", "50", "--no-floors", "--no-progress", "--json", str(tmp_path / "s.json")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
                           preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
