@@ -92,13 +92,7 @@ class DeviceBus:
         region = self._route(address, size, "read")
         if isinstance(region, AccessResult):
             return region
-        device = region.device
-        try:
-            with device.lock:
-                result = device.read(address - device.base, size)
-        except Exception as exc:
-            return _device_fault(device, address, size, "read", exc)
-        return result if result.ok else _name_device(result, device, address)
+        return self.read_routed(region, address, size)
 
     def write(self, address: int, size: int, value: int) -> AccessResult:
         """Write the ``size``-byte ``value`` at an absolute address."""
