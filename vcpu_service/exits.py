@@ -150,6 +150,8 @@ class VcpuView(VcpuLink, Protocol):
     uc: Uc
     executed: int
 
+    def big_endian_data(self) -> bool: ...
+
     @property
     def arch(self) -> Arch: ...
     @property
@@ -279,7 +281,7 @@ class ExitPath:
                               f"{self._who}: {size}-byte access to {describe_access(pc, address, insn)}: "
                               f"{region_problem(region, address, size)}", pc, address, is_write, insn,
                               region.device, syndrome)
-        big_endian = size > 1 and arch.big_endian_data(uc)
+        big_endian = size > 1 and self.vcpu.big_endian_data()
         data = store_data(arch.read_gpr(uc, syn.srt), syn, big_endian) if is_write else b""
         pending = PendingAccess(pc, insn, syn, address, region, data, big_endian, new_base, t0)
         handlers = slot.handlers if slot is not None else (self.vm.handlers.unmapped,)

@@ -59,13 +59,33 @@ def mirror_changes(service: str, updates: Iterable[device_pb2.MirrorUpdate]) -> 
                               tuple((p.offset, bytes(p.data)) for p in u.patches)) for u in updates)
 
 
-def to_wire_exit(exit: MmioExit) -> device_pb2.MmioExit:
-    return device_pb2.MmioExit(
-        vcpu_id=exit.vcpu_id, address=exit.address, region_offset=exit.region_offset, device=exit.device,
-        region=exit.region, length=exit.length,
-        direction=device_pb2.ACCESS_DIRECTION_WRITE if exit.is_write else device_pb2.ACCESS_DIRECTION_READ,
-        data=exit.data, syndrome=exit.syndrome, pc=exit.pc, instruction=exit.instruction,
-    )
+def to_wire_exit(exit: MmioExit, seq: int, templates: dict[tuple[str, str], device_pb2.MmioExit]) -> (
+        device_pb2.ExitStreamRequest):
+    """The request carrying ``exit``, filled in place: building an MmioExit and then the request copies it, and
+    the fields a region never changes (vCPU, device, region names) come from a per-region ``templates`` entry."""
+    request = device_pb2.ExitStreamRequest(seq=seq)
+    message = request.exit
+    template = templates.get((exit.device, exit.region))
+    if template is None:
+        template = templates[exit.device, exit.region] = device_pb2.MmioExit(
+            vcpu_id=exit.vcpu_id, device=exit.device, region=exit.region)
+    message.CopyFrom(template)
+    message.address = exit.address
+    message.region_offset = exit.region_offset
+    message.length = exit.length
+    if exit.is_write:
+        message.direction = _WRITE
+        message.data = exit.data
+    else:
+        message.direction = _READ
+    message.syndrome = exit.syndrome
+    message.pc = exit.pc
+    message.instruction = exit.instruction
+    return request
+
+
+_WRITE = device_pb2.ACCESS_DIRECTION_WRITE
+_READ = device_pb2.ACCESS_DIRECTION_READ
 
 
 def completion_from_wire(service: str, c: device_pb2.Completion) -> Completion:
@@ -139,6 +159,7 @@ class GrpcExitChannel:
         # effects have not reached the vCPU yet (they ride on the next completion it sees).
         self._inflight: collections.deque[int] = collections.deque()
         self._carried: list[Completion] = []
+        self._templates: dict[tuple[str, str], device_pb2.MmioExit] = {}  # (device, region) -> fixed fields
         self._closed = False
         self._expired = False
         self.deadline_s = deadline_s
@@ -225,12 +246,13 @@ class GrpcExitChannel:
         return self._seq
 
     def access(self, exit: MmioExit) -> Completion:
-        message = to_wire_exit(exit)
-        if len(self._posted):
-            message.posted.CopyFrom(self._take_posted())
         seq = self._next_seq()
-        self._send(device_pb2.ExitStreamRequest(seq=seq, exit=message))
-        self._drain(0)  # flushes sent earlier are answered first, in order
+        request = to_wire_exit(exit, seq, self._templates)
+        if len(self._posted):
+            request.exit.posted.CopyFrom(self._take_posted())
+        self._send(request)
+        if self._inflight:
+            self._drain(0)  # flushes sent earlier are answered first, in order
         completion = self._completion(self._receive(seq, exit.address))
         if completion.status is CompletionStatus.OK and not exit.is_write and len(completion.data) != exit.length:
             raise TransportError(

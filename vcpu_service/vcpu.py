@@ -223,10 +223,11 @@ class Vcpu:
         self._map_generation = -1
         if self.vm.instruction_budget:
             uc.hook_add(UC_HOOK_CODE, self._on_instruction)
-        self._sctlr: int | None = None  # SCTLR_EL1 as posted stores last read it; any MSR drops it
-        if self.vm.posted_windows and isinstance(self.arch, AArch64):
-            # Posted stores need the data endianness for every write; SCTLR_EL1 changes only by MSR, so it is
-            # cached and any MSR drops the cache (a Python call per MSR, which guests execute rarely).
+        self._sctlr: int | None = None  # SCTLR_EL1 as an access last read it; any MSR drops it
+        if isinstance(self.arch, AArch64):
+            # Every access of more than a byte needs the data endianness (SCTLR_EL1.EE/E0E), which changes only by
+            # MSR: it is cached and any MSR drops the cache (a Python call per MSR, which guests execute rarely,
+            # against a CP-register read on every exit and every posted store).
             uc.hook_add(UC_HOOK_INSN, self._on_msr, None, 1, 0, arm64_const.UC_ARM64_INS_MSR)
         for region, sink in self.vm.posted_windows:
             # Stores land in a sink nobody reads and are queued by the hook; loads fault on the missing
@@ -293,7 +294,7 @@ class Vcpu:
             return
         self.in_posted_hook = True  # the posted-write watchdog never stops a vCPU from outside meanwhile
         try:
-            self.exits.post_store(region, key, address, size, value, self.posted_big_endian())
+            self.exits.post_store(region, key, address, size, value, self.big_endian_data())
         finally:
             self.in_posted_hook = False
             self.posted_hooks_done += 1
@@ -310,8 +311,8 @@ class Vcpu:
         self._sctlr = None
         return False  # the MSR executes as usual
 
-    def posted_big_endian(self) -> bool:
-        """The data endianness for a posted store (called from the write hook, once per store)."""
+    def big_endian_data(self) -> bool:
+        """The data endianness now, for an access (once per exit and per posted store)."""
         if not isinstance(self.arch, AArch64):
             return self.arch.big_endian_data(self.uc)
         if self._sctlr is None:
@@ -634,4 +635,5 @@ class Vcpu:
     def write_registers(self, values: list[tuple[str, int]]) -> None:
         for name, value in values:
             self.arch.write_named(self.uc, name, value)
+        self._sctlr = None  # a client may have written SCTLR_EL1
 
