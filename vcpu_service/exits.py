@@ -45,7 +45,6 @@ from vcpu_service.handlers import (
     Handler,
     HandlerRegistry,
     PostedWriteLost,
-    PostedWrites,
     VcpuLink,
 )
 from vcpu_service.shadows import ShadowTable
@@ -467,10 +466,10 @@ class ExitPath:
                 fault_address=address, device=region.device)
         data = (value & ((1 << (size * 8)) - 1)).to_bytes(size, "big" if big_endian and size > 1 else "little")
         try:
-            batch = PostedWrites.queue(self.vcpu, region, address, data)
-        except PostedWriteLost as exc:
-            raise VcpuFault(ErrorKind.DEVICE_SERVICE, f"vCPU {self.vcpu.index}: {exc}", fault_address=address,
-                            device=region.device) from None
+            batch = self.vcpu.channel(region.service).post(address, data)  # as PostedWrites.queue, one frame less
+        except TransportError as exc:
+            raise VcpuFault(ErrorKind.DEVICE_SERVICE, f"{self._who}: posted write to 0x{address:x} in "
+                            f"{region.device}: {exc}", fault_address=address, device=region.device) from None
         self.stats.by_region[key] += 1
         self.stats.posted_writes += 1
         if batch is not None:

@@ -46,7 +46,7 @@ from unicorn import (
 
 from mmiosplit.mmio import Completion, DeviceEndpoint, ExitChannel, RemoteRegion, TransportError
 from vcpu_service import fastreg, psci
-from vcpu_service.arch import EXCEPTION_NAMES, EXCP_HVC, EXCP_SMC, AArch64, Arch, close_uc
+from vcpu_service.arch import EXCEPTION_NAMES, EXCP_HVC, EXCP_SMC, SCTLR_EE_E0E, AArch64, Arch, close_uc
 from vcpu_service.domain import ErrorKind, EventKind
 from vcpu_service.exits import ExitPath, Forward, PendingAccess, VcpuFault, VmView
 from vcpu_service.memory import Mirror, RamBlock
@@ -224,7 +224,9 @@ class Vcpu:
         if self.vm.instruction_budget:
             uc.hook_add(UC_HOOK_CODE, self._on_instruction)
         self._sctlr: int | None = None  # SCTLR_EL1 as an access last read it; any MSR drops it
-        if isinstance(self.arch, AArch64):
+        self._data_big_endian: bool | None = None  # the endianness it gives when EE and E0E agree
+        self._a64 = isinstance(self.arch, AArch64)
+        if self._a64:
             # Every access of more than a byte needs the data endianness (SCTLR_EL1.EE/E0E), which changes only by
             # MSR: it is cached and any MSR drops the cache (a Python call per MSR, which guests execute rarely,
             # against a CP-register read on every exit and every posted store).
@@ -308,16 +310,29 @@ class Vcpu:
         return False
 
     def _on_msr(self, _uc: Uc, _reg: int, _cp_reg: object, _user: object) -> bool:
-        self._sctlr = None
+        self._sctlr = self._data_big_endian = None
         return False  # the MSR executes as usual
 
     def big_endian_data(self) -> bool:
-        """The data endianness now, for an access (once per exit and per posted store)."""
-        if not isinstance(self.arch, AArch64):
+        """The data endianness now, for an access (once per exit and per posted store).
+
+        On AArch64 it follows SCTLR_EL1, cached until an MSR: when EE and E0E agree the answer is the same at
+        every exception level and is cached too; otherwise PSTATE decides on each access. AArch32 reads CPSR.E
+        every time (SETEND changes it without an MSR)."""
+        cached = self._data_big_endian
+        if cached is not None:
+            return cached
+        if not self._a64:
             return self.arch.big_endian_data(self.uc)
         if self._sctlr is None:
             self._sctlr = fastreg.sctlr_el1(self.uc)
-        return self.arch.big_endian_data(self.uc, self._sctlr)
+        both = self._sctlr & SCTLR_EE_E0E
+        if both == 0 or both == SCTLR_EE_E0E:
+            self._data_big_endian = bool(both)
+            return self._data_big_endian
+        arch = self.arch
+        assert isinstance(arch, AArch64)
+        return arch.big_endian_data(self.uc, self._sctlr)
 
     def _on_hook_error(self, exc: BaseException) -> None:
         """A raw hook failed (a bad posted write): stop here and raise it once emu_start returns."""
@@ -635,5 +650,5 @@ class Vcpu:
     def write_registers(self, values: list[tuple[str, int]]) -> None:
         for name, value in values:
             self.arch.write_named(self.uc, name, value)
-        self._sctlr = None  # a client may have written SCTLR_EL1
+        self._sctlr = self._data_big_endian = None  # a client may have written SCTLR_EL1 or CPSR
 
