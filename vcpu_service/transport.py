@@ -2,7 +2,7 @@
 vCPU per device service, handshake first, a sequence number on every message).
 
 This is the vCPU side's only gRPC adapter for devices: protobufs enter and leave here, converted once to the
-plain types of ``mmiosplit.mmio`` (``to_wire_exit``, ``completion_from_wire``, ``regions_from_wire``). The
+plain types of ``mmiosplit.mmio`` (``to_wire_exit``, ``completion_from_wire``, ``GrpcEndpoint.describe``). The
 in-process transport, ``device_service.local``, implements the same protocols without any of this.
 """
 
