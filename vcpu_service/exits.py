@@ -45,6 +45,7 @@ from vcpu_service.handlers import (
     Handler,
     HandlerRegistry,
     PostedWriteLost,
+    PostedWrites,
     VcpuLink,
 )
 from vcpu_service.shadows import ShadowTable
@@ -139,7 +140,6 @@ class VmView(Protocol):
     @property
     def ram_ends(self) -> frozenset[int]: ...
 
-    def in_ram(self, address: int, length: int) -> bool: ...
     def apply_mirror_changes(self, changes: Iterable[MirrorChange]) -> None: ...
 
 
@@ -265,8 +265,13 @@ class ExitPath:
         is_write = syn.wnr
         new_base = None if syn.writeback is None else self._writeback_value(syn)
         slot = self.vm.handlers.lookup(address)
-        if fault_size and size > 1 and (fault_size != size or (not is_write and address in self.vm.ram_ends)) \
-                and self._split_from_ram(pc, address, syn, fault_size):
+        # Unicorn splits an access that crosses from RAM into unmapped space at the page boundary: a store goes
+        # on byte by byte (the hook last reports a 1-byte write past the boundary), a load faults on its second,
+        # size-aligned half with the full size, right where a RAM block ends. Forwarding the hook's address would
+        # give the device an access the guest never made.
+        if fault_size and size > 1 and (
+                fault_size != size or (not is_write and address in self.vm.ram_ends and self._load_starts_in_ram(
+                    pc, address, size))):
             device = slot.region.device if slot is not None and slot.region is not None else ""
             return Refuse(self.vm.policies.device_error, ErrorKind.DEVICE_ERROR,
                           f"{self._who}: {size}-byte access to {describe_access(pc, address, insn)}: it starts in "
@@ -466,10 +471,10 @@ class ExitPath:
                 fault_address=address, device=region.device)
         data = (value & ((1 << (size * 8)) - 1)).to_bytes(size, "big" if big_endian and size > 1 else "little")
         try:
-            batch = self.vcpu.channel(region.service).post(address, data)  # as PostedWrites.queue, one frame less
-        except TransportError as exc:
-            raise VcpuFault(ErrorKind.DEVICE_SERVICE, f"{self._who}: posted write to 0x{address:x} in "
-                            f"{region.device}: {exc}", fault_address=address, device=region.device) from None
+            batch = PostedWrites.queue(self.vcpu, region, address, data)  # the queueing an exit's store uses too
+        except PostedWriteLost as exc:
+            raise VcpuFault(ErrorKind.DEVICE_SERVICE, f"{self._who}: {exc}", fault_address=address,
+                            device=region.device) from None
         self.stats.by_region[key] += 1
         self.stats.posted_writes += 1
         if batch is not None:
@@ -552,21 +557,8 @@ class ExitPath:
         rm = self.arch.read_gpr(uc, wb.offset_reg) if wb.offset_reg is not None else 0
         return self.arch.read_base(uc, wb.rn) + wb.amount(rm, self.arch.carry_flag(uc))
 
-    def _split_from_ram(self, pc: int, address: int, syn: Syndrome, fault_size: int) -> bool:
-        """Whether Unicorn faulted on the part past the end of RAM of an access that starts in RAM.
-
-        Unicorn splits an access that crosses from mapped RAM into unmapped space at the page boundary: a
-        store goes on byte by byte (the hook last reports a 1-byte write past the boundary), a load faults
-        on its second, size-aligned half with the full size. The hook's address is then not where the
-        access starts; forwarding it would give the device an access the guest never made and complete
-        Rt with the device's bytes alone.
-        """
-        if syn.size == 1 or not fault_size:
-            return False
-        if fault_size != syn.size:
-            return True  # a store split into bytes
-        if syn.wnr or address & 0xFFF or not self.vm.in_ram(address - 1, 1):
-            return False
+    def _load_starts_in_ram(self, pc: int, address: int, size: int) -> bool:
+        """Whether the load at ``pc`` that faulted at ``address``, where a RAM block ends, started in that RAM."""
         # A load right where RAM ends: run it once more with a read hook on the bytes before the
         # boundary to see where it starts. It faults again at once, so nothing retires.
         uc = self.vcpu.uc
@@ -577,7 +569,7 @@ class ExitPath:
 
         context = uc.context_save()
         executed = self.vcpu.executed
-        hook = uc.hook_add(UC_HOOK_MEM_READ, on_read, begin=address - syn.size + 1, end=address - 1)
+        hook = uc.hook_add(UC_HOOK_MEM_READ, on_read, begin=address - size + 1, end=address - 1)
         try:
             uc.emu_start(self.arch.start_address(uc, pc), self.arch.never_pc, count=1)
         except UcError:

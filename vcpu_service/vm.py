@@ -166,9 +166,6 @@ class Vm:
                 return block
         return None
 
-    def in_ram(self, address: int, length: int) -> bool:
-        return self._ram_block(address, length) is not None
-
     @property
     def ram_ends(self) -> frozenset[int]:
         """The first addresses past each RAM block: where an access can start in RAM and run on into a device."""
