@@ -6,8 +6,8 @@ import pytest
 
 from mmiosplit import protogen
 from mmiosplit.address import AddressError, parse_address
+from mmiosplit.mmio import unpack_posted
 from mmiosplit.v1 import device_pb2
-from mmiosplit.wire import iter_posted
 from vcpu_service import psci
 from vcpu_service.arch import it_advance
 from vcpu_service.domain import EventKind
@@ -59,13 +59,13 @@ def test_it_advance() -> None:
     assert it_advance(0x1D3) == 0x1D3  # outside an IT block nothing changes
 
 
-def test_iter_posted_checks_the_packing() -> None:
+def test_unpack_posted_checks_the_packing() -> None:
     batch = device_pb2.PostedWrites(address=[0x10, 0x20], length=[4, 1], data=b"\x01\x02\x03\x04\x05")
-    assert list(iter_posted(batch)) == [(0x10, b"\x01\x02\x03\x04"), (0x20, b"\x05")]
+    assert unpack_posted(batch.address, batch.length, batch.data) == [(0x10, b"\x01\x02\x03\x04"), (0x20, b"\x05")]
     with pytest.raises(ValueError, match="lengths add up to 5 bytes but carry 4"):
-        list(iter_posted(device_pb2.PostedWrites(address=[1, 2], length=[4, 1], data=b"1234")))
+        unpack_posted([1, 2], [4, 1], b"1234")
     with pytest.raises(ValueError, match="2 addresses but 1 lengths"):
-        list(iter_posted(device_pb2.PostedWrites(address=[1, 2], length=[4], data=b"1234")))
+        unpack_posted([1, 2], [4], b"1234")
 
 
 def test_event_log_replays_and_stops_at_the_final_event() -> None:
