@@ -1,7 +1,10 @@
 """Start the services as real subprocesses and wait until gRPC health says SERVING.
 
 Used by ``mmiosplit run``/``demo`` (the embedded default) and by the integration tests, so both run
-the split exactly as a user would.
+the split exactly as a user would. No service outlives the process that started it: each is tied to it
+by a lifeline (``mmiosplit_cli.lifeline``), which ends it however this process dies, and SIGTERM or SIGHUP
+of this process is turned into its ordinary exit while services run, so they are stopped and the
+temporary folder removed on the way out.
 """
 
 from __future__ import annotations
@@ -10,10 +13,11 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
-import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,10 +27,59 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mmiosplit.address import parse_address
+from mmiosplit_cli import lifeline
 
 
 class LaunchError(RuntimeError):
     """A service did not come up; the message carries the end of its log."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived while services ran: it unwinds like Ctrl-C, so every ``finally`` runs.
+
+    A KeyboardInterrupt so that callers which already stop cleanly on Ctrl-C (a test session, a loop
+    catching ``Exception``) do so here too; ``local_services`` turns it into ``SystemExit(128 + signal)``
+    once its services are stopped, the exit status a shell expects of a process ended by that signal.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"{signal.Signals(signum).name} received")
+        self.signum = signum
+
+
+_EXIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _signals_unwind() -> Iterator[None]:
+    """While services run, SIGTERM and SIGHUP raise ``Terminated`` in the main thread (see ``Terminated``).
+
+    Only on the main thread (the only one that may set handlers) and only for a signal whose action is
+    still the default: a program's own handler is left alone. The first signal restores the defaults, so
+    a second one ends the process at once (the lifeline still ends the services then).
+    """
+    saved: list[signal.Signals] = []
+    if threading.current_thread() is threading.main_thread():
+        for sig in _EXIT_SIGNALS:
+            if signal.getsignal(sig) is signal.SIG_DFL:
+                saved.append(sig)
+
+    def restore() -> None:
+        for sig in saved:
+            signal.signal(sig, signal.SIG_DFL)
+
+    def handler(signum: int, _frame: object) -> None:
+        restore()
+        raise Terminated(signum)
+
+    for sig in saved:
+        signal.signal(sig, handler)
+    try:
+        yield
+    except Terminated as exc:
+        raise SystemExit(128 + exc.signum) from None
+    finally:
+        restore()
 
 
 def check_health(address: str, timeout: float = 3.0, service: str = "") -> str:
@@ -89,10 +142,6 @@ class ServiceProcess:
                 self.process.wait()
 
 
-def _python_cmd() -> list[str]:
-    return [sys.executable, "-m", "mmiosplit_cli"]
-
-
 @dataclass
 class LocalServices:
     """Services this process started; stopped on exit of the context."""
@@ -105,12 +154,13 @@ class LocalServices:
 
     def start(self, name: str, args: Sequence[str], address: str, cpu: int | None = None) -> ServiceProcess:
         log_path = self.workdir / f"{name}.log"
-        cmd = [*_python_cmd(), *args, "--listen", address]
+        cmd = [*args, "--listen", address]
         if cpu is not None:
             cmd += ["--cpu-affinity", str(cpu)]
         log = open(log_path, "wb")  # noqa: SIM115 - handed to the child
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = lifeline.popen("mmiosplit_cli", cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                              env=env)
         log.close()
         sp = ServiceProcess(name, address, proc, log_path)
         self.processes.append(sp)
@@ -152,27 +202,28 @@ def local_services(device_args: Sequence[str] | None, start_vcpu: bool = True, c
     services = LocalServices(workdir, _own_workdir=True)
     vcpu_cpu = cpu if vcpu_cpu is None else vcpu_cpu
     device_cpu = cpu if device_cpu is None else device_cpu
-    try:
-        dev_addr = vcpu_addr = None
-        started: list[ServiceProcess] = []
-        if device_args is not None:
-            dev_addr = _address(workdir, "devices", transport)
-            started.append(services.start("device service", ["serve-devices", *device_args, *metrics(1)], dev_addr,
-                                          device_cpu))
-            services.device_addresses.append(dev_addr)
-        for n, args in enumerate(more_device_args, start=1):
-            addr = _address(workdir, f"devices-{n}", transport)
-            started.append(services.start(f"device service {n}", ["serve-devices", *args, *metrics(1 + n)], addr,
-                                          device_cpu))
-            services.device_addresses.append(addr)
-        if start_vcpu:
-            vcpu_addr = _address(workdir, "vcpu", transport)
-            started.append(services.start("vcpu service", ["serve-vcpu", *metrics(0)], vcpu_addr, vcpu_cpu))
-        for sp in started:
-            sp.wait_ready()
-        yield vcpu_addr, dev_addr, services
-    finally:
-        services.stop()
+    with _signals_unwind():
+        try:
+            dev_addr = vcpu_addr = None
+            started: list[ServiceProcess] = []
+            if device_args is not None:
+                dev_addr = _address(workdir, "devices", transport)
+                started.append(services.start("device service", ["serve-devices", *device_args, *metrics(1)],
+                                              dev_addr, device_cpu))
+                services.device_addresses.append(dev_addr)
+            for n, args in enumerate(more_device_args, start=1):
+                addr = _address(workdir, f"devices-{n}", transport)
+                started.append(services.start(f"device service {n}", ["serve-devices", *args, *metrics(1 + n)],
+                                              addr, device_cpu))
+                services.device_addresses.append(addr)
+            if start_vcpu:
+                vcpu_addr = _address(workdir, "vcpu", transport)
+                started.append(services.start("vcpu service", ["serve-vcpu", *metrics(0)], vcpu_addr, vcpu_cpu))
+            for sp in started:
+                sp.wait_ready()
+            yield vcpu_addr, dev_addr, services
+        finally:
+            services.stop()
 
 
 def free_tcp_port() -> int:

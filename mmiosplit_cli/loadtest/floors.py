@@ -19,7 +19,6 @@ import os
 import queue
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -31,6 +30,7 @@ from hdrh.histogram import HdrHistogram
 from mmiosplit.address import parse_address
 from mmiosplit.v1 import device_pb2, device_pb2_grpc
 from mmiosplit.wire import GRPC_OPTIONS
+from mmiosplit_cli import lifeline
 from mmiosplit_cli.launcher import check_health
 from mmiosplit_cli.loadtest.stats import new_histogram
 
@@ -133,11 +133,12 @@ EXIT_MESSAGE = device_pb2.MmioExit(
 
 
 def start_echo_server(address: str, cpu: int | None) -> subprocess.Popen[bytes]:
-    """Start the echo server as a child process and wait until it is SERVING."""
-    cmd = [sys.executable, "-m", "mmiosplit_cli.loadtest.floors", "--echo-server", address]
+    """Start the echo server as a child process (ended with this one, by its lifeline) and wait until it is SERVING."""
+    args = ["--echo-server", address]
     if cpu is not None:
-        cmd += ["--cpu", str(cpu)]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        args += ["--cpu", str(cpu)]
+    proc = lifeline.popen("mmiosplit_cli.loadtest.floors", args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
     while check_health(address, timeout=0.5) != "SERVING":
         if proc.poll() is not None:
