@@ -114,7 +114,7 @@ def cmd_serve_vcpu(args: argparse.Namespace) -> int:
             return 2
         on_servicer = collector.attach
     serve(args.listen, ram_cap=args.max_ram, ready=_ready("vcpu service"),  # type: ignore[arg-type]
-          on_servicer=on_servicer)
+          on_servicer=on_servicer, vm_lease_s=args.vm_lease_s)
     return 0
 
 
@@ -383,6 +383,17 @@ def _metrics_args(p: argparse.ArgumentParser) -> None:
                    help="address the metrics endpoint listens on (default 127.0.0.1)")
 
 
+def _lease_seconds(text: str) -> float:
+    """--vm-lease-s: seconds >= 0 (checked here so a typo is an argparse error)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0: never expire)") from None
+    if not seconds >= 0:
+        raise argparse.ArgumentTypeError(f"{text}: a lease must be >= 0 seconds (0: never expire)")
+    return seconds
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmiosplit", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -392,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-ram", type=lambda t: _ram(t + "@0")[1], default=8 * 2**30,
                     help="cap on the RAM of one VM (default 8G)")
     sv.add_argument("--cpu-affinity", type=int, help="pin the service to this CPU")
+    sv.add_argument("--vm-lease-s", type=_lease_seconds, default=10.0, metavar="S",
+                    help="delete a VM after S seconds with no event stream open on it and no RPC naming it: its "
+                    "client is gone (default 10; 0: never)")
     _metrics_args(sv)
     sv.add_argument("-v", "--verbose", action="store_true")
     sv.set_defaults(func=cmd_serve_vcpu)

@@ -32,6 +32,7 @@ from vcpu_service.domain import (
     VmEvent,
     VmStats,
 )
+from vcpu_service.leases import DEFAULT_LEASE_S, VmLeases
 from vcpu_service.totals import MetricsSnapshot, VmTotals, vcpu_state_name, vm_totals
 from vcpu_service.tracelog import ExitRecord
 from vcpu_service.transport import POSTED_BATCH_SIZES, GrpcEndpoint
@@ -139,7 +140,7 @@ class VcpuServicer(vcpu_pb2_grpc.VcpuServiceServicer):
     """Maps each RPC onto a Vm; every failure becomes a gRPC status whose message names the cause."""
 
     def __init__(self, ram_cap: int = DEFAULT_RAM_CAP, connect_timeout_s: float = 5.0,
-                 default_deadline_ms: int = 5000) -> None:
+                 default_deadline_ms: int = 5000, vm_lease_s: float = DEFAULT_LEASE_S) -> None:
         self._vms: dict[str, Vm] = {}
         # VMs being deleted (still counted from their own stats), and the totals of VMs already deleted:
         # the service-wide metrics counters must not go backwards when a VM goes away.
@@ -149,6 +150,8 @@ class VcpuServicer(vcpu_pb2_grpc.VcpuServiceServicer):
         self._ram_cap = ram_cap
         self._connect_timeout_s = connect_timeout_s
         self._default_deadline_ms = default_deadline_ms
+        # A VM whose client is gone (no stream follows it, no RPC names it) is deleted after this lease.
+        self._leases = VmLeases(vm_lease_s, self._expire_vm)
 
     def _call(self, context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
         try:
@@ -165,6 +168,7 @@ class VcpuServicer(vcpu_pb2_grpc.VcpuServiceServicer):
         raise AssertionError("unreachable")
 
     def _vm(self, vm_id: str, context: grpc.ServicerContext) -> Vm:
+        self._leases.touch(vm_id)  # every RPC naming a VM comes through here
         with self._lock:
             vm = self._vms.get(vm_id)
         if vm is None:
@@ -190,6 +194,7 @@ class VcpuServicer(vcpu_pb2_grpc.VcpuServiceServicer):
                 raise
             with self._lock:
                 self._vms[vm.vm_id] = vm
+            self._leases.add(vm.vm_id)
             log.info("created VM %s (%s, %d vCPUs, %d regions)", vm.vm_id, spec.architecture, spec.vcpu_count,
                      len(vm.regions))
             resp = vcpu_pb2.CreateVmResponse(vm_id=vm.vm_id)
@@ -219,8 +224,9 @@ class VcpuServicer(vcpu_pb2_grpc.VcpuServiceServicer):
     def StreamVmEvents(self, request: vcpu_pb2.StreamVmEventsRequest,
                        context: grpc.ServicerContext) -> Iterator[vcpu_pb2.StreamVmEventsResponse]:
         vm = self._vm(request.vm_id, context)
-        for event in vm.events.follow(context.is_active):
-            yield vcpu_pb2.StreamVmEventsResponse(event=event_to_wire(event))
+        with self._leases.held(request.vm_id):
+            for event in vm.events.follow(context.is_active):
+                yield vcpu_pb2.StreamVmEventsResponse(event=event_to_wire(event))
 
     def GetRegisters(self, request: vcpu_pb2.GetRegistersRequest,
                      context: grpc.ServicerContext) -> vcpu_pb2.GetRegistersResponse:
@@ -261,13 +267,20 @@ class VcpuServicer(vcpu_pb2_grpc.VcpuServiceServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"VM {request.vm_id} was created without trace_exits")
         assert vm.trace is not None
-        for batch in vm.trace.follow(context.is_active):
-            yield vcpu_pb2.StreamExitTraceResponse(exits=[exit_trace_proto(r) for r in batch])
+        with self._leases.held(request.vm_id):
+            for batch in vm.trace.follow(context.is_active):
+                yield vcpu_pb2.StreamExitTraceResponse(exits=[exit_trace_proto(r) for r in batch])
 
     def DeleteVm(self, request: vcpu_pb2.DeleteVmRequest, context: grpc.ServicerContext) -> vcpu_pb2.DeleteVmResponse:
         vm = self._vm(request.vm_id, context)
+        self._leases.forget(request.vm_id)
+        self._remove_vm(request.vm_id, vm)
+        return vcpu_pb2.DeleteVmResponse()
+
+    def _remove_vm(self, vm_id: str, vm: Vm) -> None:
+        """Delete vm; whoever takes it out of the table first folds its totals into the retired ones."""
         with self._lock:
-            owned = self._vms.pop(request.vm_id, None) is not None
+            owned = self._vms.pop(vm_id, None) is not None
             if owned:
                 self._deleting.append(vm)
         vm.delete()
@@ -276,7 +289,15 @@ class VcpuServicer(vcpu_pb2_grpc.VcpuServiceServicer):
             with self._lock:
                 self._retired.add(retired)
                 self._deleting.remove(vm)
-        return vcpu_pb2.DeleteVmResponse()
+
+    def _expire_vm(self, vm_id: str, why: str) -> None:
+        """The lease reaper's way to delete a VM its client left behind; says which VM and why."""
+        with self._lock:
+            vm = self._vms.get(vm_id)
+        if vm is None:
+            return
+        log.warning("deleting VM %s (%s): %s", vm_id, vm.spec.name or "unnamed", why)
+        self._remove_vm(vm_id, vm)
 
     def metrics_snapshot(self) -> MetricsSnapshot:
         """Service-wide totals (live, deleting and deleted VMs) and the state of every live VM, for a scrape.
@@ -326,12 +347,13 @@ def build_server(listen: str, servicer: VcpuServicer) -> tuple[grpc.Server, str]
 
 
 def serve(listen: str, ram_cap: int = DEFAULT_RAM_CAP, ready: Callable[[str], None] | None = None,
-          on_servicer: Callable[[VcpuServicer], None] | None = None) -> None:
+          on_servicer: Callable[[VcpuServicer], None] | None = None, vm_lease_s: float = DEFAULT_LEASE_S) -> None:
     """Run the vcpu service until SIGTERM or SIGINT; then stop every VM and exit.
 
     on_servicer sees the servicer before the server starts (the metrics collector attaches there).
+    vm_lease_s: how long a VM nobody follows or names survives (0: forever; see ``vcpu_service.leases``).
     """
-    servicer = VcpuServicer(ram_cap=ram_cap)
+    servicer = VcpuServicer(ram_cap=ram_cap, vm_lease_s=vm_lease_s)
     if on_servicer is not None:
         on_servicer(servicer)
     server, bound = build_server(listen, servicer)
