@@ -65,8 +65,9 @@ def _signals_unwind() -> Iterator[None]:
                 saved.append(sig)
 
     def restore() -> None:
-        for sig in saved:
-            signal.signal(sig, signal.SIG_DFL)
+        if threading.current_thread() is threading.main_thread():
+            for sig in saved:
+                signal.signal(sig, signal.SIG_DFL)
 
     def handler(signum: int, _frame: object) -> None:
         restore()

@@ -65,7 +65,8 @@ def command(module: str, args: Sequence[str], grace_s: float = GRACE_S) -> tuple
     Give both to ``subprocess.Popen(cmd, pass_fds=fds, ...)``; :func:`popen` does.
     """
     fd = _read_end()
-    cmd = [sys.executable, "-m", __name__, "--fd", str(fd), "--grace-s", f"{grace_s:g}", module, *args]
+    cmd = [sys.executable, "-m", __name__, "--fd", str(fd), "--parent", str(os.getpid()), "--grace-s", f"{grace_s:g}",
+           module, *args]
     return cmd, (fd,)
 
 
@@ -75,9 +76,12 @@ def popen(module: str, args: Sequence[str], grace_s: float = GRACE_S, **kwargs: 
     return subprocess.Popen(cmd, pass_fds=fds, **kwargs)  # type: ignore[call-overload]
 
 
-def watch(fd: int, grace_s: float = GRACE_S) -> threading.Thread:
-    """In the child: on EOF on fd (the parent is gone), SIGTERM this process; exit hard after grace_s."""
-    parent = os.getppid()
+def watch(fd: int, grace_s: float = GRACE_S, parent: int | None = None) -> threading.Thread:
+    """In the child: on EOF on fd (the parent is gone), SIGTERM this process; exit hard after grace_s.
+
+    parent is only named in the messages (by the time the child runs, its parent may be gone already).
+    """
+    parent = os.getppid() if parent is None else parent
 
     def run() -> None:
         while True:
@@ -106,11 +110,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m mmiosplit_cli.lifeline",
                                 description="run a module as __main__, ending it when the lifeline fd reads EOF")
     p.add_argument("--fd", type=int, required=True, help="read end of the parent's lifeline pipe")
+    p.add_argument("--parent", type=int, help="the parent's PID, for the messages")
     p.add_argument("--grace-s", type=float, default=GRACE_S, help="how long the graceful stop may take")
     p.add_argument("module", help="module to run, as python -m does")
     p.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
     ns = p.parse_args(argv)
-    watch(ns.fd, ns.grace_s)
+    watch(ns.fd, ns.grace_s, ns.parent)
     sys.argv = [ns.module, *ns.args]
     runpy.run_module(ns.module, run_name="__main__", alter_sys=True)
 
