@@ -20,6 +20,7 @@ from mmiosplit.address import address_argument
 from mmiosplit.v1 import common_pb2, vcpu_pb2
 from mmiosplit.wire import event_kind_name as kind_name
 from mmiosplit_cli.demo import run_demo
+from mmiosplit_cli.envconfig import parse_with_environment
 from mmiosplit_cli.launcher import LaunchError, check_health, local_services
 from mmiosplit_cli.loadtest.cli import add_parser as add_loadtest_parser
 from mmiosplit_cli.runner import EXIT_CONFIG_ERROR, ConsoleInput, RunError, format_latency, pump_stdin, run_vm
@@ -383,6 +384,22 @@ def _metrics_args(p: argparse.ArgumentParser) -> None:
                    help="address the metrics endpoint listens on (default 127.0.0.1)")
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{value:g} s is out of range (0-3600)")
+    return value
+
+
+def _grace_arg(p: argparse.ArgumentParser, drain: str) -> None:
+    p.add_argument("--grace-s", type=_seconds, default=10.0, metavar="SECONDS",
+                   help=f"on SIGTERM or SIGINT: report NOT_SERVING, take no new streams, {drain}, then exit 0 "
+                   "within this many seconds (default 10)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmiosplit", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -392,8 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-ram", type=lambda t: _ram(t + "@0")[1], default=8 * 2**30,
                     help="cap on the RAM of one VM (default 8G)")
     sv.add_argument("--cpu-affinity", type=int, help="pin the service to this CPU")
+    _grace_arg(sv, "pause every VM at an instruction boundary, flush its posted writes and send its final events")
     _metrics_args(sv)
-    sv.add_argument("-v", "--verbose", action="store_true")
+    sv.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     sv.set_defaults(func=cmd_serve_vcpu)
 
     sd = sub.add_parser("serve-devices", help="run a device service hosting device models")
@@ -406,8 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--no-shadows", action="store_true",
                     help="declare no shadow registers: every device read exits (for comparisons)")
     sd.add_argument("--cpu-affinity", type=int, help="pin the service to this CPU")
+    _grace_arg(sd, "complete every exit and posted batch already received and tell each vCPU it is going away")
     _metrics_args(sd)
-    sd.add_argument("-v", "--verbose", action="store_true")
+    sd.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     sd.set_defaults(func=cmd_serve_devices)
 
     h = sub.add_parser("health", help="exit 0 when the service at ADDR reports SERVING")
@@ -500,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_with_environment(build_parser(), None if argv is None else list(argv), os.environ)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
