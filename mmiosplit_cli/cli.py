@@ -115,7 +115,7 @@ def cmd_serve_vcpu(args: argparse.Namespace) -> int:
             return 2
         on_servicer = collector.attach
     serve(args.listen, ram_cap=args.max_ram, ready=_ready("vcpu service"),  # type: ignore[arg-type]
-          on_servicer=on_servicer)
+          on_servicer=on_servicer, grace_s=args.grace_s)
     return 0
 
 
@@ -144,7 +144,7 @@ def cmd_serve_devices(args: argparse.Namespace) -> int:
         bus.stats.enable_timing()
         on_servicer = collector.attach
     serve(args.listen, bus, args.name, ready=_ready("device service"),  # type: ignore[arg-type]
-          console_log=args.console_log, on_servicer=on_servicer, shadows=not args.no_shadows)
+          console_log=args.console_log, on_servicer=on_servicer, shadows=not args.no_shadows, grace_s=args.grace_s)
     return 0
 
 

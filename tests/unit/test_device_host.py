@@ -152,7 +152,7 @@ def test_each_session_is_sent_every_shadow_change_once_with_rising_generations(h
 
 def test_the_watch_gets_a_snapshot_then_each_change_as_shadow_changes(host: DeviceHost) -> None:
     events: list[ShadowChange | ShadowFailure] = []
-    unsubscribe = host.watch_shadows(events.append)
+    unsubscribe = host.watch(events.append)
     (snapshot,) = events
     assert isinstance(snapshot, ShadowChange) and snapshot.service == "devs" and snapshot.generation == 1
     host.console_input("uart0", b"z")
@@ -206,7 +206,7 @@ def test_reset_pumps_waiting_input_into_the_emptied_fifo_and_watchers_hear_it(ho
     assert isinstance(uart, Pl011)
     host.console_input("uart0", b"rs")
     events: list[ShadowChange | ShadowFailure] = []
-    host.watch_shadows(events.append)
+    host.watch(events.append)
     host.reset()
     assert bytes(uart.rx_fifo) == b"s"  # "r" was reset away, "s" was waiting and went in
     assert host.reset() == ()
