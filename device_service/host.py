@@ -216,7 +216,8 @@ class DeviceHost:
         returns the unsubscriber. A watch that starts while the service drains hears only that it is going away."""
 
         def deliver(event: ShadowEvent) -> None:
-            listener(event if isinstance(event, ShadowFailure) else self._shadow_change(event))
+            if self.going_away is None:  # after GoingAway, nothing (the listener has heard its last)
+                listener(event if isinstance(event, ShadowFailure) else self._shadow_change(event))
 
         with self.lock:
             going = self.going_away
