@@ -120,12 +120,14 @@ def load_stack(root: Path = K8S_DIR) -> Stack:
 # ----- pods -----------------------------------------------------------------------------------------------------
 @dataclass
 class Workload:
-    """A pod template and what owns it (a Deployment or a Job)."""
+    """A pod template and what owns it (a Deployment or a Job), or a bare Pod."""
 
     owner: Resource
 
     @property
     def template(self) -> dict[str, Any]:
+        if self.owner.kind == "Pod":
+            return {"metadata": self.owner.body.get("metadata", {}), "spec": self.owner.body.get("spec", {})}
         spec: dict[str, Any] = self.owner.body.get("spec", {}).get("template", {})
         return spec
 
@@ -162,7 +164,7 @@ class Workload:
 
 
 def workloads(stack: Stack) -> list[Workload]:
-    return [Workload(r) for r in stack.resources if r.kind in ("Deployment", "Job")]
+    return [Workload(r) for r in stack.resources if r.kind in ("Deployment", "Job", "Pod")]
 
 
 def service_containers(stack: Stack, command: str) -> Iterator[tuple[Workload, dict[str, Any]]]:

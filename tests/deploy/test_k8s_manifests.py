@@ -88,7 +88,7 @@ def test_every_manifest_validates_against_the_kubernetes_schemas_offline(
     monkeypatch.setattr(socket.socket, "connect", no_network)
     kinds = {r.kind for r in pristine.resources}
     assert {"Namespace", "ConfigMap", "PersistentVolumeClaim", "Deployment", "Service", "NetworkPolicy",
-            "Job"} <= kinds
+            "Job", "Pod"} <= kinds
     assert k.check_schemas(pristine) == []
 
 
@@ -108,10 +108,11 @@ def test_virt_device_file_is_the_virt_board(pristine: k.Stack) -> None:
 def test_one_deployment_per_service_and_the_addresses_the_client_uses(pristine: k.Stack) -> None:
     roles = {w.owner.name: w.role(c) for w in k.workloads(pristine) for c in w.containers(init=False)}
     assert roles == {"vcpu": "serve-vcpu", "devices": "serve-devices", "scratch": "serve-devices",
-                     "uboot-client": "python3 /opt/mmiosplit-client/uboot_session.py"}
-    used = {(flag, address) for where, flag, address, _ in k.addresses(pristine) if where.startswith("Job")}
-    assert used == {("vcpu-service", "vcpu:50051"), ("device-service", "devices:50052"),
-                    ("device-service", "scratch:50053")}
+                     "uboot-client": "python3 /opt/mmiosplit-client/uboot_session.py", "uboot-console": "run"}
+    for client in ("Job uboot-client", "Pod uboot-console"):
+        used = {(flag, address) for where, flag, address, _ in k.addresses(pristine) if where.startswith(client)}
+        assert used == {("vcpu-service", "vcpu:50051"), ("device-service", "devices:50052"),
+                        ("device-service", "scratch:50053")}, client
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
@@ -238,6 +239,8 @@ MUTATIONS: list[tuple[str, Mutation, str, list[str]]] = [
      ["container wait-for-firmware", "readOnlyRootFilesystem"]),
     ("a capability added", lambda s: container(s, "Job", "uboot-client")["securityContext"]["capabilities"].update(
         add=["NET_RAW"]), "containers", ["Job uboot-client", "capabilities"]),
+    ("console pod as root", lambda s: s.get("Pod", "uboot-console").body["spec"]["containers"][0][
+        "securityContext"].update(runAsUser=0), "containers", ["Pod uboot-console", "runAsUser is 0"]),
     ("privilege escalation", lambda s: container(s, "Deployment", "scratch")["securityContext"].update(
         allowPrivilegeEscalation=True), "containers", ["Deployment scratch", "allowPrivilegeEscalation"]),
     ("no seccomp profile", lambda s: (container(s, "Deployment", "vcpu")["securityContext"].pop("seccompProfile"),
