@@ -8,6 +8,7 @@ assert on a deliberately broken copy that the problem is found and named.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import re
 import shlex
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate  # ships the JSON schemas of each Kubernetes version: no network
 import yaml
 
 from device_service.bus import DeviceBus
@@ -28,6 +30,7 @@ from device_service.config import (
     parse_device_specs,
     parse_size,
 )
+from mmiosplit_cli.cli import build_parser
 from vcpu_service.machines import virt
 
 K8S_DIR = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
@@ -199,8 +202,6 @@ def selects(selector: Mapping[str, Any] | None, labels: Mapping[str, str]) -> bo
 # ----- schemas and files ----------------------------------------------------------------------------------------
 def check_schemas(stack: Stack, version: str = KUBERNETES_VERSION) -> Problems:
     """Every object against the Kubernetes JSON schemas of `version`, strict (unknown fields are errors)."""
-    import kubernetes_validate  # the schemas ship in the package: no network
-
     problems = []
     for r in stack.resources:
         try:
@@ -472,11 +473,10 @@ def check_flash_files(stack: Stack) -> Problems:
 
 # ----- the services' own settings -------------------------------------------------------------------------------
 def service_flags(command: str) -> set[str]:
-    """The flags of an mmiosplit subcommand, as MMIOSPLIT_<FLAG> names them (from the real parser)."""
-    import argparse
+    """The flags of an mmiosplit subcommand, as MMIOSPLIT_<FLAG> names them (from the real parser).
 
-    from mmiosplit_cli.cli import build_parser
-
+    argparse has no public way to list a subcommand's options, hence its private attributes.
+    """
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     options = [o for action in sub.choices[command]._actions for o in action.option_strings]
