@@ -9,11 +9,13 @@ assert on a deliberately broken copy that the problem is found and named.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import io
 import re
 import shlex
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,16 +30,16 @@ from device_service.config import (
     create_device,
     load_config,
     parse_device_specs,
-    parse_size,
 )
+from mmiosplit.address import parse_address
 from mmiosplit_cli.cli import build_parser
+from mmiosplit_cli.envconfig import PREFIX, parse_with_environment, service_parsers, unknown_variables
 from vcpu_service.machines import virt
 
 K8S_DIR = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 KUBERNETES_VERSION = "1.30"  # the oldest Kubernetes the manifests are written for (native gRPC probes: 1.24+)
 IMAGE = "mmiosplit:dev"
 UID = GID = 10001  # the non-root user of the image (deploy/Dockerfile)
-DEFAULT_GRACE_S = 10.0  # --grace-s when MMIOSPLIT_GRACE_S is not set
 VCPU_SERVICE, DEVICE_SERVICE, CLIENT = "vcpu-service", "device-service", "client"
 COMPONENT = "app.kubernetes.io/component"
 NAME = "app.kubernetes.io/name"
@@ -328,12 +330,9 @@ def mounted_files(stack: Stack, w: Workload, container: Mapping[str, Any]) -> di
 
 
 def config_paths(container: Mapping[str, Any]) -> list[str]:
-    """The device files a serve-devices container is told to read (MMIOSPLIT_CONFIG, --config)."""
-    paths = env_of(container).get("MMIOSPLIT_CONFIG", "").split()
-    args = list(container.get("args") or [])
-    paths += [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
-    paths += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
-    return paths
+    """The device files a serve-devices container reads (--config or MMIOSPLIT_CONFIG, as the service parses them)."""
+    args = parse_service(container)
+    return [] if isinstance(args, str) else list(getattr(args, "config", None) or [])
 
 
 def check_configmap_refs(stack: Stack) -> Problems:
@@ -387,9 +386,12 @@ def device_services(stack: Stack) -> tuple[list[DeviceService], Problems]:
     """Parse every device service's devices the way serve-devices does (device_service.config)."""
     found, problems = [], []
     for w, c in service_containers(stack, "serve-devices"):
-        env = env_of(c)
+        args = parse_service(c)
+        if isinstance(args, str):
+            problems.append(f"{w}: container {c['name']}: {args}")
+            continue
         try:
-            specs = parse_device_specs(env.get("MMIOSPLIT_DEVICE", "").split())
+            specs = parse_device_specs(args.device or [])
             files = mounted_files(stack, w, c)
             for path in config_paths(c):
                 if path not in files:
@@ -472,20 +474,24 @@ def check_flash_files(stack: Stack) -> Problems:
 
 
 # ----- the services' own settings -------------------------------------------------------------------------------
-def service_flags(command: str) -> set[str]:
-    """The flags of an mmiosplit subcommand, as MMIOSPLIT_<FLAG> names them (from the real parser).
-
-    argparse has no public way to list a subcommand's options, hence its private attributes.
-    """
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    options = [o for action in sub.choices[command]._actions for o in action.option_strings]
-    return {o[2:].upper().replace("-", "_") for o in options if o.startswith("--") and o != "--help"}
+def parse_service(container: Mapping[str, Any]) -> argparse.Namespace | str:
+    """The container's command line and MMIOSPLIT_* variables parsed as `mmiosplit` parses them, or the error."""
+    env = {k: v for k, v in env_of(container).items() if k.startswith(PREFIX)}
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            return parse_with_environment(build_parser(), [str(a) for a in container.get("args") or []], env)
+    except SystemExit:
+        lines = stderr.getvalue().strip().splitlines()
+        return lines[-1] if lines else "does not parse"
 
 
 def _host_port(text: str) -> tuple[str, int] | None:
-    match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-_]+):(\d{1,5})", text.strip())
-    return (match.group(1), int(match.group(2))) if match else None
+    try:
+        address = parse_address(text)
+    except ValueError:
+        return None
+    return (address.host, address.port) if address.host is not None and address.port is not None else None
 
 
 def memory_bytes(quantity: str) -> float:
@@ -497,51 +503,50 @@ def memory_bytes(quantity: str) -> float:
     return float(match.group(1)) * units.get(match.group(2), 1)
 
 
-def check_service_settings(stack: Stack, pending_flags: Iterable[str] = ()) -> Problems:
-    """MMIOSPLIT_* variables are real flags, and agree with ports, annotations, grace and memory limits."""
+def check_service_settings(stack: Stack) -> Problems:
+    """The settings parse as the services parse them, and agree with ports, annotations, grace and limits."""
     problems = []
-    for command in ("serve-vcpu", "serve-devices"):
-        known = service_flags(command) | set(pending_flags)
+    parsers = service_parsers(build_parser())
+    for command, parser in parsers.items():
         for w, c in service_containers(stack, command):
             where = f"{w}: container {c['name']}"
-            env = env_of(c)
-            for name in env:
-                if name.startswith("MMIOSPLIT_") and name[len("MMIOSPLIT_"):] not in known:
-                    problems.append(f"{where}: {name} is no flag of `mmiosplit {command}`")
-            listen = _host_port(env.get("MMIOSPLIT_LISTEN", ""))
+            for name in unknown_variables(parser, env_of(c)):
+                problems.append(f"{where}: {name} is no flag of `mmiosplit {command}`")
+            args = parse_service(c)
+            if isinstance(args, str):
+                problems.append(f"{where}: `mmiosplit {command}` refuses its settings: {args}")
+                continue
+            listen = parse_address(args.listen)
             grpc_ports = [p.get("containerPort") for p in c.get("ports", []) or [] if p.get("name") == "grpc"]
-            if listen is None:
-                problems.append(f"{where}: MMIOSPLIT_LISTEN {env.get('MMIOSPLIT_LISTEN')!r} is not HOST:PORT")
-            elif listen[0] not in ("0.0.0.0", "[::]"):
-                problems.append(f"{where}: MMIOSPLIT_LISTEN host {listen[0]} is not reachable from other pods")
-            elif grpc_ports != [listen[1]]:
-                problems.append(f"{where}: MMIOSPLIT_LISTEN port {listen[1]} is not its containerPort named grpc "
+            if listen.host not in ("0.0.0.0", "[::]"):
+                problems.append(f"{where}: listens on {args.listen}, which other pods cannot reach")
+            elif grpc_ports != [listen.port]:
+                problems.append(f"{where}: listens on port {listen.port}, not on its containerPort named grpc "
                                 f"({grpc_ports})")
-            metrics = env.get("MMIOSPLIT_METRICS_PORT")
             metric_ports = [p.get("containerPort") for p in c.get("ports", []) or [] if p.get("name") == "metrics"]
             annotations = w.template.get("metadata", {}).get("annotations", {}) or {}
-            if metrics is None:
-                problems.append(f"{where}: no MMIOSPLIT_METRICS_PORT")
+            if args.metrics_port is None:
+                problems.append(f"{where}: no metrics (MMIOSPLIT_METRICS_PORT)")
             else:
-                if metric_ports != [int(metrics)]:
-                    problems.append(f"{where}: MMIOSPLIT_METRICS_PORT {metrics} is not its containerPort named "
-                                    f"metrics ({metric_ports})")
-                if annotations.get("prometheus.io/port") != metrics or annotations.get("prometheus.io/scrape") != \
-                        "true":
+                if metric_ports != [args.metrics_port]:
+                    problems.append(f"{where}: metrics on port {args.metrics_port} (MMIOSPLIT_METRICS_PORT), not on "
+                                    f"its containerPort named metrics ({metric_ports})")
+                if annotations.get("prometheus.io/port") != str(args.metrics_port) or \
+                        annotations.get("prometheus.io/scrape") != "true":
                     problems.append(f"{where}: annotations prometheus.io/scrape and prometheus.io/port do not say "
-                                    f"scrape port {metrics}")
-                if env.get("MMIOSPLIT_METRICS_HOST", "127.0.0.1") in ("127.0.0.1", "localhost", "::1"):
-                    problems.append(f"{where}: MMIOSPLIT_METRICS_HOST is loopback, so nothing can scrape it")
-            grace = float(env.get("MMIOSPLIT_GRACE_S", DEFAULT_GRACE_S))
+                                    f"scrape port {args.metrics_port}")
+                if args.metrics_host in ("127.0.0.1", "localhost", "::1"):
+                    problems.append(f"{where}: metrics on {args.metrics_host} (MMIOSPLIT_METRICS_HOST), which "
+                                    "nothing outside the pod can scrape")
             period = w.pod.get("terminationGracePeriodSeconds", 30)
-            if period <= grace:
-                problems.append(f"{w}: terminationGracePeriodSeconds {period} is not above MMIOSPLIT_GRACE_S {grace:g}"
-                                ", so the kubelet kills the drain")
-            if "MMIOSPLIT_MAX_RAM" in env:
-                limit = (c.get("resources", {}).get("limits") or {}).get("memory")
-                if limit is not None and memory_bytes(limit) <= parse_size(env["MMIOSPLIT_MAX_RAM"]):
-                    problems.append(f"{where}: memory limit {limit} leaves no room above MMIOSPLIT_MAX_RAM "
-                                    f"{env['MMIOSPLIT_MAX_RAM']} for one VM's RAM")
+            if period <= args.grace_s:
+                problems.append(f"{w}: terminationGracePeriodSeconds {period} is not above the drain's "
+                                f"{args.grace_s:g} s (MMIOSPLIT_GRACE_S), so the kubelet kills the drain")
+            limit = (c.get("resources", {}).get("limits") or {}).get("memory")
+            max_ram = getattr(args, "max_ram", None)
+            if max_ram is not None and limit is not None and memory_bytes(limit) <= max_ram:
+                problems.append(f"{where}: memory limit {limit} leaves no room above one VM's RAM "
+                                f"({max_ram / 2**30:g} GiB, MMIOSPLIT_MAX_RAM)")
     return problems
 
 
