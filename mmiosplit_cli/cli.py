@@ -277,8 +277,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, files: dict[str, TextIO]) -> int:
     from mmiosplit_cli.trace import TracePrinter  # lazy: start-up time (capstone)
 
+    if args.image is None and not (args.machine == "virt" and args.device_service):
+        print("mmiosplit run: give an IMAGE (only --machine virt with --device-service, whose device service holds "
+              "the firmware in its flash, needs none)", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     try:
-        image = _read_image(args.image)
+        image = _read_image(args.image) if args.image is not None else b""
     except (OSError, ValueError) as exc:
         print(f"mmiosplit run: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
@@ -334,7 +338,7 @@ def _run(args: argparse.Namespace, files: dict[str, TextIO]) -> int:
             services = list(args.device_service or []) + ([daddr] if daddr else [])
             vcpu_addr = args.vcpu_service or vaddr
             assert vcpu_addr is not None
-            cfg = build_config(args, image, Path(args.image).name, services)
+            cfg = build_config(args, image, Path(args.image).name if args.image else "virt", services)
             if is_tty:
                 terminal = _Terminal(sys.stdin.fileno(), inp, quit_event)
             else:
@@ -352,7 +356,7 @@ def _run(args: argparse.Namespace, files: dict[str, TextIO]) -> int:
                 result = run_vm(vcpu_addr, cfg, console_device=args.console, console_out=out, console_in=inp,  # type: ignore[arg-type]
                                 on_event=on_event, on_trace=printer, stop_request=quit_event)
             except RunError as exc:
-                say(f"cannot run {args.image}: {exc}")
+                say(f"cannot run {args.image or 'the virt board'}: {exc}")
                 return EXIT_CONFIG_ERROR
     except LaunchError as exc:
         say(str(exc))
@@ -436,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.set_defaults(func=cmd_health)
 
     r = sub.add_parser("run", help="run a guest image with its console on this terminal (or stdin/stdout)")
-    r.add_argument("image", help="flat binary image")
+    r.add_argument("image", nargs="?", help="flat binary image (with --machine virt: flash bank 0 for the device "
+                   "service run starts; not needed when --device-service serves the board)")
     r.add_argument("--arch", choices=["aarch64", "arm"], default="aarch64")
     r.add_argument("--machine", choices=["virt"],
                    help="virt: QEMU's virt board; IMAGE is flash bank 0 (like qemu -bios), the device tree is "
