@@ -343,6 +343,8 @@ class Vm:
         reads exit, and fail as its other accesses do), and the VM says so in an event."""
         endpoint.leaving = going
         self.shadows.disable(endpoint.name)
+        for vcpu in self.vcpus:
+            vcpu.release_channel(endpoint.name)
         with self.lock:
             over = self._final_pending or self.run_state is RunState.FINISHED
         if not over:

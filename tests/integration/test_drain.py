@@ -3,6 +3,7 @@ naming the access, and neither names a side stream."""
 
 from __future__ import annotations
 
+import queue
 import re
 import signal
 import threading
@@ -12,9 +13,10 @@ from contextlib import contextmanager
 
 import pytest
 
-from mmiosplit.v1 import vcpu_pb2
-from mmiosplit.wire import FINAL_EVENT_KINDS
+from mmiosplit.v1 import device_pb2, device_pb2_grpc, vcpu_pb2
+from mmiosplit.wire import FINAL_EVENT_KINDS, PROTOCOL_VERSION
 from mmiosplit_cli.launcher import LocalServices, ServiceProcess, local_services
+from mmiosplit_cli.runner import channel
 from tests.integration.client import Services, a64
 
 pytestmark = pytest.mark.integration
@@ -147,18 +149,36 @@ def test_sigterm_drains_the_vcpu_service_with_its_posted_writes() -> None:
     assert _served(device_log, "posted0", "write") == int(posted.group(1)) > 0, (vcpu_log, device_log)
 
 
-def test_a_device_service_whose_streams_stay_open_leaves_at_the_end_of_its_grace() -> None:
-    """A VM that never touches the service keeps its stream open: the service exits 0 when the grace ends, and the
-    VM, told it left, runs on."""
-    with fresh_services("--device", SCRATCH, "--grace-s", "1") as (services, device, _vcpu):
+def test_a_vm_that_does_not_touch_a_leaving_service_closes_its_stream_at_once() -> None:
+    """The VM, told the service is going away, closes its exit stream at the vCPU's next boundary and runs on; the
+    service need not wait out its grace."""
+    with fresh_services("--device", SCRATCH, "--grace-s", "5") as (services, device, _vcpu):
         run = Run(services, services.config(a64(*SPIN)))
         time.sleep(0.3)
         device.process.send_signal(signal.SIGTERM)
-        code, took = _exited(device, 5)
+        code, took = _exited(device, 8)
         time.sleep(0.2)
         assert not run.done.is_set(), run.events
         assert any(e.kind == vcpu_pb2.VM_EVENT_KIND_DEVICE_SERVICE_LEFT for e in run.events), run.events
         services.delete(run.vm_id)
+        log = device.log_path.read_text()
+    assert code == 0 and took < 2, (code, took, log)
+    assert "every exit stream ended" in log, log
+
+
+def test_a_stream_that_ignores_going_away_is_cancelled_at_the_end_of_the_grace() -> None:
+    """A client that keeps its exit stream open (one that does not watch) holds the service only until the grace
+    ends; the service still exits 0."""
+    requests: queue.SimpleQueue[device_pb2.ExitStreamRequest | None] = queue.SimpleQueue()
+    with fresh_services("--device", SCRATCH, "--grace-s", "1") as (services, device, _vcpu):
+        stub = device_pb2_grpc.DeviceServiceStub(channel(services.devices))
+        call = stub.ExitStream(iter(requests.get, None))
+        requests.put(device_pb2.ExitStreamRequest(seq=0, hello=device_pb2.StreamHello(
+            protocol_version=PROTOCOL_VERSION, vm_id="idle", vcpu_id=0)))
+        assert next(call).WhichOneof("body") == "welcome"
+        device.process.send_signal(signal.SIGTERM)
+        code, took = _exited(device, 5)
+        requests.put(None)
         log = device.log_path.read_text()
     assert code == 0 and 0.9 < took < 3, (code, took, log)
     assert "cancelled at the end of the grace period" in log, log
