@@ -33,6 +33,7 @@ from device_service.shadows import ShadowEvent, ShadowFailure, ShadowTracker, Sh
 from mmiosplit.mmio import (
     Completion,
     CompletionStatus,
+    GoingAway,
     MirrorChange,
     MmioExit,
     PostedError,
@@ -47,8 +48,10 @@ MIRROR_CHUNK = 1 << 20
 
 #: Where a console's output goes: called with the bytes the guest transmitted, in order.
 ConsoleListener = Callable[[bytes], None]
-#: Where shadow-register values go: every current value first, then each change, or why they stopped.
-ShadowListener = Callable[[ShadowChange | ShadowFailure], None]
+#: What one VM hears without asking: shadow-register values (every current value first, then each change),
+#: why they stopped, or, last, that this service is going away.
+WatchEvent = ShadowChange | ShadowFailure | GoingAway
+WatchListener = Callable[[WatchEvent], None]
 
 _DONE = Completion()  # a flush with nothing to report
 
@@ -143,6 +146,9 @@ class DeviceHost:
         self._romd: dict[str, RomdDevice] = {}
         # The mode each ROMD region was last reported in, so a mirror built later starts right.
         self._mirror_enabled: dict[tuple[str, str], bool] = {}
+        # Every open watch, to tell it the service is going away; set once draining has begun.
+        self._watchers: list[WatchListener] = []
+        self.going_away: GoingAway | None = None
         for dev in bus.devices:
             romd = supports_romd(dev)
             if romd is not None:
@@ -204,14 +210,44 @@ class DeviceHost:
             self.shadows.refresh_all()  # watchers hear the reset values
             return self._take_mirror_changes()
 
-    def watch_shadows(self, listener: ShadowListener) -> Callable[[], None]:
-        """Call ``listener`` with every shadow register now, then with each change (or the failure that
-        stopped them), from whichever thread made the change; returns the unsubscriber."""
+    def watch(self, listener: WatchListener) -> Callable[[], None]:
+        """Call ``listener`` with every shadow register now, then with each change (or the failure that stopped
+        them), from whichever thread made the change, and at last with ``GoingAway`` when the service drains;
+        returns the unsubscriber. A watch that starts while the service drains hears only that it is going away."""
 
         def deliver(event: ShadowEvent) -> None:
-            listener(event if isinstance(event, ShadowFailure) else self._shadow_change(event))
+            if self.going_away is None:  # after GoingAway, nothing (the listener has heard its last)
+                listener(event if isinstance(event, ShadowFailure) else self._shadow_change(event))
 
-        return self.shadows.subscribe(deliver)
+        with self.lock:
+            going = self.going_away
+            if going is None:
+                self._watchers.append(listener)
+        if going is not None:
+            listener(going)
+            return lambda: None
+        unsubscribe_shadows = self.shadows.subscribe(deliver)
+
+        def unsubscribe() -> None:
+            unsubscribe_shadows()
+            with self.lock, contextlib.suppress(ValueError):
+                self._watchers.remove(listener)
+
+        return unsubscribe
+
+    def go_away(self, reason: str, grace_seconds: float) -> GoingAway:
+        """Begin draining: every watch hears it once. Accesses are still answered (what a vCPU sent before it
+        heard this must complete); the transport stops taking new streams."""
+        with self.lock:
+            if self.going_away is None:
+                self.going_away = GoingAway(self.service_name, reason, grace_seconds)
+                watchers, self._watchers = self._watchers, []
+            else:
+                watchers = []
+            going = self.going_away
+        for listener in watchers:
+            listener(going)
+        return going
 
     # --- consoles ---------------------------------------------------------------------------------
 

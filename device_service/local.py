@@ -12,10 +12,11 @@ import queue
 from typing import TYPE_CHECKING
 
 from device_service.bus import DeviceBus
-from device_service.host import DeviceHost, HostSession
+from device_service.host import DeviceHost, HostSession, WatchEvent
 from device_service.shadows import ShadowFailure
 from mmiosplit.mmio import (
     Completion,
+    GoingAway,
     MirrorChange,
     MmioExit,
     PostedQueue,
@@ -65,22 +66,28 @@ class LocalExitChannel:
         self._posted.take()
 
 
-class LocalShadowWatch:
-    """The shadow-register values of a host, queued for one reader thread."""
+class LocalServiceWatch:
+    """What a host says unasked (shadow-register values, going away), queued for one reader thread."""
 
     def __init__(self, endpoint: LocalEndpoint) -> None:
         self._name = endpoint.name
-        self._queue: queue.SimpleQueue[ShadowChange | ShadowFailure | None] = queue.SimpleQueue()
-        self._unsubscribe = endpoint.host.watch_shadows(self._queue.put)
+        self._gone = False
+        self._queue: queue.SimpleQueue[WatchEvent | None] = queue.SimpleQueue()
+        self._unsubscribe = endpoint.host.watch(self._queue.put)
 
-    def next(self, timeout: float | None = None) -> ShadowChange | None:
-        """The next update; None once cancelled. TransportError if the values stopped or none came in time."""
+    def next(self, timeout: float | None = None) -> ShadowChange | GoingAway | None:
+        """The next event; None once cancelled or gone. TransportError if the values stopped or none came in
+        time."""
+        if self._gone:
+            return None
         try:
             event = self._queue.get(timeout=timeout)
         except queue.Empty:
             raise TransportError(f"{self._name}: no shadow registers within {timeout:g} s") from None
         if isinstance(event, ShadowFailure):
             raise TransportError(f"{self._name}: shadow registers stopped: {event.message}")
+        if isinstance(event, GoingAway):
+            self._gone = True
         return event
 
     def cancel(self) -> None:
@@ -99,12 +106,13 @@ class LocalEndpoint:
         self.name = name
         self.bus = bus
         self.host = DeviceHost(bus, name, shadows=shadows)
+        self.leaving: GoingAway | None = None
 
     def describe(self) -> list[RemoteRegion]:
         return [region for device in self.host.describe() for region in device.regions]
 
-    def watch_shadows(self, vm_id: str) -> LocalShadowWatch:
-        return LocalShadowWatch(self)
+    def watch(self, vm_id: str) -> LocalServiceWatch:
+        return LocalServiceWatch(self)
 
     def open_exit_channel(self, vm_id: str, vcpu_id: int, architecture: str) -> LocalExitChannel:
         return LocalExitChannel(self.host.session())
@@ -131,8 +139,8 @@ class LocalEndpoint:
 
 
 if TYPE_CHECKING:  # the endpoint protocols are met structurally; mypy checks that here
-    from mmiosplit.mmio import DeviceEndpoint, ExitChannel, ShadowWatch
+    from mmiosplit.mmio import DeviceEndpoint, ExitChannel, ServiceWatch
 
     _endpoint: DeviceEndpoint = LocalEndpoint(DeviceBus([]))
     _channel: ExitChannel = LocalExitChannel(DeviceHost(DeviceBus([])).session())
-    _watch: ShadowWatch = LocalShadowWatch(LocalEndpoint(DeviceBus([])))
+    _watch: ServiceWatch = LocalServiceWatch(LocalEndpoint(DeviceBus([])))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -20,10 +21,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from device_service.bus import DeviceBus
-from device_service.host import DescribedDevice, DeviceHost
+from device_service.host import DescribedDevice, DeviceHost, WatchEvent
 from device_service.shadows import ShadowFailure
 from mmiosplit.address import parse_address
-from mmiosplit.mmio import Completion, CompletionStatus, MirrorChange, MmioExit, ShadowChange, unpack_posted
+from mmiosplit.mmio import (
+    Completion,
+    CompletionStatus,
+    GoingAway,
+    MirrorChange,
+    MmioExit,
+    ShadowChange,
+    unpack_posted,
+)
 from mmiosplit.v1 import device_pb2, device_pb2_grpc
 from mmiosplit.wire import GRPC_OPTIONS, PROTOCOL_VERSION
 
@@ -101,7 +110,7 @@ def _device_pb(dev: DescribedDevice) -> device_pb2.Device:
 # ----- the servicer ---------------------------------------------------------------------------------------------
 
 class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
-    """Serves Describe, the exit streams, Reset, ReadMirror, WatchShadows and the consoles of one DeviceHost."""
+    """Serves Describe, the exit streams, Reset, ReadMirror, Watch and the consoles of one DeviceHost."""
 
     def __init__(self, bus: DeviceBus, service_name: str = "mmiosplit-devices",
                  console_log: str | None = None, shadows: bool = True) -> None:
@@ -126,12 +135,13 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                     context: grpc.aio.ServicerContext) -> device_pb2.ResetResponse:
         return device_pb2.ResetResponse(mirror_updates=[_mirror_update_pb(c) for c in self.host.reset()])
 
-    async def WatchShadows(self, request: device_pb2.WatchShadowsRequest,
-                           context: grpc.aio.ServicerContext) -> AsyncIterator[device_pb2.WatchShadowsResponse]:
-        """Every shadow register now, then each change (all on this event loop, so none is missed)."""
-        queue: asyncio.Queue[ShadowChange | ShadowFailure] = asyncio.Queue()
-        unsubscribe = self.host.watch_shadows(queue.put_nowait)
-        log.debug("shadow registers watched by VM %s", request.vm_id)
+    async def Watch(self, request: device_pb2.WatchRequest,
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[device_pb2.WatchResponse]:
+        """Every shadow register now, then each change (all on this event loop, so none is missed); ends after
+        telling the VM this service is going away."""
+        queue: asyncio.Queue[WatchEvent] = asyncio.Queue()
+        unsubscribe = self.host.watch(queue.put_nowait)
+        log.debug("watched by VM %s", request.vm_id)
         try:
             while True:
                 event = await queue.get()
@@ -139,7 +149,11 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                     await context.abort(grpc.StatusCode.INTERNAL, f"shadow registers of {self.host.service_name} "
                                         f"stopped: {event.message}")
                     return
-                yield device_pb2.WatchShadowsResponse(update=_shadow_update_pb(event))
+                if isinstance(event, GoingAway):
+                    yield device_pb2.WatchResponse(going_away=device_pb2.GoingAway(
+                        reason=event.reason, grace_seconds=event.grace_seconds))
+                    return
+                yield device_pb2.WatchResponse(shadow=_shadow_update_pb(event))
         finally:
             unsubscribe()
 
@@ -225,7 +239,8 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
 
 async def serve_async(listen: str, bus: DeviceBus, service_name: str,
                       ready: Callable[[str], None] | None = None, console_log: str | None = None,
-                      on_servicer: Callable[[DeviceServicer], None] | None = None, shadows: bool = True) -> None:
+                      on_servicer: Callable[[DeviceServicer], None] | None = None, shadows: bool = True,
+                      grace_s: float = 10.0) -> None:
     address = parse_address(listen)
     server = grpc.aio.server(options=GRPC_OPTIONS)
     servicer = DeviceServicer(bus, service_name, console_log, shadows)
@@ -241,18 +256,46 @@ async def serve_async(listen: str, bus: DeviceBus, service_name: str,
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    stop = asyncio.Event()
+    stop: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not stop.done():
+            stop.set_result(sig.name)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     if ready:
         ready(address.target if address.is_unix else f"{address.host}:{port}")
-    await stop.wait()
-    await server.stop(grace=1.0)
+    await drain(server, servicer, health_servicer, await stop, grace_s)
+
+
+async def drain(server: grpc.aio.Server, servicer: DeviceServicer, health_servicer: health_async.HealthServicer,
+                signal_name: str, grace_s: float) -> None:
+    """Leave without losing an access: NOT_SERVING at once, no new streams, every watching VM told (its vCPUs
+    then send no new exits), every request already received completed; streams still open after ``grace_s``
+    are cancelled."""
+    host = servicer.host
+    stats = host.bus.stats
+    t0 = time.monotonic()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    going = host.go_away(f"device service {host.service_name} is shutting down ({signal_name})", grace_s)
+    log.info("%s: draining %d exit stream(s) for up to %g s", going.reason, stats.streams_open, grace_s)
+    await server.stop(grace=grace_s)  # returns when every RPC has ended, or cancels those left at the deadline
+    took = time.monotonic() - t0
+    served = ", ".join(f"{device}/{region} {kind}s {count}" for (device, region, kind), count
+                       in sorted(stats.accesses.items()) if device) or "none"
+    log.info("device service %s stopped after %.2f s (%s); accesses served: %s; posted writes: %d",
+             host.service_name, took,
+             "every exit stream ended" if took < grace_s else "exit streams still open were cancelled at the end "
+             "of the grace period", served, stats.posted_writes)
 
 
 def serve(listen: str, bus: DeviceBus, service_name: str = "mmiosplit-devices",
           ready: Callable[[str], None] | None = None, console_log: str | None = None,
-          on_servicer: Callable[[DeviceServicer], None] | None = None, shadows: bool = True) -> None:
-    """Run the device service until SIGTERM or SIGINT; ``shadows`` False declares no shadow registers."""
-    asyncio.run(serve_async(listen, bus, service_name, ready, console_log, on_servicer, shadows))
+          on_servicer: Callable[[DeviceServicer], None] | None = None, shadows: bool = True,
+          grace_s: float = 10.0) -> None:
+    """Run the device service until SIGTERM or SIGINT, then drain (``drain``) and return; ``shadows`` False
+    declares no shadow registers."""
+    asyncio.run(serve_async(listen, bus, service_name, ready, console_log, on_servicer, shadows, grace_s))

@@ -5,7 +5,7 @@ The vCPU process answers guest reads of those registers from a copy, so a guest 
 register costs no round trip. This tracker keeps that copy honest: the device host (``device_service.host``,
 under both transports) calls ``refresh`` for the devices a request touched, after a reset, and
 whenever a model reports ``shadows_changed`` (input on a console); every change gets a new
-``generation`` and goes to every subscriber (the WatchShadows streams). ``since`` gives an exit stream
+``generation`` and goes to every subscriber (the Watch streams). ``since`` gives an exit stream
 every value that changed after the last generation it was sent, so a completion brings its vCPU's copy
 up to date: a vCPU never reads a shadow value older than its own last completion.
 

@@ -236,12 +236,21 @@ class ExitChannel(Protocol):
     def close(self) -> None: ...
 
 
-class ShadowWatch(Protocol):
-    """A device service's stream of shadow-register values: every current value first, then changes."""
+class GoingAway(NamedTuple):
+    """A device service is draining: it completes what it has received and takes no new exits."""
 
-    def next(self, timeout: float | None = None) -> ShadowChange | None:
-        """The next update; None once cancelled. Raises TransportError when the stream breaks or, with
-        ``timeout``, when nothing arrives in time."""
+    service: str
+    reason: str
+    grace_seconds: float = 0.0
+
+
+class ServiceWatch(Protocol):
+    """What a device service says to one VM without being asked: shadow-register values (every current value
+    first, then changes) and, last, that it is going away."""
+
+    def next(self, timeout: float | None = None) -> ShadowChange | GoingAway | None:
+        """The next event; None once cancelled or after the service went away. Raises TransportError when the
+        stream breaks or, with ``timeout``, when nothing arrives in time."""
         ...
 
     def cancel(self) -> None: ...
@@ -251,9 +260,11 @@ class DeviceEndpoint(Protocol):
     """One device service, over gRPC or in this process: what a VM needs of it."""
 
     name: str
+    #: Set by the VM when the service said it is going away: no new exit is sent to it after that.
+    leaving: GoingAway | None
 
     def describe(self) -> list[RemoteRegion]: ...
-    def watch_shadows(self, vm_id: str) -> ShadowWatch: ...
+    def watch(self, vm_id: str) -> ServiceWatch: ...
     def open_exit_channel(self, vm_id: str, vcpu_id: int, architecture: str) -> ExitChannel:
         """A channel for one vCPU; ``architecture`` is ``aarch64`` or ``arm``."""
         ...

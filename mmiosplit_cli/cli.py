@@ -20,6 +20,7 @@ from mmiosplit.address import address_argument
 from mmiosplit.v1 import common_pb2, vcpu_pb2
 from mmiosplit.wire import event_kind_name as kind_name
 from mmiosplit_cli.demo import run_demo
+from mmiosplit_cli.envconfig import parse_with_environment
 from mmiosplit_cli.launcher import LaunchError, check_health, local_services
 from mmiosplit_cli.loadtest.cli import add_parser as add_loadtest_parser
 from mmiosplit_cli.runner import EXIT_CONFIG_ERROR, ConsoleInput, RunError, format_latency, pump_stdin, run_vm
@@ -114,7 +115,7 @@ def cmd_serve_vcpu(args: argparse.Namespace) -> int:
             return 2
         on_servicer = collector.attach
     serve(args.listen, ram_cap=args.max_ram, ready=_ready("vcpu service"),  # type: ignore[arg-type]
-          on_servicer=on_servicer, vm_lease_s=args.vm_lease_s)
+          on_servicer=on_servicer, grace_s=args.grace_s, vm_lease_s=args.vm_lease_s)
     return 0
 
 
@@ -143,7 +144,7 @@ def cmd_serve_devices(args: argparse.Namespace) -> int:
         bus.stats.enable_timing()
         on_servicer = collector.attach
     serve(args.listen, bus, args.name, ready=_ready("device service"),  # type: ignore[arg-type]
-          console_log=args.console_log, on_servicer=on_servicer, shadows=not args.no_shadows)
+          console_log=args.console_log, on_servicer=on_servicer, shadows=not args.no_shadows, grace_s=args.grace_s)
     return 0
 
 
@@ -276,8 +277,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, files: dict[str, TextIO]) -> int:
     from mmiosplit_cli.trace import TracePrinter  # lazy: start-up time (capstone)
 
+    if args.image is None and not (args.machine == "virt" and args.device_service):
+        print("mmiosplit run: give an IMAGE (only --machine virt with --device-service, whose device service holds "
+              "the firmware in its flash, needs none)", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     try:
-        image = _read_image(args.image)
+        image = _read_image(args.image) if args.image is not None else b""
     except (OSError, ValueError) as exc:
         print(f"mmiosplit run: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
@@ -333,7 +338,7 @@ def _run(args: argparse.Namespace, files: dict[str, TextIO]) -> int:
             services = list(args.device_service or []) + ([daddr] if daddr else [])
             vcpu_addr = args.vcpu_service or vaddr
             assert vcpu_addr is not None
-            cfg = build_config(args, image, Path(args.image).name, services)
+            cfg = build_config(args, image, Path(args.image).name if args.image else "virt", services)
             if is_tty:
                 terminal = _Terminal(sys.stdin.fileno(), inp, quit_event)
             else:
@@ -351,7 +356,7 @@ def _run(args: argparse.Namespace, files: dict[str, TextIO]) -> int:
                 result = run_vm(vcpu_addr, cfg, console_device=args.console, console_out=out, console_in=inp,  # type: ignore[arg-type]
                                 on_event=on_event, on_trace=printer, stop_request=quit_event)
             except RunError as exc:
-                say(f"cannot run {args.image}: {exc}")
+                say(f"cannot run {args.image or 'the virt board'}: {exc}")
                 return EXIT_CONFIG_ERROR
     except LaunchError as exc:
         say(str(exc))
@@ -383,15 +388,20 @@ def _metrics_args(p: argparse.ArgumentParser) -> None:
                    help="address the metrics endpoint listens on (default 127.0.0.1)")
 
 
-def _lease_seconds(text: str) -> float:
-    """--vm-lease-s: seconds >= 0 (checked here so a typo is an argparse error)."""
+def _seconds(text: str) -> float:
     try:
-        seconds = float(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0: never expire)") from None
-    if not seconds >= 0:
-        raise argparse.ArgumentTypeError(f"{text}: a lease must be >= 0 seconds (0: never expire)")
-    return seconds
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{value:g} s is out of range (0-3600)")
+    return value
+
+
+def _grace_arg(p: argparse.ArgumentParser, drain: str) -> None:
+    p.add_argument("--grace-s", type=_seconds, default=10.0, metavar="SECONDS",
+                   help=f"on SIGTERM or SIGINT: report NOT_SERVING, take no new streams, {drain}, then exit 0 "
+                   "within this many seconds (default 10)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -403,11 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-ram", type=lambda t: _ram(t + "@0")[1], default=8 * 2**30,
                     help="cap on the RAM of one VM (default 8G)")
     sv.add_argument("--cpu-affinity", type=int, help="pin the service to this CPU")
-    sv.add_argument("--vm-lease-s", type=_lease_seconds, default=10.0, metavar="S",
+    _grace_arg(sv, "pause every VM at an instruction boundary, flush its posted writes and send its final events")
+    sv.add_argument("--vm-lease-s", type=_seconds, default=10.0, metavar="S",
                     help="delete a VM after S seconds with no event stream open on it and no RPC naming it: its "
                     "client is gone (default 10; 0: never)")
     _metrics_args(sv)
-    sv.add_argument("-v", "--verbose", action="store_true")
+    sv.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     sv.set_defaults(func=cmd_serve_vcpu)
 
     sd = sub.add_parser("serve-devices", help="run a device service hosting device models")
@@ -420,8 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--no-shadows", action="store_true",
                     help="declare no shadow registers: every device read exits (for comparisons)")
     sd.add_argument("--cpu-affinity", type=int, help="pin the service to this CPU")
+    _grace_arg(sd, "complete every exit and posted batch already received and tell each vCPU it is going away")
     _metrics_args(sd)
-    sd.add_argument("-v", "--verbose", action="store_true")
+    sd.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     sd.set_defaults(func=cmd_serve_devices)
 
     h = sub.add_parser("health", help="exit 0 when the service at ADDR reports SERVING")
@@ -431,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.set_defaults(func=cmd_health)
 
     r = sub.add_parser("run", help="run a guest image with its console on this terminal (or stdin/stdout)")
-    r.add_argument("image", help="flat binary image")
+    r.add_argument("image", nargs="?", help="flat binary image (with --machine virt: flash bank 0 for the device "
+                   "service run starts; not needed when --device-service serves the board)")
     r.add_argument("--arch", choices=["aarch64", "arm"], default="aarch64")
     r.add_argument("--machine", choices=["virt"],
                    help="virt: QEMU's virt board; IMAGE is flash bank 0 (like qemu -bios), the device tree is "
@@ -514,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_with_environment(build_parser(), None if argv is None else list(argv), os.environ)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

@@ -22,6 +22,8 @@ class EventKind(enum.Enum):
     RESET = "reset"
     #: A synchronous external abort was injected into the guest; the run goes on.
     EXTERNAL_ABORT = "external_abort"
+    #: A device service is going away (draining) or its watch stream broke; the run goes on.
+    DEVICE_SERVICE_LEFT = "device_service_left"
     # Final kinds: the run is over after one of these.
     HALTED = "halted"
     POWERED_OFF = "powered_off"

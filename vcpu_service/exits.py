@@ -362,7 +362,7 @@ class ExitPath:
             deadline = isinstance(result, DeadlineExceeded)
             self._refuse_pending(pending, self.vm.policies.deadline if deadline else self.vm.policies.device_error,
                                  ErrorKind.DEADLINE if deadline else ErrorKind.DEVICE_SERVICE,
-                                 f"{self._who}: access to {pending.where}: {result}")
+                                 f"{self._who}: {self._access_name(pending)}: {result}")
             return
         region = pending.region
         if result.posted_errors or result.mirror_changes or result.shadows:
@@ -370,7 +370,7 @@ class ExitPath:
                 self.apply_effects(result, region.device if region is not None else "", pc=pending.pc)
             except TransportError as exc:
                 self._refuse_pending(pending, self.vm.policies.device_error, ErrorKind.DEVICE_SERVICE,
-                                     f"{self._who}: access to {pending.where}: {exc}")
+                                     f"{self._who}: {self._access_name(pending)}: {exc}")
                 return
         if result.status is not CompletionStatus.OK:
             self._refuse_pending(pending, self.vm.policies.device_error, ErrorKind.DEVICE_ERROR,
@@ -502,6 +502,13 @@ class ExitPath:
                                 syndrome=action.syndrome)
             return
         raise VcpuFault(action.error_kind, action.reason, **fields)
+
+    @staticmethod
+    def _access_name(pending: PendingAccess) -> str:
+        """How an error names a device access: size, direction, device, address, instruction and PC."""
+        device = pending.region.device if pending.region is not None else "no device"
+        return (f"the {pending.syn.size}-byte {'write' if pending.syn.wnr else 'read'} of {device} at "
+                f"{pending.where}")
 
     def _refuse_pending(self, pending: PendingAccess, policy: FaultPolicy, kind: ErrorKind, reason: str) -> None:
         region = pending.region

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import TypeVar
@@ -317,16 +318,35 @@ class VcpuServicer(vcpu_pb2_grpc.VcpuServiceServicer):
             snap.vcpu_states += [(vm.vm_id, v.index, vcpu_state_name(v.state)) for v in vm.vcpus]
         return snap
 
-    def shutdown(self) -> None:
+    def shutdown(self, reason: str = "the vcpu service is shutting down", timeout: float = 10.0) -> int:
+        """Stop every VM as ``Vm.shut_down`` does (all at once, within ``timeout``), then delete them; returns
+        how many there were. A client streaming a VM's events sees its final event with ``reason``."""
         with self._lock:
             vms = list(self._vms.values())
             self._vms.clear()
+            self._deleting += vms
+        deadline = time.monotonic() + timeout
+        stoppers = [threading.Thread(target=vm.shut_down, args=(reason, timeout), name=f"shut-down-{vm.vm_id}",
+                                     daemon=True) for vm in vms]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join(max(0.0, deadline - time.monotonic()))
         for vm in vms:
-            vm.delete()
+            vm.delete(max(0.1, deadline - time.monotonic()))
+            stats = vm.stats(counters_only=True)
+            log.info("VM %s stopped (%s): %d exits, %d posted writes delivered", vm.vm_id, reason, stats.exits,
+                     sum(v.posted_writes for v in stats.vcpus))
+            retired = vm_totals(vm)
+            with self._lock:
+                self._retired.add(retired)
+                self._deleting.remove(vm)
+        return len(vms)
 
 
-def build_server(listen: str, servicer: VcpuServicer) -> tuple[grpc.Server, str]:
-    """A server with VcpuService, health and reflection; returns it and the address actually bound."""
+def build_server(listen: str, servicer: VcpuServicer) -> tuple[grpc.Server, str, health.HealthServicer]:
+    """A server with VcpuService, health and reflection; returns it, the address actually bound and its health
+    servicer."""
     address = parse_address(listen)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="vcpu-rpc"),
                          options=GRPC_OPTIONS)
@@ -343,12 +363,13 @@ def build_server(listen: str, servicer: VcpuServicer) -> tuple[grpc.Server, str]
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, bound
+    return server, bound, health_servicer
 
 
 def serve(listen: str, ram_cap: int = DEFAULT_RAM_CAP, ready: Callable[[str], None] | None = None,
-          on_servicer: Callable[[VcpuServicer], None] | None = None, vm_lease_s: float = DEFAULT_LEASE_S) -> None:
-    """Run the vcpu service until SIGTERM or SIGINT; then stop every VM and exit.
+          on_servicer: Callable[[VcpuServicer], None] | None = None, grace_s: float = 10.0,
+          vm_lease_s: float = DEFAULT_LEASE_S) -> None:
+    """Run the vcpu service until SIGTERM or SIGINT, then drain (``drain``) and return.
 
     on_servicer sees the servicer before the server starts (the metrics collector attaches there).
     vm_lease_s: how long a VM nobody follows or names survives (0: forever; see ``vcpu_service.leases``).
@@ -356,12 +377,31 @@ def serve(listen: str, ram_cap: int = DEFAULT_RAM_CAP, ready: Callable[[str], No
     servicer = VcpuServicer(ram_cap=ram_cap, vm_lease_s=vm_lease_s)
     if on_servicer is not None:
         on_servicer(servicer)
-    server, bound = build_server(listen, servicer)
+    server, bound, health_servicer = build_server(listen, servicer)
     stop = threading.Event()
+    received: list[str] = []
+
+    def on_signal(sig: int, _frame: object) -> None:
+        received.append(signal.Signals(sig).name)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     if ready:
         ready(bound)
     stop.wait()
-    servicer.shutdown()
-    server.stop(grace=1.0).wait()
+    drain(server, servicer, health_servicer, received[0] if received else "stop", grace_s)
+
+
+def drain(server: grpc.Server, servicer: VcpuServicer, health_servicer: health.HealthServicer, signal_name: str,
+          grace_s: float) -> None:
+    """Leave without losing an access: NOT_SERVING at once, no new RPCs, every VM paused at an instruction
+    boundary with its posted writes delivered and its final event sent (clients streaming events see why),
+    then every VM deleted; RPCs still open after ``grace_s`` are cancelled."""
+    t0 = time.monotonic()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    stopped = server.stop(grace_s)  # refuses new RPCs now; open ones get until the grace ends
+    count = servicer.shutdown(f"the vcpu service is shutting down ({signal_name})", max(0.1, grace_s - 0.5))
+    log.info("vcpu service drained: %d VM(s) stopped and deleted in %.2f s", count, time.monotonic() - t0)
+    stopped.wait(max(0.0, grace_s - (time.monotonic() - t0)))

@@ -1,7 +1,7 @@
 """The VM's copy of the shadow registers: reads of them are answered here, without an exit.
 
 A device service declares registers whose reads have no side effects (``RemoteRegion.shadows``) and
-keeps this copy current: with the values on every completion, and on its WatchShadows stream when
+keeps this copy current: with the values on every completion, and on its Watch stream when
 state changes by itself (a byte arrives on a console). Updates can arrive out of order (the stream
 runs on its own thread and may lag a completion), so each register keeps the value of the highest
 generation seen: a vCPU never reads a value older than its own last completion from that service.

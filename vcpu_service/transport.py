@@ -24,13 +24,14 @@ from mmiosplit.mmio import (
     CompletionStatus,
     DeadlineExceeded,
     ExitChannel,
+    GoingAway,
     MirrorChange,
     MmioExit,
     PostedError,
     PostedQueue,
     RemoteRegion,
+    ServiceWatch,
     ShadowChange,
-    ShadowWatch,
     TransportError,
     check_shadow_windows,
 )
@@ -152,6 +153,7 @@ class GrpcExitChannel:
     def __init__(self, endpoint: GrpcEndpoint, vm_id: str, vcpu_id: int, architecture: str,
                  deadline_s: float) -> None:
         self._name = endpoint.name
+        self._endpoint = endpoint
         self._requests: queue.SimpleQueue[device_pb2.ExitStreamRequest | None] = queue.SimpleQueue()
         self._seq = 0
         self._posted = PostedQueue()
@@ -198,10 +200,14 @@ class GrpcExitChannel:
         try:
             reply: device_pb2.ExitStreamResponse = next(self._call)
         except StopIteration:
-            raise TransportError(
-                f"device service {self._name} ended the exit stream during the {_what(what)}") from None
+            self._closed = True
+            ended = f"device service {self._name} ended the exit stream during the {_what(what)}"
+            raise TransportError(self._gone(what) or ended) from None
         except grpc.RpcError as exc:
             self._closed = True
+            gone = self._gone(what, f"{exc.code().name}: {exc.details()}")
+            if gone:
+                raise TransportError(gone) from None
             if self._expired:
                 raise DeadlineExceeded(
                     f"device service {self._name}: no completion for the {_what(what)} within "
@@ -220,6 +226,14 @@ class GrpcExitChannel:
                 f"({_what(what)}); the stream is out of step and was closed"
             )
         return reply
+
+    def _gone(self, what: str | int, how: str = "it ended the stream") -> str | None:
+        """Why the stream ended, when its service said it was going away (None otherwise)."""
+        leaving = self._endpoint.leaving
+        if leaving is None:
+            return None
+        return (f"device service {self._name} went away during the {_what(what)} ({leaving.reason}; "
+                f"{how}): whether the device performed it is unknown")
 
     def _completion(self, reply: device_pb2.ExitStreamResponse) -> Completion:
         if reply.WhichOneof("body") != "completion":
@@ -246,6 +260,10 @@ class GrpcExitChannel:
         return self._seq
 
     def access(self, exit: MmioExit) -> Completion:
+        leaving = self._endpoint.leaving
+        if leaving is not None:  # it completes what it has, but takes nothing new
+            raise TransportError(f"device service {self._name} has gone away ({leaving.reason}): the "
+                                 f"{exit.length}-byte {'write' if exit.is_write else 'read'} was not sent")
         seq = self._next_seq()
         request = to_wire_exit(exit, seq, self._templates)
         if len(self._posted):
@@ -311,6 +329,8 @@ class GrpcEndpoint:
         self._target = parse_address(address).target
         self._connect_timeout_s = connect_timeout_s
         self._deadline_s = deadline_s
+        #: Set when the service said it is going away (its Watch stream): exits are no longer sent to it.
+        self.leaving: GoingAway | None = None
         self.channel = grpc.insecure_channel(self._target, options=GRPC_OPTIONS)
         self.stub = device_pb2_grpc.DeviceServiceStub(self.channel)
         try:
@@ -353,8 +373,8 @@ class GrpcEndpoint:
                 ))
         return regions
 
-    def watch_shadows(self, vm_id: str) -> ShadowWatch:
-        return GrpcShadowWatch(self, vm_id)
+    def watch(self, vm_id: str) -> ServiceWatch:
+        return GrpcServiceWatch(self, vm_id)
 
     def open_exit_channel(self, vm_id: str, vcpu_id: int, architecture: str) -> ExitChannel:
         return GrpcExitChannel(self, vm_id, vcpu_id, architecture, self._deadline_s)
@@ -391,15 +411,16 @@ class GrpcEndpoint:
         self.channel.close()
 
 
-class GrpcShadowWatch:
-    """The WatchShadows stream of one device service, read by one thread of the VM."""
+class GrpcServiceWatch:
+    """The Watch stream of one device service for one VM, read by one thread of the VM."""
 
     def __init__(self, endpoint: GrpcEndpoint, vm_id: str) -> None:
         self._name = endpoint.name
         self._cancelled = False
-        self._call = endpoint.stub.WatchShadows(device_pb2.WatchShadowsRequest(vm_id=vm_id))
+        self._gone = False
+        self._call = endpoint.stub.Watch(device_pb2.WatchRequest(vm_id=vm_id))
 
-    def next(self, timeout: float | None = None) -> ShadowChange | None:
+    def next(self, timeout: float | None = None) -> ShadowChange | GoingAway | None:
         expired = threading.Event()
         timer = None
         if timeout is not None:
@@ -411,25 +432,31 @@ class GrpcShadowWatch:
             timer.daemon = True
             timer.start()
         try:
-            update: device_pb2.ShadowUpdate = next(self._call).update
+            response: device_pb2.WatchResponse = next(self._call)
         except StopIteration:
-            if self._cancelled:
+            if self._cancelled or self._gone:
                 return None
-            raise TransportError(f"device service {self._name} ended its shadow-register stream") from None
+            raise TransportError(f"device service {self._name} ended its watch stream") from None
         except grpc.RpcError as exc:
             if expired.is_set():
                 raise TransportError(f"device service {self._name} sent no shadow registers within "
                                      f"{timeout:g} s") from None
-            if self._cancelled:
+            if self._cancelled or self._gone:
                 return None
-            raise TransportError(f"device service {self._name}: shadow-register stream failed: "
+            raise TransportError(f"device service {self._name}: watch stream failed: "
                                  f"{exc.code().name}: {exc.details()}") from None
         finally:
             if timer is not None:
                 timer.cancel()
         if expired.is_set():  # the timer went off just as the update arrived: the call is cancelled now
             raise TransportError(f"device service {self._name} sent no shadow registers within {timeout:g} s")
-        return shadow_change(self._name, update)
+        event = response.WhichOneof("event")
+        if event == "going_away":
+            self._gone = True
+            return GoingAway(self._name, response.going_away.reason, response.going_away.grace_seconds)
+        if event != "shadow":
+            raise TransportError(f"device service {self._name} sent a watch response with no event")
+        return shadow_change(self._name, response.shadow)
 
     def cancel(self) -> None:
         self._cancelled = True

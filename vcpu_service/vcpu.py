@@ -196,6 +196,8 @@ class Vcpu:
         self.posted_hooks_done = 0
         self._thread: threading.Thread | None = None
         self._channels: dict[str, ExitChannel] = {}
+        # Device services going away whose exit streams this vCPU must close (``release_channel``).
+        self._release: set[str] = set()
         self._stop_cause: _StopCause | None = None
         self._fault: tuple[int, int, int, int] | None = None
         self._fault_context: UcContext | None = None
@@ -425,6 +427,33 @@ class Vcpu:
                 raise VcpuFault(ErrorKind.DEVICE_SERVICE, str(exc), device=name) from None
             self.exits.absorb(completion, name, batch_sent=bool(queued))
 
+    def release_channel(self, service: str) -> None:
+        """A device service is going away: at its next boundary this vCPU delivers what it queued for it and
+        closes its exit stream, so the service need not wait out its grace period for this vCPU (any thread)."""
+        with self.cond:
+            self._release.add(service)
+            running = self.state is VcpuState.RUNNING
+        if running:
+            self.kick()
+
+    def _release_channels(self) -> None:
+        """Close the exit streams of the services in ``_release`` (this vCPU's thread). The closed channel stays, so
+        a later access is refused by it with the reason, and no new stream is opened to a service leaving."""
+        with self.cond:
+            services, self._release = self._release, set()
+        for name in services:
+            channel = self._channels.get(name)
+            if channel is None or channel.broken():
+                continue
+            queued = channel.pending_posted()
+            try:
+                completion = channel.flush(True)
+            except TransportError as exc:
+                raise VcpuFault(ErrorKind.DEVICE_SERVICE, str(exc), device=name) from None
+            self.exits.absorb(completion, name, batch_sent=bool(queued))
+            with contextlib.suppress(Exception):
+                channel.close()
+
     def has_pending_posted(self) -> bool:
         """Whether posted writes wait in any queue (read by the posted-write watchdog's thread)."""
         return any(ch.pending_posted() for ch in list(self._channels.values()))
@@ -449,6 +478,8 @@ class Vcpu:
         uc = self.uc
         never = self.arch.never_pc
         while True:
+            if self._release:
+                self._release_channels()
             # After an exit the vCPU is RUNNING and exchange() has honoured any request: go straight back in.
             if self.state is not VcpuState.RUNNING or self.pause_req or self.stop_req or self.off_req:
                 if self.pause_req and self.has_pending_posted():
@@ -600,10 +631,12 @@ class Vcpu:
         """The exit stream to a device service, reopened (with a new handshake) if an earlier one broke."""
         channel = self._channels.get(service)
         if channel is None or channel.broken():
+            endpoint = next(e for e in self.vm.endpoints if e.name == service)
+            if channel is not None and endpoint.leaving is not None:
+                return channel  # its access() refuses, naming why: no new stream to a service that is leaving
             if channel is not None:
                 with contextlib.suppress(Exception):
                     channel.close()
-            endpoint = next(e for e in self.vm.endpoints if e.name == service)
             try:
                 channel = endpoint.open_exit_channel(self.vm.vm_id, self.index, self.arch.name)
             except TransportError as exc:

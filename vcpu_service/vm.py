@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from mmiosplit.mmio import DeviceEndpoint, MirrorChange, RemoteRegion, ShadowWatch, TransportError
+from mmiosplit.mmio import DeviceEndpoint, GoingAway, MirrorChange, RemoteRegion, ServiceWatch, TransportError
 from vcpu_service import psci
 from vcpu_service.arch import Arch, arch_by_name, close_uc
 from vcpu_service.domain import ErrorKind, EventKind, Policies, VcpuStats, VmStats
@@ -111,10 +111,11 @@ class Vm:
         # (generation, start, end) of mirror bytes changed, so vCPUs drop only the code translated from them.
         self._patch_log: collections.deque[tuple[int, int, int]] = collections.deque(maxlen=4096)
         self.vcpus: list[Vcpu] = []
-        # Shadow registers: reads served from this table without an exit (filled in _start_shadows).
+        # Shadow registers: reads served from this table without an exit (filled in _start_watches).
         self.shadows = ShadowTable(())
-        self._shadow_watches: list[tuple[ShadowWatch, threading.Thread]] = []
-        self._shadows_closing = False
+        # One watch per device service (shadow values, going away), each read by its own thread.
+        self._watches: list[tuple[ServiceWatch, threading.Thread]] = []
+        self._watches_closing = False
         self._validate_basic(spec, ram_cap)
         self.regions: list[RemoteRegion] = []
         # The address map: device regions and the in-process handlers tried before an exit (filled in
@@ -133,9 +134,9 @@ class Vm:
                 self._images.append(ImageSpec("virt.dtb", self.machine_dtb(), self.ram[0].base))
             self._load_images()
             self.vcpus = [Vcpu(self, i) for i in range(spec.vcpu_count)]
-            self._start_shadows()
+            self._start_watches()
         except Exception:
-            self._stop_shadow_watches()
+            self._stop_watches()
             self._release_memory()
             raise
 
@@ -292,67 +293,90 @@ class Vm:
                     if v.state is VcpuState.RUNNING:
                         v.kick()
 
-    # ----- shadow registers ------------------------------------------------------------------------------
-    def _start_shadows(self) -> None:
-        """Fill the shadow table from each service's first WatchShadows message, and keep it current with one
-        thread per service. Completions update it too (``ExitPath.apply_effects``)."""
+    # ----- what device services say unasked: shadow registers, going away --------------------------------
+    def _start_watches(self) -> None:
+        """Watch every device service: fill the shadow table from the first message of each one that declares
+        shadow registers, and keep it current, with one thread per service. Completions update it too
+        (``ExitPath.apply_effects``)."""
         for endpoint in self.endpoints:
-            if endpoint.name not in self.shadows.services:
-                continue
-            watch = endpoint.watch_shadows(self.vm_id)
-            thread = threading.Thread(target=self._watch_shadows, args=(endpoint.name, watch),
-                                      name=f"shadows-{self.vm_id}", daemon=True)
-            self._shadow_watches.append((watch, thread))
-            try:
-                first = watch.next(SHADOW_SNAPSHOT_S)
-                if first is not None:
-                    self.shadows.apply(first)
-            except TransportError as exc:
-                raise VmConfigError(str(exc)) from None
+            watch = endpoint.watch(self.vm_id)
+            thread = threading.Thread(target=self._watch, args=(endpoint, watch), name=f"watch-{self.vm_id}",
+                                      daemon=True)
+            self._watches.append((watch, thread))
+            if endpoint.name in self.shadows.services:
+                try:
+                    first = watch.next(SHADOW_SNAPSHOT_S)
+                    if isinstance(first, GoingAway):
+                        self._service_leaving(endpoint, first)
+                    elif first is not None:
+                        self.shadows.apply(first)
+                except TransportError as exc:
+                    raise VmConfigError(str(exc)) from None
             thread.start()
 
-    def _watch_shadows(self, service: str, watch: ShadowWatch) -> None:
-        """Apply a device service's shadow updates until the VM is deleted.
+    def _watch(self, endpoint: DeviceEndpoint, watch: ServiceWatch) -> None:
+        """Apply a device service's shadow updates, and hear that it is going away, until the VM is deleted.
 
-        A broken stream ends the run with an error naming the service: a guest polling a shadow register
-        makes no exit, so it would otherwise wait forever on a value nobody updates.
+        A broken watch does not end the run: the service's shadow registers are dropped, so their reads exit
+        (a guest polling one would otherwise wait forever on a value nobody updates), and if the service is
+        gone that exit fails with an error naming the access, the device, the PC and the instruction.
         """
+        service = endpoint.name
         try:
-            while (change := watch.next()) is not None:
-                self.shadows.apply(change)
+            while (event := watch.next()) is not None:
+                if isinstance(event, GoingAway):
+                    self._service_leaving(endpoint, event)
+                else:
+                    self.shadows.apply(event)
         except Exception as exc:  # TransportError, or a bug: either way the copies can no longer be trusted
-            if self._shadows_closing:
+            if self._watches_closing:
                 return
             self.shadows.disable(service)
             reason = str(exc) if isinstance(exc, TransportError) else f"internal error: {exc!r}"
-            with self.lock:
-                over = self._final_pending or self.run_state is RunState.FINISHED
-            if not over:
-                log.warning("VM %s: shadow registers of %s: %s", self.vm_id, service, reason)
-                self.fail(ErrorKind.DEVICE_SERVICE, f"shadow registers: {reason}")
+            if service in self.shadows.services:
+                log.warning("VM %s: %s; its shadow registers are dropped, their reads exit", self.vm_id, reason)
+            else:
+                log.info("VM %s: %s", self.vm_id, reason)
+
+    def _service_leaving(self, endpoint: DeviceEndpoint, going: GoingAway) -> None:
+        """A device service is draining: exits are no longer sent to it, its shadow registers are dropped (their
+        reads exit, and fail as its other accesses do), and the VM says so in an event."""
+        endpoint.leaving = going
+        self.shadows.disable(endpoint.name)
+        for vcpu in self.vcpus:
+            vcpu.release_channel(endpoint.name)
+        with self.lock:
+            over = self._final_pending or self.run_state is RunState.FINISHED
+        if not over:
+            log.info("VM %s: device service %s is going away: %s", self.vm_id, endpoint.name, going.reason)
+            self.events.emit(EventKind.DEVICE_SERVICE_LEFT, device=endpoint.name,
+                             reason=f"device service {endpoint.name} is going away ({going.reason}); its accesses "
+                             "now get the device-error policy")
 
     def _resync_shadows(self) -> None:
         """After a reset, take a fresh snapshot of every service's shadow registers before a vCPU runs: the
         reset's own update may still be on its way through the watch stream."""
         for endpoint in self.endpoints:
-            if endpoint.name not in self.shadows.services:
+            if endpoint.name not in self.shadows.services or endpoint.leaving is not None:
                 continue
-            watch = endpoint.watch_shadows(self.vm_id)
+            watch = endpoint.watch(self.vm_id)
             try:
                 snapshot = watch.next(SHADOW_SNAPSHOT_S)
             finally:
                 watch.cancel()
-            if snapshot is not None:
+            if isinstance(snapshot, GoingAway):
+                self._service_leaving(endpoint, snapshot)
+            elif snapshot is not None:
                 self.shadows.apply(snapshot)
 
-    def _stop_shadow_watches(self) -> None:
-        self._shadows_closing = True
-        for watch, _thread in self._shadow_watches:
+    def _stop_watches(self) -> None:
+        self._watches_closing = True
+        for watch, _thread in self._watches:
             watch.cancel()
-        for _watch, thread in self._shadow_watches:
+        for _watch, thread in self._watches:
             if thread.is_alive():
                 thread.join(2.0)
-        self._shadow_watches = []
+        self._watches = []
 
     def find_region(self, address: int) -> RemoteRegion | None:
         slot = self.handlers.lookup(address)
@@ -395,7 +419,7 @@ class Vm:
                 raise VmStateError(f"VM {self.vm_id}: vCPUs {[v.index for v in busy]} did not {what} within "
                                    f"{timeout:g} s")
 
-    def pause(self, timeout: float = 10.0) -> None:
+    def pause(self, timeout: float = 10.0, reason: str = "paused by a client") -> None:
         with self.lock:
             if self.run_state is not RunState.RUNNING:
                 raise VmStateError(f"VM {self.vm_id} is {self.run_state.value}, not running")
@@ -403,7 +427,7 @@ class Vm:
                 v.pause_req = True
             self.run_state = RunState.PAUSED
         self._wait_quiescent(QUIESCENT, "pause", timeout)
-        self.events.emit(EventKind.PAUSED, reason="paused by a client")
+        self.events.emit(EventKind.PAUSED, reason=reason)
 
     def resume(self) -> None:
         with self.lock:
@@ -583,11 +607,23 @@ class Vm:
         )
 
     # ----- teardown --------------------------------------------------------------------------------------
+    def shut_down(self, reason: str, timeout: float) -> None:
+        """The service is going away: pause at an instruction boundary (every vCPU quiescent, its posted writes
+        delivered and their failures known), then end the run with a final STOPPED event saying why."""
+        with self.lock:
+            running = self.run_state is RunState.RUNNING
+        if running:
+            try:
+                self.pause(timeout, reason=f"{reason}: paused at an instruction boundary, posted writes delivered")
+            except VmStateError as exc:  # a vCPU stuck in a device access: stop it anyway, the event says so
+                reason = f"{reason} ({exc})"
+        self.finish(EventKind.STOPPED, reason=reason)
+
     def delete(self, timeout: float = 10.0) -> None:
         self.finish(EventKind.STOPPED, reason="stopped by a client")
         deadline = time.monotonic() + timeout
         stopped = all(v.join(max(0.0, deadline - time.monotonic())) for v in self.vcpus)
-        self._stop_shadow_watches()
+        self._stop_watches()
         for endpoint in self.endpoints:
             endpoint.close()
         if not stopped:

@@ -568,7 +568,7 @@ class ShadowValue(_message.Message):
 Global___ShadowValue: _TypeAlias = ShadowValue  # noqa: Y015
 
 @_typing.final
-class WatchShadowsRequest(_message.Message):
+class WatchRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VM_ID_FIELD_NUMBER: _builtins.int
@@ -584,27 +584,62 @@ class WatchShadowsRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___WatchShadowsRequest: _TypeAlias = WatchShadowsRequest  # noqa: Y015
+Global___WatchRequest: _TypeAlias = WatchRequest  # noqa: Y015
 
 @_typing.final
-class WatchShadowsResponse(_message.Message):
+class WatchResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    UPDATE_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
+    GOING_AWAY_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def update(self) -> Global___ShadowUpdate: ...
+    def shadow(self) -> Global___ShadowUpdate: ...
+    @_builtins.property
+    def going_away(self) -> Global___GoingAway: ...
     def __init__(
         self,
         *,
-        update: Global___ShadowUpdate | None = ...,
+        shadow: Global___ShadowUpdate | None = ...,
+        going_away: Global___GoingAway | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["update", b"update"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "going_away", b"going_away", "shadow", b"shadow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["update", b"update"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "going_away", b"going_away", "shadow", b"shadow"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["shadow", "going_away"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___WatchResponse: _TypeAlias = WatchResponse  # noqa: Y015
+
+@_typing.final
+class GoingAway(_message.Message):
+    """The device service is draining (SIGTERM): it reports NOT_SERVING, takes no new streams, completes every
+    exit and posted batch it has received, and ends the Watch stream after this message. A vCPU sends it no
+    new exit after this: such an access gets the VM's device-error policy, with a reason saying the service
+    left. Exit streams still open when the grace period ends are cancelled.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    GRACE_SECONDS_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    grace_seconds: _builtins.float
+    """How long the service waits for open exit streams to end before it cancels them."""
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+        grace_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grace_seconds", b"grace_seconds", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___WatchShadowsResponse: _TypeAlias = WatchShadowsResponse  # noqa: Y015
+Global___GoingAway: _TypeAlias = GoingAway  # noqa: Y015
 
 @_typing.final
 class MirrorUpdate(_message.Message):

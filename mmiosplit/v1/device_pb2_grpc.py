@@ -59,10 +59,10 @@ class DeviceServiceStub:
                 request_serializer=mmiosplit_dot_v1_dot_device__pb2.ReadMirrorRequest.SerializeToString,
                 response_deserializer=mmiosplit_dot_v1_dot_device__pb2.ReadMirrorResponse.FromString,
                 _registered_method=True)
-        self.WatchShadows = channel.unary_stream(
-                '/mmiosplit.v1.DeviceService/WatchShadows',
-                request_serializer=mmiosplit_dot_v1_dot_device__pb2.WatchShadowsRequest.SerializeToString,
-                response_deserializer=mmiosplit_dot_v1_dot_device__pb2.WatchShadowsResponse.FromString,
+        self.Watch = channel.unary_stream(
+                '/mmiosplit.v1.DeviceService/Watch',
+                request_serializer=mmiosplit_dot_v1_dot_device__pb2.WatchRequest.SerializeToString,
+                response_deserializer=mmiosplit_dot_v1_dot_device__pb2.WatchResponse.FromString,
                 _registered_method=True)
 
 
@@ -106,9 +106,12 @@ class DeviceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def WatchShadows(self, request, context):
-        """Shadow registers: the first response is the current value of every shadowed register, later
-        responses carry the ones that changed without a guest access (a byte arrived on a console).
+    def Watch(self, request, context):
+        """What a device service says without being asked, to one VM: one stream per VM and device service,
+        separate from the exit streams. Shadow registers: the first response is the current value of every
+        shadowed register (when the service declares any), later responses carry the ones that changed without
+        a guest access (a byte arrived on a console). Going away: the service is shutting down; it completes
+        every request already received on the exit streams, and the vCPUs send it no new exits.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -142,10 +145,10 @@ def add_DeviceServiceServicer_to_server(servicer, server):
                     request_deserializer=mmiosplit_dot_v1_dot_device__pb2.ReadMirrorRequest.FromString,
                     response_serializer=mmiosplit_dot_v1_dot_device__pb2.ReadMirrorResponse.SerializeToString,
             ),
-            'WatchShadows': grpc.unary_stream_rpc_method_handler(
-                    servicer.WatchShadows,
-                    request_deserializer=mmiosplit_dot_v1_dot_device__pb2.WatchShadowsRequest.FromString,
-                    response_serializer=mmiosplit_dot_v1_dot_device__pb2.WatchShadowsResponse.SerializeToString,
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=mmiosplit_dot_v1_dot_device__pb2.WatchRequest.FromString,
+                    response_serializer=mmiosplit_dot_v1_dot_device__pb2.WatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -294,7 +297,7 @@ class DeviceService:
             _registered_method=True)
 
     @staticmethod
-    def WatchShadows(request,
+    def Watch(request,
             target,
             options=(),
             channel_credentials=None,
@@ -307,9 +310,9 @@ class DeviceService:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/mmiosplit.v1.DeviceService/WatchShadows',
-            mmiosplit_dot_v1_dot_device__pb2.WatchShadowsRequest.SerializeToString,
-            mmiosplit_dot_v1_dot_device__pb2.WatchShadowsResponse.FromString,
+            '/mmiosplit.v1.DeviceService/Watch',
+            mmiosplit_dot_v1_dot_device__pb2.WatchRequest.SerializeToString,
+            mmiosplit_dot_v1_dot_device__pb2.WatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

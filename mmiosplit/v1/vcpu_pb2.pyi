@@ -78,6 +78,10 @@ class _VmEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VmEventKi
     VM_EVENT_KIND_RESET: _VmEventKind.ValueType  # 5
     VM_EVENT_KIND_EXTERNAL_ABORT: _VmEventKind.ValueType  # 6
     """A synchronous external abort was injected into the guest (policy ABORT); the run goes on."""
+    VM_EVENT_KIND_DEVICE_SERVICE_LEFT: _VmEventKind.ValueType  # 7
+    """A device service said it is going away (it is draining) or its Watch stream broke; `device` names the
+    service's address. The run goes on; exits to that service now get the device-error policy.
+    """
     VM_EVENT_KIND_HALTED: _VmEventKind.ValueType  # 10
     """Final events: the run is over after one of these.
     Every vCPU waits for an interrupt that nothing can raise (WFI) or is off.
@@ -100,6 +104,10 @@ VM_EVENT_KIND_VCPU_STOPPED: VmEventKind.ValueType  # 4
 VM_EVENT_KIND_RESET: VmEventKind.ValueType  # 5
 VM_EVENT_KIND_EXTERNAL_ABORT: VmEventKind.ValueType  # 6
 """A synchronous external abort was injected into the guest (policy ABORT); the run goes on."""
+VM_EVENT_KIND_DEVICE_SERVICE_LEFT: VmEventKind.ValueType  # 7
+"""A device service said it is going away (it is draining) or its Watch stream broke; `device` names the
+service's address. The run goes on; exits to that service now get the device-error policy.
+"""
 VM_EVENT_KIND_HALTED: VmEventKind.ValueType  # 10
 """Final events: the run is over after one of these.
 Every vCPU waits for an interrupt that nothing can raise (WFI) or is off.

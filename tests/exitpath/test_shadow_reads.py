@@ -14,7 +14,7 @@ from device_service.bus import DeviceBus
 from device_service.local import LocalEndpoint
 from device_service.model import RegionSpec
 from device_service.models.pl011 import FR_RXFE, FR_TXFE, Pl011
-from mmiosplit.mmio import ShadowChange, ShadowWatch
+from mmiosplit.mmio import ServiceWatch, ShadowChange
 from tests.exitpath.harness import A32, A64, DEV, T32, Probe, code, run
 from tests.exitpath.test_kvm_table import A64_SET_EE
 from vcpu_service.vm import ImageSpec, Vm, VmSpec
@@ -124,7 +124,7 @@ class HeldWatch:
     """A watch stream that delivers the first snapshot, then holds every later update until released:
     the vCPU can then only learn of changes from its own completions."""
 
-    def __init__(self, inner: ShadowWatch, release: threading.Event) -> None:
+    def __init__(self, inner: ServiceWatch, release: threading.Event) -> None:
         self._inner = inner
         self._release = release
         self._first = True
@@ -152,8 +152,8 @@ class HeldEndpoint(LocalEndpoint):
         self.release = threading.Event()
         self.watches: list[HeldWatch] = []
 
-    def watch_shadows(self, vm_id: str) -> ShadowWatch:
-        watch = HeldWatch(super().watch_shadows(vm_id), self.release)
+    def watch(self, vm_id: str) -> ServiceWatch:
+        watch = HeldWatch(super().watch(vm_id), self.release)
         self.watches.append(watch)
         return watch
 

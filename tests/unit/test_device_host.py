@@ -15,7 +15,15 @@ from device_service.models.pflash import PFlashCfi01
 from device_service.models.pl011 import FR_RXFE, FR_RXFF, FR_TXFE, LCR_H_FEN, Pl011
 from device_service.models.scratch import Scratch
 from device_service.shadows import ShadowFailure
-from mmiosplit.mmio import Completion, CompletionStatus, MirrorChange, MmioExit, PostedError, ShadowChange
+from mmiosplit.mmio import (
+    Completion,
+    CompletionStatus,
+    GoingAway,
+    MirrorChange,
+    MmioExit,
+    PostedError,
+    ShadowChange,
+)
 
 UART, SCRATCH, FLASH = 0x0900_0000, 0x0A00_0000, 0x0400_0000
 DR, FR, LCR_H = 0x00, 0x18, 0x2C
@@ -152,7 +160,7 @@ def test_each_session_is_sent_every_shadow_change_once_with_rising_generations(h
 
 def test_the_watch_gets_a_snapshot_then_each_change_as_shadow_changes(host: DeviceHost) -> None:
     events: list[ShadowChange | ShadowFailure] = []
-    unsubscribe = host.watch_shadows(events.append)
+    unsubscribe = host.watch(events.append)
     (snapshot,) = events
     assert isinstance(snapshot, ShadowChange) and snapshot.service == "devs" and snapshot.generation == 1
     host.console_input("uart0", b"z")
@@ -164,6 +172,25 @@ def test_the_watch_gets_a_snapshot_then_each_change_as_shadow_changes(host: Devi
     unsubscribe()
     host.console_input("uart0", b"y")
     assert events[-1] is latest
+
+
+def test_going_away_is_heard_once_by_every_watch_and_accesses_are_still_answered(host: DeviceHost) -> None:
+    first: list[object] = []
+    second: list[object] = []
+    host.watch(first.append)
+    host.watch(second.append)
+    going = host.go_away("device service devs is shutting down (SIGTERM)", 10.0)
+    assert going == GoingAway("devs", "device service devs is shutting down (SIGTERM)", 10.0)
+    assert first[-1] == going and second[-1] == going
+    assert host.go_away("again", 1.0) == going and first.count(going) == 1  # once
+    host.console_input("uart0", b"z")  # a change after going away reaches nobody
+    assert first[-1] == going
+    late: list[object] = []
+    host.watch(late.append)  # a watch that starts while draining hears only that
+    assert late == [going]
+    session = host.session()  # what a vCPU sent before it heard is still answered
+    assert session.exit(write(SCRATCH, b"\x01\x02\x03\x04")).status is CompletionStatus.OK
+    assert session.exit(read(SCRATCH)).data == b"\x01\x02\x03\x04"
 
 
 def test_without_shadows_nothing_is_declared_or_sent() -> None:
@@ -206,7 +233,7 @@ def test_reset_pumps_waiting_input_into_the_emptied_fifo_and_watchers_hear_it(ho
     assert isinstance(uart, Pl011)
     host.console_input("uart0", b"rs")
     events: list[ShadowChange | ShadowFailure] = []
-    host.watch_shadows(events.append)
+    host.watch(events.append)
     host.reset()
     assert bytes(uart.rx_fifo) == b"s"  # "r" was reset away, "s" was waiting and went in
     assert host.reset() == ()

@@ -110,7 +110,7 @@ def test_mirror_changes_come_with_completions_and_read_mirror_is_sparse(endpoint
 
 def test_completions_carry_what_the_vcpu_was_not_sent_and_the_watch_hears_everything(
         endpoint: LocalEndpoint) -> None:
-    watch = endpoint.watch_shadows("vm")
+    watch = endpoint.watch("vm")
     snapshot = watch.next(1.0)
     assert snapshot is not None and snapshot.service == "here" and snapshot.generation == 1
     channel = endpoint.open_exit_channel("vm", 0, "aarch64")
@@ -136,7 +136,7 @@ def test_completions_carry_what_the_vcpu_was_not_sent_and_the_watch_hears_everyt
 
 
 def test_a_quiet_watch_times_out_with_a_transport_error(endpoint: LocalEndpoint) -> None:
-    watch = endpoint.watch_shadows("vm")
+    watch = endpoint.watch("vm")
     assert watch.next(1.0) is not None
     with pytest.raises(TransportError, match=re.escape("here: no shadow registers within 0.05 s")):
         watch.next(0.05)
