@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import os
 import runpy
 import signal
@@ -76,6 +77,21 @@ def popen(module: str, args: Sequence[str], grace_s: float = GRACE_S, **kwargs: 
     return subprocess.Popen(cmd, pass_fds=fds, **kwargs)  # type: ignore[call-overload]
 
 
+def stop_main_thread() -> None:
+    """SIGTERM to the main thread itself: the service's own graceful stop (its handler), or death by default.
+
+    Not ``os.kill(os.getpid())``: a signal a thread sends its own process may be taken by another thread (it
+    was, about one time in twelve, on this machine's Linux 6.18, with a vCPU thread busy), and then a main
+    thread blocked in ``Event.wait()`` never runs the Python handler. A signal aimed at the main thread
+    interrupts its wait. (A SIGTERM from another process reached the vcpu service's main thread 30 times
+    out of 30.)
+    """
+    try:
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGTERM)
+    except (ProcessLookupError, OSError):  # the main thread is gone already: the whole process, then
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def watch(fd: int, grace_s: float = GRACE_S, parent: int | None = None) -> threading.Thread:
     """In the child: on EOF on fd (the parent is gone), SIGTERM this process; exit hard after grace_s.
 
@@ -94,10 +110,11 @@ def watch(fd: int, grace_s: float = GRACE_S, parent: int | None = None) -> threa
             if not data:
                 break
         print(f"mmiosplit: parent process {parent} is gone (lifeline closed); stopping", file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGTERM)
+        stop_main_thread()
         time.sleep(grace_s)
-        print(f"mmiosplit: still running {grace_s:g} s after parent process {parent} went away; exiting now",
-              file=sys.stderr, flush=True)
+        print(f"mmiosplit: still running {grace_s:g} s after parent process {parent} went away; exiting now. "
+              "Where every thread was:", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(sys.stderr, all_threads=True)
         os._exit(1)
 
     thread = threading.Thread(target=run, name="lifeline", daemon=True)
