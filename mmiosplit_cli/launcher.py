@@ -159,7 +159,10 @@ class LocalServices:
         if cpu is not None:
             cmd += ["--cpu-affinity", str(cpu)]
         log = open(log_path, "wb")  # noqa: SIM115 - handed to the child
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # Everything a started service needs is on its command line: a user's MMIOSPLIT_<FLAG> settings are for
+        # the services they run themselves, and would otherwise reconfigure these behind the flags.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MMIOSPLIT_")}
+        env["PYTHONUNBUFFERED"] = "1"
         proc = lifeline.popen("mmiosplit_cli", cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                               env=env)
         log.close()

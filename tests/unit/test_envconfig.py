@@ -83,3 +83,21 @@ def test_the_readme_table_is_the_parsers_table() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     table = environment_table(service_parsers(build_parser()))
     assert table in readme, "README's environment table is stale: paste this in its place:\n" + table
+
+
+def test_services_that_run_starts_do_not_take_the_users_variables(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`mmiosplit run` passes its services every setting as a flag; MMIOSPLIT_CONFIG in the user's shell must not add
+    devices to the embedded device service behind them."""
+    from mmiosplit_cli.launcher import LocalServices
+
+    seen: dict[str, object] = {}
+
+    class FakePopen:
+        def __init__(self, cmd: list[str], **kw: object) -> None:
+            seen.update(kw)
+
+    monkeypatch.setenv("MMIOSPLIT_CONFIG", "/etc/elsewhere.toml")
+    monkeypatch.setattr("subprocess.Popen", FakePopen)
+    LocalServices(tmp_path).start("device service", ["serve-devices"], "unix:/nowhere.sock")
+    env = seen["env"]
+    assert isinstance(env, dict) and "MMIOSPLIT_CONFIG" not in env and env["PYTHONUNBUFFERED"] == "1"
