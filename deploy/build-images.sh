@@ -142,14 +142,16 @@ fi
 
 echo "== wheelhouse: $PYTHON -m pip wheel . (Python $host_py) into build/wheelhouse"
 rm -rf "$ROOT/build/wheelhouse"
-mkdir -p "$ROOT/build/wheelhouse"
+mkdir -p "$ROOT/build/wheelhouse/deps" "$ROOT/build/wheelhouse/project"
 # A fixed timestamp makes the project's wheel the same bytes when nothing changed, so the image's layers cache.
 if ! (cd "$ROOT" && SOURCE_DATE_EPOCH="$(git log -1 --format=%ct 2>/dev/null || echo 315532800)" \
-    "$PYTHON" -m pip wheel --quiet --disable-pip-version-check . -w build/wheelhouse) >"$ROOT/build/wheelhouse.log" 2>&1; then
+    "$PYTHON" -m pip wheel --quiet --disable-pip-version-check . -w build/wheelhouse/deps) >"$ROOT/build/wheelhouse.log" 2>&1; then
   tail -n 30 "$ROOT/build/wheelhouse.log" >&2
   die "pip wheel failed (log above, in build/wheelhouse.log)"
 fi
-ls "$ROOT"/build/wheelhouse/mmiosplit-*.whl >/dev/null 2>&1 || die "pip wheel made no mmiosplit wheel (see build/wheelhouse.log)"
+# The Dockerfile installs deps/ and project/ in separate layers, so a change to mmiosplit reuses the first.
+mv "$ROOT"/build/wheelhouse/deps/mmiosplit-*.whl "$ROOT/build/wheelhouse/project/" 2>/dev/null \
+  || die "pip wheel made no mmiosplit wheel (see build/wheelhouse.log)"
 
 echo "== image: $TAG FROM $BASE_IMAGE (docker build --network none)"
 docker build --network none --build-arg "BASE_IMAGE=$BASE_IMAGE" -f "$ROOT/deploy/Dockerfile" -t "$TAG" "$ROOT" \

@@ -158,10 +158,10 @@ else
     why="pulled $REGISTRY_BASE"
   else
     build_args=(--local-base)
-    why="no registry answered for $REGISTRY_BASE: $(tail -n 1 "$WORK/pull.log" | cut -c1-100)"
+    why="docker pull $REGISTRY_BASE failed: no registry answers"
   fi
   if "$ROOT/deploy/build-images.sh" "${build_args[@]}" --tag "$IMAGE" >"$WORK/build.log" 2>&1; then
-    base="$(grep -o 'FROM [^ ]*' "$WORK/build.log" | tail -n 1)"
+    base="$(grep '^== image:' "$WORK/build.log" | grep -o 'FROM [^ ]*' | head -n 1)"
     pass image "$IMAGE $base ($why) ($(since "$t"))"
   else
     fail image "deploy/build-images.sh failed: $(grep 'build-images.sh:' "$WORK/build.log" | tail -n 1) (log: $WORK/build.log)"
