@@ -59,10 +59,18 @@ def mmiosplit_image(docker_client: Any, pytestconfig: pytest.Config) -> str:
     if proc.returncode != 0:
         pytest.fail(f"deploy/build-images.sh {' '.join(args)} failed ({proc.returncode}):\n"
                     f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}", pytrace=False)
-    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(f"\ndeploy/build-images.sh {' '.join(args)}: {IMAGE} in {time.monotonic() - t0:.0f} s")
+    _say(pytestconfig, f"deploy/build-images.sh {' '.join(args)}: {IMAGE} in {time.monotonic() - t0:.0f} s")
     return IMAGE
+
+
+def _say(config: pytest.Config, line: str) -> None:
+    """A line on the terminal even while output is captured (how long the session's build took)."""
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if capture is None or reporter is None:
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line("\n" + line)
 
 
 def _has_image(client: Any, name: str) -> bool:
