@@ -6,12 +6,13 @@
 # 1. engine   a Docker engine that answers (one is started, and stopped again at the end, when none does)
 # 2. image    deploy/build-images.sh builds mmiosplit:dev; FROM python:3.11-slim when it is here or can be
 #             pulled, otherwise (or with --local-base) FROM a Debian 12 base made with debootstrap
-# 3. flash    Debian's U-Boot for QEMU arm64 (u-boot-qemu) into the stack's flash volume
+# 3. flash    Debian's U-Boot for QEMU arm64 (u-boot-qemu) onto the stack's flash volume, as flash0.img
 # 4. stack    deploy/compose.yaml up, under a project name of its own; every service healthy
 # 5. port     the vcpu service's port answers on 127.0.0.1, and only there
 # 6. hello    the bundled A64 hello guest through the containers (a client container on the stack's network,
-#             the vcpu container, the devices-scratch container): its console equals guests/expected/
-# 7. u-boot   U-Boot with the virt board's devices (devices-virt container) to its `=>` prompt, then poweroff
+#             the vcpu container, the guests container): its console equals guests/expected/hello-a64-1cpu.txt
+# 7. u-boot   U-Boot with the virt board's devices (devices container) to its `=>` prompt, then a write and a
+#             read of the scratch device (scratch container) from its prompt, then poweroff
 #
 # One `PASS <step>` or `FAIL <step>: reason` line per step; everything it made is removed at the end (containers,
 # network, volume, and the engine if it started one); exit status 0 only when every step passed.
@@ -66,7 +67,12 @@ cleanup() {
   local rc=$?
   trap - EXIT INT TERM
   exec 3>&- || true
+  if [ -n "${uboot_pid:-}" ]; then
+    kill "$uboot_pid" 2>/dev/null || true
+  fi
   if [ "$STACK_CREATED" -eq 1 ]; then
+    # One-off `run` containers first (a client still running holds the network), then the rest.
+    docker ps -aq --filter "label=com.docker.compose.project=$PROJECT" | xargs -r docker rm -f >/dev/null 2>&1 || true
     if ! compose down --volumes --remove-orphans --timeout 20 >>"$WORK/compose-down.log" 2>&1; then
       echo "smoke.sh: 'compose down' failed for project $PROJECT; see $WORK/compose-down.log" >&2
       SMOKE_KEEP_LOGS=1
@@ -81,8 +87,8 @@ cleanup() {
   exit "$rc"
 }
 trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+trap 'echo "smoke.sh: interrupted" >&2; exit 130' INT
+trap 'echo "smoke.sh: terminated" >&2; exit 143' TERM
 
 finish() {
   if [ "${#FAILED[@]}" -gt 0 ]; then
@@ -161,7 +167,7 @@ else
     why="docker pull $REGISTRY_BASE failed: no registry answers"
   fi
   if "$ROOT/deploy/build-images.sh" "${build_args[@]}" --tag "$IMAGE" >"$WORK/build.log" 2>&1; then
-    base="$(grep '^== image:' "$WORK/build.log" | grep -o 'FROM [^ ]*' | head -n 1)"
+    base="$(grep '^== image:' "$WORK/build.log" | grep -o 'FROM [^ ]*' | head -n 1 || true)"
     pass image "$IMAGE $base ($why) ($(since "$t"))"
   else
     fail image "deploy/build-images.sh failed: $(grep 'build-images.sh:' "$WORK/build.log" | tail -n 1) (log: $WORK/build.log)"
@@ -179,23 +185,20 @@ if [ -z "$MMIOSPLIT_SUBNET" ] || [ -z "$MMIOSPLIT_VCPU_PORT" ]; then
 fi
 
 # ---- 3. flash --------------------------------------------------------------------------------------------
-# The flash volume is created by this first `run` (the tool needs no other service), before devices-virt starts:
-# it reads /flash/u-boot.bin once, when it starts.
+# The flash volume is created by this first `run` (the tool needs no other service), before `devices` starts:
+# it reads flash0.img once, when it starts.
 t=$SECONDS
 STACK_CREATED=1
 have_uboot=0
 if [ -r "$UBOOT" ]; then
-  if compose run --rm -T flash-load u-boot.bin <"$UBOOT" >"$WORK/flash.log" 2>&1; then
+  if compose run --rm -T flash-load flash0.img <"$UBOOT" >"$WORK/flash.log" 2>&1; then
     have_uboot=1
-    pass flash "$(basename "$UBOOT") ($(stat -c %s "$UBOOT") bytes) into the flash volume ($(since "$t"))"
+    pass flash "$(basename "$UBOOT") ($(stat -c %s "$UBOOT") bytes) onto the flash volume as flash0.img ($(since "$t"))"
   else
     fail flash "flash-load failed: $(tail -n 1 "$WORK/flash.log")"
   fi
 else
-  fail flash "$UBOOT not found (Debian: apt-get install u-boot-qemu); devices-virt starts with blank flash"
-fi
-if [ "$have_uboot" -eq 0 ]; then
-  compose run --rm -T flash-load u-boot.bin </dev/null >>"$WORK/flash.log" 2>&1 || true
+  fail flash "$UBOOT not found (Debian: apt-get install u-boot-qemu); the virt board's flash stays erased"
 fi
 
 # ---- 4. stack --------------------------------------------------------------------------------------------
@@ -208,8 +211,8 @@ else
   for _ in $(seq 120); do
     # shellcheck disable=SC2046  # one argument per container id
     states="$(docker inspect --format '{{.Name}}={{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}' \
-      $(compose ps -q) 2>/dev/null | sed 's|^/||' | tr '\n' ' ')"
-    if [ "$(echo "$states" | grep -o '=healthy' | wc -l)" -eq 3 ]; then
+      $(compose ps -q) 2>/dev/null | sed 's|^/||' | tr '\n' ' ' || true)"
+    if [ "$(echo "$states" | grep -o '=healthy' | wc -l || true)" -eq 4 ]; then
       stack_ok=1
       break
     fi
@@ -217,7 +220,7 @@ else
     sleep 1
   done
   if [ "$stack_ok" -eq 1 ]; then
-    pass stack "vcpu, devices-virt, devices-scratch healthy on $MMIOSPLIT_SUBNET ($(since "$t"))"
+    pass stack "vcpu, devices, scratch, guests healthy on $MMIOSPLIT_SUBNET ($(since "$t"))"
   else
     compose logs --no-color --tail 20 >"$WORK/stack.log" 2>&1 || true
     fail stack "not every service became healthy: $states(logs: $WORK/stack.log)"
@@ -226,7 +229,7 @@ fi
 
 # ---- 5. port ---------------------------------------------------------------------------------------------
 if [ "$stack_ok" -eq 1 ]; then
-  published="$(docker port "$(compose ps -q vcpu)" 50051 2>/dev/null | tr '\n' ' ')"
+  published="$(docker port "$(compose ps -q vcpu)" 50051 2>/dev/null | tr '\n' ' ' || true)"
   if [ "$published" != "127.0.0.1:$MMIOSPLIT_VCPU_PORT " ]; then
     fail port "vcpu's 50051 is published as '$published', expected only 127.0.0.1:$MMIOSPLIT_VCPU_PORT"
   elif ! (exec 4<>"/dev/tcp/127.0.0.1/$MMIOSPLIT_VCPU_PORT") 2>/dev/null; then
@@ -243,7 +246,7 @@ t=$SECONDS
 if [ "$stack_ok" -eq 1 ]; then
   set +e
   compose run --rm -T client run /opt/mmiosplit/guests/bin/hello-a64.bin \
-    --vcpu-service vcpu:50051 --device-service devices-scratch:50053 --timeout 120 \
+    --vcpu-service vcpu:50051 --device-service guests:50054 --timeout 120 \
     </dev/null >"$WORK/hello.out" 2>"$WORK/hello.err"
   rc=$?
   set -e
@@ -260,56 +263,63 @@ else
 fi
 
 # ---- 7. u-boot -------------------------------------------------------------------------------------------
-# The console is driven like a person at a terminal: a key when the autoboot countdown shows, `poweroff` at the
-# prompt. Input goes through a FIFO the run reads as its stdin.
+# The console is driven like a person at a terminal: a key when the autoboot countdown shows, then one command
+# per new `=> ` prompt (U-Boot drops what is typed ahead). Input goes through a FIFO the run reads as stdin.
+UBOOT_COMMANDS=("mw.l 0x0b000000 0x5a5aa5a5" "md.l 0x0b000000 1" "poweroff")
+UBOOT_EXPECT="0b000000: 5a5aa5a5"
 t=$SECONDS
 if [ "$stack_ok" -eq 1 ] && [ "$have_uboot" -eq 1 ]; then
   mkfifo "$WORK/uboot.in"
   : >"$WORK/uboot.out"
-  compose run --rm -T client run --machine virt /flash/u-boot.bin \
-    --vcpu-service vcpu:50051 --device-service devices-virt:50052 --timeout 300 -q \
+  compose run --rm -T client run --machine virt \
+    --vcpu-service vcpu:50051 --device-service devices:50052 --device-service scratch:50053 --timeout 300 -q \
     <"$WORK/uboot.in" >"$WORK/uboot.out" 2>"$WORK/uboot.err" &
   uboot_pid=$!
   exec 3>"$WORK/uboot.in"
-  prompt=0
   key=0
+  typed=0
+  t_prompt=""
   while kill -0 "$uboot_pid" 2>/dev/null && [ $((SECONDS - t)) -lt 240 ]; do
     if [ "$key" -eq 0 ] && grep -q 'Hit any key to stop autoboot' "$WORK/uboot.out"; then
       printf ' ' >&3
       key=1
     fi
-    if tr -d '\r' <"$WORK/uboot.out" | grep -q '^=> '; then
-      prompt=1
-      printf 'poweroff\r' >&3
-      break
+    prompts="$(tr -d '\r' <"$WORK/uboot.out" | grep -o '=> ' | wc -l || true)"
+    if [ "$prompts" -gt 0 ] && [ -z "$t_prompt" ]; then
+      t_prompt=$(since "$t")
     fi
-    sleep 0.2
-  done
-  t_prompt=$(since "$t")
-  for _ in $(seq 150); do
-    kill -0 "$uboot_pid" 2>/dev/null || break
+    if [ "$typed" -lt "${#UBOOT_COMMANDS[@]}" ] && [ "$prompts" -gt "$typed" ]; then
+      printf '%s\r' "${UBOOT_COMMANDS[$typed]}" >&3
+      typed=$((typed + 1))
+    fi
     sleep 0.2
   done
   ended=""
   if kill -0 "$uboot_pid" 2>/dev/null; then
     kill "$uboot_pid" 2>/dev/null || true
-    ended="still running 30 s after poweroff; stopped"
+    ended="still running after 240 s; stopped"
   fi
   set +e
   wait "$uboot_pid" 2>/dev/null
   rc=$?
   set -e
+  uboot_pid=""
   exec 3>&-
   if [ -z "$ended" ]; then
-    ended="$( [ "$rc" -eq 0 ] && echo "powered off (exit 0)" || echo "run exited $rc after poweroff")"
+    ended="$( [ "$rc" -eq 0 ] && echo "powered off (exit 0)" || echo "run exited $rc")"
   fi
-  if [ "$prompt" -eq 1 ]; then
-    pass u-boot "$(tr -d '\r' <"$WORK/uboot.out" | grep -m1 '^U-Boot 20' || echo U-Boot) reached '=>' in $t_prompt; $ended"
+  console="$(tr -d '\r' <"$WORK/uboot.out")"
+  if [ -z "$t_prompt" ]; then
+    fail u-boot "no '=>' prompt within 240 s: $(echo "$console" | grep -v '^$' | tail -n 2 | tr '\n' ' ') $(grep -v '^Creating' "$WORK/uboot.err" | tail -n 1)"
+  elif ! echo "$console" | grep -q "^$UBOOT_EXPECT"; then
+    fail u-boot "'=>' in $t_prompt, but the scratch device did not read back ('$UBOOT_EXPECT' missing; $ended; console: $WORK/uboot.out)"
+  elif [ "$rc" -ne 0 ]; then
+    fail u-boot "'=>' in $t_prompt and the scratch device read back, but $ended"
   else
-    fail u-boot "no '=>' prompt within 240 s: $(tr -d '\r' <"$WORK/uboot.out" | grep -v '^$' | tail -n 2 | tr '\n' ' ') $(grep -v '^Creating' "$WORK/uboot.err" | tail -n 1)"
+    pass u-boot "$(echo "$console" | grep -m1 '^U-Boot 20' || echo U-Boot) reached '=>' in $t_prompt; the scratch container's register read back from its prompt; $ended"
   fi
 elif [ "$stack_ok" -eq 1 ]; then
-  fail u-boot "no U-Boot image in the flash volume (see the flash step)"
+  fail u-boot "no U-Boot image on the flash volume (see the flash step)"
 else
   fail u-boot "the stack is not up"
 fi

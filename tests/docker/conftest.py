@@ -85,8 +85,8 @@ def _has_image(client: Any, name: str) -> bool:
 def compose_stack(docker_client: Any, mmiosplit_image: str) -> Iterator[Stack]:
     """deploy/compose.yaml up under a unique project name (its own subnet and host port), torn down at the end.
 
-    U-Boot (u-boot-qemu) goes into the flash volume when it is installed; otherwise devices-virt gets a blank
-    flash bank 0, so the stack still comes up.
+    U-Boot (u-boot-qemu), when it is installed, goes onto the flash volume as flash0.img before `devices` starts;
+    without it the virt board's flash is erased, and the stack comes up all the same.
     """
     compose = compose_command()
     if compose is None:
@@ -94,7 +94,8 @@ def compose_stack(docker_client: Any, mmiosplit_image: str) -> Iterator[Stack]:
     stack = Stack(docker_client, compose, f"mmiosplittest{uuid.uuid4().hex[:8]}", mmiosplit_image,
                   free_subnet(docker_client, first=100), free_port())
     try:
-        stack.load_flash("u-boot.bin", UBOOT if UBOOT.exists() else None)
+        if UBOOT.exists():
+            stack.load_flash("flash0.img", UBOOT)
         stack.up()
     except (StackError, subprocess.TimeoutExpired) as exc:
         stack.down()

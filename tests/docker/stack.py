@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "deploy" / "compose.yaml"
 IMAGE = "mmiosplit:dev"
 UBOOT = Path("/usr/lib/u-boot/qemu_arm64/u-boot.bin")
-# Where each service listens on the stack's network (deploy/compose.yaml).
-ADDRESSES = {"vcpu": "vcpu:50051", "devices-virt": "devices-virt:50052", "devices-scratch": "devices-scratch:50053"}
+# Where each service listens on the stack's network (deploy/compose.yaml): vcpu; devices, QEMU's virt board;
+# scratch, one scratch device named `scratch` at 0x0b000000; guests, the bundled guests' board.
+ADDRESSES = {"vcpu": "vcpu:50051", "devices": "devices:50052", "scratch": "scratch:50053", "guests": "guests:50054"}
 SERVICES = tuple(ADDRESSES)
 # What every container of the stack gets (deploy/compose.yaml's x-service), for the client containers too.
 HARDENING: dict[str, Any] = {
@@ -110,11 +111,11 @@ class Stack:
             raise StackError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
         return proc
 
-    def load_flash(self, name: str, path: Path | None) -> None:
-        """Copy a file into the flash volume (an empty one for None), with the compose file's flash-load tool."""
-        if path is None:
-            self.run_compose("run", "--rm", "-T", "flash-load", name)
-            return
+    def load_flash(self, name: str, path: Path) -> None:
+        """Copy a file onto the flash volume (e.g. U-Boot as flash0.img), with the compose file's flash-load tool.
+
+        `devices` reads its flash files when it starts: load before `up`, or restart it afterwards.
+        """
         with open(path, "rb") as f:
             self.run_compose("run", "--rm", "-T", "flash-load", name, stdin=f)
 
@@ -141,8 +142,8 @@ class Stack:
         return found[0]
 
     def scratch_container(self) -> Any:
-        """The devices-scratch container: the one tests kill, stop and restart."""
-        return self.container("devices-scratch")
+        """The scratch device service's container: the one tests kill, stop and restart."""
+        return self.container("scratch")
 
     def health(self, service: str) -> str:
         state = self.container(service).attrs["State"]
@@ -171,25 +172,16 @@ class Stack:
             raise StackError(f"expected one network of {self.project}, found {len(nets)}")
         return str(nets[0].name)
 
-    @property
-    def flash_volume(self) -> str:
-        vols = self.client.volumes.list(filters={"label": [f"com.docker.compose.project={self.project}",
-                                                           "com.docker.compose.volume=flash"]})
-        if len(vols) != 1:
-            raise StackError(f"expected one flash volume of {self.project}, found {len(vols)}")
-        return str(vols[0].name)
-
     # ---- clients ----------------------------------------------------------------------------------------------
     def start_client(self, *args: str, volumes: Mapping[str, Mapping[str, str]] | None = None,
                      name: str = "client") -> Any:
         """Start ``mmiosplit ARGS`` in a container on the stack's network (returns at once, with the container).
 
-        It has the stack's hardening, the flash volume read-only at /flash, and ``volumes`` (host path or volume
-        name -> {"bind": path, "mode": "rw"|"ro"}). Finish it with ``finish_client``; ``down`` removes it anyway.
+        It has the stack's hardening and ``volumes`` (host path or volume name -> {"bind": path, "mode": "rw"|"ro"}).
+        Finish it with ``finish_client``; ``down`` removes it anyway.
         """
-        mounts = {self.flash_volume: {"bind": "/flash", "mode": "ro"}, **(volumes or {})}
         container = self.client.containers.run(
-            self.image, list(args), detach=True, network=self.network, volumes=mounts,
+            self.image, list(args), detach=True, network=self.network, volumes=dict(volumes or {}),
             name=f"{self.project}_{name}_{uuid.uuid4().hex[:8]}", labels={"mmiosplit.test.project": self.project},
             **HARDENING)
         self._clients[container.id] = (container, time.monotonic())

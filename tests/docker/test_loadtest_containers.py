@@ -1,8 +1,8 @@
 """``mmiosplit loadtest`` across containers beside the same run on the host, with the latencies side by side.
 
 Across containers: the load tester in a client container, the vcpu service and the device service (the stack's
-devices-scratch) in containers of their own, over the stack's bridge network. Same host: the same two services
-started here as processes over TCP loopback, unpinned like the containers, and the same loadtest command.
+`scratch`, one scratch device) in containers of their own, over the stack's bridge network. Same host: the same
+two services started here as processes over TCP loopback, unpinned like the containers, and the same command.
 Both figures, and the CPU they ran on, go to latency.json in the test's tmp dir and to the terminal. No timing
 is asserted (speed is for benchmarks): only that both runs measured what they were asked to.
 """
@@ -26,9 +26,8 @@ from tests.docker.stack import ROOT, Stack, free_port
 pytestmark = pytest.mark.docker
 
 EXITS = 3000
-# The devices of the stack's devices-scratch (deploy/compose.yaml), for the same-host run.
-SCRATCH_DEVICES = ["pl011@0x09000000,name=uart0", "pl031@0x09010000,name=rtc0",
-                   "scratch@0x0a000000,size=0x1000,name=scratch"]
+# The stack's scratch service (deploy/devices/scratch.toml), for the same-host run.
+SCRATCH_CONFIG = ROOT / "deploy" / "devices" / "scratch.toml"
 LOADTEST = ["loadtest", "--exits", str(EXITS), "--no-floors", "--no-progress"]
 
 
@@ -53,7 +52,7 @@ def _containers(stack: Stack, out: Path) -> dict[str, Any]:
     out.mkdir()
     out.chmod(0o777)  # the client runs as UID 10001
     result = stack.run_client(*LOADTEST, "--vcpu-service", stack.addresses["vcpu"], "--device-service",
-                              stack.addresses["devices-scratch"], "--json", "/out/loadtest.json",
+                              stack.addresses["scratch"], "--json", "/out/loadtest.json",
                               volumes={str(out): {"bind": "/out", "mode": "rw"}}, timeout=300)
     assert result.exit_code == 0, result.stdout + result.stderr
     return dict(json.loads((out / "loadtest.json").read_text()))
@@ -62,13 +61,13 @@ def _containers(stack: Stack, out: Path) -> dict[str, Any]:
 def _same_host(tmp: Path) -> dict[str, Any]:
     vaddr, daddr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MMIOSPLIT_")}
-    devices = [a for d in SCRATCH_DEVICES for a in ("--device", d)]
     with open(tmp / "vcpu.log", "wb") as vlog, open(tmp / "devices.log", "wb") as dlog:
         procs = [
             subprocess.Popen([sys.executable, "-m", "mmiosplit_cli", "serve-vcpu", "--listen", vaddr], cwd=ROOT,
                              env=env, stdout=subprocess.DEVNULL, stderr=vlog),
             subprocess.Popen([sys.executable, "-m", "mmiosplit_cli", "serve-devices", "--listen", daddr, "--name",
-                              "scratch", *devices], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=dlog),
+                              "scratch", "--config", str(SCRATCH_CONFIG)], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=dlog),
         ]
         try:
             deadline = time.monotonic() + 60
