@@ -124,7 +124,7 @@ def test_dockerfile_defaults_to_the_registry_base_and_runs_mmiosplit() -> None:
     text = (ROOT / "deploy" / "Dockerfile").read_text()
     assert "ARG BASE_IMAGE=python:3.11-slim" in text
     assert 'ENTRYPOINT ["mmiosplit"]' in text
-    assert re.search(r"^USER \$\{UID\}:\$\{UID\}$", text, re.MULTILINE) and "ARG UID=10001" in text
+    assert re.search(r"^USER \$\{APP_UID\}:\$\{APP_UID\}$", text, re.MULTILINE) and "ARG APP_UID=10001" in text
     assert "--no-index" in text
 
 
