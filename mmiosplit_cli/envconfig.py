@@ -20,8 +20,8 @@ from collections.abc import Mapping
 PREFIX = "MMIOSPLIT_"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
-# MMIOSPLIT_ variables that are not service flags (read elsewhere), so they are not reported as unknown.
-OTHER_VARIABLES = frozenset({"MMIOSPLIT_REQUIRE_DOCKER"})
+# MMIOSPLIT_ variables that are not service flags (CI, and deploy/compose.yaml on the host), not reported as unknown.
+OTHER_VARIABLES = frozenset({"MMIOSPLIT_REQUIRE_DOCKER", "MMIOSPLIT_IMAGE", "MMIOSPLIT_SUBNET", "MMIOSPLIT_VCPU_PORT"})
 SERVICE_COMMANDS = ("serve-vcpu", "serve-devices")
 
 
