@@ -16,7 +16,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
-from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -24,6 +23,7 @@ from device_service.bus import DeviceBus
 from device_service.host import DescribedDevice, DeviceHost, WatchEvent
 from device_service.shadows import ShadowFailure
 from mmiosplit.address import parse_address
+from mmiosplit.health import DrainingAsyncHealth
 from mmiosplit.mmio import (
     Completion,
     CompletionStatus,
@@ -247,7 +247,7 @@ async def serve_async(listen: str, bus: DeviceBus, service_name: str,
     if on_servicer is not None:  # e.g. the metrics collector, which reads the consoles
         on_servicer(servicer)
     device_pb2_grpc.add_DeviceServiceServicer_to_server(servicer, server)
-    health_servicer = health_async.HealthServicer()
+    health_servicer = DrainingAsyncHealth()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(address.target)
@@ -270,7 +270,7 @@ async def serve_async(listen: str, bus: DeviceBus, service_name: str,
     await drain(server, servicer, health_servicer, await stop, grace_s)
 
 
-async def drain(server: grpc.aio.Server, servicer: DeviceServicer, health_servicer: health_async.HealthServicer,
+async def drain(server: grpc.aio.Server, servicer: DeviceServicer, health_servicer: DrainingAsyncHealth,
                 signal_name: str, grace_s: float) -> None:
     """Leave without losing an access: NOT_SERVING at once, no new streams, every watching VM told (its vCPUs
     then send no new exits), every request already received completed; streams still open after ``grace_s``
@@ -278,8 +278,7 @@ async def drain(server: grpc.aio.Server, servicer: DeviceServicer, health_servic
     host = servicer.host
     stats = host.bus.stats
     t0 = time.monotonic()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await health_servicer.drain(("", SERVICE_NAME))
     going = host.go_away(f"device service {host.service_name} is shutting down ({signal_name})", grace_s)
     log.info("%s: draining %d exit stream(s) for up to %g s", going.reason, stats.streams_open, grace_s)
     await server.stop(grace=grace_s)  # returns when every RPC has ended, or cancels those left at the deadline

@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mmiosplit.address import parse_address
+from mmiosplit.health import DrainingHealth
 from mmiosplit.mmio import DeviceEndpoint, TransportError
 from mmiosplit.v1 import common_pb2, vcpu_pb2, vcpu_pb2_grpc
 from mmiosplit.wire import GRPC_OPTIONS
@@ -344,14 +345,14 @@ class VcpuServicer(vcpu_pb2_grpc.VcpuServiceServicer):
         return len(vms)
 
 
-def build_server(listen: str, servicer: VcpuServicer) -> tuple[grpc.Server, str, health.HealthServicer]:
+def build_server(listen: str, servicer: VcpuServicer) -> tuple[grpc.Server, str, DrainingHealth]:
     """A server with VcpuService, health and reflection; returns it, the address actually bound and its health
     servicer."""
     address = parse_address(listen)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="vcpu-rpc"),
                          options=GRPC_OPTIONS)
     vcpu_pb2_grpc.add_VcpuServiceServicer_to_server(servicer, server)
-    health_servicer = health.HealthServicer()
+    health_servicer = DrainingHealth()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (vcpu_pb2.DESCRIPTOR.services_by_name["VcpuService"].full_name, health.SERVICE_NAME,
@@ -393,14 +394,13 @@ def serve(listen: str, ram_cap: int = DEFAULT_RAM_CAP, ready: Callable[[str], No
     drain(server, servicer, health_servicer, received[0] if received else "stop", grace_s)
 
 
-def drain(server: grpc.Server, servicer: VcpuServicer, health_servicer: health.HealthServicer, signal_name: str,
+def drain(server: grpc.Server, servicer: VcpuServicer, health_servicer: DrainingHealth, signal_name: str,
           grace_s: float) -> None:
     """Leave without losing an access: NOT_SERVING at once, no new RPCs, every VM paused at an instruction
     boundary with its posted writes delivered and its final event sent (clients streaming events see why),
     then every VM deleted; RPCs still open after ``grace_s`` are cancelled."""
     t0 = time.monotonic()
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_servicer.drain(("", SERVICE_NAME))
     stopped = server.stop(grace_s)  # refuses new RPCs now; open ones get until the grace ends
     count = servicer.shutdown(f"the vcpu service is shutting down ({signal_name})", max(0.1, grace_s - 0.5))
     log.info("vcpu service drained: %d VM(s) stopped and deleted in %.2f s", count, time.monotonic() - t0)

@@ -3,6 +3,7 @@ naming the access, and neither names a side stream."""
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import re
 import signal
@@ -11,7 +12,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mmiosplit.v1 import device_pb2, device_pb2_grpc, vcpu_pb2
 from mmiosplit.wire import FINAL_EVENT_KINDS, PROTOCOL_VERSION
@@ -182,3 +185,31 @@ def test_a_stream_that_ignores_going_away_is_cancelled_at_the_end_of_the_grace()
         log = device.log_path.read_text()
     assert code == 0 and 0.9 < took < 3, (code, took, log)
     assert "cancelled at the end of the grace period" in log, log
+
+
+@pytest.mark.parametrize("service", ["device service", "vcpu service"])
+def test_sigterm_reports_not_serving_at_once_and_a_health_watch_does_not_hold_the_drain(service: str) -> None:
+    """A load balancer watching health hears NOT_SERVING at once, and its stream ends instead of holding the
+    service for the whole grace period."""
+    seen: list[tuple[float, str]] = []
+    with fresh_services("--device", SCRATCH) as (_services, device, vcpu):
+        target = device if service == "device service" else vcpu
+        stub = health_pb2_grpc.HealthStub(channel(target.address))
+        t0 = time.monotonic()
+
+        def watch() -> None:
+            with contextlib.suppress(grpc.RpcError):
+                for r in stub.Watch(health_pb2.HealthCheckRequest(service="")):
+                    seen.append((time.monotonic() - t0, health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)))
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        signalled = time.monotonic() - t0
+        target.process.send_signal(signal.SIGTERM)
+        code, took = _exited(target, 8)
+        watcher.join(5)
+    assert [status for _, status in seen] == ["SERVING", "NOT_SERVING"], seen
+    assert seen[1][0] - signalled < 1.0 and code == 0 and took < 2, (seen, signalled, code, took)
