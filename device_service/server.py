@@ -202,7 +202,12 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             else:
                 done = session.bad_request(f"unexpected {kind!r} from {peer} after the handshake")
             expected = req.seq + 1
-            yield _response_pb(req.seq, done)
+            response = _response_pb(req.seq, done)
+            going = self.host.going_away
+            if going is not None:  # completed all the same; the client learns it should send no more
+                response.going_away.reason = going.reason
+                response.going_away.grace_seconds = going.grace_seconds
+            yield response
 
     async def Console(self, request_iterator: AsyncIterator[device_pb2.ConsoleRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[device_pb2.ConsoleResponse]:

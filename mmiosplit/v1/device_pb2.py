@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from mmiosplit.v1 import common_pb2 as mmiosplit_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mmiosplit/v1/device.proto\x12\x0cmmiosplit.v1\x1a\x19mmiosplit/v1/common.proto\"\x11\n\x0f\x44\x65scribeRequest\"i\n\x10\x44\x65scribeResponse\x12\x14\n\x0cservice_name\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12%\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x14.mmiosplit.v1.Device\"\xe1\x01\n\x06\x44\x65vice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x12\n\ncompatible\x18\x03 \x03(\t\x12%\n\x07regions\x18\x04 \x03(\x0b\x32\x14.mmiosplit.v1.Region\x12\x13\n\x0bhas_console\x18\x05 \x01(\x08\x12\x38\n\nproperties\x18\x06 \x03(\x0b\x32$.mmiosplit.v1.Device.PropertiesEntry\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xad\x01\n\x06Region\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x62\x61se\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12&\n\x04kind\x18\x04 \x01(\x0e\x32\x18.mmiosplit.v1.RegionKind\x12\x0e\n\x06posted\x18\x05 \x01(\x08\x12\x14\n\x0c\x61\x63\x63\x65ss_sizes\x18\x06 \x03(\r\x12+\n\x07shadows\x18\x07 \x03(\x0b\x32\x1a.mmiosplit.v1.ShadowWindow\",\n\x0cShadowWindow\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04size\x18\x02 \x01(\r\"\xa9\x01\n\x11\x45xitStreamRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12*\n\x05hello\x18\x02 \x01(\x0b\x32\x19.mmiosplit.v1.StreamHelloH\x00\x12&\n\x04\x65xit\x18\x03 \x01(\x0b\x32\x16.mmiosplit.v1.MmioExitH\x00\x12+\n\x05\x66lush\x18\x04 \x01(\x0b\x32\x1a.mmiosplit.v1.PostedWritesH\x00\x42\x06\n\x04\x62ody\"y\n\x0bStreamHello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05vm_id\x18\x02 \x01(\t\x12\x0f\n\x07vcpu_id\x18\x03 \x01(\r\x12\x30\n\x0c\x61rchitecture\x18\x04 \x01(\x0e\x32\x1a.mmiosplit.v1.Architecture\"\x92\x02\n\x08MmioExit\x12\x0f\n\x07vcpu_id\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\x04\x12\x15\n\rregion_offset\x18\x03 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0e\n\x06region\x18\x05 \x01(\t\x12\x0e\n\x06length\x18\x06 \x01(\r\x12\x30\n\tdirection\x18\x07 \x01(\x0e\x32\x1d.mmiosplit.v1.AccessDirection\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c\x12*\n\x06posted\x18\t \x01(\x0b\x32\x1a.mmiosplit.v1.PostedWrites\x12\x10\n\x08syndrome\x18\n \x01(\x04\x12\n\n\x02pc\x18\x0b \x01(\x04\x12\x13\n\x0binstruction\x18\x0c \x01(\r\"=\n\x0cPostedWrites\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x03(\x04\x12\x0e\n\x06length\x18\x02 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x89\x01\n\x12\x45xitStreamResponse\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12.\n\x07welcome\x18\x02 \x01(\x0b\x32\x1b.mmiosplit.v1.StreamWelcomeH\x00\x12.\n\ncompletion\x18\x03 \x01(\x0b\x32\x18.mmiosplit.v1.CompletionH\x00\x42\x06\n\x04\x62ody\"?\n\rStreamWelcome\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x14\n\x0cservice_name\x18\x02 \x01(\t\"\xf0\x01\n\nCompletion\x12.\n\x06status\x18\x01 \x01(\x0e\x32\x1e.mmiosplit.v1.CompletionStatus\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x35\n\rposted_errors\x18\x04 \x03(\x0b\x32\x1e.mmiosplit.v1.PostedWriteError\x12\x32\n\x0emirror_updates\x18\x05 \x03(\x0b\x32\x1a.mmiosplit.v1.MirrorUpdate\x12*\n\x06shadow\x18\x06 \x01(\x0b\x32\x1a.mmiosplit.v1.ShadowUpdate\"M\n\x0cShadowUpdate\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12)\n\x06values\x18\x02 \x03(\x0b\x32\x19.mmiosplit.v1.ShadowValue\"K\n\x0bShadowValue\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x1d\n\x0cWatchRequest\x12\r\n\x05vm_id\x18\x01 \x01(\t\"u\n\rWatchResponse\x12,\n\x06shadow\x18\x01 \x01(\x0b\x32\x1a.mmiosplit.v1.ShadowUpdateH\x00\x12-\n\ngoing_away\x18\x02 \x01(\x0b\x32\x17.mmiosplit.v1.GoingAwayH\x00\x42\x07\n\x05\x65vent\"2\n\tGoingAway\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x15\n\rgrace_seconds\x18\x02 \x01(\x01\"r\n\x0cMirrorUpdate\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x16\n\x0emirror_enabled\x18\x03 \x01(\x08\x12*\n\x07patches\x18\x04 \x03(\x0b\x32\x19.mmiosplit.v1.MirrorPatch\"+\n\x0bMirrorPatch\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"3\n\x11ReadMirrorRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\"J\n\x12ReadMirrorResponse\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x16\n\x0emirror_enabled\x18\x03 \x01(\x08\"A\n\x10PostedWriteError\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\x04\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\x0e\n\x0cResetRequest\"C\n\rResetResponse\x12\x32\n\x0emirror_updates\x18\x01 \x03(\x0b\x32\x1a.mmiosplit.v1.MirrorUpdate\"/\n\x0e\x43onsoleRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\x0c\"!\n\x0f\x43onsoleResponse\x12\x0e\n\x06output\x18\x01 \x01(\x0c*U\n\nRegionKind\x12\x1b\n\x17REGION_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10REGION_KIND_MMIO\x10\x01\x12\x14\n\x10REGION_KIND_ROMD\x10\x02*j\n\x0f\x41\x63\x63\x65ssDirection\x12 \n\x1c\x41\x43\x43\x45SS_DIRECTION_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x43\x43\x45SS_DIRECTION_READ\x10\x01\x12\x1a\n\x16\x41\x43\x43\x45SS_DIRECTION_WRITE\x10\x02*\xb7\x01\n\x10\x43ompletionStatus\x12!\n\x1d\x43OMPLETION_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43OMPLETION_STATUS_OK\x10\x01\x12\"\n\x1e\x43OMPLETION_STATUS_DEVICE_ERROR\x10\x02\x12\x1f\n\x1b\x43OMPLETION_STATUS_NO_DEVICE\x10\x03\x12!\n\x1d\x43OMPLETION_STATUS_BAD_REQUEST\x10\x04\x32\xd4\x03\n\rDeviceService\x12I\n\x08\x44\x65scribe\x12\x1d.mmiosplit.v1.DescribeRequest\x1a\x1e.mmiosplit.v1.DescribeResponse\x12S\n\nExitStream\x12\x1f.mmiosplit.v1.ExitStreamRequest\x1a .mmiosplit.v1.ExitStreamResponse(\x01\x30\x01\x12@\n\x05Reset\x12\x1a.mmiosplit.v1.ResetRequest\x1a\x1b.mmiosplit.v1.ResetResponse\x12J\n\x07\x43onsole\x12\x1c.mmiosplit.v1.ConsoleRequest\x1a\x1d.mmiosplit.v1.ConsoleResponse(\x01\x30\x01\x12Q\n\nReadMirror\x12\x1f.mmiosplit.v1.ReadMirrorRequest\x1a .mmiosplit.v1.ReadMirrorResponse0\x01\x12\x42\n\x05Watch\x12\x1a.mmiosplit.v1.WatchRequest\x1a\x1b.mmiosplit.v1.WatchResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mmiosplit/v1/device.proto\x12\x0cmmiosplit.v1\x1a\x19mmiosplit/v1/common.proto\"\x11\n\x0f\x44\x65scribeRequest\"i\n\x10\x44\x65scribeResponse\x12\x14\n\x0cservice_name\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12%\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x14.mmiosplit.v1.Device\"\xe1\x01\n\x06\x44\x65vice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x12\n\ncompatible\x18\x03 \x03(\t\x12%\n\x07regions\x18\x04 \x03(\x0b\x32\x14.mmiosplit.v1.Region\x12\x13\n\x0bhas_console\x18\x05 \x01(\x08\x12\x38\n\nproperties\x18\x06 \x03(\x0b\x32$.mmiosplit.v1.Device.PropertiesEntry\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xad\x01\n\x06Region\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x62\x61se\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12&\n\x04kind\x18\x04 \x01(\x0e\x32\x18.mmiosplit.v1.RegionKind\x12\x0e\n\x06posted\x18\x05 \x01(\x08\x12\x14\n\x0c\x61\x63\x63\x65ss_sizes\x18\x06 \x03(\r\x12+\n\x07shadows\x18\x07 \x03(\x0b\x32\x1a.mmiosplit.v1.ShadowWindow\",\n\x0cShadowWindow\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04size\x18\x02 \x01(\r\"\xa9\x01\n\x11\x45xitStreamRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12*\n\x05hello\x18\x02 \x01(\x0b\x32\x19.mmiosplit.v1.StreamHelloH\x00\x12&\n\x04\x65xit\x18\x03 \x01(\x0b\x32\x16.mmiosplit.v1.MmioExitH\x00\x12+\n\x05\x66lush\x18\x04 \x01(\x0b\x32\x1a.mmiosplit.v1.PostedWritesH\x00\x42\x06\n\x04\x62ody\"y\n\x0bStreamHello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05vm_id\x18\x02 \x01(\t\x12\x0f\n\x07vcpu_id\x18\x03 \x01(\r\x12\x30\n\x0c\x61rchitecture\x18\x04 \x01(\x0e\x32\x1a.mmiosplit.v1.Architecture\"\x92\x02\n\x08MmioExit\x12\x0f\n\x07vcpu_id\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\x04\x12\x15\n\rregion_offset\x18\x03 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0e\n\x06region\x18\x05 \x01(\t\x12\x0e\n\x06length\x18\x06 \x01(\r\x12\x30\n\tdirection\x18\x07 \x01(\x0e\x32\x1d.mmiosplit.v1.AccessDirection\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c\x12*\n\x06posted\x18\t \x01(\x0b\x32\x1a.mmiosplit.v1.PostedWrites\x12\x10\n\x08syndrome\x18\n \x01(\x04\x12\n\n\x02pc\x18\x0b \x01(\x04\x12\x13\n\x0binstruction\x18\x0c \x01(\r\"=\n\x0cPostedWrites\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x03(\x04\x12\x0e\n\x06length\x18\x02 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xb6\x01\n\x12\x45xitStreamResponse\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12.\n\x07welcome\x18\x02 \x01(\x0b\x32\x1b.mmiosplit.v1.StreamWelcomeH\x00\x12.\n\ncompletion\x18\x03 \x01(\x0b\x32\x18.mmiosplit.v1.CompletionH\x00\x12+\n\ngoing_away\x18\x04 \x01(\x0b\x32\x17.mmiosplit.v1.GoingAwayB\x06\n\x04\x62ody\"?\n\rStreamWelcome\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x14\n\x0cservice_name\x18\x02 \x01(\t\"\xf0\x01\n\nCompletion\x12.\n\x06status\x18\x01 \x01(\x0e\x32\x1e.mmiosplit.v1.CompletionStatus\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x35\n\rposted_errors\x18\x04 \x03(\x0b\x32\x1e.mmiosplit.v1.PostedWriteError\x12\x32\n\x0emirror_updates\x18\x05 \x03(\x0b\x32\x1a.mmiosplit.v1.MirrorUpdate\x12*\n\x06shadow\x18\x06 \x01(\x0b\x32\x1a.mmiosplit.v1.ShadowUpdate\"M\n\x0cShadowUpdate\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12)\n\x06values\x18\x02 \x03(\x0b\x32\x19.mmiosplit.v1.ShadowValue\"K\n\x0bShadowValue\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x1d\n\x0cWatchRequest\x12\r\n\x05vm_id\x18\x01 \x01(\t\"u\n\rWatchResponse\x12,\n\x06shadow\x18\x01 \x01(\x0b\x32\x1a.mmiosplit.v1.ShadowUpdateH\x00\x12-\n\ngoing_away\x18\x02 \x01(\x0b\x32\x17.mmiosplit.v1.GoingAwayH\x00\x42\x07\n\x05\x65vent\"2\n\tGoingAway\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x15\n\rgrace_seconds\x18\x02 \x01(\x01\"r\n\x0cMirrorUpdate\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x16\n\x0emirror_enabled\x18\x03 \x01(\x08\x12*\n\x07patches\x18\x04 \x03(\x0b\x32\x19.mmiosplit.v1.MirrorPatch\"+\n\x0bMirrorPatch\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"3\n\x11ReadMirrorRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\"J\n\x12ReadMirrorResponse\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x16\n\x0emirror_enabled\x18\x03 \x01(\x08\"A\n\x10PostedWriteError\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\x04\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\x0e\n\x0cResetRequest\"C\n\rResetResponse\x12\x32\n\x0emirror_updates\x18\x01 \x03(\x0b\x32\x1a.mmiosplit.v1.MirrorUpdate\"/\n\x0e\x43onsoleRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\x0c\"!\n\x0f\x43onsoleResponse\x12\x0e\n\x06output\x18\x01 \x01(\x0c*U\n\nRegionKind\x12\x1b\n\x17REGION_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10REGION_KIND_MMIO\x10\x01\x12\x14\n\x10REGION_KIND_ROMD\x10\x02*j\n\x0f\x41\x63\x63\x65ssDirection\x12 \n\x1c\x41\x43\x43\x45SS_DIRECTION_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x43\x43\x45SS_DIRECTION_READ\x10\x01\x12\x1a\n\x16\x41\x43\x43\x45SS_DIRECTION_WRITE\x10\x02*\xb7\x01\n\x10\x43ompletionStatus\x12!\n\x1d\x43OMPLETION_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43OMPLETION_STATUS_OK\x10\x01\x12\"\n\x1e\x43OMPLETION_STATUS_DEVICE_ERROR\x10\x02\x12\x1f\n\x1b\x43OMPLETION_STATUS_NO_DEVICE\x10\x03\x12!\n\x1d\x43OMPLETION_STATUS_BAD_REQUEST\x10\x04\x32\xd4\x03\n\rDeviceService\x12I\n\x08\x44\x65scribe\x12\x1d.mmiosplit.v1.DescribeRequest\x1a\x1e.mmiosplit.v1.DescribeResponse\x12S\n\nExitStream\x12\x1f.mmiosplit.v1.ExitStreamRequest\x1a .mmiosplit.v1.ExitStreamResponse(\x01\x30\x01\x12@\n\x05Reset\x12\x1a.mmiosplit.v1.ResetRequest\x1a\x1b.mmiosplit.v1.ResetResponse\x12J\n\x07\x43onsole\x12\x1c.mmiosplit.v1.ConsoleRequest\x1a\x1d.mmiosplit.v1.ConsoleResponse(\x01\x30\x01\x12Q\n\nReadMirror\x12\x1f.mmiosplit.v1.ReadMirrorRequest\x1a .mmiosplit.v1.ReadMirrorResponse0\x01\x12\x42\n\x05Watch\x12\x1a.mmiosplit.v1.WatchRequest\x1a\x1b.mmiosplit.v1.WatchResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,12 +34,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DEVICE_PROPERTIESENTRY']._loaded_options = None
   _globals['_DEVICE_PROPERTIESENTRY']._serialized_options = b'8\001'
-  _globals['_REGIONKIND']._serialized_start=2613
-  _globals['_REGIONKIND']._serialized_end=2698
-  _globals['_ACCESSDIRECTION']._serialized_start=2700
-  _globals['_ACCESSDIRECTION']._serialized_end=2806
-  _globals['_COMPLETIONSTATUS']._serialized_start=2809
-  _globals['_COMPLETIONSTATUS']._serialized_end=2992
+  _globals['_REGIONKIND']._serialized_start=2658
+  _globals['_REGIONKIND']._serialized_end=2743
+  _globals['_ACCESSDIRECTION']._serialized_start=2745
+  _globals['_ACCESSDIRECTION']._serialized_end=2851
+  _globals['_COMPLETIONSTATUS']._serialized_start=2854
+  _globals['_COMPLETIONSTATUS']._serialized_end=3037
   _globals['_DESCRIBEREQUEST']._serialized_start=70
   _globals['_DESCRIBEREQUEST']._serialized_end=87
   _globals['_DESCRIBERESPONSE']._serialized_start=89
@@ -61,39 +61,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_POSTEDWRITES']._serialized_start=1218
   _globals['_POSTEDWRITES']._serialized_end=1279
   _globals['_EXITSTREAMRESPONSE']._serialized_start=1282
-  _globals['_EXITSTREAMRESPONSE']._serialized_end=1419
-  _globals['_STREAMWELCOME']._serialized_start=1421
-  _globals['_STREAMWELCOME']._serialized_end=1484
-  _globals['_COMPLETION']._serialized_start=1487
-  _globals['_COMPLETION']._serialized_end=1727
-  _globals['_SHADOWUPDATE']._serialized_start=1729
-  _globals['_SHADOWUPDATE']._serialized_end=1806
-  _globals['_SHADOWVALUE']._serialized_start=1808
-  _globals['_SHADOWVALUE']._serialized_end=1883
-  _globals['_WATCHREQUEST']._serialized_start=1885
-  _globals['_WATCHREQUEST']._serialized_end=1914
-  _globals['_WATCHRESPONSE']._serialized_start=1916
-  _globals['_WATCHRESPONSE']._serialized_end=2033
-  _globals['_GOINGAWAY']._serialized_start=2035
-  _globals['_GOINGAWAY']._serialized_end=2085
-  _globals['_MIRRORUPDATE']._serialized_start=2087
-  _globals['_MIRRORUPDATE']._serialized_end=2201
-  _globals['_MIRRORPATCH']._serialized_start=2203
-  _globals['_MIRRORPATCH']._serialized_end=2246
-  _globals['_READMIRRORREQUEST']._serialized_start=2248
-  _globals['_READMIRRORREQUEST']._serialized_end=2299
-  _globals['_READMIRRORRESPONSE']._serialized_start=2301
-  _globals['_READMIRRORRESPONSE']._serialized_end=2375
-  _globals['_POSTEDWRITEERROR']._serialized_start=2377
-  _globals['_POSTEDWRITEERROR']._serialized_end=2442
-  _globals['_RESETREQUEST']._serialized_start=2444
-  _globals['_RESETREQUEST']._serialized_end=2458
-  _globals['_RESETRESPONSE']._serialized_start=2460
-  _globals['_RESETRESPONSE']._serialized_end=2527
-  _globals['_CONSOLEREQUEST']._serialized_start=2529
-  _globals['_CONSOLEREQUEST']._serialized_end=2576
-  _globals['_CONSOLERESPONSE']._serialized_start=2578
-  _globals['_CONSOLERESPONSE']._serialized_end=2611
-  _globals['_DEVICESERVICE']._serialized_start=2995
-  _globals['_DEVICESERVICE']._serialized_end=3463
+  _globals['_EXITSTREAMRESPONSE']._serialized_end=1464
+  _globals['_STREAMWELCOME']._serialized_start=1466
+  _globals['_STREAMWELCOME']._serialized_end=1529
+  _globals['_COMPLETION']._serialized_start=1532
+  _globals['_COMPLETION']._serialized_end=1772
+  _globals['_SHADOWUPDATE']._serialized_start=1774
+  _globals['_SHADOWUPDATE']._serialized_end=1851
+  _globals['_SHADOWVALUE']._serialized_start=1853
+  _globals['_SHADOWVALUE']._serialized_end=1928
+  _globals['_WATCHREQUEST']._serialized_start=1930
+  _globals['_WATCHREQUEST']._serialized_end=1959
+  _globals['_WATCHRESPONSE']._serialized_start=1961
+  _globals['_WATCHRESPONSE']._serialized_end=2078
+  _globals['_GOINGAWAY']._serialized_start=2080
+  _globals['_GOINGAWAY']._serialized_end=2130
+  _globals['_MIRRORUPDATE']._serialized_start=2132
+  _globals['_MIRRORUPDATE']._serialized_end=2246
+  _globals['_MIRRORPATCH']._serialized_start=2248
+  _globals['_MIRRORPATCH']._serialized_end=2291
+  _globals['_READMIRRORREQUEST']._serialized_start=2293
+  _globals['_READMIRRORREQUEST']._serialized_end=2344
+  _globals['_READMIRRORRESPONSE']._serialized_start=2346
+  _globals['_READMIRRORRESPONSE']._serialized_end=2420
+  _globals['_POSTEDWRITEERROR']._serialized_start=2422
+  _globals['_POSTEDWRITEERROR']._serialized_end=2487
+  _globals['_RESETREQUEST']._serialized_start=2489
+  _globals['_RESETREQUEST']._serialized_end=2503
+  _globals['_RESETRESPONSE']._serialized_start=2505
+  _globals['_RESETRESPONSE']._serialized_end=2572
+  _globals['_CONSOLEREQUEST']._serialized_start=2574
+  _globals['_CONSOLEREQUEST']._serialized_end=2621
+  _globals['_CONSOLERESPONSE']._serialized_start=2623
+  _globals['_CONSOLERESPONSE']._serialized_end=2656
+  _globals['_DEVICESERVICE']._serialized_start=3040
+  _globals['_DEVICESERVICE']._serialized_end=3508
 # @@protoc_insertion_point(module_scope)

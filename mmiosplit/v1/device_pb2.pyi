@@ -420,21 +420,29 @@ class ExitStreamResponse(_message.Message):
     SEQ_FIELD_NUMBER: _builtins.int
     WELCOME_FIELD_NUMBER: _builtins.int
     COMPLETION_FIELD_NUMBER: _builtins.int
+    GOING_AWAY_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___StreamWelcome: ...
     @_builtins.property
     def completion(self) -> Global___Completion: ...
+    @_builtins.property
+    def going_away(self) -> Global___GoingAway:
+        """Set on every response the service sends while it drains (the request was still completed), so a client
+        that does not watch the service learns it too; it then sends no new exit. See GoingAway.
+        """
+
     def __init__(
         self,
         *,
         seq: _builtins.int = ...,
         welcome: Global___StreamWelcome | None = ...,
         completion: Global___Completion | None = ...,
+        going_away: Global___GoingAway | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "completion", b"completion", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "completion", b"completion", "going_away", b"going_away", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "completion", b"completion", "seq", b"seq", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "completion", b"completion", "going_away", b"going_away", "seq", b"seq", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "completion"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015

@@ -170,8 +170,8 @@ def test_a_vm_that_does_not_touch_a_leaving_service_closes_its_stream_at_once() 
 
 
 def test_a_stream_that_ignores_going_away_is_cancelled_at_the_end_of_the_grace() -> None:
-    """A client that keeps its exit stream open (one that does not watch) holds the service only until the grace
-    ends; the service still exits 0."""
+    """A client that does not watch still has what it sends completed, learns from the reply that the service is
+    going away, and holds the service only until the grace ends if it keeps its stream open; the service exits 0."""
     requests: queue.SimpleQueue[device_pb2.ExitStreamRequest | None] = queue.SimpleQueue()
     with fresh_services("--device", SCRATCH, "--grace-s", "1") as (services, device, _vcpu):
         stub = device_pb2_grpc.DeviceServiceStub(channel(services.devices))
@@ -180,10 +180,17 @@ def test_a_stream_that_ignores_going_away_is_cancelled_at_the_end_of_the_grace()
             protocol_version=PROTOCOL_VERSION, vm_id="idle", vcpu_id=0)))
         assert next(call).WhichOneof("body") == "welcome"
         device.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)  # draining now
+        requests.put(device_pb2.ExitStreamRequest(seq=1, exit=device_pb2.MmioExit(
+            address=0x0A00_0000, length=4, direction=device_pb2.ACCESS_DIRECTION_WRITE, data=b"\1\2\3\4")))
+        reply = next(call)
         code, took = _exited(device, 5)
         requests.put(None)
         log = device.log_path.read_text()
-    assert code == 0 and 0.9 < took < 3, (code, took, log)
+    # Received while draining, so completed; and the reply says the service is going away.
+    assert reply.completion.status == device_pb2.COMPLETION_STATUS_OK, reply
+    assert "shutting down (SIGTERM)" in reply.going_away.reason and reply.going_away.grace_seconds == 1, reply
+    assert code == 0 and 0.6 < took < 3, (code, took, log)
     assert "cancelled at the end of the grace period" in log, log
 
 
