@@ -236,8 +236,6 @@ class GrpcExitChannel:
                 f"{how}): whether the device performed it is unknown")
 
     def _completion(self, reply: device_pb2.ExitStreamResponse) -> Completion:
-        if reply.HasField("going_away") and self._endpoint.leaving is None:  # the Watch stream usually says first
-            self._endpoint.leaving = GoingAway(self._name, reply.going_away.reason, reply.going_away.grace_seconds)
         if reply.WhichOneof("body") != "completion":
             self._closed = True
             raise TransportError(f"device service {self._name} sent {reply.WhichOneof('body')!r} "

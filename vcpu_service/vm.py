@@ -339,12 +339,9 @@ class Vm:
                 log.info("VM %s: %s", self.vm_id, reason)
 
     def _service_leaving(self, endpoint: DeviceEndpoint, going: GoingAway) -> None:
-        """A device service is draining: exits are no longer sent to it, its shadow registers are dropped (their
-        reads exit, and fail as its other accesses do), and the VM says so in an event."""
-        endpoint.leaving = going
-        self.shadows.disable(endpoint.name)
-        for vcpu in self.vcpus:
-            vcpu.release_channel(endpoint.name)
+        """A device service is draining: the VM says so in an event, then sends it no new exit (such an access gets
+        the device-error policy), drops its shadow registers (their reads exit, and fail as its other accesses do)
+        and has every vCPU close its stream to it. The event comes first, so it precedes any error it causes."""
         with self.lock:
             over = self._final_pending or self.run_state is RunState.FINISHED
         if not over:
@@ -352,6 +349,10 @@ class Vm:
             self.events.emit(EventKind.DEVICE_SERVICE_LEFT, device=endpoint.name,
                              reason=f"device service {endpoint.name} is going away ({going.reason}); its accesses "
                              "now get the device-error policy")
+        endpoint.leaving = going
+        self.shadows.disable(endpoint.name)
+        for vcpu in self.vcpus:
+            vcpu.release_channel(endpoint.name)
 
     def _resync_shadows(self) -> None:
         """After a reset, take a fresh snapshot of every service's shadow registers before a vCPU runs: the

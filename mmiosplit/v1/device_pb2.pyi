@@ -428,8 +428,9 @@ class ExitStreamResponse(_message.Message):
     def completion(self) -> Global___Completion: ...
     @_builtins.property
     def going_away(self) -> Global___GoingAway:
-        """Set on every response the service sends while it drains (the request was still completed), so a client
-        that does not watch the service learns it too; it then sends no new exit. See GoingAway.
+        """Set on every response the service sends while it drains (the request was still completed), for a client
+        that does not watch the service; it then sends no new exit. See GoingAway. (The vcpu service learns it from
+        its Watch stream, which also tells it when no exit is in flight.)
         """
 
     def __init__(
