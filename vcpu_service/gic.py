@@ -155,13 +155,16 @@ class Gic:
     def _update(self) -> list[tuple[int, bool]]:
         """Recompute HPPI and the IRQ/FIQ outputs of every CPU; return the IRQ line changes to announce."""
         changes: list[tuple[int, bool]] = []
+        pending, level = self._pending, self._level
+        # Only interrupts latched or with a line high can be pending; skip the rest of the 288 cheaply.
+        candidates = [irq for irq in range(self.num_irq) if pending[irq] or level[irq]]
         for cpu in range(self.num_cpu):
             cm = 1 << cpu
             self._current_pending[cpu] = SPURIOUS
             irq_level = fiq_level = False
             if self._ctlr & 3 and self._cpu_ctlr[cpu] & 3:
                 best_irq, best_prio = SPURIOUS, IDLE_PRIORITY
-                for irq in range(self.num_irq):
+                for irq in candidates:
                     if (
                         self._enabled[irq] & cm
                         and not self._active[irq] & cm
