@@ -23,6 +23,7 @@ from typing import NamedTuple, Protocol
 
 from mmiosplit.mmio import Completion, ExitChannel, RemoteRegion, TransportError
 from vcpu_service.domain import ErrorKind, FaultPolicy, UnmappedPolicy
+from vcpu_service.gic import Gic, GicAccessError
 from vcpu_service.shadows import ShadowTable
 
 
@@ -167,6 +168,31 @@ class PostedWriteLost(Exception):
     def __init__(self, reason: str, device: str) -> None:
         super().__init__(reason)
         self.device = device
+
+
+class GicRegisters:
+    """One of the GIC's two register frames (distributor or CPU interface), answered in process: GIC accesses never
+    leave the vcpu service, as KVM keeps its vGIC in the kernel. The accessing vCPU picks the banked registers."""
+
+    kind = "gic"
+
+    def __init__(self, gic: Gic, base: int, cpu_interface: bool, policy: FaultPolicy) -> None:
+        self.gic = gic
+        self.base = base
+        self.policy = policy
+        self._read = gic.cpu_read if cpu_interface else gic.dist_read
+        self._write = gic.cpu_write if cpu_interface else gic.dist_write
+        self._name = "GIC CPU interface" if cpu_interface else "GIC distributor"
+
+    def handle(self, access: Access, vcpu: VcpuLink) -> Completion | Abort | None:
+        offset = access.address - self.base
+        try:
+            if access.is_write:
+                self._write(access.vcpu_id, offset, access.size, int.from_bytes(access.data, "little"))
+                return Completion()
+            return Completion(data=self._read(access.vcpu_id, offset, access.size).to_bytes(access.size, "little"))
+        except GicAccessError as exc:
+            return Abort(self.policy, ErrorKind.DEVICE_ERROR, f"the {self._name} refused it: {exc}", "gic")
 
 
 class Unmapped:

@@ -22,7 +22,8 @@ from vcpu_service.arch import Arch, arch_by_name, close_uc
 from vcpu_service.domain import ErrorKind, EventKind, Policies, VcpuStats, VmStats
 from vcpu_service.events import EventLog
 from vcpu_service.exits import new_latency_histogram, summarize
-from vcpu_service.handlers import HandlerRegistry, PostedWrites, ShadowReads, Unmapped
+from vcpu_service.gic import GICC_BASE, GICC_SIZE, GICD_BASE, GICD_SIZE, Gic
+from vcpu_service.handlers import GicRegisters, HandlerRegistry, PostedWrites, ShadowReads, Unmapped
 from vcpu_service.machines.virt import VirtMachine
 from vcpu_service.memory import Mirror, RamBlock
 from vcpu_service.shadows import ShadowTable
@@ -121,6 +122,7 @@ class Vm:
         # The address map: device regions and the in-process handlers tried before an exit (filled in
         # _build_device_map).
         self.handlers = HandlerRegistry((), Unmapped(spec.policies.unmapped_access))
+        self.gic: Gic | None = None  # the virt board's, in process
         self.posted_windows: list[tuple[RemoteRegion, RamBlock]] = []
         self.has_posted = False
         self.ram: list[RamBlock] = []
@@ -160,6 +162,20 @@ class Vm:
         if total > ram_cap:
             raise VmConfigError(f"RAM of {total / 2**20:g} MiB is over this service's cap of "
                                 f"{ram_cap / 2**20:g} MiB (serve-vcpu --max-ram)")
+
+    def _add_gic(self) -> None:
+        """The virt board's GICv2, in process (its registers only, for now: nothing delivers its IRQ yet)."""
+        try:
+            self.gic = Gic(self.spec.vcpu_count)
+        except ValueError as exc:
+            raise VmConfigError(f"the virt board's GICv2: {exc} (as in QEMU, virt with a GICv2 takes at most 8 "
+                                "vCPUs)") from None
+        for base, size, cpu_interface in ((GICD_BASE, GICD_SIZE, False), (GICC_BASE, GICC_SIZE, True)):
+            try:
+                self.handlers.add_device(base, size, GicRegisters(self.gic, base, cpu_interface,
+                                                                  self.policies.device_error))
+            except ValueError as exc:
+                raise VmConfigError(f"the virt board's GIC: {exc}") from None
 
     def _ram_block(self, address: int, length: int) -> RamBlock | None:
         for block in self.ram:
@@ -215,6 +231,8 @@ class Vm:
         self.regions = regions
         self.shadows = ShadowTable(regions)
         self.handlers = HandlerRegistry(regions, Unmapped(self.policies.unmapped_access))
+        if self.spec.machine == "virt":
+            self._add_gic()
         shadow_reads = ShadowReads(self.shadows)
         posted_writes = PostedWrites()
         for r in regions:
@@ -521,6 +539,8 @@ class Vm:
             self._wait_quiescent(frozenset({VcpuState.OFF, VcpuState.STOPPED}), "stop for the reset", 30.0)
             for endpoint in self.endpoints:
                 self.apply_mirror_changes(endpoint.reset())
+            if self.gic is not None:
+                self.gic.reset()
             self._resync_shadows()
             self._load_images()
             with self.lock:
