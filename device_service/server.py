@@ -94,6 +94,10 @@ def _response_pb(seq: int, done: Completion) -> device_pb2.ExitStreamResponse:
     return response
 
 
+def _going_away_pb(going: GoingAway) -> device_pb2.GoingAway:
+    return device_pb2.GoingAway(reason=going.reason, grace_seconds=going.grace_seconds)
+
+
 def _device_pb(dev: DescribedDevice) -> device_pb2.Device:
     return device_pb2.Device(
         name=dev.name, type=dev.type_name, compatible=list(dev.compatible), has_console=dev.has_console,
@@ -150,8 +154,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                                         f"stopped: {event.message}")
                     return
                 if isinstance(event, GoingAway):
-                    yield device_pb2.WatchResponse(going_away=device_pb2.GoingAway(
-                        reason=event.reason, grace_seconds=event.grace_seconds))
+                    yield device_pb2.WatchResponse(going_away=_going_away_pb(event))
                     return
                 yield device_pb2.WatchResponse(shadow=_shadow_update_pb(event))
         finally:
@@ -205,8 +208,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             response = _response_pb(req.seq, done)
             going = self.host.going_away
             if going is not None:  # completed all the same; the client learns it should send no more
-                response.going_away.reason = going.reason
-                response.going_away.grace_seconds = going.grace_seconds
+                response.going_away.CopyFrom(_going_away_pb(going))
             yield response
 
     async def Console(self, request_iterator: AsyncIterator[device_pb2.ConsoleRequest],
@@ -261,8 +263,8 @@ async def serve_async(listen: str, bus: DeviceBus, service_name: str,
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    stop: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     loop = asyncio.get_running_loop()
+    stop: asyncio.Future[str] = loop.create_future()
 
     def on_signal(sig: signal.Signals) -> None:
         if not stop.done():

@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Mapping
+from typing import NoReturn
+
+from device_service.model import ConfigError, parse_bool
 
 PREFIX = "MMIOSPLIT_"
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
 # MMIOSPLIT_ variables that are not service flags (CI, and deploy/compose.yaml on the host), not reported as unknown.
 OTHER_VARIABLES = frozenset({"MMIOSPLIT_REQUIRE_DOCKER", "MMIOSPLIT_IMAGE", "MMIOSPLIT_SUBNET", "MMIOSPLIT_VCPU_PORT"})
 SERVICE_COMMANDS = ("serve-vcpu", "serve-devices")
@@ -57,14 +58,15 @@ def bind_environment(parser: argparse.ArgumentParser, environ: Mapping[str, str]
 
 
 def _convert(parser: argparse.ArgumentParser, name: str, action: argparse.Action, text: str) -> object:
-    def fail(why: str) -> None:
+    def fail(why: str) -> NoReturn:
         parser.error(f"{name}={text!r}: {why}")
 
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-        word = text.strip().lower()
-        if word not in _TRUE | _FALSE:
+        word = text.strip()
+        try:
+            on = parse_bool(word) if word else False  # set but empty: off
+        except ConfigError:
             fail("expected 1/0, true/false, yes/no or on/off")
-        on = word in _TRUE
         return on if isinstance(action, argparse._StoreTrueAction) else not on
 
     def one(item: str) -> object:

@@ -287,10 +287,14 @@ class VcpuServicer(vcpu_pb2_grpc.VcpuServiceServicer):
                 self._deleting.append(vm)
         vm.delete()
         if owned:
-            retired = vm_totals(vm)
-            with self._lock:
-                self._retired.add(retired)
-                self._deleting.remove(vm)
+            self._retire(vm)
+
+    def _retire(self, vm: Vm) -> None:
+        """Fold a deleted VM's totals into the retired ones, as it leaves the deleting list (counted once)."""
+        retired = vm_totals(vm)
+        with self._lock:
+            self._retired.add(retired)
+            self._deleting.remove(vm)
 
     def _expire_vm(self, vm_id: str, why: str) -> None:
         """The lease reaper's way to delete a VM its client left behind; says which VM and why."""
@@ -338,10 +342,7 @@ class VcpuServicer(vcpu_pb2_grpc.VcpuServiceServicer):
             stats = vm.stats(counters_only=True)
             log.info("VM %s stopped (%s): %d exits, %d posted writes delivered", vm.vm_id, reason, stats.exits,
                      sum(v.posted_writes for v in stats.vcpus))
-            retired = vm_totals(vm)
-            with self._lock:
-                self._retired.add(retired)
-                self._deleting.remove(vm)
+            self._retire(vm)
         return len(vms)
 
 

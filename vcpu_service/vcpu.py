@@ -418,14 +418,17 @@ class Vcpu:
         """Deliver queued posted writes. With ``wait`` (halt, pause, stop, reset) every write has reached
         its device on return and failures are known; without (a slice ended) they are only sent."""
         for name, channel in self._channels.items():
-            queued = channel.pending_posted()
-            if not (queued or wait):
-                continue
-            try:
-                completion = channel.flush(wait)
-            except TransportError as exc:
-                raise VcpuFault(ErrorKind.DEVICE_SERVICE, str(exc), device=name) from None
-            self.exits.absorb(completion, name, batch_sent=bool(queued))
+            if wait or channel.pending_posted():
+                self._flush_channel(name, channel, wait)
+
+    def _flush_channel(self, name: str, channel: ExitChannel, wait: bool) -> None:
+        """Send one stream's queued posted writes (and with ``wait`` read every answer) and apply what came back."""
+        queued = channel.pending_posted()
+        try:
+            completion = channel.flush(wait)
+        except TransportError as exc:
+            raise VcpuFault(ErrorKind.DEVICE_SERVICE, str(exc), device=name) from None
+        self.exits.absorb(completion, name, batch_sent=bool(queued))
 
     def release_channel(self, service: str) -> None:
         """A device service is going away: at its next boundary this vCPU delivers what it queued for it and
@@ -445,12 +448,7 @@ class Vcpu:
             channel = self._channels.get(name)
             if channel is None or channel.broken():
                 continue
-            queued = channel.pending_posted()
-            try:
-                completion = channel.flush(True)
-            except TransportError as exc:
-                raise VcpuFault(ErrorKind.DEVICE_SERVICE, str(exc), device=name) from None
-            self.exits.absorb(completion, name, batch_sent=bool(queued))
+            self._flush_channel(name, channel, True)
             with contextlib.suppress(Exception):
                 channel.close()
 
