@@ -124,6 +124,91 @@ class Option:
     expects: str
 
 
+class Trigger(enum.Enum):
+    """How an interrupt line signals: a level held until the device lowers it, or a rising edge."""
+
+    LEVEL = "level"
+    EDGE = "edge"
+
+
+@dataclass(frozen=True, slots=True)
+class LineSpec:
+    """One interrupt output a device declares (Describe lists them); the VM maps it to a GIC interrupt."""
+
+    index: int
+    name: str
+    trigger: Trigger = Trigger.LEVEL
+
+
+LineSink = Callable[["IrqLine", bool], None]
+
+
+class IrqLine:
+    """One interrupt output of a device model, handed to it when it is built (OpenVMM's ``LineInterrupt``).
+
+    The model calls ``set`` whenever its output changes, with its own lock held or not; the host connects a
+    sink that carries the change to the vCPU side (on the access's Completion when an access caused it, on
+    the device-initiated stream otherwise). The level is kept, so a sink connected late sees the state."""
+
+    __slots__ = ("_level", "_sink", "device", "spec")
+
+    def __init__(self, device: str, spec: LineSpec) -> None:
+        self.device = device
+        self.spec = spec
+        self._level = False
+        self._sink: LineSink | None = None
+
+    @property
+    def level(self) -> bool:
+        return self._level
+
+    def set(self, level: bool) -> None:
+        """Drive the line; only a change reaches the sink."""
+        level = bool(level)
+        if level == self._level:
+            return
+        self._level = level
+        sink = self._sink
+        if sink is not None:
+            sink(self, level)
+
+    def connect(self, sink: LineSink | None) -> None:
+        """Called by the host: where changes go (``None`` disconnects)."""
+        self._sink = sink
+
+    def __repr__(self) -> str:
+        return f"<IrqLine {self.device}.{self.spec.name}#{self.spec.index} {'high' if self._level else 'low'}>"
+
+
+class DmaError(Exception):
+    """A DMA the VM refused or could not carry out; the message names the device, the address and the window."""
+
+
+@runtime_checkable
+class Dma(Protocol):
+    """Guest-physical memory as a device model may reach it: only inside the windows the VM granted it."""
+
+    def read(self, address: int, length: int) -> bytes:
+        """``length`` bytes at guest-physical ``address``, or ``DmaError``."""
+
+    def write(self, address: int, data: bytes) -> None:
+        """Store ``data`` at guest-physical ``address``, or ``DmaError`` (nothing is written then)."""
+
+
+class NoDma:
+    """The DMA handle of a device that no VM has granted a window: every access is refused, naming why."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def read(self, address: int, length: int) -> bytes:
+        raise DmaError(f"{self.device}: DMA read of {length} bytes at {address:#x} refused: no DMA window is granted")
+
+    def write(self, address: int, data: bytes) -> None:
+        raise DmaError(f"{self.device}: DMA write of {len(data)} bytes at {address:#x} refused: "
+                       "no DMA window is granted")
+
+
 class DeviceModel(abc.ABC):
     """A device that answers accesses at offsets inside its own regions.
 
@@ -149,6 +234,9 @@ class DeviceModel(abc.ABC):
         self.base = base
         self.lock = threading.RLock()
         self._shadow_listener: Callable[[DeviceModel], None] | None = None
+        self._irq_lines: tuple[IrqLine, ...] | None = None
+        #: Guest memory as this device may reach it; the host replaces it once a VM grants windows.
+        self.dma: Dma = NoDma(name)
 
     @abc.abstractmethod
     def regions(self) -> list[RegionSpec]:
@@ -169,6 +257,23 @@ class DeviceModel(abc.ABC):
     def describe(self) -> dict[str, str]:
         """Extra properties for users and device trees (e.g. a size); empty by default."""
         return {}
+
+    # --- interrupt lines and DMA -------------------------------------------------------------
+
+    def lines(self) -> list[LineSpec]:
+        """The interrupt outputs this device has, fixed for its lifetime; none by default."""
+        return []
+
+    @property
+    def irq_lines(self) -> tuple[IrqLine, ...]:
+        """One ``IrqLine`` per ``lines()`` entry, in index order, made on first use and kept."""
+        if self._irq_lines is None:
+            self._irq_lines = tuple(IrqLine(self.name, spec) for spec in sorted(self.lines(), key=lambda s: s.index))
+        return self._irq_lines
+
+    def attach_dma(self, dma: Dma) -> None:
+        """Called by the host: the handle for the windows a VM granted this device."""
+        self.dma = dma
 
     # --- shadow registers (``RegionSpec.shadows``) -------------------------------------------
 
