@@ -239,6 +239,13 @@ class Gic:
         with self._lock:
             return self._irq_out[cpu]
 
+    def can_signal(self, cpu: int) -> bool:
+        """Whether the distributor and CPU ``cpu``'s interface are enabled for some group, so that an interrupt
+        arriving later could be signalled to it (a WFI that cannot otherwise be woken halts)."""
+        self._check_cpu(cpu)
+        with self._lock:
+            return bool(self._ctlr & 3 and self._cpu_ctlr[cpu] & 3)
+
     def fiq_pending_for(self, cpu: int) -> bool:
         """Whether CPU ``cpu``'s FIQ output is asserted (Group 0 interrupt with GICC_CTLR.FIQEn set)."""
         self._check_cpu(cpu)

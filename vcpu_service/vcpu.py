@@ -23,6 +23,7 @@ from unicorn import (
     UC_ERR_READ_UNMAPPED,
     UC_ERR_WRITE_PROT,
     UC_ERR_WRITE_UNMAPPED,
+    UC_HOOK_BLOCK,
     UC_HOOK_CODE,
     UC_HOOK_INSN,
     UC_HOOK_INTR,
@@ -45,15 +46,24 @@ from unicorn import (
 )
 
 from mmiosplit.mmio import Completion, DeviceEndpoint, ExitChannel, RemoteRegion, TransportError
-from vcpu_service import fastreg, psci
+from vcpu_service import fastreg, gentimer, psci
 from vcpu_service.arch import EXCEPTION_NAMES, EXCP_HVC, EXCP_SMC, SCTLR_EE_E0E, AArch64, Arch, close_uc
 from vcpu_service.domain import ErrorKind, EventKind
+from vcpu_service.exceptions import irq_masked, take_irq
 from vcpu_service.exits import ExitPath, Forward, PendingAccess, VcpuFault, VmView
+from vcpu_service.gentimer import GenericTimer
+from vcpu_service.interrupts import Ticker, VcpuTimer
 from vcpu_service.memory import Mirror, RamBlock
 
 if TYPE_CHECKING:
     from hdrh.histogram import HdrHistogram
     from unicorn.unicorn_py3 import UcContext
+
+    from vcpu_service.gic import Gic
+
+
+#: Timer registers an EL1 MSR writes through the model; the rest (counters, CNTVOFF_EL2) UNDEF as in QEMU.
+_TIMER_WRITABLE = frozenset(n for n, info in gentimer.REGISTERS.items() if info.writable and n != "CNTVOFF_EL2")
 
 
 class VcpuState(enum.Enum):
@@ -63,11 +73,13 @@ class VcpuState(enum.Enum):
     EXIT_WAIT = "exit pending"
     PAUSED = "paused"
     HALTED = "halted (WFI)"
+    SLEEPING = "waiting for an interrupt (WFI)"
     STOPPED = "stopped"
 
 
 # States in which nothing touches the vCPU's Unicorn instance, so registers can be read.
-QUIESCENT = frozenset({VcpuState.OFF, VcpuState.EXIT_WAIT, VcpuState.PAUSED, VcpuState.HALTED, VcpuState.STOPPED})
+QUIESCENT = frozenset({VcpuState.OFF, VcpuState.EXIT_WAIT, VcpuState.PAUSED, VcpuState.HALTED, VcpuState.SLEEPING,
+                       VcpuState.STOPPED})
 
 
 class VmLink(VmView, Protocol):
@@ -95,6 +107,16 @@ class VmLink(VmView, Protocol):
     def map_generation(self) -> int: ...
     @property
     def mirrors(self) -> dict[tuple[str, str, str], Mirror]: ...
+    @property
+    def gic(self) -> Gic | None: ...
+    @property
+    def vcpus(self) -> list[Vcpu]: ...
+    @property
+    def ticker(self) -> Ticker | None: ...
+
+    def counter_ns(self) -> int:
+        """The board's system counter clock (ns since the VM was made), for the generic timers."""
+        ...
 
     def patched_since(self, generation: int) -> list[tuple[int, int]] | None: ...
     def psci_cpu_on(self, caller: int, target_mpidr: int, entry: int, context: int) -> int: ...
@@ -204,6 +226,14 @@ class Vcpu:
         self.executed = 0
         self.psci_calls = 0
         self.exits = ExitPath(self)
+        # The GIC's IRQ and FIQ outputs to this CPU (``irq_signal``), and its generic timer (virt only).
+        self.irq_line = False
+        self.fiq_line = False
+        self.irqs_taken = 0
+        gic, ticker = vm.gic, vm.ticker
+        self.timer: VcpuTimer | None = None
+        if gic is not None and ticker is not None:
+            self.timer = VcpuTimer(index, gic, vm.counter_ns, ticker.reschedule)
         self.uc = self._new_uc()
 
     # ----- setup -------------------------------------------------------------------------------------
@@ -213,6 +243,9 @@ class Vcpu:
             uc.mem_map_ptr(block.base, block.size, UC_PROT_ALL, block.address)
         self._raw_hooks: list[object] = []  # ctypes callbacks libunicorn holds: keep them alive
         self._hook_error: BaseException | None = None
+        self._unmask_hook: int | None = None  # the block hook watching for PSTATE to unmask a signalled IRQ
+        self._unmask_blocks = 0
+        self._unmask_exhausted = False
         # Device regions are unmapped. ROMD mirrors: a write always exits like MMIO; a read exits while the
         # device traps everything.
         self._raw_hooks.append(fastreg.hook_mem_invalid(
@@ -233,6 +266,10 @@ class Vcpu:
             # MSR: it is cached and any MSR drops the cache (a Python call per MSR, which guests execute rarely,
             # against a CP-register read on every exit and every posted store).
             uc.hook_add(UC_HOOK_INSN, self._on_msr, None, 1, 0, arm64_const.UC_ARM64_INS_MSR)
+            if self.timer is not None:
+                # The generic timer's registers are answered by the model (Unicorn 2.1.4 drops CTL and CVAL
+                # writes); every MRS reaches this hook, so a Python call per MRS on a board with a timer.
+                uc.hook_add(UC_HOOK_INSN, self._on_mrs, None, 1, 0, arm64_const.UC_ARM64_INS_MRS)
         for region, sink in self.vm.posted_windows:
             # Stores land in a sink nobody reads and are queued by the hook; loads fault on the missing
             # read permission and exit. Any write hook sends all loads and stores through Unicorn's slow
@@ -311,9 +348,106 @@ class Vcpu:
                 self._fault_context = self.uc.context_save()
         return False
 
-    def _on_msr(self, _uc: Uc, _reg: int, _cp_reg: object, _user: object) -> bool:
+    def _on_msr(self, uc: Uc, reg: int, cp_reg: object, _user: object) -> bool:
+        """Every MSR: a timer register goes to the model (skipping the instruction); anything else may change
+        SCTLR_EL1, so the cached endianness is dropped and the MSR executes as usual. (Unicorn honours one MSR
+        hook per instruction, so both jobs share this one.)"""
+        timer = self.timer
+        if timer is not None:
+            name = GenericTimer.name_aa64(cp_reg.op0, cp_reg.op1, cp_reg.crn, cp_reg.crm, cp_reg.op2)  # type: ignore[attr-defined]
+            if name is not None and name in _TIMER_WRITABLE:
+                timer.write(name, cp_reg.val)  # type: ignore[attr-defined]
+                return True
+            # A counter (read-only) or CNTVOFF_EL2 (no EL2 here): Unicorn's own handling raises the UNDEF.
         self._sctlr = self._data_big_endian = None
-        return False  # the MSR executes as usual
+        return False
+
+    def _on_mrs(self, uc: Uc, reg: int, cp_reg: object, _user: object) -> bool:
+        """Every MRS: a timer register is read from the model; anything else executes as usual."""
+        timer = self.timer
+        assert timer is not None
+        name = GenericTimer.name_aa64(cp_reg.op0, cp_reg.op1, cp_reg.crn, cp_reg.crm, cp_reg.op2)  # type: ignore[attr-defined]
+        if name is None or name == "CNTVOFF_EL2":
+            return False
+        if reg != arm64_const.UC_ARM64_REG_XZR:
+            uc.reg_write(reg, timer.read(name))
+        return True
+
+    # ----- interrupts ---------------------------------------------------------------------------------------
+    def irq_signal(self, level: bool, fiq: bool = False) -> None:
+        """The GIC's output to this CPU changed (any thread, no GIC lock held). A rising IRQ stops a running
+        vCPU at its next block boundary, or wakes it from WFI; the loop takes it there if PSTATE allows."""
+        if fiq:
+            self.fiq_line = level
+        else:
+            self.irq_line = level
+        if not level:
+            return
+        with self.cond:
+            state = self.state
+            if state is VcpuState.SLEEPING:
+                self.cond.notify_all()
+        if state is VcpuState.RUNNING and threading.current_thread() is not self._thread:
+            self.kick()
+        elif state is VcpuState.RUNNING:
+            self.uc.emu_stop()  # raised by this vCPU inside emu_start (a timer MSR): stop after the instruction
+        ticker = self.vm.ticker
+        if ticker is not None:
+            ticker.reschedule()  # if masked, the ticker brings the vCPU back now and then to look again
+
+    def needs_irq_poll(self) -> bool:
+        """Running with an interrupt signalled: the ticker kicks it until the loop has taken it."""
+        return (self.irq_line or self.fiq_line) and self.state is VcpuState.RUNNING
+
+    #: Blocks the unmask watch looks at before leaving a guest that keeps its IRQs masked to the ticker's polls.
+    UNMASK_WATCH_BLOCKS = 100_000
+
+    def _take_interrupt(self) -> None:
+        """At an instruction boundary: take a signalled FIQ or IRQ that PSTATE does not mask; if every signalled
+        one is masked, watch for the guest to unmask it."""
+        uc = self.uc
+        masked = False
+        for fiq, line in ((True, self.fiq_line), (False, self.irq_line)):
+            if not line:
+                continue
+            if irq_masked(self.arch, uc, fiq):
+                masked = True
+                continue
+            take_irq(self.arch, uc, fiq)
+            self.irqs_taken += 1
+            self._sctlr = self._data_big_endian = None  # the exception level changed
+            self._unwatch_unmask()
+            self._unmask_exhausted = False
+            return
+        if masked and self._unmask_hook is None and not self._unmask_exhausted:
+            self._watch_unmask()
+        elif not masked:
+            self._unwatch_unmask()
+
+    def _watch_unmask(self) -> None:
+        """A signalled interrupt is masked. The instructions that unmask it (MSR DAIFClr/DAIF, CPSIE, MSR CPSR,
+        an exception return) end Unicorn's translation block, as in QEMU, so a block hook sees the first
+        boundary after one: it stops the vCPU there and the loop takes the interrupt. Blocks translated
+        before the hook existed do not call it, hence the flush; the hook goes when the interrupt is taken."""
+        self._unmask_blocks = 0
+        self._unmask_hook = self.uc.hook_add(UC_HOOK_BLOCK, self._on_block_unmask)
+        self.uc.ctl_flush_tb()  # type: ignore[attr-defined]
+
+    def _unwatch_unmask(self) -> None:
+        hook, self._unmask_hook = self._unmask_hook, None
+        if hook is not None:
+            self.uc.hook_del(hook)
+
+    def _on_block_unmask(self, uc: Uc, _address: int, _size: int, _user: object) -> None:
+        self._unmask_blocks += 1
+        arch = self.arch
+        if not ((self.irq_line and not irq_masked(arch, uc)) or (self.fiq_line and not irq_masked(arch, uc, True))):
+            if self._unmask_blocks >= self.UNMASK_WATCH_BLOCKS or not (self.irq_line or self.fiq_line):
+                # A guest that keeps them masked this long is left to the ticker's polls (see interrupts.py).
+                self._unmask_exhausted = bool(self.irq_line or self.fiq_line)
+                uc.emu_stop()
+            return
+        uc.emu_stop()
 
     def big_endian_data(self) -> bool:
         """The data endianness now, for an access (once per exit and per posted store).
@@ -387,6 +521,8 @@ class Vcpu:
                     self._power_on = None
                 self.vm.events.emit(EventKind.VCPU_STARTED, vcpu_id=self.index, pc=entry,
                                     reason=f"vCPU {self.index} started at 0x{entry:x}")
+                if self.timer is not None:
+                    self.timer.reset()  # PSCI CPU_ON and a system reset reset the CPU, its timers with it
                 begin = self.arch.set_entry(self.uc, entry, context)
                 self._run(begin)
         except VcpuFault as fault:
@@ -500,6 +636,12 @@ class Vcpu:
             if self.vm.has_posted:
                 _POSTED_WATCH.add(self)
             self.kick_requested = self.pause_req or self.stop_req or self.off_req
+            if self.irq_line or self.fiq_line:
+                self._take_interrupt()
+                begin = self.arch.start_address(uc, self.arch.pc(uc))
+            elif self._unmask_hook is not None:
+                self._unwatch_unmask()
+                self._unmask_exhausted = False
             status = fastreg.emu_start(uc, begin, never)
             if self._hook_error is not None:
                 hook_error, self._hook_error = self._hook_error, None
@@ -514,9 +656,35 @@ class Vcpu:
                 self.flush_posted(wait=False)  # a slice ended (a kick or WFI): nothing queued may wait longer
                 if self.arch.is_wfi_before(uc, pc):
                     self.flush_posted()
-                    if not self._halt(pc):
+                    if not self._wait_for_interrupt(pc):
                         return
             begin = self.arch.start_address(uc, self.arch.pc(uc))
+
+    def _can_be_woken(self) -> bool:
+        """Whether anything may ever signal this vCPU an interrupt: its GIC CPU interface can signal it, or
+        another vCPU still runs (and may enable it, or send an SGI)."""
+        gic = self.vm.gic
+        if gic is None:
+            return False
+        if gic.can_signal(self.index):
+            return True
+        return any(v is not self and v.state not in (VcpuState.OFF, VcpuState.STOPPED, VcpuState.HALTED)
+                   for v in self.vm.vcpus)
+
+    def _wait_for_interrupt(self, pc: int) -> bool:
+        """WFI: sleep until an interrupt is signalled (masked or not, as on hardware), a pause, a stop or a
+        reset. Returns False when the vCPU must stop. With nothing that can ever wake it, it halts."""
+        with self.cond:
+            while not (self.irq_line or self.fiq_line or self.pause_req or self.stop_req or self.off_req):
+                if not self._can_be_woken():
+                    break
+                self.state = VcpuState.SLEEPING
+                self.cond.notify_all()
+                self.cond.wait(0.1)  # looks again at whether anything can wake it
+            else:
+                self.state = VcpuState.RUNNING
+                return True
+        return self._halt(pc)
 
     def _halt(self, pc: int) -> bool:
         """WFI with nothing that can wake the vCPU (no interrupts yet): it stays halted until the VM stops."""
@@ -524,7 +692,9 @@ class Vcpu:
             self.state = VcpuState.HALTED
             self.cond.notify_all()
         self.vm.events.emit(EventKind.VCPU_STOPPED, vcpu_id=self.index, pc=pc,
-                            reason=f"vCPU {self.index} halted in WFI at 0x{pc - 4:x}; nothing can wake it")
+                            reason=f"vCPU {self.index} halted in WFI at 0x{pc - 4:x}; nothing can wake it"
+                                   + (" (its GIC CPU interface cannot signal it and no other vCPU runs)"
+                                      if self.vm.gic is not None else ""))
         self.vm.check_idle()
         with self.cond:
             while not (self.stop_req or self.off_req) and self._power_on is None:

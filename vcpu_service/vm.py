@@ -24,6 +24,7 @@ from vcpu_service.events import EventLog
 from vcpu_service.exits import new_latency_histogram, summarize
 from vcpu_service.gic import GICC_BASE, GICC_SIZE, GICD_BASE, GICD_SIZE, Gic
 from vcpu_service.handlers import GicRegisters, HandlerRegistry, PostedWrites, ShadowReads, Unmapped
+from vcpu_service.interrupts import Ticker
 from vcpu_service.machines.virt import VirtMachine
 from vcpu_service.memory import Mirror, RamBlock
 from vcpu_service.shadows import ShadowTable
@@ -123,6 +124,9 @@ class Vm:
         # _build_device_map).
         self.handlers = HandlerRegistry((), Unmapped(spec.policies.unmapped_access))
         self.gic: Gic | None = None  # the virt board's, in process
+        # Fires the vCPUs' timer deadlines and brings back vCPUs with a masked IRQ signalled (boards with a GIC).
+        self.ticker: Ticker | None = None
+        self._counter_epoch_ns = time.monotonic_ns()
         self.posted_windows: list[tuple[RemoteRegion, RamBlock]] = []
         self.has_posted = False
         self.ram: list[RamBlock] = []
@@ -136,6 +140,8 @@ class Vm:
                 self._images.append(ImageSpec("virt.dtb", self.machine_dtb(), self.ram[0].base))
             self._load_images()
             self.vcpus = [Vcpu(self, i) for i in range(spec.vcpu_count)]
+            if self.ticker is not None:
+                self.ticker.start(self.vcpus)
             self._start_watches()
         except Exception:
             self._stop_watches()
@@ -163,10 +169,19 @@ class Vm:
             raise VmConfigError(f"RAM of {total / 2**20:g} MiB is over this service's cap of "
                                 f"{ram_cap / 2**20:g} MiB (serve-vcpu --max-ram)")
 
+    def counter_ns(self) -> int:
+        """The system counter's clock: host monotonic ns since the VM was made (QEMU's virtual clock starts with
+        the machine and keeps counting through a reset)."""
+        return time.monotonic_ns() - self._counter_epoch_ns
+
+    def _on_gic_output(self, cpu: int, level: bool) -> None:
+        if cpu < len(self.vcpus):
+            self.vcpus[cpu].irq_signal(level)
+
     def _add_gic(self) -> None:
-        """The virt board's GICv2, in process (its registers only, for now: nothing delivers its IRQ yet)."""
+        """The virt board's GICv2, in process: its registers are handlers, its outputs go to the vCPUs."""
         try:
-            self.gic = Gic(self.spec.vcpu_count)
+            self.gic = Gic(self.spec.vcpu_count, on_irq_change=self._on_gic_output)
         except ValueError as exc:
             raise VmConfigError(f"the virt board's GICv2: {exc} (as in QEMU, virt with a GICv2 takes at most 8 "
                                 "vCPUs)") from None
@@ -176,6 +191,7 @@ class Vm:
                                                                   self.policies.device_error))
             except ValueError as exc:
                 raise VmConfigError(f"the virt board's GIC: {exc}") from None
+        self.ticker = Ticker(self.vm_id, self.counter_ns)
 
     def _ram_block(self, address: int, length: int) -> RamBlock | None:
         for block in self.ram:
@@ -654,6 +670,8 @@ class Vm:
         self._release_memory()
 
     def _release_memory(self) -> None:
+        if self.ticker is not None:
+            self.ticker.stop()
         for block in self.ram:
             block.close()
         for mirror in self.mirrors.values():
