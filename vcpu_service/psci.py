@@ -100,3 +100,8 @@ def decode_call(x0: int, x1: int, x2: int, x3: int, is_64bit: bool) -> PsciCall:
 def mpidr_to_vcpu(mpidr: int) -> int:
     """vCPU index from an MPIDR affinity value: Aff0 + 16 * Aff1 (flat numbering, as QEMU's virt)."""
     return (mpidr & 0xFF) + 16 * ((mpidr >> 8) & 0xFF)
+
+
+def vcpu_affinity(index: int) -> int:
+    """MPIDR's affinity fields for vCPU ``index``, the inverse of ``mpidr_to_vcpu``."""
+    return (index % 16) | (index // 16) << 8

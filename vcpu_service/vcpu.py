@@ -62,6 +62,8 @@ if TYPE_CHECKING:
     from vcpu_service.gic import Gic
 
 
+_MPIDR_EL1 = (3, 0, 0, 0, 5)
+
 #: Timer registers an EL1 MSR writes through the model; the rest (counters, CNTVOFF_EL2) UNDEF as in QEMU.
 _TIMER_WRITABLE = frozenset(n for n, info in gentimer.REGISTERS.items() if info.writable and n != "CNTVOFF_EL2")
 
@@ -226,6 +228,8 @@ class Vcpu:
         self.executed = 0
         self.psci_calls = 0
         self.exits = ExitPath(self)
+        #: MPIDR as QEMU's virt gives CPU n (bit 31 RES1, affinity as ``psci.mpidr_to_vcpu`` reads it back).
+        self.mpidr = 0x8000_0000 | psci.vcpu_affinity(index)
         # The GIC's IRQ and FIQ outputs to this CPU (``irq_signal``), and its generic timer (virt only).
         self.irq_line = False
         self.fiq_line = False
@@ -266,10 +270,14 @@ class Vcpu:
             # MSR: it is cached and any MSR drops the cache (a Python call per MSR, which guests execute rarely,
             # against a CP-register read on every exit and every posted store).
             uc.hook_add(UC_HOOK_INSN, self._on_msr, None, 1, 0, arm64_const.UC_ARM64_INS_MSR)
-            if self.timer is not None:
+            if self.timer is not None or self.index:
                 # The generic timer's registers are answered by the model (Unicorn 2.1.4 drops CTL and CVAL
-                # writes); every MRS reaches this hook, so a Python call per MRS on a board with a timer.
+                # writes), and MPIDR_EL1 by the vCPU (Unicorn's one CPU is always CPU 0); every MRS reaches this
+                # hook, so a Python call per MRS on a board with a timer.
                 uc.hook_add(UC_HOOK_INSN, self._on_mrs, None, 1, 0, arm64_const.UC_ARM64_INS_MRS)
+        elif self.index:
+            # AArch32 has no MRS hook, but with EL2 present an MRC of MPIDR at PL1 reads VMPIDR (QEMU's mpidr_read).
+            uc.cpr_write(15, 4, 0, 0, 5, 0, False, self.mpidr)  # type: ignore[attr-defined]
         for region, sink in self.vm.posted_windows:
             # Stores land in a sink nobody reads and are queued by the hook; loads fault on the missing
             # read permission and exit. Any write hook sends all loads and stores through Unicorn's slow
@@ -363,11 +371,16 @@ class Vcpu:
         return False
 
     def _on_mrs(self, uc: Uc, reg: int, cp_reg: object, _user: object) -> bool:
-        """Every MRS: a timer register is read from the model; anything else executes as usual."""
+        """Every MRS: a timer register is read from the model, MPIDR_EL1 gives this vCPU's affinity; anything
+        else executes as usual."""
+        key = (cp_reg.op0, cp_reg.op1, cp_reg.crn, cp_reg.crm, cp_reg.op2)  # type: ignore[attr-defined]
+        if key == _MPIDR_EL1:
+            if reg != arm64_const.UC_ARM64_REG_XZR:
+                uc.reg_write(reg, self.mpidr)
+            return True
         timer = self.timer
-        assert timer is not None
-        name = GenericTimer.name_aa64(cp_reg.op0, cp_reg.op1, cp_reg.crn, cp_reg.crm, cp_reg.op2)  # type: ignore[attr-defined]
-        if name is None or name == "CNTVOFF_EL2":
+        name = None if timer is None else GenericTimer.name_aa64(*key)
+        if timer is None or name is None or name == "CNTVOFF_EL2":
             return False
         if reg != arm64_const.UC_ARM64_REG_XZR:
             uc.reg_write(reg, timer.read(name))
