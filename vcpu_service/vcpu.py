@@ -48,6 +48,7 @@ from unicorn import (
 from mmiosplit.mmio import Completion, DeviceEndpoint, ExitChannel, RemoteRegion, TransportError
 from vcpu_service import fastreg, gentimer, psci
 from vcpu_service.arch import EXCEPTION_NAMES, EXCP_HVC, EXCP_SMC, SCTLR_EE_E0E, AArch64, Arch, close_uc
+from vcpu_service.cp15trap import TimerTrap
 from vcpu_service.domain import ErrorKind, EventKind
 from vcpu_service.exceptions import irq_masked, take_irq
 from vcpu_service.exits import ExitPath, Forward, PendingAccess, VcpuFault, VmView
@@ -66,6 +67,7 @@ _MPIDR_EL1 = (3, 0, 0, 0, 5)
 
 #: Timer registers an EL1 MSR writes through the model; the rest (counters, CNTVOFF_EL2) UNDEF as in QEMU.
 _TIMER_WRITABLE = frozenset(n for n, info in gentimer.REGISTERS.items() if info.writable and n != "CNTVOFF_EL2")
+_TIMER_READABLE = frozenset(n for n in gentimer.REGISTERS if n != "CNTVOFF_EL2")
 
 
 class VcpuState(enum.Enum):
@@ -250,6 +252,7 @@ class Vcpu:
         self._unmask_hook: int | None = None  # the block hook watching for PSTATE to unmask a signalled IRQ
         self._unmask_blocks = 0
         self._unmask_exhausted = False
+        self._cp15: TimerTrap | None = None  # AArch32's timer accesses (AArch64 has MRS/MSR hooks)
         # Device regions are unmapped. ROMD mirrors: a write always exits like MMIO; a read exits while the
         # device traps everything.
         self._raw_hooks.append(fastreg.hook_mem_invalid(
@@ -275,7 +278,10 @@ class Vcpu:
                 # writes), and MPIDR_EL1 by the vCPU (Unicorn's one CPU is always CPU 0); every MRS reaches this
                 # hook, so a Python call per MRS on a board with a timer.
                 uc.hook_add(UC_HOOK_INSN, self._on_mrs, None, 1, 0, arm64_const.UC_ARM64_INS_MRS)
-        elif self.index:
+        else:
+            self._cp15 = None if self.timer is None else TimerTrap(
+                uc, self.timer.read, self.timer.write, self.arch.condition_passed, _TIMER_READABLE, _TIMER_WRITABLE)
+        if not self._a64 and self.index:
             # AArch32 has no MRS hook, but with EL2 present an MRC of MPIDR at PL1 reads VMPIDR (QEMU's mpidr_read).
             uc.cpr_write(15, 4, 0, 0, 5, 0, False, self.mpidr)  # type: ignore[attr-defined]
         for region, sink in self.vm.posted_windows:
@@ -665,6 +671,8 @@ class Vcpu:
             elif self._stop_cause is not None:
                 if not self._on_stop_cause(self._stop_cause):
                     return
+            elif self._cp15 is not None and self._cp15.instrument_pending():
+                pass  # code never run before stopped at its first block to have its timer accesses hooked
             elif not (self.pause_req or self.stop_req):
                 self.flush_posted(wait=False)  # a slice ended (a kick or WFI): nothing queued may wait longer
                 if self.arch.is_wfi_before(uc, pc):
