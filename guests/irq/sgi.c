@@ -10,6 +10,11 @@
  *   wakes CPU 1 to read a command (hold, off) from RAM.
  * Every handler records the INTID and the source CPU (GICC_IAR bits 12:10)
  * in its own CPU's log; only CPU 0 prints, so the output is deterministic.
+ * After each step (being up, each SGI taken, holding) CPU 1 sends SGI 15 to
+ * CPU 0, which waits for the step's result in RAM sleeping in WFI, woken by
+ * those SGIs, instead of polling for a bounded time: nothing depends on how
+ * fast either CPU runs. (SGI 15s can merge while pending, so they are only
+ * wake-ups, never counted.)
  * At the end CPU 1 calls PSCI CPU_OFF, CPU 0 waits for AFFINITY_INFO to say
  * OFF, and powers the system off.
  */
@@ -17,6 +22,7 @@
 
 #define MAX_LOG 16
 #define DOORBELL 0
+#define ACK 15
 
 enum { CMD_NONE, CMD_HOLD, CMD_RELEASE, CMD_OFF };
 
@@ -36,6 +42,8 @@ void irq_handler(u32 iar)
     u32 me = mpidr_aff0() & 1;
     u32 intid = iar & 0x3ff, source = (iar >> 10) & 7;
     struct cpu_log *log = &logs[me];
+    if (me == 0 && intid == ACK && source == 1)
+        return; /* a wake-up only */
     u32 n = log->n;
     if (n < MAX_LOG) {
         log->intid[n] = intid;
@@ -47,6 +55,8 @@ void irq_handler(u32 iar)
         doorbells++;
     if (me == 1 && intid == 4)
         gic_send_sgi(0, 1u << 0, 5); /* target list: cpu0 */
+    if (me == 1)
+        gic_send_sgi(0, 1u << 0, ACK);
 }
 
 /* the SGIs of this CPU (banked): enabled, priority 0xa0, SGI 7 at 0x80 */
@@ -58,26 +68,8 @@ static void sgi_setup(void)
     gic_cpu_init();
 }
 
-/* cpu0 waits for cpu1 (bounded: a hang becomes a message) */
-static void spin_for(volatile u32 *p, u32 value)
-{
-    for (u32 i = 0; i < SPIN_LIMIT; i++) {
-        if (*p >= value)
-            return;
-    }
-    uart_puts("timeout\n");
-    system_off();
-}
-
-/* wait until `cpu` has taken `upto` SGIs: cpu0 sleeps for its own */
-static void expect_log(u32 cpu, u32 upto)
-{
-    struct cpu_log *log = &logs[cpu];
-    if (cpu == 0)
-        WAIT_FOR(log->n >= upto);
-    else
-        spin_for(&log->n, upto);
-}
+/* cpu0 sleeps until `cpu` has taken `upto` SGIs (other than cpu1's wake-ups) */
+static void wait_log(u32 cpu, u32 upto) { WAIT_FOR(logs[cpu].n >= upto); }
 
 static void print_log(u32 cpu, u32 i, const char *note)
 {
@@ -115,7 +107,7 @@ int main(ureg ctx)
     uart_putc('\n');
     if (on != 0)
         system_off();
-    spin_for(&cpu1_ready, 1);
+    WAIT_FOR(cpu1_ready);
     uart_puts("cpu1 up: mpidr aff0 ");
     put_dec(cpu1_aff0);
     uart_puts(", itargetsr0 ");
@@ -124,32 +116,32 @@ int main(ureg ctx)
 
     /* target list */
     gic_send_sgi(0, 1u << 1, 1);
-    expect_log(1, 1);
+    wait_log(1, 1);
     print_log(1, 0, " (target list)");
     /* all but self */
     gic_send_sgi(1, 0, 2);
-    expect_log(1, 2);
+    wait_log(1, 2);
     print_log(1, 1, " (all but self)");
     /* self only */
     gic_send_sgi(2, 0, 3);
-    expect_log(0, 1);
+    wait_log(0, 1);
     print_log(0, 0, " (self)");
     /* cpu1 answers SGI 4 with SGI 5 to cpu0 */
     gic_send_sgi(0, 1u << 1, 4);
-    expect_log(0, 2);
-    expect_log(1, 3);
+    wait_log(0, 2);
+    wait_log(1, 3);
     print_log(1, 2, "");
     print_log(0, 1, " (sent by cpu1's handler)");
 
     /* priorities: two SGIs pending at once on a CPU with IRQs masked */
     command(CMD_HOLD);
-    spin_for(&cmd_ack, CMD_HOLD);
+    WAIT_FOR(cmd_ack == CMD_HOLD);
     print_log(1, 3, " (doorbell: hold)");
     gic_send_sgi(0, 1u << 1, 6);
     gic_send_sgi(0, 1u << 1, 7);
     dsb();
     cmd = CMD_RELEASE;
-    expect_log(1, 6);
+    wait_log(1, 6);
     uart_puts("cpu1 hppir with 6 and 7 pending: sgi ");
     put_dec(cpu1_hppir & 0x3ff);
     uart_puts(" from cpu");
@@ -160,6 +152,7 @@ int main(ureg ctx)
 
     /* cpu1 powers itself off */
     command(CMD_OFF);
+    wait_log(1, 7); /* the doorbell taken: cpu_off comes next */
     sreg state = 0;
     for (u32 i = 0; i < SPIN_LIMIT / 64; i++) {
         state = psci_call(PSCI_AFFINITY_INFO, 1, 0, 0);
@@ -172,7 +165,7 @@ int main(ureg ctx)
     print_log(1, 6, " (doorbell: off)");
     uart_puts("cpu0 took ");
     put_dec(logs[0].n);
-    uart_puts(", cpu1 took ");
+    uart_puts(" sgis, cpu1 took ");
     put_dec(logs[1].n);
     uart_puts(" sgis\ndone\n");
     system_off();
@@ -184,8 +177,8 @@ void secondary_main(ureg ctx)
     sgi_setup();
     cpu1_aff0 = mpidr_aff0();
     cpu1_targets = gicd_read(GICD_ITARGETSR); /* banked, read-only: this CPU's bit */
-    dsb();
     cpu1_ready = 1;
+    gic_send_sgi(0, 1u << 0, ACK); /* dsb inside */
 
     /* Commands come with a doorbell SGI sent after the command is written, so
      * the command is read only once its doorbell has been taken (and logged). */
@@ -197,6 +190,7 @@ void secondary_main(ureg ctx)
         if (cmd == CMD_HOLD) {
             /* IRQs stay masked (WAIT_FOR returns so) until cpu0 has sent 6 and 7 */
             cmd_ack = CMD_HOLD;
+            gic_send_sgi(0, 1u << 0, ACK);
             while (cmd != CMD_RELEASE)
                 ;
             dsb();

@@ -5,7 +5,8 @@
  *     with CNTV_TVAL, the next ones by moving CNTV_CVAL on; sleeping in WFI
  *     in between. The last tick masks the timer (IMASK) instead of re-arming.
  *  2. the virtual timer with IMASK set: ISTATUS rises, nothing is pending in
- *     the GIC and no IRQ comes; clearing IMASK delivers it.
+ *     the GIC and no IRQ comes (IRQs unmasked at the CPU meanwhile); clearing
+ *     IMASK delivers it.
  *  3. three ticks of the physical timer (PPI 30) with CNTP_TVAL.
  *  4. both timers expired at once with IRQs masked at the CPU: the GIC takes
  *     the higher priority first (PPI 30 at 0x80 before PPI 27 at 0xa0).
@@ -141,6 +142,9 @@ int main(ureg ctx)
     cntv_ctl_set(CTL_ENABLE | CTL_IMASK);
     irq_unmask(); /* an interrupt the timer should not raise would be taken here */
     spin_until(1, cntv_cval());
+    /* ISTATUS may trail the counter a little (QEMU updates it from a host timer) */
+    for (u32 i = 0; i < SPIN_LIMIT && !(cntv_ctl() & CTL_ISTATUS); i++)
+        ;
     isb();
     irq_mask();
     uart_puts("imask set: ctl ");
