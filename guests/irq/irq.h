@@ -151,6 +151,7 @@ static inline void irq_unmask(void) { __asm__ volatile("cpsie i" ::: "memory"); 
 #define SYSREG_R(name) ({ u64 _v; __asm__ volatile("mrs %0, " #name : "=r"(_v)::"memory"); _v; })
 #define SYSREG_W(name, v) __asm__ volatile("msr " #name ", %0" ::"r"((u64)(v)) : "memory")
 static inline u32 mpidr_aff0(void) { return (u32)SYSREG_R(mpidr_el1) & 0xff; }
+static inline u32 cpu_id(void) { return (u32)SYSREG_R(tpidr_el1); } /* set by start64.S */
 static inline u32 cntfrq(void) { return (u32)SYSREG_R(cntfrq_el0); }
 static inline u64 cntvct(void) { isb(); return SYSREG_R(cntvct_el0); }
 static inline u64 cntpct(void) { isb(); return SYSREG_R(cntpct_el0); }
@@ -174,6 +175,7 @@ static inline void cntp_tval_set(u32 v) { SYSREG_W(cntp_tval_el0, v); isb(); }
 #define CP15_W64(op1, crm, v) __asm__ volatile( \
     "mcrr p15, " #op1 ", %Q0, %R0, " #crm ::"r"((u64)(v)) : "memory")
 static inline u32 mpidr_aff0(void) { return CP15_R(c0, 0, c0, 5) & 0xff; }   /* MPIDR */
+static inline u32 cpu_id(void) { return CP15_R(c13, 0, c0, 4); }             /* TPIDRPRW, set by start32.S */
 static inline u32 cntfrq(void) { return CP15_R(c14, 0, c0, 0); }             /* CNTFRQ */
 static inline u64 cntvct(void) { isb(); return CP15_R64(1, c14); }           /* CNTVCT */
 static inline u64 cntpct(void) { isb(); return CP15_R64(0, c14); }           /* CNTPCT */

@@ -162,7 +162,7 @@ void unexpected_exception(ureg n, ureg syndrome, ureg ret)
     uart_puts("unexpected exception ");
     put_dec((u32)n);
     uart_puts(" on cpu");
-    put_dec(mpidr_aff0());
+    put_dec(cpu_id());
     uart_puts(": syndrome ");
     put_hex((u32)syndrome, 8);
     uart_puts(" at ");

@@ -39,7 +39,7 @@ static volatile u32 doorbells; /* SGI 0s taken by cpu1 */
 
 void irq_handler(u32 iar)
 {
-    u32 me = mpidr_aff0() & 1;
+    u32 me = cpu_id() & 1; /* the CPU number from start*.S, not MPIDR */
     u32 intid = iar & 0x3ff, source = (iar >> 10) & 7;
     struct cpu_log *log = &logs[me];
     if (me == 0 && intid == ACK && source == 1)

@@ -6,7 +6,10 @@
  *                   Copies .data from flash to RAM, clears .bss, main(0).
  * secondary_entry : entry point given to PSCI CPU_ON; r0 = context id,
  *                   which must be the CPU number (it picks the stacks).
+ *                   A RAM trampoline (copied with .data) that jumps to
+ *                   secondary_start in flash (see start64.S for why).
  *
+ * The CPU number (0, or the context id) is kept in TPIDRPRW for cpu_id().
  * Each CPU's 16 KiB stack block: SVC stack at the top, IRQ-mode stack in the
  * low 4 KiB. VBAR points at the table below (SCTLR.V = 0): IRQ at +0x18,
  * returning with the equivalent of `subs pc, lr, #4`. Every other vector
@@ -42,14 +45,16 @@ _start:
         str     r4, [r2]
         add     r2, r2, #4
         b       3b
-4:      mov     r0, #0
+4:      mcr     p15, 0, r4, c7, c5, 0           /* ICIALLU: code was copied (the trampoline) */
+        dsb     sy
+        isb
+        mov     r0, #0
         ldr     r4, =main
         b       cpu_entry_common
         .size   _start, . - _start
 
-        .global secondary_entry
-        .type   secondary_entry, %function
-secondary_entry:
+        .type   secondary_start, %function
+secondary_start:
         ldr     r4, =secondary_main
 cpu_entry_common:
         cmp     r0, #MAX_CPUS
@@ -63,6 +68,7 @@ cpu_entry_common:
         cps     #MODE_SVC
         add     r2, r1, #(1 << STACK_SHIFT)
         mov     sp, r2
+        mcr     p15, 0, r0, c13, c0, 4          /* TPIDRPRW: cpu_id() */
         ldr     r1, =vectors
         mcr     p15, 0, r1, c12, c0, 0          /* VBAR */
         isb
@@ -70,8 +76,18 @@ cpu_entry_common:
 park:   cpsid   aif
         wfi
         b       park
-        .size   secondary_entry, . - secondary_entry
+        .size   secondary_start, . - secondary_start
         .ltorg
+
+/* in RAM (.ramtext, copied with .data): the address given to PSCI CPU_ON */
+        .section .ramtext, "awx"
+        .balign 4
+        .global secondary_entry
+        .type   secondary_entry, %function
+secondary_entry:
+        ldr     pc, 1f
+1:      .word   secondary_start
+        .size   secondary_entry, . - secondary_entry
 
 /* -------------------------------------------------------------------------- */
 /* vectors (VBAR needs 32-byte alignment)                                    */

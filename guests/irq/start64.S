@@ -6,8 +6,14 @@
  *                   .data from flash to RAM, clears .bss, then main(0).
  * secondary_entry : entry point given to PSCI CPU_ON; x0 = context id,
  *                   which must be the CPU number (it picks the stack).
+ *                   A RAM trampoline (copied with .data) that jumps to
+ *                   secondary_start in flash: QEMU's PSCI takes an entry
+ *                   point in flash, but a CPU_ON entry outside RAM is
+ *                   something a VMM may refuse (mmiosplit does), and the
+ *                   guests are about interrupts, not that.
  *
- * Both set VBAR_EL1 to the vector table below and call C with IRQs still
+ * Both keep the CPU number (0, or the context id) in TPIDR_EL1 for cpu_id(),
+ * set VBAR_EL1 to the vector table below and call C with IRQs still
  * masked. Only the "current EL with SP_ELx" IRQ vector (+0x280) is used; every
  * other vector reports an unexpected exception and powers off. No access
  * here touches a device, and no load/store writes back its base register.
@@ -36,14 +42,16 @@ _start:
         str     xzr, [x2]
         add     x2, x2, #8
         b       3b
-4:      mov     x0, #0
+4:      ic      iallu                           /* code was copied (the trampoline) */
+        dsb     sy
+        isb
+        mov     x0, #0
         ldr     x30, =main
         b       cpu_entry_common
         .size   _start, . - _start
 
-        .global secondary_entry
-        .type   secondary_entry, %function
-secondary_entry:
+        .type   secondary_start, %function
+secondary_start:
         ldr     x30, =secondary_main
 cpu_entry_common:
         cmp     x0, #MAX_CPUS
@@ -53,6 +61,7 @@ cpu_entry_common:
         lsl     x2, x2, #STACK_SHIFT
         add     x1, x1, x2
         mov     sp, x1
+        msr     tpidr_el1, x0                   /* cpu_id() */
         ldr     x1, =vectors
         msr     vbar_el1, x1
         isb
@@ -60,8 +69,20 @@ cpu_entry_common:
 park:   msr     daifset, #0xf
         wfi
         b       park
-        .size   secondary_entry, . - secondary_entry
+        .size   secondary_start, . - secondary_start
         .ltorg
+
+/* in RAM (.ramtext, copied with .data): the address given to PSCI CPU_ON */
+        .section .ramtext, "awx"
+        .balign 8
+        .global secondary_entry
+        .type   secondary_entry, %function
+secondary_entry:
+        ldr     x1, 1f
+        br      x1
+        .balign 8
+1:      .quad   secondary_start
+        .size   secondary_entry, . - secondary_entry
 
 /* -------------------------------------------------------------------------- */
 /* vectors: 16 entries of 0x80 bytes, table aligned to 2 KiB                 */
