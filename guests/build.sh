@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build the mmiosplit test guests: hello-a64, hello-a32 and hello-t32.
+# Build the mmiosplit test guests: hello-a64, hello-a32 and hello-t32, and the
+# interrupt guests timer-tick, uart-echo and sgi (each -a64 and -a32, from irq/).
 #
 #   guests/build.sh           build with Debian's gcc cross compilers
 #                             (gcc-aarch64-linux-gnu, gcc-arm-none-eabi)
@@ -8,7 +9,9 @@
 #
 # Intermediate files (ELF, flat binary, disassembly, map) go to
 # guests/build/<toolchain>/ (ignored by git); the flat binaries are copied to
-# guests/bin/hello-{a64,a32,t32}.bin (committed; load at 0x40080000).
+# guests/bin/hello-{a64,a32,t32}.bin (committed; load at 0x40080000) and
+# guests/bin/{timer-tick,uart-echo,sgi}-{a64,a32}.bin (committed; flash bank 0
+# of QEMU's virt board at address 0, as with qemu -bios).
 #
 # Debian 12 packages: gcc-aarch64-linux-gnu gcc-arm-none-eabi
 #                     (for --clang: clang lld llvm)
@@ -25,7 +28,7 @@ case "${1:-}" in
     --gcc) toolchain=gcc ;;
     --check) check=1 ;;
     --clang) toolchain=clang ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "usage: $0 [--gcc|--clang|--check]" >&2; exit 2 ;;
 esac
 
@@ -46,7 +49,7 @@ common=(
     -ffreestanding -fno-builtin -nostdlib -nostartfiles -static
     -fno-pic -fno-pie -fno-stack-protector
     -fno-asynchronous-unwind-tables -fno-unwind-tables -fno-exceptions
-    -Wl,-T,"$src/link.ld" -Wl,--build-id=none -Wl,-z,noexecstack
+    -Wl,--build-id=none -Wl,-z,noexecstack
 )
 a64_flags=(-mgeneral-regs-only -mstrict-align -mbranch-protection=none)
 arm_flags=(-mcpu=cortex-a15 -mfloat-abi=soft -mno-unaligned-access)
@@ -84,7 +87,7 @@ build() {
     local start="$src/start64.S"
     [[ $name == a64 ]] || start="$src/start32.S"
 
-    "$@" "${common[@]}" -Wl,-Map,"$out/hello-$name.map" \
+    "$@" "${common[@]}" -Wl,-T,"$src/link.ld" -Wl,-Map,"$out/hello-$name.map" \
         -o "$elf" "$start" "$src/hello.c"
     "$objcopy" -O binary "$elf" "$bin"
     "$objdump" -d "$elf" >"$out/hello-$name.dis"
@@ -100,23 +103,59 @@ build() {
         "$(sha256sum "$bin" | cut -d' ' -f1)" "build/$toolchain/hello-$name.elf"
 }
 
+# build_irq <guest> <source> <arch> <objcopy> <objdump> <compiler + flags...>
+# An interrupt guest: irq/start{64,32}.S + irq/lib.c + irq/<source>, linked at 0 (flash).
+build_irq() {
+    local guest=$1 source=$2 arch=$3 objcopy=$4 objdump=$5
+    shift 5
+    local irq="$here/irq" name="$guest-$arch"
+    local elf="$out/$name.elf" bin="$out/$name.bin"
+    local start="$irq/start64.S"
+    [[ $arch == a64 ]] || start="$irq/start32.S"
+
+    "$@" "${common[@]}" -Wl,-T,"$irq/link.ld" -Wl,-Map,"$out/$name.map" \
+        -o "$elf" "$start" "$irq/lib.c" "$irq/$source"
+    "$objcopy" -O binary "$elf" "$bin"
+    "$objdump" -d "$elf" >"$out/$name.dis"
+
+    local got
+    got=$("$readelf" -h "$elf" | awk '/Entry point address/ {print $NF}')
+    if [[ $((got)) -ne 0 ]]; then
+        echo "error: $elf: entry $got, expected 0 (flash)" >&2
+        exit 1
+    fi
+    printf '  %-18s %6d bytes  entry 0x0  sha256 %.16s  (%s)\n' \
+        "$name.bin" "$(stat -c %s "$bin")" \
+        "$(sha256sum "$bin" | cut -d' ' -f1)" "build/$toolchain/$name.elf"
+}
+
+irq_guests=(timer-tick:timer_tick.c uart-echo:uart_echo.c sgi:sgi.c)
+bins=(hello-a64 hello-a32 hello-t32)
+
 echo "building guests with $toolchain:"
 build a64 0x40080000 "$objcopy_a64" "$objdump_a64" "${cc_a64[@]}" "${a64_flags[@]}"
 build a32 0x40080000 "$objcopy_arm" "$objdump_arm" "${cc_arm[@]}" "${arm_flags[@]}" -marm
 build t32 0x40080001 "$objcopy_arm" "$objdump_arm" "${cc_arm[@]}" "${arm_flags[@]}" -mthumb
+for g in "${irq_guests[@]}"; do
+    guest=${g%%:*} source=${g#*:}
+    build_irq "$guest" "$source" a64 "$objcopy_a64" "$objdump_a64" "${cc_a64[@]}" "${a64_flags[@]}"
+    build_irq "$guest" "$source" a32 "$objcopy_arm" "$objdump_arm" "${cc_arm[@]}" "${arm_flags[@]}" -marm
+    bins+=("$guest-a64" "$guest-a32")
+done
 if [ "$check" = 1 ]; then
-    for name in a64 a32 t32; do
-        cmp "$out/hello-$name.bin" "$bindir/hello-$name.bin" || {
-            echo "guests/bin/hello-$name.bin is stale: rebuild with guests/build.sh and commit it" >&2
+    for name in "${bins[@]}"; do
+        cmp "$out/$name.bin" "$bindir/$name.bin" || {
+            echo "guests/bin/$name.bin is stale: rebuild with guests/build.sh and commit it" >&2
             exit 1
         }
     done
     echo "guests/bin matches a fresh build from source"
     exit 0
 fi
-# copy only after all three built, so a failed build never leaves a mix in bin/
-for name in a64 a32 t32; do
-    cp "$out/hello-$name.bin" "$bindir/hello-$name.bin"
+# copy only after everything built, so a failed build never leaves a mix in bin/
+for name in "${bins[@]}"; do
+    cp "$out/$name.bin" "$bindir/$name.bin"
 done
-echo "copied to $bindir/hello-{a64,a32,t32}.bin"
-echo "load each .bin at 0x40080000; a64/a32 start at 0x40080000, t32 at 0x40080001 (Thumb)"
+echo "copied to $bindir: ${bins[*]/%/.bin}"
+echo "hello: load at 0x40080000; a64/a32 start at 0x40080000, t32 at 0x40080001 (Thumb)"
+echo "timer-tick, uart-echo, sgi: flash bank 0 at address 0 (qemu -bios / mmiosplit run --machine virt)"
