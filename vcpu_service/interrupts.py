@@ -83,6 +83,9 @@ class VcpuTimer:
     def reset(self) -> None:
         """A CPU reset (power-on, PSCI CPU_ON, system reset): timers disabled; the counter keeps counting."""
         with self._lock:
+            for timer in self.model.timers:
+                timer.write_ctl(0)
+            self.model.update()  # lowers a line the reset is about to forget it drove
             epoch = self.model.epoch_ns
             self.model.reset()
             self.model.epoch_ns = epoch  # the system counter is the board's, not the CPU's

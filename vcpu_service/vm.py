@@ -522,8 +522,9 @@ class Vm:
         if target >= len(self.vcpus) or target_mpidr >> 24:
             return psci.INVALID_PARAMETERS
         entry_addr = entry & ~1 if self.arch.name == "arm" else entry
-        if self._ram_block(entry_addr, 2) is None:
-            return psci.INVALID_PARAMETERS
+        if self._ram_block(entry_addr, 2) is None and not any(
+                m.region.base <= entry_addr < m.region.end for m in self.mirrors.values()):
+            return psci.INVALID_PARAMETERS  # neither RAM nor flash (QEMU starts the CPU there and it faults)
         with self.lock:
             vcpu = self.vcpus[target]
             if vcpu.state is VcpuState.STARTING:
