@@ -17,7 +17,6 @@ exit, a WFI or a GIC access brings the vCPU back to the loop at once).
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -36,8 +35,7 @@ class TimerLines(Protocol):
 class VcpuTimer:
     """One vCPU's generic timer, shared by its thread (MRS/MSR hooks) and the ticker (deadlines).
 
-    Level changes are collected under the timer's lock and driven onto the GIC after it is released, so no
-    lock is ever taken inside another here."""
+    Level changes are collected and driven onto the GIC under the timer's lock, in the order they happened."""
 
     def __init__(self, cpu: int, lines: TimerLines, clock: Callable[[], int], on_change: Callable[[], None]) -> None:
         self.cpu = cpu
@@ -51,8 +49,10 @@ class VcpuTimer:
         self._changes.append((intid, level))
 
     def _drive(self) -> None:
-        with self._lock:
-            changes, self._changes = self._changes, []
+        """Deliver collected changes; called with the lock held. Two threads driving one after the other could
+        deliver their changes in the wrong order and leave the GIC's line low under a model that says high.
+        The GIC and the vCPU it signals never call back into the timer, so this lock nests in nothing."""
+        changes, self._changes = self._changes, []
         for intid, level in changes:
             self._lines.set_ppi(self.cpu, intid, level)
 
@@ -66,14 +66,18 @@ class VcpuTimer:
         with self._lock:
             self.model.write(name, value)
             self.model.update()
-        self._drive()
+            self._drive()
         self._on_change()
 
-    def poll(self) -> None:
-        """Time may have passed a deadline: recompute the outputs."""
+    def poll(self) -> int | None:
+        """Time may have passed a deadline: recompute the outputs; returns the next deadline (``deadline_ns``).
+
+        Both under one lock: a deadline read after the time passed it, with no update between, would be None
+        (the model counts a fired timer as having nothing to wait for) and the line would never rise."""
         with self._lock:
             self.model.update()
-        self._drive()
+            self._drive()
+            return self.model.next_deadline()
 
     def deadline_ns(self) -> int | None:
         """The clock value at which an output next rises on its own, or None."""
@@ -86,11 +90,12 @@ class VcpuTimer:
             for timer in self.model.timers:
                 timer.write_ctl(0)
             self.model.update()  # lowers a line the reset is about to forget it drove
+            self._drive()
             epoch = self.model.epoch_ns
             self.model.reset()
             self.model.epoch_ns = epoch  # the system counter is the board's, not the CPU's
             self.model.update()
-        self._drive()
+            self._drive()
         self._on_change()
 
 
@@ -137,7 +142,10 @@ class Ticker:
 
     def _run(self) -> None:
         while True:
-            deadlines = [d for v in self._vcpus if v.timer is not None and (d := v.timer.deadline_ns()) is not None]
+            deadlines = [d for v in self._vcpus if v.timer is not None and (d := v.timer.poll()) is not None]
+            for v in self._vcpus:
+                if v.needs_irq_poll():
+                    v.kick()
             polling = any(v.needs_irq_poll() for v in self._vcpus)
             now = self._clock()
             timeout: float | None = None
@@ -153,11 +161,3 @@ class Ticker:
                 self._dirty = False
                 if self._stopping:
                     return
-            for v in self._vcpus:
-                if v.timer is not None:
-                    v.timer.poll()
-            for v in self._vcpus:
-                if v.needs_irq_poll():
-                    v.kick()
-            if polling:
-                time.sleep(0)  # let the kicked vCPUs run before looking again

@@ -438,7 +438,9 @@ class Vcpu:
             self._unwatch_unmask()
             self._unmask_exhausted = False
             return
-        if masked and self._unmask_hook is None and not self._unmask_exhausted:
+        if masked and self._unmask_exhausted:
+            self._unwatch_unmask()  # the ticker's polls look from now on
+        elif masked and self._unmask_hook is None:
             self._watch_unmask()
         elif not masked:
             self._unwatch_unmask()
@@ -461,9 +463,9 @@ class Vcpu:
         self._unmask_blocks += 1
         arch = self.arch
         if not ((self.irq_line and not irq_masked(arch, uc)) or (self.fiq_line and not irq_masked(arch, uc, True))):
-            if self._unmask_blocks >= self.UNMASK_WATCH_BLOCKS or not (self.irq_line or self.fiq_line):
+            if self._unmask_blocks == self.UNMASK_WATCH_BLOCKS:
                 # A guest that keeps them masked this long is left to the ticker's polls (see interrupts.py).
-                self._unmask_exhausted = bool(self.irq_line or self.fiq_line)
+                self._unmask_exhausted = True
                 uc.emu_stop()
             return
         uc.emu_stop()
