@@ -1,0 +1,193 @@
+"""Every synchronous exception a guest can raise reaches its vector with the right syndrome and return state,
+on every ISA (issue 11 item 4), and the same guest under QEMU (``-d int``) logs the same syndrome.
+
+Each guest installs the vector table of ``guest_exceptions`` (the handler records what it sees and powers off),
+optionally turns the MMU on, and runs one instruction that raises the exception. Expected values are the
+architecture's; the QEMU comparison (skipped without QEMU) checks them against qemu-system-aarch64 -cpu cortex-a57
+and qemu-system-arm -cpu cortex-a15 on the virt board.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from tests.differential.encoders import A64 as E64
+from tests.exitpath.guest_exceptions import (
+    A32_MMU_ON,
+    A32_SET_VBAR,
+    A32_TO_USER,
+    A64_MMU_ON,
+    A64_SET_VBAR,
+    A64_TO_EL0,
+    T32_SET_VBAR,
+    T32_TO_USER,
+    UNMAPPED_VA,
+    a32_section,
+    a32_tables,
+    a64_block,
+    a64_tables,
+    guest_images,
+    qemu_available,
+    run_qemu,
+    seen,
+)
+from tests.exitpath.harness import A32, A64, T32, body_addr, code, run
+
+IL = 1 << 25
+EC_SHIFT = 26
+MOV_X0_UNMAPPED = E64.mov_imm(0, UNMAPPED_VA)
+A32_MOV_R0_UNMAPPED = [0xE3A00102]  # mov r0, #0x80000000
+
+
+@dataclass(frozen=True)
+class Case:
+    """A guest: ``setup`` then the instruction ``insn`` that raises the exception, at ``pc``."""
+
+    isa: str
+    setup: list[int]
+    insn: list[int]
+    tables: bytes = b""
+    # What the handler must see (see guest_exceptions.Seen); None: not checked.
+    esr: int | None = None
+    far: int | None = None
+    vector: int = 0
+    # Return address relative to pc (the instruction) unless ``elr_abs`` is given.
+    elr_delta: int = 0
+    elr_abs: int | None = None
+    spsr_mode: int = 0  # the mode/EL the exception was taken from (SPSR.M[3:0] on A64, SPSR.M on AArch32)
+    mode: int = 0  # AArch32: the mode the handler runs in
+    qemu: dict[str, int] = field(default_factory=dict)  # extra fields QEMU's log must show
+
+    @property
+    def body(self) -> bytes:
+        return code(self.isa, *self.setup, *self.insn)
+
+    @property
+    def pc(self) -> int:
+        return body_addr(self.isa, len(code(self.isa, *self.setup)))
+
+    @property
+    def elr(self) -> int:
+        return self.elr_abs if self.elr_abs is not None else self.pc + self.elr_delta
+
+
+def a64_data_abort(dfsc: int, *, wnr: bool = False, el0: bool = False) -> int:
+    return ((0x24 if el0 else 0x25) << EC_SHIFT) | IL | (int(wnr) << 6) | dfsc
+
+
+A64_CASES = {
+    # SVC: EC 0x15, imm16 in the ISS; ELR is the next instruction.
+    "svc-el1": Case(A64, A64_SET_VBAR, [0xD4000841], esr=(0x15 << EC_SHIFT) | IL | 0x42,  # svc #0x42
+                    vector=0x200, elr_delta=4, spsr_mode=0b0101),
+    "svc-el0": Case(A64, A64_SET_VBAR + A64_TO_EL0, [0xD4000841], esr=(0x15 << EC_SHIFT) | IL | 0x42,
+                    vector=0x400, elr_delta=4, spsr_mode=0b0000),
+    # Undefined instruction: EC 0x00, IL 1; ELR is the instruction.
+    "udf-el1": Case(A64, A64_SET_VBAR, [0x00001234], esr=IL, vector=0x200, spsr_mode=0b0101),  # udf #0x1234
+    "udf-el0": Case(A64, A64_SET_VBAR + A64_TO_EL0, [0x00001234], esr=IL, vector=0x400, spsr_mode=0),
+    # A system register EL0 may not read is UNDEFINED at EL0 (EC 0x00 in QEMU's syndrome for this one).
+    "mrs-sctlr-el0": Case(A64, A64_SET_VBAR + A64_TO_EL0, [0xD5381000], esr=IL, vector=0x400),  # mrs x0, sctlr_el1
+    # HVC at EL0 is UNDEFINED (at EL1 every HVC is a PSCI/SMCCC call: see test_hvc_*).
+    "hvc-el0": Case(A64, A64_SET_VBAR + A64_TO_EL0, [0xD40000A2], esr=IL, vector=0x400),  # hvc #5
+    # BRK: EC 0x3C, the immediate in the ISS; ELR is the instruction.
+    "brk": Case(A64, A64_SET_VBAR, [0xD42000E0], esr=(0x3C << EC_SHIFT) | IL | 7, vector=0x200,  # brk #7
+                spsr_mode=0b0101),
+    # MMU faults (level-1 table: entry 2 invalid unless the case maps it).
+    "dabt-translation": Case(A64, A64_SET_VBAR + A64_MMU_ON + MOV_X0_UNMAPPED, [0xF9400001],  # ldr x1, [x0]
+                             a64_tables(), esr=a64_data_abort(0x05), far=UNMAPPED_VA, vector=0x200),
+    "dabt-permission": Case(A64, A64_SET_VBAR + A64_MMU_ON + MOV_X0_UNMAPPED, [0xF9000001],  # str x1, [x0]
+                            a64_tables(a64_block(0x4000_0000, read_only=True)),
+                            esr=a64_data_abort(0x0D, wnr=True), far=UNMAPPED_VA, vector=0x200),
+    "dabt-el0": Case(A64, A64_SET_VBAR + A64_MMU_ON + MOV_X0_UNMAPPED + A64_TO_EL0, [0xF9400001],
+                     a64_tables(el0=True), esr=a64_data_abort(0x05, el0=True), far=UNMAPPED_VA, vector=0x400),
+    "iabt-translation": Case(A64, A64_SET_VBAR + A64_MMU_ON + MOV_X0_UNMAPPED, [0xD61F0000],  # br x0
+                             a64_tables(), esr=(0x21 << EC_SHIFT) | IL | 0x05, far=UNMAPPED_VA, vector=0x200,
+                             elr_abs=UNMAPPED_VA),
+    "iabt-permission": Case(A64, A64_SET_VBAR + A64_MMU_ON + MOV_X0_UNMAPPED, [0xD61F0000],
+                            a64_tables(a64_block(0x4000_0000, pxn=True)), esr=(0x21 << EC_SHIFT) | IL | 0x0D,
+                            far=UNMAPPED_VA, vector=0x200, elr_abs=UNMAPPED_VA),
+    "iabt-el0": Case(A64, A64_SET_VBAR + A64_MMU_ON + MOV_X0_UNMAPPED + A64_TO_EL0, [0xD61F0000],
+                     a64_tables(el0=True), esr=(0x20 << EC_SHIFT) | IL | 0x05, far=UNMAPPED_VA, vector=0x400,
+                     elr_abs=UNMAPPED_VA),
+}
+
+SVC_MODE, USR_MODE, UND_MODE, ABT_MODE = 0x13, 0x10, 0x1B, 0x17
+A32_CASES = {
+    # SVC: Supervisor mode, vector +0x08, LR = the next instruction.
+    "a32-svc": Case(A32, A32_SET_VBAR, [0xEF000042], vector=0x08, elr_delta=4, spsr_mode=SVC_MODE, mode=SVC_MODE),
+    "a32-svc-user": Case(A32, A32_SET_VBAR + A32_TO_USER, [0xEF000042], vector=0x08, elr_delta=4,
+                         spsr_mode=USR_MODE, mode=SVC_MODE),
+    "t32-svc": Case(T32, T32_SET_VBAR, [0xDF42], vector=0x08, elr_delta=2, spsr_mode=SVC_MODE, mode=SVC_MODE),
+    "t32-svc-user": Case(T32, T32_SET_VBAR + T32_TO_USER, [0xDF42], vector=0x08, elr_delta=2, spsr_mode=USR_MODE,
+                         mode=SVC_MODE),
+    # Undefined instruction: Undefined mode, vector +0x04, LR = the instruction + 4 (ARM) / + 2 (Thumb).
+    "a32-udf": Case(A32, A32_SET_VBAR, [0xE7F000F0], vector=0x04, elr_delta=4, spsr_mode=SVC_MODE, mode=UND_MODE),
+    "a32-udf-user": Case(A32, A32_SET_VBAR + A32_TO_USER, [0xE7F000F0], vector=0x04, elr_delta=4,
+                         spsr_mode=USR_MODE, mode=UND_MODE),
+    "t16-udf": Case(T32, T32_SET_VBAR, [0xDE00], vector=0x04, elr_delta=2, spsr_mode=SVC_MODE, mode=UND_MODE),
+    "t32-udf-w": Case(T32, T32_SET_VBAR, [0xF7F0, 0xA000], vector=0x04, elr_delta=2, spsr_mode=SVC_MODE,
+                      mode=UND_MODE),
+    # HVC from User mode is UNDEFINED.
+    "a32-hvc-user": Case(A32, A32_SET_VBAR + A32_TO_USER, [0xE1400070], vector=0x04, elr_delta=4,
+                         spsr_mode=USR_MODE, mode=UND_MODE),
+    "t32-hvc-user": Case(T32, T32_SET_VBAR + T32_TO_USER, [0xF7E0, 0x8000], vector=0x04, elr_delta=2,
+                         spsr_mode=USR_MODE, mode=UND_MODE),
+    # BKPT: a prefetch abort (debug event): Abort mode, vector +0x0C, IFSR FS 0b00010, LR = the instruction + 4.
+    "a32-bkpt": Case(A32, A32_SET_VBAR, [0xE1200070], esr=0x2, vector=0x0C, elr_delta=4, spsr_mode=SVC_MODE,
+                     mode=ABT_MODE),
+    "t16-bkpt": Case(T32, T32_SET_VBAR, [0xBE00], esr=0x2, vector=0x0C, elr_delta=4, spsr_mode=SVC_MODE,
+                     mode=ABT_MODE),
+    # MMU faults, short-descriptor: DFSR/IFSR FS 0b00101 (section translation), 0b01101 (section permission).
+    "a32-dabt-translation": Case(A32, A32_SET_VBAR + A32_MMU_ON + A32_MOV_R0_UNMAPPED, [0xE5901000],  # ldr r1,[r0]
+                                 a32_tables(), esr=0x5, far=UNMAPPED_VA, vector=0x10, elr_delta=8,
+                                 spsr_mode=SVC_MODE, mode=ABT_MODE),
+    "a32-dabt-permission": Case(A32, A32_SET_VBAR + A32_MMU_ON + A32_MOV_R0_UNMAPPED, [0xE5801000],  # str r1,[r0]
+                                a32_tables({0x800: a32_section(0x4000_0000, read_only=True)}), esr=0x80D,
+                                far=UNMAPPED_VA, vector=0x10, elr_delta=8, spsr_mode=SVC_MODE, mode=ABT_MODE),
+    "a32-pabt-translation": Case(A32, A32_SET_VBAR + A32_MMU_ON + A32_MOV_R0_UNMAPPED, [0xE12FFF10],  # bx r0
+                                 a32_tables(), esr=0x5, far=UNMAPPED_VA, vector=0x0C, elr_abs=UNMAPPED_VA + 4,
+                                 spsr_mode=SVC_MODE, mode=ABT_MODE),
+}
+CASES = {**A64_CASES, **A32_CASES}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_exception_reaches_its_vector(name: str) -> None:
+    case = CASES[name]
+    res = run(case.isa, case.body, ram=guest_images(case.isa, case.body, case.tables))
+    got = seen(res)
+    assert got.vector == case.vector, (name, hex(got.vector), res.final)
+    if case.esr is not None:
+        assert got.esr == case.esr, (name, hex(got.esr))
+    if case.far is not None:
+        assert got.far == case.far, (name, hex(got.far))
+    assert got.elr == case.elr, (name, hex(got.elr), hex(case.elr))
+    if case.isa == A64:
+        if case.spsr_mode or "el1" in name:
+            assert got.spsr & 0xF == case.spsr_mode, hex(got.spsr)
+        assert (got.spsr & 0xF == 0) == ("el0" in name), hex(got.spsr)
+    else:
+        assert got.mode == case.mode, hex(got.mode)
+        assert got.spsr & 0x1F == case.spsr_mode, hex(got.spsr)
+        assert bool(got.spsr & 0x20) == (case.isa == T32 and "pabt" not in name), hex(got.spsr)  # SPSR.T
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_qemu_agrees(name: str) -> None:
+    case = CASES[name]
+    if not qemu_available(case.isa):
+        pytest.skip("QEMU is not installed")
+    entries = run_qemu(case.isa, case.body, guest_images(case.isa, case.body, case.tables))
+    assert entries, "QEMU logged no exception"
+    first = entries[0].fields
+    if case.isa == A64:
+        assert first.get("esr") == case.esr, (name, entries[0])
+        assert first.get("elr") == case.elr, (name, entries[0])
+        if case.far is not None:
+            assert first.get("far") == case.far, (name, entries[0])
+    elif case.esr is not None:
+        prefix = "i" if case.vector == 0x0C else "d"
+        assert first.get(f"{prefix}fsr") == case.esr, (name, entries[0])
+        if case.far is not None:
+            assert first.get(f"{prefix}far") == case.far, (name, entries[0])
