@@ -33,7 +33,8 @@ from tests.exitpath.guest_exceptions import (
     run_qemu,
     seen,
 )
-from tests.exitpath.harness import A32, A64, T32, body_addr, code, run
+from tests.exitpath.harness import A32, A64, MASK32, MASK64, T32, body_addr, code, run
+from vcpu_service.domain import ErrorKind, EventKind
 
 IL = 1 << 25
 EC_SHIFT = 26
@@ -191,3 +192,68 @@ def test_qemu_agrees(name: str) -> None:
         assert first.get(f"{prefix}fsr") == case.esr, (name, entries[0])
         if case.far is not None:
             assert first.get(f"{prefix}far") == case.far, (name, entries[0])
+
+
+# ----- what is not an exception -----------------------------------------------------------------------------
+
+A64_HVC_UNKNOWN = [0xD2824680, 0xF2B0C000, 0xD4000002]  # mov x0, #0x1234; movk x0, #0x8600, lsl #16; hvc #0
+A32_HVC_UNKNOWN = [0xE3010234, 0xE3480600, 0xE1400070]  # movw r0, #0x1234; movt r0, #0x8600; hvc #0
+
+
+@pytest.mark.parametrize("isa", [A64, A32])
+def test_hvc_at_el1_with_an_unknown_function_id_returns_not_supported(isa: str) -> None:
+    # QEMU >= 7.1 on virt (HVC conduit, no EL2) and KVM: every HVC at EL1 is an SMCCC call; unknown -> -1 in x0/r0.
+    body = code(isa, *(A64_HVC_UNKNOWN if isa == A64 else A32_HVC_UNKNOWN))
+    res = run(isa, body)
+    assert res.finished_body, res.final
+    assert res.regs["x0" if isa == A64 else "r0"] == (MASK64 if isa == A64 else MASK32)
+
+
+@pytest.mark.parametrize(("isa", "hints"), [
+    (A64, [0xD503203F, 0xD503205F]),  # yield; wfe
+    (A32, [0xE320F001, 0xE320F002]),  # yield; wfe
+    (T32, [0xBF10, 0xBF20, 0xF3AF, 0x8001, 0xF3AF, 0x8002]),  # yield; wfe; yield.w; wfe.w
+], ids=["a64", "a32", "t32"])
+def test_yield_and_wfe_are_hints(isa: str, hints: list[int]) -> None:
+    # Unicorn ends emu_start after an AArch32 YIELD/WFE with UC_ERR_INSN_INVALID, as for an undefined instruction.
+    mark = {A64: 0x91000442, A32: 0xE2822001, T32: 0x3201}[isa]  # add x2, x2, #1 / add r2, r2, #1 / adds r2, #1
+    res = run(isa, code(isa, *hints, mark))
+    assert res.finished_body, res.final
+    assert res.regs["x2" if isa == A64 else "r2"] == 1
+
+
+@pytest.mark.parametrize("isa", [A32, T32])
+def test_an_undefined_instruction_right_after_wfe_is_still_undefined(isa: str) -> None:
+    setup = [*A32_SET_VBAR, 0xE320F002] if isa == A32 else [*T32_SET_VBAR, 0xBF20]  # ...; wfe
+    udf = [0xE7F000F0] if isa == A32 else [0xDE00]
+    case = Case(isa, setup, udf)
+    res = run(isa, case.body, ram=guest_images(isa, case.body))
+    got = seen(res)
+    assert got.vector == 0x04 and got.mode == UND_MODE
+    assert got.elr == case.pc + (4 if isa == A32 else 2)
+
+
+# ----- a guest with no vectors --------------------------------------------------------------------------------
+
+def test_an_exception_without_vectors_ends_the_run_naming_it() -> None:
+    # VBAR_EL1 = 0 and nothing at 0: the fetch of the vector fails, and the error says which exception led there.
+    res = run(A64, code(A64, 0xD4000841), regs={"vbar_el1": 0})  # svc #0x42
+    assert res.final.kind == EventKind.ERROR and res.final.error_kind == ErrorKind.GUEST_EXCEPTION
+    assert res.final.fault_address == 0x200
+    reason = res.final.reason
+    assert "instruction fetch from 0x200" in reason and "vector of the SVC" in reason, reason
+    assert f"at 0x{body_addr(A64, 4):x}" in reason and "syndrome 0x56000042" in reason, reason
+
+
+@pytest.mark.parametrize("isa", [A64, A32])
+def test_an_empty_vector_table_in_ram_is_an_exception_loop(isa: str) -> None:
+    # Zeroed RAM at the vectors: on A64 0x00000000 is UDF #0, so the vector raises an undefined instruction at
+    # itself for ever (on AArch32 zero is ANDEQ: the test puts a UDF at the Undefined vector instead).
+    empty = 0x4010_0000
+    if isa == A64:
+        res = run(A64, code(A64, 0x00001234), regs={"vbar_el1": empty})  # udf #0x1234
+    else:
+        set_vbar = [0xE3A00601, 0xE3800101, 0xEE0C0F10, 0xF57FF06F]  # mov r0,#0x100000; orr r0,#0x40000000; mcr; isb
+        res = run(A32, code(A32, *set_vbar, 0xE7F000F0), ram={empty + 0x4: code(A32, 0xE7F000F0)})
+    assert res.final.kind == EventKind.ERROR and res.final.error_kind == ErrorKind.GUEST_EXCEPTION, res.final
+    assert "exception loop" in res.final.reason and "undefined instruction" in res.final.reason, res.final.reason
