@@ -21,6 +21,7 @@ from tests.exitpath.guest_exceptions import (
     A64_MMU_ON,
     A64_SET_VBAR,
     A64_TO_EL0,
+    EXC_VBAR,
     T32_SET_VBAR,
     T32_TO_USER,
     UNMAPPED_VA,
@@ -33,7 +34,7 @@ from tests.exitpath.guest_exceptions import (
     run_qemu,
     seen,
 )
-from tests.exitpath.harness import A32, A64, MASK32, MASK64, T32, body_addr, code, run
+from tests.exitpath.harness import A32, A64, DEV, MASK32, MASK64, T32, body_addr, code, run
 from vcpu_service.domain import ErrorKind, EventKind
 
 IL = 1 << 25
@@ -257,3 +258,32 @@ def test_an_empty_vector_table_in_ram_is_an_exception_loop(isa: str) -> None:
         res = run(A32, code(A32, *set_vbar, 0xE7F000F0), ram={empty + 0x4: code(A32, 0xE7F000F0)})
     assert res.final.kind == EventKind.ERROR and res.final.error_kind == ErrorKind.GUEST_EXCEPTION, res.final
     assert "exception loop" in res.final.reason and "undefined instruction" in res.final.reason, res.final.reason
+
+
+# ----- handlers that return -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("isa", [A64, A32, T32])
+def test_an_svc_handler_returns_to_the_next_instruction(isa: str) -> None:
+    # The handler counts in x2/r2 and returns (ERET / MOVS PC, LR): the body runs on after each SVC, in the state
+    # it had (Thumb included: SPSR_svc.T).
+    if isa == A64:
+        setup, svc, handler, at = A64_SET_VBAR, [0xD4000841], [0x91000442, 0xD69F03E0], 0x200  # add; eret
+    else:
+        setup = A32_SET_VBAR if isa == A32 else T32_SET_VBAR
+        svc = [0xEF000042] if isa == A32 else [0xDF42]
+        handler, at = [0xE2822001, 0xE1B0F00E], 0x08  # add r2, r2, #1; movs pc, lr
+    vectors = bytearray(guest_images(isa, b"")[EXC_VBAR])
+    vectors[at:at + 8] = code(A64 if isa == A64 else A32, *handler)
+    res = run(isa, code(isa, *setup, *svc, *svc), ram={EXC_VBAR: bytes(vectors)})
+    assert res.finished_body, res.final
+    assert res.regs["x2" if isa == A64 else "r2"] == 2
+
+
+def test_an_aarch32_alignment_fault_with_lpae_has_the_long_descriptor_format() -> None:
+    # TTBCR.EAE = 1 (MMU still off): the DFSR of the alignment fault is LPAE-format, bit 9 and STATUS 0x21.
+    setup = [*A32_SET_VBAR, 0xE3A00102, 0xEE020F50, 0xF57FF06F]  # ...; mov r0, #0x80000000; mcr TTBCR; isb
+    case = Case(A32, setup, [0xE5931000])  # ldr r1, [r3]
+    res = run(A32, case.body, regs={"r3": DEV + 1}, ram=guest_images(A32, case.body))
+    got = seen(res)
+    assert (got.vector, got.mode, got.elr) == (0x10, ABT_MODE, case.pc + 8)
+    assert (got.dfsr, got.dfar) == ((1 << 9) | 0x21, DEV + 1)
