@@ -347,7 +347,7 @@ class Taken:
     """An exception entered: what it was, where it came from and went to, and what the handler will see."""
 
     name: str
-    pc: int  # the instruction that raised it (for an SVC, the one after it: Unicorn's PC at the hook)
+    pc: int  # the instruction that raised it (the SVC itself, although Unicorn reports the one after it)
     vector: int
     syndrome: int  # ESR_EL1, or the DFSR/IFSR written (0 when the exception writes none)
     address: int | None  # FAR_EL1 / DFAR / IFAR written, if any
@@ -389,7 +389,7 @@ def take_reported(arch: Arch, uc: Uc, intno: int, info: Raised) -> Taken:
                             f"0x{info.syndrome:x}); only EL1 is modelled")
         far = info.vaddress if intno in (EXCP_PREFETCH_ABORT, EXCP_DATA_ABORT) else None
         vector = _enter_a64(uc, A64_SYNC, pc, esr=info.syndrome, far=far)
-        return Taken(name, pc, vector, info.syndrome, far, pc)
+        return Taken(name, pc - 4 if intno == EXCP_SWI else pc, vector, info.syndrome, far, pc)
     kind = {EXCP_UDEF: A32_UNDEF, EXCP_SWI: A32_SVC, EXCP_BKPT: A32_PREFETCH_ABORT,
             EXCP_PREFETCH_ABORT: A32_PREFETCH_ABORT, EXCP_DATA_ABORT: A32_DATA_ABORT}[intno]
     return _take_a32(uc, kind, name, pc, info)
@@ -415,7 +415,8 @@ def _take_a32(uc: Uc, kind: A32Kind, name: str, pc: int, info: Raised | None) ->
         cp15_write(uc, 6, 0, 2, address)  # IFAR
     link = _a32_link(kind, pc, thumb)
     vector = _enter_a32(uc, kind, link)
-    return Taken(name, pc, vector, fsr, address, link & MASK32)
+    at = pc - (2 if thumb else 4) if kind is A32_SVC else pc
+    return Taken(name, at, vector, fsr, address, link & MASK32)
 
 
 # ----- data aborts the service raises itself -----------------------------------------------------------------

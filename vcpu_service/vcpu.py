@@ -579,9 +579,15 @@ class Vcpu:
         if fault is None or status not in (UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED, UC_ERR_WRITE_PROT,
                                            UC_ERR_READ_PROT):
             if fault is not None and fault[0] in (UC_MEM_FETCH_UNMAPPED, UC_MEM_FETCH_PROT):
+                last = self._last_taken
+                if last is not None and fault[1] == last.vector:  # the vector of the exception just taken
+                    raise VcpuFault(ErrorKind.GUEST_EXCEPTION,
+                                    f"vCPU {self.index}: instruction fetch from 0x{fault[1]:x}, which is not RAM: it "
+                                    f"is the vector of the {last.describe()}, and nothing is there to handle it",
+                                    pc=last.pc, fault_address=fault[1], syndrome=last.syndrome)
                 raise VcpuFault(ErrorKind.GUEST_EXCEPTION,
-                                f"vCPU {self.index}: instruction fetch from 0x{fault[1]:x}, which is not RAM"
-                                f"{self._entered_there(fault[1])}", pc=pc, fault_address=fault[1])
+                                f"vCPU {self.index}: instruction fetch from 0x{fault[1]:x}, which is not RAM",
+                                pc=pc, fault_address=fault[1])
             raise VcpuFault(ErrorKind.GUEST_EXCEPTION,
                             f"vCPU {self.index}: emulation stopped at 0x{pc:x}: {UcError(status)}", pc=pc)
         if status == UC_ERR_READ_PROT and self._trapping:
@@ -642,13 +648,6 @@ class Vcpu:
         else:
             self._exception_loop = 0
         self._last_taken = taken
-
-    def _entered_there(self, address: int) -> str:
-        """How a fetch fault names the exception whose vector it is (empty when it is not one)."""
-        last = self._last_taken
-        if last is None or address != last.vector:
-            return ""
-        return f": it is the vector of the {last.describe()}, and nothing is there to handle it"
 
     def _take_exit(self, pc: int, address: int, is_write: bool, size: int) -> None:
         """KVM_RUN's exit path: begin, exchange with the device service if the access must leave the process,

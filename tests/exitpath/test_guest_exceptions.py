@@ -240,10 +240,11 @@ def test_an_exception_without_vectors_ends_the_run_naming_it() -> None:
     # VBAR_EL1 = 0 and nothing at 0: the fetch of the vector fails, and the error says which exception led there.
     res = run(A64, code(A64, 0xD4000841), regs={"vbar_el1": 0})  # svc #0x42
     assert res.final.kind == EventKind.ERROR and res.final.error_kind == ErrorKind.GUEST_EXCEPTION
-    assert res.final.fault_address == 0x200
+    assert res.final.fault_address == 0x200 and res.final.pc == body_addr(A64)  # the SVC
+    assert res.final.syndrome == 0x5600_0042
     reason = res.final.reason
     assert "instruction fetch from 0x200" in reason and "vector of the SVC" in reason, reason
-    assert f"at 0x{body_addr(A64, 4):x}" in reason and "syndrome 0x56000042" in reason, reason
+    assert f"at 0x{body_addr(A64):x}" in reason and "syndrome 0x56000042" in reason, reason
 
 
 @pytest.mark.parametrize("isa", [A64, A32])
