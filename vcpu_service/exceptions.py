@@ -426,19 +426,20 @@ def _a32_lpae(uc: Uc) -> bool:
 
 
 def data_abort(arch: Arch, uc: Uc, pc: int, address: int, is_write: bool, insn_len: int, *,
-               alignment: bool = False) -> int:
+               alignment: bool = False) -> Taken:
     """A precise data abort on the instruction at ``pc``, which has not retired: a synchronous external abort
-    (a device error) or, with ``alignment``, an alignment fault. Returns the vector address.
+    (a device error) or, with ``alignment``, an alignment fault.
 
     AArch64: ESR_EL1 = EC 0x24/0x25, IL, ISV 0, WnR, DFSC 0x10 or 0x21; FAR_EL1 = address; ELR_EL1 = pc.
     AArch32: DFSR (FS 0b01000 / 0b00001, or LPAE STATUS 0x10 / 0x21 when TTBCR.EAE), WnR; DFAR; LR_abt = pc + 8.
     """
+    name = "alignment fault" if alignment else "synchronous external abort"
     if isinstance(arch, AArch64):
         el = (fastreg.reg_read(uc, a64.UC_ARM64_REG_PSTATE) >> 2) & 3
         ec = EC_DABT_CUR if el == 1 else EC_DABT_LOW
         dfsc = DFSC_ALIGNMENT if alignment else DFSC_SYNC_EXTERNAL
         esr = (ec << 26) | (int(insn_len == 4) << 25) | (int(is_write) << 6) | dfsc
-        return _enter_a64(uc, A64_SYNC, pc, esr=esr, far=address)
+        return Taken(name, pc, _enter_a64(uc, A64_SYNC, pc, esr=esr, far=address), esr, address, pc)
     if _a32_lpae(uc):
         fsr = FSR_LPAE | (DFSC_ALIGNMENT if alignment else DFSC_SYNC_EXTERNAL)
     else:
@@ -446,7 +447,7 @@ def data_abort(arch: Arch, uc: Uc, pc: int, address: int, is_write: bool, insn_l
     fsr |= FSR_WNR if is_write else 0
     cp15_write(uc, 5, 0, 0, fsr)  # DFSR
     cp15_write(uc, 6, 0, 0, address)  # DFAR
-    return _enter_a32(uc, A32_DATA_ABORT, pc + 8)
+    return Taken(name, pc, _enter_a32(uc, A32_DATA_ABORT, pc + 8), fsr, address, (pc + 8) & MASK32)
 
 
 def mmu_enabled(arch: Arch, uc: Uc) -> bool:

@@ -152,6 +152,7 @@ class VcpuView(VcpuLink, Protocol):
     executed: int
 
     def big_endian_data(self) -> bool: ...
+    def exception_entered(self, taken: exceptions.Taken) -> None: ...
 
     @property
     def arch(self) -> Arch: ...
@@ -368,8 +369,9 @@ class ExitPath:
             self.arch.advance(self.vcpu.uc, action.pc, action.length)
         elif isinstance(action, GuestFault):
             self.stats.guest_faults += 1
-            exceptions.data_abort(self.arch, self.vcpu.uc, action.pc, action.address, action.is_write,
-                                  action.insn.length, alignment=action.alignment)
+            self.vcpu.exception_entered(exceptions.data_abort(self.arch, self.vcpu.uc, action.pc, action.address,
+                                                              action.is_write, action.insn.length,
+                                                              alignment=action.alignment))
         else:
             self.refuse(action)
 
@@ -510,15 +512,16 @@ class ExitPath:
                                      "syndrome": action.syndrome}
         if action.policy is FaultPolicy.ABORT:
             try:
-                vector = exceptions.data_abort(self.arch, self.vcpu.uc, action.pc, action.address, action.is_write,
-                                               action.insn.length)
+                taken = exceptions.data_abort(self.arch, self.vcpu.uc, action.pc, action.address, action.is_write,
+                                              action.insn.length)
             except ArchError as exc:
                 raise VcpuFault(action.error_kind,
                                 f"{action.reason}; and the external abort could not be injected: {exc}",
                                 **fields) from None
             self.stats.aborts += 1
+            self.vcpu.exception_entered(taken)
             self.vm.events.emit(EventKind.EXTERNAL_ABORT,
-                                f"{action.reason}; synchronous external abort injected, vector 0x{vector:x}",
+                                f"{action.reason}; synchronous external abort injected, vector 0x{taken.vector:x}",
                                 vcpu_id=self.vcpu.index, error_kind=action.error_kind, pc=action.pc,
                                 fault_address=action.address, instruction=action.insn.word, device=action.device,
                                 syndrome=action.syndrome)

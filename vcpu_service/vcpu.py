@@ -607,7 +607,7 @@ class Vcpu:
             raise VcpuFault(ErrorKind.GUEST_EXCEPTION,
                             f"vCPU {self.index}: guest took a {cause.detail} at 0x{cause.pc:x}: {exc}",
                             pc=cause.pc) from None
-        self._entered(taken)
+        self.exception_entered(taken)
 
     def _on_invalid_a32(self, pc: int) -> None:
         """UC_ERR_INSN_INVALID on AArch32: an undefined instruction at ``pc`` (UNDEF), or a YIELD/WFE just before it,
@@ -625,13 +625,15 @@ class Vcpu:
         except ArchError as exc:
             raise VcpuFault(ErrorKind.GUEST_EXCEPTION,
                             f"vCPU {self.index}: undefined instruction at 0x{pc:x}: {exc}", pc=pc) from None
-        self._entered(taken)
+        self.exception_entered(taken)
 
     # A synchronous exception raised by the first instruction of the vector the previous one entered, this many
     # times in a row, ends the run: the guest has no handler there (an empty vector table loops for ever).
     EXCEPTION_LOOP_LIMIT = 16
 
-    def _entered(self, taken: exceptions.Taken) -> None:
+    def exception_entered(self, taken: exceptions.Taken) -> None:
+        """Note an exception the guest was just given (here or by the exit path): for the loop check and so that a
+        fetch fault at its vector can name it."""
         self.exceptions_taken += 1
         last = self._last_taken
         if last is not None and taken.pc == last.vector:
