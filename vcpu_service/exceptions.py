@@ -43,6 +43,7 @@ from vcpu_service.arch import (
     EXCP_BKPT,
     EXCP_DATA_ABORT,
     EXCP_PREFETCH_ABORT,
+    EXCP_SMC,
     EXCP_SWI,
     EXCP_UDEF,
     AArch64,
@@ -327,6 +328,7 @@ def raised(arch: Arch, uc: Uc) -> Raised:
 # ----- synchronous exceptions ------------------------------------------------------------------------------
 
 EC_UNKNOWN = 0x00
+IL_BIT = 1 << 25
 EC_SVC64 = 0x15
 EC_HVC64 = 0x16
 EC_IABT_LOW = 0x20
@@ -339,7 +341,7 @@ FSR_WNR = 1 << 11
 FS_SHORT_ALIGNMENT = 0x01
 FS_SHORT_SYNC_EXTERNAL = 0x08
 
-EXCEPTION_KINDS = {EXCP_UDEF, EXCP_SWI, EXCP_PREFETCH_ABORT, EXCP_DATA_ABORT, EXCP_BKPT}
+EXCEPTION_KINDS = {EXCP_UDEF, EXCP_SWI, EXCP_PREFETCH_ABORT, EXCP_DATA_ABORT, EXCP_BKPT, EXCP_SMC}
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,6 +385,8 @@ def take_reported(arch: Arch, uc: Uc, intno: int, info: Raised) -> Taken:
         raise ArchError(f"{EXCEPTION_NAMES.get(intno, f'exception {intno}')} is not delivered by this service")
     pc = arch.pc(uc)
     name = EXCEPTION_NAMES.get(intno, f"exception {intno}")
+    if intno == EXCP_SMC:
+        return _smc_undefined(arch, uc, pc - 4)
     if isinstance(arch, AArch64):
         if info.target_el != 1:
             raise ArchError(f"the {name} at 0x{pc:x} is routed to EL{info.target_el} (syndrome "
@@ -393,6 +397,17 @@ def take_reported(arch: Arch, uc: Uc, intno: int, info: Raised) -> Taken:
     kind = {EXCP_UDEF: A32_UNDEF, EXCP_SWI: A32_SVC, EXCP_BKPT: A32_PREFETCH_ABORT,
             EXCP_PREFETCH_ABORT: A32_PREFETCH_ABORT, EXCP_DATA_ABORT: A32_DATA_ABORT}[intno]
     return _take_a32(uc, kind, name, pc, info)
+
+
+def _smc_undefined(arch: Arch, uc: Uc, smc_pc: int) -> Taken:
+    """SMC is UNDEFINED on QEMU's virt, which has no EL3 (``pre_smc``: no EL3 and PSCI on HVC), and KVM injects
+    an undefined instruction for it too. Unicorn's CPU has EL3 and raises EXCP_SMC with PC past the instruction
+    (A64, A32 and T32 encodings are all 4 bytes): enter the Undefined Instruction exception at the SMC itself."""
+    name = "SMC (UNDEFINED: no EL3)"
+    if isinstance(arch, AArch64):
+        esr = (EC_UNKNOWN << 26) | IL_BIT
+        return Taken(name, smc_pc, _enter_a64(uc, A64_SYNC, smc_pc, esr=esr), esr, None, smc_pc)
+    return _take_a32(uc, A32_UNDEF, name, smc_pc, None)
 
 
 def take_undefined_a32(arch: Arch, uc: Uc) -> Taken:

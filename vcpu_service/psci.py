@@ -1,4 +1,4 @@
-"""PSCI 1.1 over HVC/SMC, handled in the vcpu service as KVM does in the kernel.
+"""PSCI 1.1 over HVC, handled in the vcpu service as KVM does in the kernel.
 
 The decision is pure (function id and arguments in, an action out); the vCPU loop carries it out.
 
@@ -8,7 +8,8 @@ on that conduit: a function id it does not know returns NOT_SUPPORTED (-1) in x0
 12's QEMU 7.2 does this; before 7.1 an unknown id made the HVC UNDEFINED, as EL2 is absent). KVM answers every
 HVC as an SMCCC call the same way. So no HVC at EL1 reaches the guest's vectors. An HVC at EL0 (User mode) is
 UNDEFINED before any of this: Unicorn raises it as an undefined instruction, which the guest takes at its vector
-(``exceptions``). A 64-bit function id from AArch32 is NOT_SUPPORTED, as in QEMU.
+(``exceptions``). A 64-bit function id from AArch32 is NOT_SUPPORTED, as in QEMU. SMC is no conduit: on virt,
+which has no EL3, it is UNDEFINED (QEMU's ``pre_smc``; KVM injects an undefined instruction too).
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ from unicorn import (
 
 from mmiosplit.mmio import Completion, DeviceEndpoint, ExitChannel, RemoteRegion, TransportError
 from vcpu_service import exceptions, fastreg, psci
-from vcpu_service.arch import EXCEPTION_NAMES, EXCP_HVC, EXCP_SMC, SCTLR_EE_E0E, AArch64, Arch, ArchError, close_uc
+from vcpu_service.arch import EXCEPTION_NAMES, EXCP_HVC, SCTLR_EE_E0E, AArch64, Arch, ArchError, close_uc
 from vcpu_service.domain import ErrorKind, EventKind
 from vcpu_service.exits import ExitPath, Forward, PendingAccess, VcpuFault, VmView
 from vcpu_service.memory import Mirror, RamBlock
@@ -358,7 +358,7 @@ class Vcpu:
 
     def _on_interrupt(self, uc: Uc, intno: int, _user: object) -> None:
         pc = self.arch.pc(uc)
-        if intno not in (EXCP_HVC, EXCP_SMC):
+        if intno != EXCP_HVC:  # PSCI is on HVC only (virt's device tree says so); SMC is UNDEFINED there
             try:
                 info = exceptions.raised(self.arch, uc)
             except ArchError:

@@ -92,6 +92,8 @@ A64_CASES = {
     "mrs-sctlr-el0": Case(A64, A64_SET_VBAR + A64_TO_EL0, [0xD5381000], esr=IL, vector=0x400),  # mrs x0, sctlr_el1
     # HVC at EL0 is UNDEFINED (at EL1 every HVC is a PSCI/SMCCC call: see test_hvc_*).
     "hvc-el0": Case(A64, A64_SET_VBAR + A64_TO_EL0, [0xD40000A2], esr=IL, vector=0x400),  # hvc #5
+    # SMC: UNDEFINED on virt (no EL3; PSCI is on HVC); ELR is the SMC.
+    "smc-el1": Case(A64, A64_SET_VBAR, [0xD4000003], esr=IL, vector=0x200, spsr_mode=0b0101),  # smc #0
     # BRK: EC 0x3C, the immediate in the ISS; ELR is the instruction.
     "brk": Case(A64, A64_SET_VBAR, [0xD42000E0], esr=(0x3C << EC_SHIFT) | IL | 7, vector=0x200,  # brk #7
                 spsr_mode=0b0101),
@@ -135,6 +137,9 @@ A32_CASES = {
                          spsr_mode=USR_MODE, mode=UND_MODE),
     "t32-hvc-user": Case(T32, T32_SET_VBAR + T32_TO_USER, [0xF7E0, 0x8000], vector=0x04, elr_delta=2,
                          spsr_mode=USR_MODE, mode=UND_MODE),
+    "a32-smc": Case(A32, A32_SET_VBAR, [0xE1600070], vector=0x04, elr_delta=4, spsr_mode=SVC_MODE, mode=UND_MODE),
+    "t32-smc": Case(T32, T32_SET_VBAR, [0xF7F0, 0x8000], vector=0x04, elr_delta=2, spsr_mode=SVC_MODE,
+                    mode=UND_MODE),
     # BKPT: a prefetch abort (debug event): Abort mode, vector +0x0C, IFSR FS 0b00010, LR = the instruction + 4.
     "a32-bkpt": Case(A32, A32_SET_VBAR, [0xE1200070], esr=0x2, vector=0x0C, elr_delta=4, spsr_mode=SVC_MODE,
                      mode=ABT_MODE),
