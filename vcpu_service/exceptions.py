@@ -301,6 +301,8 @@ def _raised_offset(arch: Arch) -> int:
     if offset is not None:
         return offset
     with _offsets_lock:
+        if arch.name in _offsets:
+            return _offsets[arch.name]
         candidates: set[int] | None = None
         for imm in _PROBE_IMMS:
             blob, syndrome = _probe_syndrome(arch, imm)
