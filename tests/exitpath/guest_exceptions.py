@@ -158,6 +158,33 @@ A32_MMU_ON = [  # short-descriptor tables at TABLES (TTBCR 0), domain 0 client, 
 ]
 
 
+A32_LPAE_MMU_ON = [  # long-descriptor tables at TABLES (TTBCR.EAE, T0SZ 0: the walk starts at level 1)
+    0xE3040000,  # movw r0, #0x4000
+    0xE3440008,  # movt r0, #0x4008              (TABLES)
+    0xE3A01000,  # mov  r1, #0
+    0xEC410F02,  # mcrr p15, 0, r0, r1, c2       (TTBR0, 64-bit)
+    0xE3A00102,  # mov  r0, #0x80000000
+    0xEE020F50,  # mcr  p15, 0, r0, c2, c0, 2    (TTBCR: EAE)
+    0xE30F0F00,  # movw r0, #0xff00
+    0xEE0A0F12,  # mcr  p15, 0, r0, c10, c2, 0   (MAIR0: Attr0 Device, Attr1 Normal write-back)
+    0xEE110F10,  # mrc  p15, 0, r0, c1, c0, 0
+    0xE3800001,  # orr  r0, r0, #1
+    0xEE010F10,  # mcr  p15, 0, r0, c1, c0, 0    (SCTLR.M)
+    0xF57FF06F,  # isb
+]
+
+
+def a32_lpae_tables(entry2: int = 0) -> bytes:
+    """Level 1 (1 GiB blocks): [0] devices, [1] RAM (Normal, PL1 read/write), [2] ``entry2``, [3] invalid."""
+    device = 0x0000_0000 | (1 << 10) | 0x1
+    ram = 0x4000_0000 | (1 << 10) | (3 << 8) | (1 << 2) | 0x1
+    return b"".join(d.to_bytes(8, "little") for d in (device, ram, entry2, 0))
+
+
+def a32_lpae_block(base: int, *, read_only: bool = False) -> int:
+    return base | (1 << 10) | (3 << 8) | (1 << 2) | ((1 << 7) if read_only else 0) | 0x1
+
+
 def a32_section(base: int, *, read_only: bool = False) -> int:
     """A first-level section descriptor (1 MiB), domain 0, strongly ordered: full access, or PL1 read-only."""
     return base | 0x2 | ((1 << 15) | (1 << 10) if read_only else (3 << 10))

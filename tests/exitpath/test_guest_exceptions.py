@@ -15,6 +15,7 @@ import pytest
 
 from tests.differential.encoders import A64 as E64
 from tests.exitpath.guest_exceptions import (
+    A32_LPAE_MMU_ON,
     A32_MMU_ON,
     A32_SET_VBAR,
     A32_TO_USER,
@@ -25,6 +26,8 @@ from tests.exitpath.guest_exceptions import (
     T32_SET_VBAR,
     T32_TO_USER,
     UNMAPPED_VA,
+    a32_lpae_block,
+    a32_lpae_tables,
     a32_section,
     a32_tables,
     a64_block,
@@ -155,6 +158,16 @@ A32_CASES = {
     "a32-pabt-translation": Case(A32, A32_SET_VBAR + A32_MMU_ON + A32_MOV_R0_UNMAPPED, [0xE12FFF10],  # bx r0
                                  a32_tables(), esr=0x5, far=UNMAPPED_VA, vector=0x0C, elr_abs=UNMAPPED_VA + 4,
                                  spsr_mode=SVC_MODE, mode=ABT_MODE),
+    # The same with TTBCR.EAE: the long-descriptor format, bit 9 set and STATUS 0x04+level / 0x0C+level.
+    "a32-lpae-dabt-translation": Case(A32, A32_SET_VBAR + A32_LPAE_MMU_ON + A32_MOV_R0_UNMAPPED, [0xE5901000],
+                                      a32_lpae_tables(), esr=0x205, far=UNMAPPED_VA, vector=0x10, elr_delta=8,
+                                      spsr_mode=SVC_MODE, mode=ABT_MODE),
+    "a32-lpae-dabt-permission": Case(A32, A32_SET_VBAR + A32_LPAE_MMU_ON + A32_MOV_R0_UNMAPPED, [0xE5801000],
+                                     a32_lpae_tables(a32_lpae_block(0x4000_0000, read_only=True)), esr=0xA0D,
+                                     far=UNMAPPED_VA, vector=0x10, elr_delta=8, spsr_mode=SVC_MODE, mode=ABT_MODE),
+    "a32-lpae-pabt-translation": Case(A32, A32_SET_VBAR + A32_LPAE_MMU_ON + A32_MOV_R0_UNMAPPED, [0xE12FFF10],
+                                      a32_lpae_tables(), esr=0x205, far=UNMAPPED_VA, vector=0x0C,
+                                      elr_abs=UNMAPPED_VA + 4, spsr_mode=SVC_MODE, mode=ABT_MODE),
 }
 CASES = {**A64_CASES, **A32_CASES}
 
