@@ -254,6 +254,8 @@ class Vcpu:
         old = self.uc
         self.uc = self._new_uc()
         close_uc(old)
+        self._last_taken = self._loop_origin = self._hint_pc = None  # exceptions taken before the reset
+        self._exception_loop = 0
 
     def start_thread(self) -> None:
         self._thread = threading.Thread(target=self._thread_main, name=f"vcpu{self.index}", daemon=True)
