@@ -169,14 +169,6 @@ class Arch(abc.ABC):
         """PSTATE.C, for the RRX shift of an AArch32 register offset."""
 
     @abc.abstractmethod
-    def inject_data_abort(self, uc: Uc, pc: int, address: int, is_write: bool, insn_len: int) -> int:
-        """Take a precise synchronous external abort on the instruction at pc; returns the vector address.
-
-        Nothing of the instruction retires: the caller has written no register. The exception is
-        entered by hand because Unicorn delivers none while a UC_HOOK_INTR hook is installed.
-        """
-
-    @abc.abstractmethod
     def psci_args(self, uc: Uc) -> tuple[int, int, int, int]: ...
 
     @abc.abstractmethod
@@ -289,33 +281,6 @@ class AArch64(Arch):
 
     def carry_flag(self, uc: Uc) -> bool:
         return bool(int(uc.reg_read(a64.UC_ARM64_REG_NZCV)) & (1 << 29))
-
-    def inject_data_abort(self, uc: Uc, pc: int, address: int, is_write: bool, insn_len: int) -> int:
-        pstate = int(uc.reg_read(a64.UC_ARM64_REG_PSTATE))
-        el = (pstate >> 2) & 3
-        if el > 1:
-            raise ArchError(f"cannot inject an abort taken to EL{el}: only guests at EL0/EL1 are supported")
-        from_current = el == 1
-        ec = EC_DABT_CUR if from_current else EC_DABT_LOW
-        esr = (ec << 26) | (int(insn_len == 4) << 25) | (int(is_write) << 6) | DFSC_SYNC_EXTERNAL
-        offset = (0x200 if pstate & 1 else 0x000) if from_current else 0x400
-        vector = int(uc.reg_read(a64.UC_ARM64_REG_VBAR_EL1)) + offset
-        # The stack pointer is banked: entering EL1h from EL0 or EL1t switches from SP_EL0 to SP_EL1.
-        switch_sp = not (from_current and pstate & 1)
-        if switch_sp:
-            uc.reg_write(a64.UC_ARM64_REG_SP_EL0, int(uc.reg_read(a64.UC_ARM64_REG_SP)))
-            new_sp = int(uc.reg_read(a64.UC_ARM64_REG_SP_EL1))
-        uc.reg_write(a64.UC_ARM64_REG_ESR_EL1, esr)
-        uc.reg_write(a64.UC_ARM64_REG_FAR_EL1, address)
-        uc.reg_write(a64.UC_ARM64_REG_ELR_EL1, pc)
-        uc.reg_write(a64.UC_ARM64_REG_PSTATE, 0x3C5)  # EL1h, DAIF masked, as QEMU's exception entry
-        # SPSR_EL1 after PSTATE: Unicorn rebuilds its cached hflags (the EL) on a CP register write but not
-        # on a PSTATE write, and an abort taken from EL0 must run the handler at EL1.
-        uc.cpr_write(3, 0, 4, 0, 0, pstate)  # type: ignore[attr-defined]  # SPSR_EL1
-        if switch_sp:
-            uc.reg_write(a64.UC_ARM64_REG_SP, new_sp)
-        uc.reg_write(a64.UC_ARM64_REG_PC, vector)
-        return vector
 
     def psci_args(self, uc: Uc) -> tuple[int, int, int, int]:
         return (
@@ -460,35 +425,6 @@ class AArch32(Arch):
 
     def carry_flag(self, uc: Uc) -> bool:
         return bool(int(uc.reg_read(a32.UC_ARM_REG_CPSR)) & (1 << 29))
-
-    @staticmethod
-    def _cp15_read(uc: Uc, crn: int, crm: int, opc2: int) -> int:
-        # sec=0: the Non-secure bank, the one a guest running with SCR.NS=1 sees.
-        return int(uc.cpr_read(15, 0, crn, crm, opc2, 0, False))  # type: ignore[attr-defined]
-
-    @staticmethod
-    def _cp15_write(uc: Uc, crn: int, crm: int, opc2: int, value: int) -> None:
-        uc.cpr_write(15, 0, crn, crm, opc2, 0, False, value)  # type: ignore[attr-defined]
-
-    def inject_data_abort(self, uc: Uc, pc: int, address: int, is_write: bool, insn_len: int) -> int:
-        cpsr = int(uc.reg_read(a32.UC_ARM_REG_CPSR))
-        sctlr = self._cp15_read(uc, 1, 0, 0)
-        ttbcr = self._cp15_read(uc, 2, 0, 2)
-        # Long-descriptor DFSR (TTBCR.EAE): LPAE bit and STATUS 0x10; short-descriptor: FS = 0b01000.
-        status = (1 << 9) | DFSC_SYNC_EXTERNAL if ttbcr >> 31 else 0x8
-        dfsr = status | (int(is_write) << 11)
-        self._cp15_write(uc, 5, 0, 0, dfsr)  # DFSR
-        self._cp15_write(uc, 6, 0, 0, address & 0xFFFF_FFFF)  # DFAR
-        thumb = bool(sctlr & (1 << 30))  # SCTLR.TE
-        keep = ~(0x1F | _CPSR_T | _CPSR_E | (1 << 24) | (0x3 << 25) | (0x3F << 10))
-        new = (cpsr & keep) | 0x17 | 0x180 | (_CPSR_T if thumb else 0) | (_CPSR_E if sctlr & (1 << 25) else 0)
-        uc.reg_write(a32.UC_ARM_REG_CPSR, new)  # Abort mode: LR and SPSR below are LR_abt and SPSR_abt
-        uc.reg_write(a32.UC_ARM_REG_LR, (pc + 8) & 0xFFFF_FFFF)
-        uc.reg_write(a32.UC_ARM_REG_SPSR, cpsr)
-        base = 0xFFFF_0000 if sctlr & (1 << 13) else self._cp15_read(uc, 12, 0, 0)
-        vector = (base + 0x10) & 0xFFFF_FFFF
-        uc.reg_write(a32.UC_ARM_REG_PC, vector | int(thumb))
-        return vector
 
     def psci_args(self, uc: Uc) -> tuple[int, int, int, int]:
         return (

@@ -25,14 +25,32 @@ Unicorn facts this relies on (checked in its source and by the tests in tests/un
 
 from __future__ import annotations
 
+import ctypes
+import struct
+import threading
 from dataclasses import dataclass
 
-from unicorn import Uc
+from unicorn import UC_HOOK_INTR, UC_PROT_ALL, Uc
 from unicorn import arm64_const as a64
 from unicorn import arm_const as a32
 
 from vcpu_service import fastreg
-from vcpu_service.arch import AArch64, Arch, ArchError
+from vcpu_service.arch import (
+    DFSC_SYNC_EXTERNAL,
+    EC_DABT_CUR,
+    EC_DABT_LOW,
+    EXCEPTION_NAMES,
+    EXCP_BKPT,
+    EXCP_DATA_ABORT,
+    EXCP_PREFETCH_ABORT,
+    EXCP_SMC,
+    EXCP_SWI,
+    EXCP_UDEF,
+    AArch64,
+    Arch,
+    ArchError,
+    close_uc,
+)
 
 MASK32 = 0xFFFF_FFFF
 MASK64 = 0xFFFF_FFFF_FFFF_FFFF
@@ -215,3 +233,280 @@ def take_irq(arch: Arch, uc: Uc, fiq: bool = False) -> int:
     if isinstance(arch, AArch64):
         return _enter_a64(uc, A64_FIQ if fiq else A64_IRQ, pc)
     return _enter_a32(uc, A32_FIQ if fiq else A32_IRQ, pc + 4)
+
+
+# ----- what Unicorn knows about the exception it raised ------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Raised:
+    """QEMU's ``env->exception`` for the exception Unicorn just reported: what ``raise_exception`` computed before
+    Unicorn called the UC_HOOK_INTR hook instead of ``arm_cpu_do_interrupt``.
+
+    ``syndrome`` is the ESR_ELx value (EC, IL, ISS) QEMU would write; ``fsr`` the DFSR/IFSR value for an AArch32
+    target (short-descriptor or LPAE format as TTBCR.EAE says); ``vaddress`` the FAR/DFAR/IFAR value;
+    ``target_el`` the exception level QEMU routed it to.
+    """
+
+    syndrome: int
+    fsr: int
+    vaddress: int
+    target_el: int
+
+
+# ``struct { uint32_t syndrome; uint32_t fsr; uint64_t vaddress; uint32_t target_el; } exception`` (target/arm/cpu.h)
+_RAISED = struct.Struct("<IIQI")
+_PROBE_IMMS = (0x5A5A, 0x1234)
+_offsets: dict[str, int] = {}
+_offsets_lock = threading.Lock()
+
+
+class RaisedUnavailable(ArchError):
+    """This libunicorn's saved context does not hold ``env->exception`` where the calibration expects it."""
+
+
+def _probe_syndrome(arch: Arch, imm: int) -> tuple[bytes, int]:
+    """Run ``SVC #imm`` on a scratch CPU of ``arch``; return its saved context and the syndrome QEMU gives it."""
+    uc = arch.new_uc("")
+    try:
+        uc.mem_map(0x1000, 0x1000, UC_PROT_ALL)
+        if isinstance(arch, AArch64):
+            uc.mem_write(0x1000, struct.pack("<I", 0xD4000001 | imm << 5))  # svc #imm
+            syndrome = 0x15 << 26 | 1 << 25 | imm  # syn_aa64_svc
+        else:
+            uc.mem_write(0x1000, struct.pack("<I", 0xEF000000 | imm))  # svc #imm
+            syndrome = 0x11 << 26 | 1 << 25 | imm  # syn_aa32_svc (imm16 of the 24-bit comment)
+        saved: list[bytes] = []
+
+        def hook(uc: Uc, _intno: int, _user: object) -> None:
+            saved.append(_context_bytes(uc))
+            uc.emu_stop()
+
+        uc.hook_add(UC_HOOK_INTR, hook)
+        uc.emu_start(0x1000, 0x1004, 0, 1)
+        if not saved:
+            raise RaisedUnavailable("the calibration SVC raised no exception")
+        return saved[0], syndrome
+    finally:
+        close_uc(uc)
+
+
+def _context_bytes(uc: Uc, length: int | None = None) -> bytes:
+    context = uc.context_save()
+    return ctypes.string_at(context.context.value, context.size if length is None else length)
+
+
+def _raised_offset(arch: Arch) -> int:
+    """Where ``env->exception`` sits in a saved context of ``arch``, found once by raising known SVCs."""
+    offset = _offsets.get(arch.name)
+    if offset is not None:
+        return offset
+    with _offsets_lock:
+        if arch.name in _offsets:
+            return _offsets[arch.name]
+        candidates: set[int] | None = None
+        for imm in _PROBE_IMMS:
+            blob, syndrome = _probe_syndrome(arch, imm)
+            needle = struct.pack("<I", syndrome)
+            found = {i for i in range(0, len(blob) - _RAISED.size, 4) if blob[i:i + 4] == needle
+                     and _RAISED.unpack_from(blob, i)[3] == 1}
+            candidates = found if candidates is None else candidates & found
+        if not candidates or len(candidates) != 1:
+            raise RaisedUnavailable(f"cannot locate env->exception in this libunicorn's {arch.name} context "
+                                    f"(candidates {sorted(candidates or ())})")
+        offset = _offsets[arch.name] = candidates.pop()
+        return offset
+
+
+def raised(arch: Arch, uc: Uc) -> Raised:
+    """The syndrome, fault status and address of the exception Unicorn last raised on ``uc``.
+
+    Unicorn has no API for them; its saved CPU context is a copy of ``CPUARMState``, which holds them, and their
+    place in it is found once per architecture by raising two SVCs with known syndromes (``_raised_offset``).
+    """
+    offset = _raised_offset(arch)
+    return Raised(*_RAISED.unpack(_context_bytes(uc, offset + _RAISED.size)[offset:]))
+
+
+# ----- synchronous exceptions ------------------------------------------------------------------------------
+
+EC_UNKNOWN = 0x00
+IL_BIT = 1 << 25
+EC_SVC64 = 0x15
+EC_HVC64 = 0x16
+EC_IABT_LOW = 0x20
+EC_IABT_CUR = 0x21
+EC_BRK64 = 0x3C
+DFSC_ALIGNMENT = 0x21
+# AArch32 fault status: short-descriptor FS (FS[4] is DFSR bit 10) and LPAE (bit 9 set, STATUS in 5:0).
+FSR_LPAE = 1 << 9
+FSR_WNR = 1 << 11
+FS_SHORT_ALIGNMENT = 0x01
+FS_SHORT_SYNC_EXTERNAL = 0x08
+
+EXCEPTION_KINDS = {EXCP_UDEF, EXCP_SWI, EXCP_PREFETCH_ABORT, EXCP_DATA_ABORT, EXCP_BKPT, EXCP_SMC}
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """An exception entered: what it was, where it came from and went to, and what the handler will see."""
+
+    name: str
+    pc: int  # the instruction that raised it (the SVC itself, although Unicorn reports the one after it)
+    vector: int
+    syndrome: int  # ESR_EL1, or the DFSR/IFSR written (0 when the exception writes none)
+    address: int | None  # FAR_EL1 / DFAR / IFAR written, if any
+    return_address: int  # ELR_EL1, or LR_<mode>
+
+    def describe(self) -> str:
+        fault = f", address 0x{self.address:x}" if self.address is not None else ""
+        return f"{self.name} at 0x{self.pc:x} (syndrome 0x{self.syndrome:x}{fault}) to its vector 0x{self.vector:x}"
+
+
+def _a32_link(kind: A32Kind, pc: int, thumb: bool) -> int:
+    """LR_<mode> for a synchronous exception raised by the instruction at ``pc`` (QEMU's ``offset``)."""
+    if kind is A32_UNDEF:
+        return pc + (2 if thumb else 4)
+    if kind is A32_SVC:
+        return pc  # Unicorn reports an SVC with PC already on the next instruction
+    if kind is A32_PREFETCH_ABORT:
+        return pc + 4
+    return pc + 8  # data abort
+
+
+def take_reported(arch: Arch, uc: Uc, intno: int, info: Raised) -> Taken:
+    """Enter the vector of the synchronous exception Unicorn reported through UC_HOOK_INTR as ``intno`` (after
+    ``emu_start`` returned: PC is where Unicorn left it), with the syndrome QEMU computed for it: ``info``, which
+    the hook itself must read (``raised``): once the hook returns, Unicorn goes on and may raise (and drop) another
+    exception before ``emu_start`` returns, which overwrites it.
+
+    Unicorn's PC is the preferred return address on AArch64 for all of them: the next instruction for SVC, the
+    instruction itself for an undefined instruction, BRK and aborts. Raises ArchError for what the service does
+    not model (an exception QEMU routes to EL2 or EL3, an asynchronous or hypervisor one).
+    """
+    if intno not in EXCEPTION_KINDS:
+        raise ArchError(f"{EXCEPTION_NAMES.get(intno, f'exception {intno}')} is not delivered by this service")
+    pc = arch.pc(uc)
+    name = EXCEPTION_NAMES.get(intno, f"exception {intno}")
+    if intno == EXCP_SMC:
+        return _smc_undefined(arch, uc, pc - 4)
+    if isinstance(arch, AArch64):
+        if info.target_el != 1:
+            raise ArchError(f"the {name} at 0x{pc:x} is routed to EL{info.target_el} (syndrome "
+                            f"0x{info.syndrome:x}); only EL1 is modelled")
+        far = info.vaddress if intno in (EXCP_PREFETCH_ABORT, EXCP_DATA_ABORT) else None
+        vector = _enter_a64(uc, A64_SYNC, pc, esr=info.syndrome, far=far)
+        return Taken(name, pc - 4 if intno == EXCP_SWI else pc, vector, info.syndrome, far, pc)
+    kind = {EXCP_UDEF: A32_UNDEF, EXCP_SWI: A32_SVC, EXCP_BKPT: A32_PREFETCH_ABORT,
+            EXCP_PREFETCH_ABORT: A32_PREFETCH_ABORT, EXCP_DATA_ABORT: A32_DATA_ABORT}[intno]
+    return _take_a32(uc, kind, name, pc, info)
+
+
+def _smc_undefined(arch: Arch, uc: Uc, smc_pc: int) -> Taken:
+    """SMC is UNDEFINED on QEMU's virt, which has no EL3 (``pre_smc``: no EL3 and PSCI on HVC), and KVM injects
+    an undefined instruction for it too. Unicorn's CPU has EL3 and raises EXCP_SMC with PC past the instruction
+    (A64, A32 and T32 encodings are all 4 bytes): enter the Undefined Instruction exception at the SMC itself."""
+    name = "SMC (UNDEFINED: no EL3)"
+    if isinstance(arch, AArch64):
+        esr = (EC_UNKNOWN << 26) | IL_BIT
+        return Taken(name, smc_pc, _enter_a64(uc, A64_SYNC, smc_pc, esr=esr), esr, None, smc_pc)
+    return _take_a32(uc, A32_UNDEF, name, smc_pc, None)
+
+
+def take_undefined_a32(arch: Arch, uc: Uc) -> Taken:
+    """The AArch32 Undefined Instruction exception for the instruction at PC, which Unicorn reports by ending
+    ``emu_start`` with UC_ERR_INSN_INVALID instead of calling the hook (``arm_stop_interrupt``)."""
+    return _take_a32(uc, A32_UNDEF, EXCEPTION_NAMES[EXCP_UDEF], arch.pc(uc), None)
+
+
+def _take_a32(uc: Uc, kind: A32Kind, name: str, pc: int, info: Raised | None) -> Taken:
+    thumb = bool(fastreg.reg_read(uc, a32.UC_ARM_REG_CPSR) & CPSR_T)
+    fsr = 0
+    address = None
+    if info is not None and kind is A32_DATA_ABORT:
+        fsr, address = info.fsr, info.vaddress & MASK32
+        cp15_write(uc, 5, 0, 0, fsr)  # DFSR
+        cp15_write(uc, 6, 0, 0, address)  # DFAR
+    elif info is not None and kind is A32_PREFETCH_ABORT:
+        fsr, address = info.fsr, info.vaddress & MASK32
+        cp15_write(uc, 5, 0, 1, fsr)  # IFSR
+        cp15_write(uc, 6, 0, 2, address)  # IFAR
+    link = _a32_link(kind, pc, thumb)
+    vector = _enter_a32(uc, kind, link)
+    at = pc - (2 if thumb else 4) if kind is A32_SVC else pc
+    return Taken(name, at, vector, fsr, address, link & MASK32)
+
+
+# ----- data aborts the service raises itself -----------------------------------------------------------------
+
+def _a32_lpae(uc: Uc) -> bool:
+    return bool(cp15_read(uc, 2, 0, 2) >> 31)  # TTBCR.EAE
+
+
+def data_abort(arch: Arch, uc: Uc, pc: int, address: int, is_write: bool, insn_len: int, *,
+               alignment: bool = False) -> Taken:
+    """A precise data abort on the instruction at ``pc``, which has not retired: a synchronous external abort
+    (a device error) or, with ``alignment``, an alignment fault.
+
+    AArch64: ESR_EL1 = EC 0x24/0x25, IL, ISV 0, WnR, DFSC 0x10 or 0x21; FAR_EL1 = address; ELR_EL1 = pc.
+    AArch32: DFSR (FS 0b01000 / 0b00001, or LPAE STATUS 0x10 / 0x21 when TTBCR.EAE), WnR; DFAR; LR_abt = pc + 8.
+    """
+    name = "alignment fault" if alignment else "synchronous external abort"
+    if isinstance(arch, AArch64):
+        el = (fastreg.reg_read(uc, a64.UC_ARM64_REG_PSTATE) >> 2) & 3
+        ec = EC_DABT_CUR if el == 1 else EC_DABT_LOW
+        dfsc = DFSC_ALIGNMENT if alignment else DFSC_SYNC_EXTERNAL
+        esr = (ec << 26) | (int(insn_len == 4) << 25) | (int(is_write) << 6) | dfsc
+        return Taken(name, pc, _enter_a64(uc, A64_SYNC, pc, esr=esr, far=address), esr, address, pc)
+    if _a32_lpae(uc):
+        fsr = FSR_LPAE | (DFSC_ALIGNMENT if alignment else DFSC_SYNC_EXTERNAL)
+    else:
+        fsr = FS_SHORT_ALIGNMENT if alignment else FS_SHORT_SYNC_EXTERNAL
+    fsr |= FSR_WNR if is_write else 0
+    cp15_write(uc, 5, 0, 0, fsr)  # DFSR
+    cp15_write(uc, 6, 0, 0, address)  # DFAR
+    return Taken(name, pc, _enter_a32(uc, A32_DATA_ABORT, pc + 8), fsr, address, (pc + 8) & MASK32)
+
+
+def mmu_enabled(arch: Arch, uc: Uc) -> bool:
+    """SCTLR(_EL1).M: stage 1 translation is on (with it off, data accesses are to Device-nGnRnE memory)."""
+    if isinstance(arch, AArch64):
+        return bool(fastreg.sctlr_el1(uc) & 1)
+    return bool(cp15_read(uc, 1, 0, 0) & 1)
+
+
+# ----- AArch32 hints Unicorn reports as undefined instructions ------------------------------------------------
+
+_A32_HINTS = (0x0320F001, 0x0320F002)  # YIELD, WFE (without the condition)
+_T16_HINTS = (0xBF10, 0xBF20)
+_T32_HINTS = ((0xF3AF, 0x8001), (0xF3AF, 0x8002))
+
+
+def _read(uc: Uc, address: int, size: int) -> int | None:
+    try:
+        return int.from_bytes(uc.mem_read(address, size), "little")
+    except Exception:
+        return None
+
+
+def a32_after_hint(uc: Uc, pc: int) -> bool:
+    """Whether the instruction before ``pc`` is YIELD or WFE. Unicorn 2.1.4 ends ``emu_start`` after either with
+    UC_ERR_INSN_INVALID (EXCP_YIELD goes through ``arm_stop_interrupt`` like EXCP_UDEF), PC on the next instruction."""
+    if fastreg.reg_read(uc, a32.UC_ARM_REG_CPSR) & CPSR_T:
+        if _read(uc, pc - 2, 2) in _T16_HINTS:
+            return True
+        first, second = _read(uc, pc - 4, 2), _read(uc, pc - 2, 2)
+        return (first, second) in _T32_HINTS
+    word = _read(uc, pc - 4, 4)
+    return word is not None and (word & 0x0FFFFFFF) in _A32_HINTS
+
+
+def a32_permanently_undefined(uc: Uc, pc: int) -> bool:
+    """Whether the instruction at ``pc`` is UDF (A32 0xe7fXXXfX, T16 0xdeXX, T32 0xf7fX 0xaXXX)."""
+    if fastreg.reg_read(uc, a32.UC_ARM_REG_CPSR) & CPSR_T:
+        first = _read(uc, pc, 2)
+        if first is not None and first & 0xFF00 == 0xDE00:
+            return True
+        second = _read(uc, pc + 2, 2)
+        return first is not None and second is not None and first & 0xFFF0 == 0xF7F0 and second & 0xF000 == 0xA000
+    word = _read(uc, pc, 4)
+    return word is not None and word & 0xFFF000F0 == 0xE7F000F0

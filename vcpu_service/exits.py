@@ -33,6 +33,7 @@ from mmiosplit.mmio import (
     RemoteRegion,
     TransportError,
 )
+from vcpu_service import exceptions
 from vcpu_service.arch import EC_DABT_LOW, Arch, ArchError, FetchedInsn
 from vcpu_service.completion import load_value, store_data
 from vcpu_service.decode import Decoded, Isa, Refused, Syndrome, decode
@@ -116,6 +117,7 @@ class ExitStats:
     aborts: int = 0
     nops: int = 0
     hand_decoded: int = 0
+    guest_faults: int = 0  # accesses that took a fault in the guest instead of an exit (alignment)
     kvm_report: dict[tuple[int, int], KvmReportEntry] = field(default_factory=dict)
     # (device, region, kind) -> count, kind read/write/posted_write/shadow_read; read by the metrics at scrape time.
     by_region: Counter[tuple[str, str, str]] = field(default_factory=Counter)
@@ -150,6 +152,7 @@ class VcpuView(VcpuLink, Protocol):
     executed: int
 
     def big_endian_data(self) -> bool: ...
+    def exception_entered(self, taken: exceptions.Taken) -> None: ...
 
     @property
     def arch(self) -> Arch: ...
@@ -217,7 +220,17 @@ class Forward(NamedTuple):
     pending: PendingAccess
 
 
-Action = Skip | Refuse | CompleteNow | Forward
+class GuestFault(NamedTuple):
+    """The access itself faults in the guest, as on hardware (an alignment fault): the guest's data abort vector."""
+
+    pc: int
+    address: int
+    is_write: bool
+    insn: FetchedInsn
+    alignment: bool = True
+
+
+Action = Skip | Refuse | CompleteNow | Forward | GuestFault
 
 
 class ExitPath:
@@ -263,6 +276,12 @@ class ExitPath:
             self.stats.hand_decoded += 1
         size = 1 << syn.sas
         is_write = syn.wnr
+        if address & (size - 1) and fault_size in (0, size) and not exceptions.mmu_enabled(arch, uc):
+            # With the MMU off every data access is to Device-nGnRnE memory, where an unaligned access takes an
+            # alignment fault (DFSC 0x21) before it reaches the bus: the device never sees it. (An access Unicorn
+            # split at a page boundary, from RAM into the device, is left to the straddle check below: its start,
+            # the FAR, is not the address the hook reported.)
+            return GuestFault(pc, address, is_write, insn, alignment=True)
         new_base = None if syn.writeback is None else self._writeback_value(syn)
         slot = self.vm.handlers.lookup(address)
         # Unicorn splits an access that crosses from RAM into unmapped space at the page boundary: a store goes
@@ -341,13 +360,18 @@ class ExitPath:
         return None
 
     # ----- complete -----------------------------------------------------------------------------------------
-    def settle(self, action: Skip | Refuse | CompleteNow) -> None:
+    def settle(self, action: Skip | Refuse | CompleteNow | GuestFault) -> None:
         """Carry out an action that needs no device service (none of them waits)."""
         if isinstance(action, CompleteNow):
             self.complete(action.pending, action.completion, action.kind)
         elif isinstance(action, Skip):
             self.stats.nops += 1
             self.arch.advance(self.vcpu.uc, action.pc, action.length)
+        elif isinstance(action, GuestFault):
+            self.stats.guest_faults += 1
+            self.vcpu.exception_entered(exceptions.data_abort(self.arch, self.vcpu.uc, action.pc, action.address,
+                                                              action.is_write, action.insn.length,
+                                                              alignment=action.alignment))
         else:
             self.refuse(action)
 
@@ -488,15 +512,16 @@ class ExitPath:
                                      "syndrome": action.syndrome}
         if action.policy is FaultPolicy.ABORT:
             try:
-                vector = self.arch.inject_data_abort(self.vcpu.uc, action.pc, action.address, action.is_write,
-                                                     action.insn.length)
+                taken = exceptions.data_abort(self.arch, self.vcpu.uc, action.pc, action.address, action.is_write,
+                                              action.insn.length)
             except ArchError as exc:
                 raise VcpuFault(action.error_kind,
                                 f"{action.reason}; and the external abort could not be injected: {exc}",
                                 **fields) from None
             self.stats.aborts += 1
+            self.vcpu.exception_entered(taken)
             self.vm.events.emit(EventKind.EXTERNAL_ABORT,
-                                f"{action.reason}; synchronous external abort injected, vector 0x{vector:x}",
+                                f"{action.reason}; synchronous external abort injected, vector 0x{taken.vector:x}",
                                 vcpu_id=self.vcpu.index, error_kind=action.error_kind, pc=action.pc,
                                 fault_address=action.address, instruction=action.insn.word, device=action.device,
                                 syndrome=action.syndrome)

@@ -73,7 +73,7 @@ class VcpuCollector(Collector):
             unhandled.add_metric([outcome], t.kvm_unhandled.get(outcome, 0))
         yield unhandled
 
-        psci = CounterMetricFamily("mmiosplit_vcpu_psci_calls", "PSCI calls (HVC/SMC) made by guests.")
+        psci = CounterMetricFamily("mmiosplit_vcpu_psci_calls", "PSCI calls (HVC) made by guests.")
         psci.add_metric([], t.psci_calls)
         yield psci
 

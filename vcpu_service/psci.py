@@ -1,6 +1,15 @@
-"""PSCI 1.1 over HVC/SMC, handled in the vcpu service as KVM does in the kernel.
+"""PSCI 1.1 over HVC, handled in the vcpu service as KVM does in the kernel.
 
 The decision is pure (function id and arguments in, an action out); the vCPU loop carries it out.
+
+Which HVCs are PSCI calls: all of them, at EL1 (PL1 on AArch32). QEMU's ``virt`` without EL2 (the board this
+service models) has the HVC conduit, and since QEMU 7.1 (PSCI 1.1) ``arm_is_psci_call`` is true for every HVC
+on that conduit: a function id it does not know returns NOT_SUPPORTED (-1) in x0/r0 and the guest goes on (Debian
+12's QEMU 7.2 does this; before 7.1 an unknown id made the HVC UNDEFINED, as EL2 is absent). KVM answers every
+HVC as an SMCCC call the same way. So no HVC at EL1 reaches the guest's vectors. An HVC at EL0 (User mode) is
+UNDEFINED before any of this: Unicorn raises it as an undefined instruction, which the guest takes at its vector
+(``exceptions``). A 64-bit function id from AArch32 is NOT_SUPPORTED, as in QEMU. SMC is no conduit: on virt,
+which has no EL3, it is UNDEFINED (QEMU's ``pre_smc``; KVM injects an undefined instruction too).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ SYSTEM_OFF = 0x8400_0008
 SYSTEM_RESET = 0x8400_0009
 PSCI_FEATURES = 0x8400_000A
 SMCCC_VERSION = 0x8000_0000
+SMC64 = 0x4000_0000  # the SMC64/HVC64 calling convention bit of a function id
 
 SUCCESS = 0
 NOT_SUPPORTED = -1
@@ -74,6 +84,8 @@ class PsciCall:
 def decode_call(x0: int, x1: int, x2: int, x3: int, is_64bit: bool) -> PsciCall:
     """Interpret a PSCI/SMCCC call from the guest's x0..x3 (r0..r3 on AArch32)."""
     fn = x0 & 0xFFFF_FFFF
+    if fn & SMC64 and not is_64bit:
+        return PsciCall(fn, PsciAction.NONE, NOT_SUPPORTED)
     if fn == PSCI_VERSION:
         return PsciCall(fn, PsciAction.NONE, VERSION_1_1)
     if fn == PSCI_FEATURES:
@@ -82,8 +94,6 @@ def decode_call(x0: int, x1: int, x2: int, x3: int, is_64bit: bool) -> PsciCall:
     if fn == MIGRATE_INFO_TYPE:
         return PsciCall(fn, PsciAction.NONE, MIGRATE_NOT_REQUIRED)
     if fn in (CPU_ON_32, CPU_ON_64):
-        if fn == CPU_ON_64 and not is_64bit:
-            return PsciCall(fn, PsciAction.NONE, NOT_SUPPORTED)
         mask = 0xFFFF_FFFF_FFFF_FFFF if fn == CPU_ON_64 else 0xFFFF_FFFF
         return PsciCall(fn, PsciAction.CPU_ON, target=x1 & mask, entry=x2 & mask, context=x3 & mask)
     if fn in (AFFINITY_INFO_32, AFFINITY_INFO_64):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 from unicorn import (
     UC_CTL_IO_WRITE,
     UC_CTL_TLB_FLUSH,
+    UC_ERR_INSN_INVALID,
     UC_ERR_READ_PROT,
     UC_ERR_READ_UNMAPPED,
     UC_ERR_WRITE_PROT,
@@ -46,8 +47,8 @@ from unicorn import (
 )
 
 from mmiosplit.mmio import Completion, DeviceEndpoint, ExitChannel, RemoteRegion, TransportError
-from vcpu_service import fastreg, gentimer, psci
-from vcpu_service.arch import EXCEPTION_NAMES, EXCP_HVC, EXCP_SMC, SCTLR_EE_E0E, AArch64, Arch, close_uc
+from vcpu_service import exceptions, fastreg, gentimer, psci
+from vcpu_service.arch import EXCEPTION_NAMES, EXCP_HVC, SCTLR_EE_E0E, AArch64, Arch, ArchError, close_uc
 from vcpu_service.cp15trap import TimerTrap
 from vcpu_service.domain import ErrorKind, EventKind
 from vcpu_service.exceptions import irq_masked, take_irq
@@ -199,6 +200,7 @@ class _StopCause:
     detail: str = ""
     intno: int = 0
     pc: int = 0
+    raised: exceptions.Raised | None = None  # a guest exception's syndrome, read in the hook (exceptions.raised)
 
 
 class Vcpu:
@@ -229,6 +231,11 @@ class Vcpu:
         self._fault_context: UcContext | None = None
         self.executed = 0
         self.psci_calls = 0
+        self.exceptions_taken = 0
+        self._last_taken: exceptions.Taken | None = None  # the last synchronous exception entered
+        self._loop_origin: exceptions.Taken | None = None  # what started a run of exceptions at their own vector
+        self._exception_loop = 0
+        self._hint_pc: int | None = None  # where an AArch32 YIELD/WFE last ended emu_start (see _on_invalid_a32)
         self.exits = ExitPath(self)
         #: MPIDR as QEMU's virt gives CPU n (bit 31 RES1, affinity as ``psci.mpidr_to_vcpu`` reads it back).
         self.mpidr = 0x8000_0000 | psci.vcpu_affinity(index)
@@ -298,6 +305,8 @@ class Vcpu:
         old = self.uc
         self.uc = self._new_uc()
         close_uc(old)
+        self._last_taken = self._loop_origin = self._hint_pc = None  # exceptions taken before the reset
+        self._exception_loop = 0
 
     def start_thread(self) -> None:
         self._thread = threading.Thread(target=self._thread_main, name=f"vcpu{self.index}", daemon=True)
@@ -506,9 +515,13 @@ class Vcpu:
 
     def _on_interrupt(self, uc: Uc, intno: int, _user: object) -> None:
         pc = self.arch.pc(uc)
-        if intno not in (EXCP_HVC, EXCP_SMC):
+        if intno != EXCP_HVC:  # PSCI is on HVC only (virt's device tree says so); SMC is UNDEFINED there
+            try:
+                info = exceptions.raised(self.arch, uc)
+            except ArchError:
+                info = None  # take_reported is not reached: the cause says why
             self._stop_cause = _StopCause("exception", EXCEPTION_NAMES.get(intno, f"exception {intno}"),
-                                          intno, pc)
+                                          intno, pc, info)
             uc.emu_stop()
             return
         self.psci_calls += 1
@@ -730,12 +743,8 @@ class Vcpu:
                            reason=f"instruction budget of {self.vm.instruction_budget} exhausted on vCPU {self.index}")
             return False
         if cause.kind == "exception":
-            raise VcpuFault(
-                ErrorKind.GUEST_EXCEPTION,
-                f"vCPU {self.index}: guest took a {cause.detail} at 0x{cause.pc:x}; this version delivers no "
-                "exceptions to the guest's vectors",
-                pc=cause.pc,
-            )
+            self._take_exception(cause)
+            return True
         self.flush_posted()
         if cause.kind == psci.PsciAction.CPU_OFF.value:
             with self.cond:
@@ -759,9 +768,18 @@ class Vcpu:
         if self._fault_context is not None:
             self.uc.context_restore(self._fault_context)  # undo what ran past a store in an IT block
             pc = self.arch.pc(self.uc)
+        if status == UC_ERR_INSN_INVALID and fault is None and not self._a64:
+            self._on_invalid_a32(pc)
+            return
         if fault is None or status not in (UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED, UC_ERR_WRITE_PROT,
                                            UC_ERR_READ_PROT):
             if fault is not None and fault[0] in (UC_MEM_FETCH_UNMAPPED, UC_MEM_FETCH_PROT):
+                last = self._last_taken
+                if last is not None and fault[1] == last.vector:  # the vector of the exception just taken
+                    raise VcpuFault(ErrorKind.GUEST_EXCEPTION,
+                                    f"vCPU {self.index}: instruction fetch from 0x{fault[1]:x}, which is not RAM: it "
+                                    f"is the vector of the {last.describe()}, and nothing is there to handle it",
+                                    pc=last.pc, fault_address=fault[1], syndrome=last.syndrome)
                 raise VcpuFault(ErrorKind.GUEST_EXCEPTION,
                                 f"vCPU {self.index}: instruction fetch from 0x{fault[1]:x}, which is not RAM",
                                 pc=pc, fault_address=fault[1])
@@ -772,6 +790,61 @@ class Vcpu:
             # next read of that page would be served from the mirror: drop the entry.
             self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         self._take_exit(pc, fault[1], fault[0] in (UC_MEM_WRITE_UNMAPPED, UC_MEM_WRITE_PROT), fault[2])
+
+    # ----- guest exceptions (exceptions.py enters the vectors) ----------------------------------------------
+    def _take_exception(self, cause: _StopCause) -> None:
+        """Deliver the synchronous exception Unicorn reported through UC_HOOK_INTR to the guest's vector."""
+        try:
+            if cause.raised is None:
+                raise ArchError("its syndrome cannot be read from this libunicorn (exceptions.raised)")
+            taken = exceptions.take_reported(self.arch, self.uc, cause.intno, cause.raised)
+        except ArchError as exc:
+            raise VcpuFault(ErrorKind.GUEST_EXCEPTION,
+                            f"vCPU {self.index}: guest took a {cause.detail} at 0x{cause.pc:x}: {exc}",
+                            pc=cause.pc) from None
+        self.exception_entered(taken)
+
+    def _on_invalid_a32(self, pc: int) -> None:
+        """UC_ERR_INSN_INVALID on AArch32: an undefined instruction at ``pc`` (UNDEF), or a YIELD/WFE just before it,
+        which Unicorn reports the same way with PC past the hint. Resuming after a hint at the same ``pc`` twice in
+        a row means either a loop around the hint or an undefined instruction right after it; only UDF is told apart
+        (an unallocated encoding right after a YIELD/WFE would be resumed forever)."""
+        uc = self.uc
+        if exceptions.a32_after_hint(uc, pc) and not (pc == self._hint_pc
+                                                      and exceptions.a32_permanently_undefined(uc, pc)):
+            self._hint_pc = pc
+            return
+        self._hint_pc = None
+        try:
+            taken = exceptions.take_undefined_a32(self.arch, uc)
+        except ArchError as exc:
+            raise VcpuFault(ErrorKind.GUEST_EXCEPTION,
+                            f"vCPU {self.index}: undefined instruction at 0x{pc:x}: {exc}", pc=pc) from None
+        self.exception_entered(taken)
+
+    # A synchronous exception raised by the first instruction of the vector the previous one entered, this many
+    # times in a row, ends the run: the guest has no handler there (an empty vector table loops for ever).
+    EXCEPTION_LOOP_LIMIT = 16
+
+    def exception_entered(self, taken: exceptions.Taken) -> None:
+        """Note an exception the guest was just given (here or by the exit path): for the loop check and so that a
+        fetch fault at its vector can name it."""
+        self.exceptions_taken += 1
+        last = self._last_taken
+        if last is not None and taken.pc == last.vector:
+            if self._exception_loop == 0:
+                self._loop_origin = last
+            self._exception_loop += 1
+            if self._exception_loop >= self.EXCEPTION_LOOP_LIMIT:
+                origin = self._loop_origin or last
+                raise VcpuFault(ErrorKind.GUEST_EXCEPTION,
+                                f"vCPU {self.index}: exception loop: the guest took a {origin.describe()}, and the "
+                                f"instruction there raises a {taken.name} again and again (syndrome "
+                                f"0x{taken.syndrome:x}): no handler at the vector", pc=origin.pc,
+                                fault_address=taken.pc, syndrome=taken.syndrome)
+        else:
+            self._exception_loop = 0
+        self._last_taken = taken
 
     def _take_exit(self, pc: int, address: int, is_write: bool, size: int) -> None:
         """KVM_RUN's exit path: begin, exchange with the device service if the access must leave the process,

@@ -1,9 +1,12 @@
 """Run a program three ways: plain Unicorn with RAM at the window, mmiosplit in-process, mmiosplit over gRPC.
 
 All three start from the same CPU (`Arch.new_uc`: same model, same reset fixes), the same image and the same window
-bytes, and end at PSCI SYSTEM_OFF (an unprivileged program: on its UNDEFINED HVC). Each returns a `RunResult` with
-what the comparison needs: the records area (the dumps), the window's final bytes, the final registers, and how the
-run ended. Every mmiosplit fault policy is STOP, so a failure ends the run with a reason instead of an injected abort.
+bytes, and end at PSCI SYSTEM_OFF (an unprivileged program: on its UNDEFINED HVC, which mmiosplit delivers to the
+guest's vector, where nothing is: the reference enters it the same way, with `vcpu_service.exceptions`, so the final
+states compare; the entry itself is checked against QEMU by tests/exitpath/test_guest_exceptions.py). Each returns a
+`RunResult` with what the comparison needs: the records area (the dumps), the window's final bytes, the final
+registers, and how the run ended. Every mmiosplit fault policy is STOP, so a failure ends the run with a reason
+instead of an injected abort.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from mmiosplit.v1 import common_pb2, vcpu_pb2, vcpu_pb2_grpc
 from mmiosplit.wire import FINAL_EVENT_KINDS
 from tests.differential.program import PSCI_SYSTEM_OFF, RAM_BASE, RAM_SIZE, READBACK, RECORDS, Program
 from tests.exitpath.harness import event_from_wire
+from vcpu_service import exceptions
 from vcpu_service.arch import EXCEPTION_NAMES, EXCP_HVC, Arch, arch_by_name, close_uc
 from vcpu_service.decode import Isa
 from vcpu_service.domain import ErrorKind, EventKind, FaultPolicy, Policies, UnmappedPolicy, VmEvent
@@ -68,6 +72,7 @@ def run_reference(program: Program) -> RunResult:
         uc.mem_write(batch.window_base, batch.window)
         ending: list[str] = []
         detail: list[str] = []
+        raised_at: list[int] = []  # where the ending exception was raised (PC is at its vector afterwards)
 
         def on_interrupt(uc: Uc, intno: int, _user: object) -> None:
             if intno == EXCP_HVC and arch.psci_args(uc)[0] & 0xFFFF_FFFF == PSCI_SYSTEM_OFF:
@@ -75,6 +80,8 @@ def run_reference(program: Program) -> RunResult:
             else:
                 ending.append(f"exception at 0x{arch.pc(uc):x}")
                 detail.append(EXCEPTION_NAMES.get(intno, f"exception {intno}"))
+                raised_at.append(arch.pc(uc))
+                exceptions.take_reported(arch, uc, intno, exceptions.raised(arch, uc))
             uc.emu_stop()
 
         uc.hook_add(UC_HOOK_INTR, on_interrupt)
@@ -88,7 +95,10 @@ def run_reference(program: Program) -> RunResult:
             # An AArch32 HVC in User mode fails emu_start with UC_ERR_INSN_INVALID instead of raising UDEF.
             status = f"exception at 0x{arch.pc(uc):x}" if exc.errno == UC_ERR_INSN_INVALID else f"Unicorn error: {exc}"
             detail.append(str(exc))
-        pc = arch.pc(uc)
+            if exc.errno == UC_ERR_INSN_INVALID:
+                raised_at.append(arch.pc(uc))
+                exceptions.take_undefined_a32(arch, uc)
+        pc = raised_at[0] if raised_at else arch.pc(uc)
         window = bytes(uc.mem_read(batch.window_base, batch.window_size))
         if program.self_seeded:
             window = bytes(uc.mem_read(READBACK, batch.used)) + window[batch.used:]

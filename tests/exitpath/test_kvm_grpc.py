@@ -130,7 +130,7 @@ CASES = {
         0xE2822001,  # add r2, r2, #1
     ), {"r0": HOLE, "r1": MASK32}, _c21),
     "c22-a64-device-error": Case(A64, words(
-        0xB9400001,  # ldr w1, [x0]                (PL011 at +1: not a register, the device refuses)
+        0x39400001,  # ldrb w1, [x0]               (PL011 at +1: not a register, the device refuses)
     ), {"x0": UART + 1, "x1": 0x77}, _c22),
     "c25-c29-t16-ldrsb": Case(T32, code(T32,
         0x7003,  # strb  r3, [r0, #0]              (r3 = 0x80)

@@ -320,32 +320,36 @@ def block(base: int, attr: int) -> bytes:
     return (base | (attr << 2) | (3 << 8) | (1 << 10) | 1).to_bytes(8, "little")
 
 
-def test_case20_page_table_in_device_memory_stops_with_a_data_abort_and_no_device_access() -> None:
+def test_case20_page_table_in_device_memory_is_a_data_abort_and_no_device_access() -> None:
     # Level 1: [0] a table descriptor whose level-2 table is at DEV (device memory), [1] RAM as a block.
     probe = Probe()
     tables = (DEV | 3).to_bytes(8, "little") + block(0x4000_0000, 1)
     res = run(A64, words(*A64_MMU_ON, 0xB9400001),  # ...; ldr w1, [x0]
               regs={"x0": DEV + 0x10, "x1": 0x77, "x2": MAIR, "x3": TCR, "x4": TABLES}, devices=[probe],
               ram={TABLES: tables})
-    # The walk for the load reads its level-2 descriptor from DEV + 0x280: Unicorn takes it as a data abort
-    # (a stage-1 walk fault), which this version reports rather than delivering to the guest. KVM would
-    # inject an abort (S1PTW); neither forwards the walk to a device.
-    assert res.final.kind == EventKind.ERROR
-    assert res.final.error_kind == ErrorKind.GUEST_EXCEPTION
-    assert "data abort" in res.final.reason
-    assert res.final.pc == body_addr(A64, 4 * len(A64_MMU_ON))
+    # The walk for the load reads its level-2 descriptor from DEV + 0x280: Unicorn reads nothing there (zero, an
+    # invalid descriptor) and raises a data abort, translation fault level 2, which the guest takes at its vector.
+    # (QEMU would call it a synchronous external abort on the walk, DFSC 0x16; KVM would inject an abort.) Neither
+    # forwards the walk to a device.
+    a = res.abort
+    assert res.powered_off and a is not None, res.final
+    assert a.esr == (0x25 << 26) | (1 << 25) | 0x06, hex(a.esr)  # EC data abort same EL, IL, DFSC 0x06
+    assert a.far == DEV + 0x10 and a.elr == body_addr(A64, 4 * len(A64_MMU_ON)) and a.vector == 0x200
     assert probe.log == [] and res.trace == []
     assert res.regs["x1"] == 0x77
 
 
 def test_case20_translation_table_base_in_device_memory_stops_at_the_first_fetch() -> None:
+    # The first fetch with the MMU on (the `isb`) takes a prefetch abort (translation fault, level 1), and so
+    # does the fetch of its vector, which no table maps either: an exception loop, which ends the run.
     probe = Probe()
     res = run(A64, words(*A64_MMU_ON, 0xB9400001), regs={"x0": DEV, "x2": MAIR, "x3": TCR, "x4": DEV},
               devices=[probe])
     assert res.final.kind == EventKind.ERROR
     assert res.final.error_kind == ErrorKind.GUEST_EXCEPTION
-    assert "prefetch abort" in res.final.reason
+    assert "exception loop" in res.final.reason and "prefetch abort" in res.final.reason
     assert res.final.pc == body_addr(A64, 4 * 7)  # the `isb`: the first instruction fetched with the MMU on
+    assert res.final.syndrome == (0x21 << 26) | (1 << 25) | 0x05
     assert probe.log == []
 
 

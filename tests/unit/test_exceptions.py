@@ -283,3 +283,29 @@ def test_a32_it_state_cleared_and_saved() -> None:
         assert uc.reg_read(a32.UC_ARM_REG_SPSR) == before
     finally:
         cpu.close()
+
+
+# ----- the syndrome Unicorn computed --------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("word", "syndrome"), [
+    (0xD4000841, 0x5600_0042),  # svc #0x42: EC 0x15, IL, imm16
+    (0xD42000E0, 0xF200_0007),  # brk #7: EC 0x3C
+    (0x00001234, 0x0200_0000),  # udf #0x1234: EC 0x00, IL
+], ids=["svc", "brk", "udf"])
+def test_raised_reads_the_syndrome_in_the_hook(word: int, syndrome: int) -> None:
+    arch = AArch64()
+    uc = arch.new_uc("")
+    seen: list[exceptions.Raised] = []
+    try:
+        uc.mem_map(RAM, 0x1000, UC_PROT_ALL)
+        uc.mem_write(RAM, _words(word))
+
+        def hook(uc: Uc, _intno: int, _user: object) -> None:
+            seen.append(exceptions.raised(arch, uc))
+            uc.emu_stop()
+
+        uc.hook_add(UC_HOOK_INTR, hook)
+        uc.emu_start(RAM, RAM + 4, 0, 1)
+        assert seen and seen[0].syndrome == syndrome and seen[0].target_el == 1, seen
+    finally:
+        close_uc(uc)

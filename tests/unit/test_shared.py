@@ -39,8 +39,10 @@ def test_psci_version_and_features() -> None:
 def test_psci_cpu_on_arguments() -> None:
     call = psci.decode_call(psci.CPU_ON_64, 1, 0x4008_1000, 7, True)
     assert (call.action, call.target, call.entry, call.context) == (psci.PsciAction.CPU_ON, 1, 0x4008_1000, 7)
-    # The 64-bit calling convention is refused on AArch32.
+    # The 64-bit calling convention is refused on AArch32 (QEMU's arm_handle_psci_call), whatever the function.
     assert psci.decode_call(psci.CPU_ON_64, 1, 0, 0, False).result == psci.NOT_SUPPORTED
+    call = psci.decode_call(psci.AFFINITY_INFO_64, 0, 0, 0, False)
+    assert (call.action, call.result) == (psci.PsciAction.NONE, psci.NOT_SUPPORTED)
     # Upper bits of x0 are ignored for SMC32 function ids.
     assert psci.decode_call(0xFFFF_FFFF_0000_0000 | psci.SYSTEM_OFF, 0, 0, 0, True).action is psci.PsciAction.SYSTEM_OFF
 
