@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from device_service.config import build_bus, parse_device_specs
 from device_service.model import AccessError, ConfigError, NoDma, RegionKind, Trigger
 from device_service.models import DEVICE_TYPES
 from device_service.models.virtio_blk import MmioQueueRegs, VirtioBlkMmio, guess_geometry
 from tests.unit.fake_dma import FakeDma
+from vcpu_service.machines.virt import device_specs
 
 RAM = 0x4000_0000
 RAM_SIZE = 1 << 20
@@ -598,3 +600,21 @@ def test_fat_image_boot_sector_and_a_files_cluster_through_the_virtqueue(tmp_pat
         data = read(first_data + (cluster - 2) * per_cluster, per_cluster)
         assert data == content[: per_cluster * 512]
         drv.dev.close()
+
+
+# --- the virt board ------------------------------------------------------------------------------
+
+
+def test_virt_drive_takes_the_last_slot_and_leaves_31_empty(image: Path) -> None:
+    specs = device_specs("aarch64", drive=str(image), drive_readonly=True)
+    bus = build_bus(parse_device_specs(specs))
+    empty, disk = bus.device("virtio"), bus.device("virtio-blk")
+    assert isinstance(disk, VirtioBlkMmio) and disk.base == 0x0A00_3E00 and disk.readonly and disk.legacy
+    assert [r.offset for r in empty.regions()][-1] == 0x3C00 and len(empty.regions()) == 31
+    # As QEMU with -device virtio-blk-device: 0x0a003c00 is an empty slot, 0x0a003e00 a block device.
+    assert bus.read(0x0A00_3C08, 4).value == 0
+    assert bus.read(0x0A00_3E08, 4).value == 2
+    assert bus.read(0x0A00_3E04, 4).value == 1
+    modern = build_bus(parse_device_specs(device_specs("aarch64", drive=str(image), drive_modern=True)))
+    assert modern.read(0x0A00_3E04, 4).value == 2
+    assert "virtio-blk" not in " ".join(device_specs("aarch64"))
