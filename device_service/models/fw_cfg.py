@@ -31,7 +31,9 @@ the device reads the structure through its DMA handle, optionally selects the ke
 ``length`` bytes, and writes control back as 0, or with the ERROR bit when a guest address cannot
 be reached or a write hits an item that takes none (no item here does). Reads of the register give
 the signature "QEMU CFG" (0x51454d5520434647, big-endian) at any size. U-Boot's ``qfw`` then loads
-items by DMA, as it does under QEMU. ``dma=off`` gives QEMU's ``dma_enabled=false``: ID 1 and no
+items by DMA, as it does under QEMU (QEMU 7.2 virt answered ``md.b 0x09020010 8`` with "QEMU CFG" and
+the ID with 3). A device the VM has granted no DMA window ends every transfer with ERROR, so a VM must
+grant fw_cfg its RAM, or use ``dma=off``. ``dma=off`` gives QEMU's ``dma_enabled=false``: ID 1 and no
 register at +16.
 """
 
