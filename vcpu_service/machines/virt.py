@@ -59,7 +59,10 @@ def device_specs(architecture: str, flash0: str | None = None, flash1: str | Non
     ``drive`` puts a virtio-blk disk (a raw image) in the last virtio-mmio slot, 0x0a003e00: QEMU creates
     the transports so that the first ``-device virtio-blk-device`` lands on the highest-addressed one,
     and the other 31 slots stay empty. ``drive_modern`` gives it Version 2, as QEMU's
-    ``-global virtio-mmio.force-legacy=false``."""
+    ``-global virtio-mmio.force-legacy=false``. The QEMU command to compare with is
+    ``-drive if=none,id=hd0,file=FILE,format=raw -device virtio-blk-device,drive=hd0``: on ``virt``,
+    ``-drive if=virtio`` makes a virtio-blk-pci instead (U-Boot then says "1af4 VirtIO Block Device",
+    not "QEMU VirtIO Block Device")."""
     ecam = PCIE_ECAM_HIGH if architecture == "aarch64" else PCIE_ECAM_LOW
 
     def flash(name: str, base: int, path: str | None, readonly: bool) -> str:
