@@ -22,6 +22,10 @@ transport at 0x0a003e00 and ``virtio scan``/``ls virtio 0``:
 * SHM length registers read all ones; registers other than config take only 4-byte accesses (other
   sizes read zero and write nothing); 8-byte accesses are two 4-byte ones, low word first.
 
+With a DMA handle over the guest's RAM, U-Boot's ``virtio scan``, ``ls virtio 0`` and ``load virtio 0``
+make the same transport accesses, with the same values, as under QEMU's
+``-trace memory_region_ops_read,memory_region_ops_write`` (43 legacy, 41 modern).
+
 Requests follow ``virtio_blk_handle_request``: IN/OUT with range checks (``VIRTIO_BLK_S_IOERR`` past the
 end or for a length that is not whole sectors), FLUSH (``fsync``), GET_ID (the ``serial`` option,
 NUL-terminated only when shorter than 20 bytes), DISCARD (accepted and ignored, as QEMU's default
