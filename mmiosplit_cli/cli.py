@@ -286,6 +286,13 @@ def _run(args: argparse.Namespace, files: dict[str, TextIO]) -> int:
     except (OSError, ValueError) as exc:
         print(f"mmiosplit run: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    if (args.drive_readonly or args.drive_modern) and not args.drive:
+        print("mmiosplit run: --drive-readonly and --drive-modern describe a --drive", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    if args.drive and (args.machine != "virt" or args.device_service or "," in args.drive):
+        print("mmiosplit run: --drive needs --machine virt and the embedded device service, and a file name "
+              "without commas", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     device_args = None
     if not args.device_service:
         device_args = []
@@ -295,7 +302,9 @@ def _run(args: argparse.Namespace, files: dict[str, TextIO]) -> int:
             # The image is flash bank 0, like QEMU's -bios; flash bank 1 is --flash1 (U-Boot keeps its env there).
             defaults = device_specs(args.arch, flash0=str(Path(args.image).resolve()),
                                     flash1=str(Path(args.flash1).resolve()) if args.flash1 else None,
-                                    persist=args.persist_flash, write_buffer=args.flash_write_buffer)
+                                    persist=args.persist_flash, write_buffer=args.flash_write_buffer,
+                                    drive=str(Path(args.drive).resolve()) if args.drive else None,
+                                    drive_readonly=args.drive_readonly, drive_modern=args.drive_modern)
             defaults += args.device or []
         else:
             defaults = args.device or ([] if args.config else DEFAULT_DEVICES)
@@ -455,6 +464,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--flash-write-buffer", choices=["staged", "direct"], default="",
                    help="with --machine virt: how buffered flash programs behave: 'staged' as Debian's QEMU 7.2 "
                         "(the default; U-Boot's saveenv fails there), 'direct' as upstream QEMU 7.2.0 (saveenv works)")
+    r.add_argument("--drive", metavar="FILE",
+                   help="with --machine virt: a raw disk image as a virtio-blk disk in the last virtio-mmio slot "
+                        "(0x0a003e00, where QEMU puts its first -device virtio-blk-device)")
+    r.add_argument("--drive-readonly", action="store_true", help="with --drive: the guest cannot write the image")
+    r.add_argument("--drive-modern", action="store_true",
+                   help="with --drive: virtio-mmio Version 2 (QEMU's -global virtio-mmio.force-legacy=false) "
+                        "instead of virt's legacy Version 1")
     r.add_argument("--dtb", metavar="FILE", help="with --machine virt: use this device tree instead of generating one")
     r.add_argument("--cpu", help="CPU model (cortex-a57, cortex-a53, cortex-a72, max; cortex-a15, cortex-a7)")
     r.add_argument("--load", type=_int, help="load address (default: first RAM region + 0x80000)")

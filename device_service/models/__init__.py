@@ -11,6 +11,7 @@ from device_service.models.pl031 import Pl031
 from device_service.models.pl061 import Pl061
 from device_service.models.scratch import Scratch
 from device_service.models.stub import ReadAsOnes, ReadAsZero
+from device_service.models.virtio_blk import VirtioBlkMmio
 from device_service.models.virtio_mmio import VirtioMmio
 
 __all__ = [
@@ -24,11 +25,13 @@ __all__ = [
     "ReadAsOnes",
     "ReadAsZero",
     "Scratch",
+    "VirtioBlkMmio",
     "VirtioMmio",
 ]
 
 #: Device type name (as in ``--device pl011@0x09000000``) to model class.
 DEVICE_TYPES: dict[str, type[DeviceModel]] = {
     cls.type_name: cls
-    for cls in (Pl011, Pl031, Pl061, Scratch, ReadAsZero, ReadAsOnes, PFlashCfi01, FwCfg, VirtioMmio, PcieHost)
+    for cls in (Pl011, Pl031, Pl061, Scratch, ReadAsZero, ReadAsOnes, PFlashCfi01, FwCfg, VirtioMmio, PcieHost,
+                VirtioBlkMmio)
 }

@@ -57,7 +57,7 @@ def test_decimal_address() -> None:
         ("@0x1000", "expected TYPE@ADDRESS"),
         ("pl011@", "expected TYPE@ADDRESS"),
         ("uart@0x09000000", "unknown device type 'uart'; known types: fw_cfg, ones, pcie, pflash, pl011, pl031, pl061, "
-                            "scratch, virtio-mmio, zero"),
+                            "scratch, virtio-blk-mmio, virtio-mmio, zero"),
         ("pl011@0x0900zz00", "not an address: '0x0900zz00'"),
         ("pl011@09000000", "leading zero"),
         ("scratch@0x0,size", "option 'size' is not KEY=VALUE"),

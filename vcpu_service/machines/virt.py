@@ -52,8 +52,17 @@ PSCI_FNS_32 = (0x8400_0001, 0x8400_0002, 0x8400_0003, 0x8400_0005)
 
 
 def device_specs(architecture: str, flash0: str | None = None, flash1: str | None = None,
-                 flash0_readonly: bool = False, persist: bool = False, write_buffer: str = "") -> list[str]:
-    """The ``--device`` specs of a device service that fills the virt map as QEMU does."""
+                 flash0_readonly: bool = False, persist: bool = False, write_buffer: str = "",
+                 drive: str | None = None, drive_readonly: bool = False, drive_modern: bool = False) -> list[str]:
+    """The ``--device`` specs of a device service that fills the virt map as QEMU does.
+
+    ``drive`` puts a virtio-blk disk (a raw image) in the last virtio-mmio slot, 0x0a003e00: QEMU creates
+    the transports so that the first ``-device virtio-blk-device`` lands on the highest-addressed one,
+    and the other 31 slots stay empty. ``drive_modern`` gives it Version 2, as QEMU's
+    ``-global virtio-mmio.force-legacy=false``. The QEMU command to compare with is
+    ``-drive if=none,id=hd0,file=FILE,format=raw -device virtio-blk-device,drive=hd0``: on ``virt``,
+    ``-drive if=virtio`` makes a virtio-blk-pci instead (U-Boot then says "1af4 VirtIO Block Device",
+    not "QEMU VirtIO Block Device")."""
     ecam = PCIE_ECAM_HIGH if architecture == "aarch64" else PCIE_ECAM_LOW
 
     def flash(name: str, base: int, path: str | None, readonly: bool) -> str:
@@ -68,6 +77,16 @@ def device_specs(architecture: str, flash0: str | None = None, flash1: str | Non
             spec += f",write_buffer={write_buffer}"
         return spec
 
+    def virtio() -> list[str]:
+        if not drive:
+            return [f"virtio-mmio@{VIRTIO:#x},name=virtio,slots={VIRTIO_SLOTS}"]
+        disk = f"virtio-blk-mmio@{VIRTIO + (VIRTIO_SLOTS - 1) * VIRTIO_SLOT_SIZE:#x},name=virtio-blk,file={drive}"
+        if drive_readonly:
+            disk += ",readonly=on"
+        if drive_modern:
+            disk += ",legacy=off"
+        return [f"virtio-mmio@{VIRTIO:#x},name=virtio,slots={VIRTIO_SLOTS - 1}", disk]
+
     return [
         flash("flash0", FLASH_BASE, flash0, flash0_readonly),
         flash("flash1", FLASH_BASE + FLASH_BANK_SIZE, flash1, False),
@@ -75,7 +94,7 @@ def device_specs(architecture: str, flash0: str | None = None, flash1: str | Non
         f"pl031@{RTC:#x},name=rtc0",
         f"fw_cfg@{FW_CFG:#x},name=fw_cfg",
         f"pl061@{GPIO:#x},name=gpio0",
-        f"virtio-mmio@{VIRTIO:#x},name=virtio,slots={VIRTIO_SLOTS}",
+        *virtio(),
         f"pcie@{ecam[0]:#x},name=pcie,size={ecam[1]:#x}",
     ]
 
