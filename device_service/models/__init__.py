@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from device_service.model import DeviceModel
+from device_service.models.dma_probe import DmaProbe
 from device_service.models.fw_cfg import FwCfg
 from device_service.models.pcie import PcieHost
 from device_service.models.pflash import PFlashCfi01
@@ -15,6 +16,7 @@ from device_service.models.virtio_mmio import VirtioMmio
 
 __all__ = [
     "DEVICE_TYPES",
+    "DmaProbe",
     "FwCfg",
     "PFlashCfi01",
     "PcieHost",
@@ -30,5 +32,6 @@ __all__ = [
 #: Device type name (as in ``--device pl011@0x09000000``) to model class.
 DEVICE_TYPES: dict[str, type[DeviceModel]] = {
     cls.type_name: cls
-    for cls in (Pl011, Pl031, Pl061, Scratch, ReadAsZero, ReadAsOnes, PFlashCfi01, FwCfg, VirtioMmio, PcieHost)
+    for cls in (Pl011, Pl031, Pl061, Scratch, ReadAsZero, ReadAsOnes, PFlashCfi01, FwCfg, VirtioMmio, PcieHost,
+                DmaProbe)
 }
