@@ -8,6 +8,7 @@ refused outside its windows with an error naming the device, the address and the
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -135,3 +136,48 @@ def test_dma_inside_a_write_on_its_own_thread_and_outside_the_windows(services: 
     log = next(p for p in services.handle.processes if p.name == "device service").log_path.read_text()
     assert (f"dma0: DMA write of 16 bytes at 0x48000000 refused: outside every DMA window granted to device "
             f"service {services.devices} (windows: buf 0x{SRC:x}-0x{SRC + 0xFFF:x})") in log, log
+
+
+def _exit(address: int, value: int | None = None) -> device_pb2.MmioExit:
+    if value is None:
+        return device_pb2.MmioExit(address=address, length=4, direction=device_pb2.ACCESS_DIRECTION_READ)
+    return device_pb2.MmioExit(address=address, length=4, direction=device_pb2.ACCESS_DIRECTION_WRITE,
+                               data=value.to_bytes(4, "little"))
+
+
+def test_the_device_service_keeps_serving_while_a_dma_waits_for_its_answer(services: Services) -> None:
+    """Protocol level, the vcpu side played by hand: a DMA inside one vCPU's write is asked on the Watch stream;
+    while its answer is held back, another vCPU's UART access arrives (it waits for the host, off the event loop);
+    the answer still gets through, and both accesses complete."""
+    from tests.integration.test_device_protocol import RawStream
+
+    requests: queue.SimpleQueue[device_pb2.WatchRequest | None] = queue.SimpleQueue()
+    requests.put(device_pb2.WatchRequest(vm_id="by-hand", dma_windows=[
+        device_pb2.DmaWindow(name="buf", base=SRC, size=0x1000)]))
+    with channel(services.devices) as ch:
+        watch = device_pb2_grpc.DeviceServiceStub(ch).Watch(iter(requests.get, None))
+        one, two = RawStream(services.devices), RawStream(services.devices)
+        one.hello()
+        two.hello()
+        one.send(device_pb2.ExitStreamRequest(seq=1, exit=_exit(PROBE + 0x00, SRC)))
+        one.send(device_pb2.ExitStreamRequest(seq=2, exit=_exit(PROBE + 0x08, 4)))
+        done: queue.SimpleQueue[tuple[str, device_pb2.ExitStreamResponse]] = queue.SimpleQueue()
+        threading.Thread(target=lambda: done.put(("one", one.send(device_pb2.ExitStreamRequest(
+            seq=3, exit=_exit(PROBE + 0x0C, 1)))))).start()  # CMD 1: DMA read inside the write
+        asked = next(r for r in watch if r.WhichOneof("event") == "dma").dma
+        assert (asked.device, asked.address, asked.length) == ("dma0", SRC, 4)
+        assert asked.direction == device_pb2.DMA_DIRECTION_READ
+        threading.Thread(target=lambda: done.put(("two", two.send(device_pb2.ExitStreamRequest(
+            seq=1, exit=_exit(UART + 0x18)))))).start()  # FR, while the host is busy with the DMA
+        time.sleep(0.3)
+        assert done.empty()  # both wait: one for its DMA, two for the host
+        requests.put(device_pb2.WatchRequest(dma_result=device_pb2.DmaResult(id=asked.id, data=b"wxyz")))
+        finished = dict(done.get(timeout=5) for _ in range(2))
+        assert finished["one"].completion.status == device_pb2.COMPLETION_STATUS_OK
+        assert finished["two"].completion.status == device_pb2.COMPLETION_STATUS_OK
+        buf = one.send(device_pb2.ExitStreamRequest(seq=4, exit=_exit(PROBE + 0x100)))
+        assert buf.completion.data == b"wxyz"
+        one.close()
+        two.close()
+        requests.put(None)
+        watch.cancel()
