@@ -9,8 +9,9 @@ harmlessly.
 Routes come from the machine profile (``machines.virt.line_routes``: QEMU's numbers) and the VM configuration
 (``VmSpec.irq_routes``), never from a device's type name. Several lines may share an SPI (wired-OR, as QEMU's
 ``qemu_irq`` splitters would): the SPI is high while any of them is. A level-triggered line drives the SPI to
-its level; an edge-triggered one pulses it on a rising change (the GIC latches pending when the SPI is
-configured for edges, as QEMU's ``qemu_irq_pulse``). A line with no route is logged once and ignored.
+its level; an edge-triggered one sets the SPI pending on a rising change (as a write of GICD_ISPENDR does, so it
+is latched however the guest configured the SPI) and its falling change does nothing. A line with no route is
+logged once and ignored.
 
 Pure: no Unicorn, no gRPC. Lock order: the router's, then the GIC's (``Gic.set_spi`` takes its own lock and
 calls its IRQ listener after releasing it, so that listener must not call back into the router).
@@ -24,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from mmiosplit.mmio import LineChange
-from vcpu_service.gic import Gic
+from vcpu_service.gic import GIC_INTERNAL, GICD_ISPENDR, Gic
 
 log = logging.getLogger("mmiosplit.vcpu")
 
@@ -97,8 +98,8 @@ class IrqRouter:
         gic = self.gic
         if route.edge:
             if level and gic is not None:
-                gic.set_spi(route.spi, True)
-                gic.set_spi(route.spi, False)
+                irq = GIC_INTERNAL + route.spi  # SPIs are not banked: any CPU's view sets it for its targets
+                gic.dist_write(0, GICD_ISPENDR + 4 * (irq // 32), 4, 1 << irq % 32)
             return
         high = self._high.setdefault(route.spi, set())
         was = bool(high)
