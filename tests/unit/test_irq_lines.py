@@ -181,3 +181,40 @@ def test_a_dma_on_the_devices_own_thread_raises_the_line_on_the_watch(host: Devi
         time.sleep(0.005)
     assert events[-1].levels == (("dma0", 0, True),)
     assert memory.mem[0x10:0x14] == word(0x11223344)
+
+
+def test_stream_dma_refuses_the_event_loop_answers_by_id_and_fails_waiters_when_closed() -> None:
+    """The gRPC device server's DMA port: a DMA on the loop itself would deadlock, so it is refused at once; from
+    another thread the request goes out and the answer with its id comes back; closing fails what still waits."""
+    import asyncio
+
+    from device_service.server import StreamDma
+    from mmiosplit.v1 import device_pb2
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue[object] = asyncio.Queue()
+        dma = StreamDma(loop, out.put_nowait, (DmaWindow("ram", 0x4000_0000, 0x1000),), "VM v")
+        with pytest.raises(DmaError, match="dev: DMA read of 4 bytes at 0x40000000 refused: issued on the device "
+                                           "service's event loop"):
+            dma.dma_read("dev", 0x4000_0000, 4)
+        reading = loop.run_in_executor(None, dma.dma_read, "dev", 0x4000_0000, 4)
+        request = (await out.get()).request  # type: ignore[attr-defined]
+        assert (request.device, request.address, request.length) == ("dev", 0x4000_0000, 4)
+        dma.resolve(device_pb2.DmaResult(id=request.id + 100, data=b"????"))  # not ours: dropped
+        dma.resolve(device_pb2.DmaResult(id=request.id, data=b"abcd"))
+        assert await reading == b"abcd"
+        writing = loop.run_in_executor(None, dma.dma_write, "dev", 0x5000_0000, b"x")
+        request = (await out.get()).request  # type: ignore[attr-defined]
+        dma.resolve(device_pb2.DmaResult(id=request.id, error="dev: refused, outside every window"))
+        with pytest.raises(DmaError, match="outside every window"):
+            await writing
+        waiting = loop.run_in_executor(None, dma.dma_write, "dev", 0x4000_0000, b"y")
+        await out.get()
+        dma.close("the watch stream of VM v ended")
+        with pytest.raises(DmaError, match="DMA failed: the watch stream of VM v ended"):
+            await waiting
+        with pytest.raises(DmaError, match="dev: DMA write of 1 bytes at 0x40000000 failed: the watch stream"):
+            await loop.run_in_executor(None, dma.dma_write, "dev", 0x4000_0000, b"z")
+
+    asyncio.run(main())
