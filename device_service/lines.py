@@ -3,7 +3,7 @@
 ``LineTracker`` connects every model's lines when the host is built. A change gets the next generation of this
 service (one counter for all its devices) and then goes one of two ways:
 
-* made by the thread that is answering an access (the host marks it with ``collecting``): it is kept for that
+* made by the thread that is answering an access (between the host's ``begin`` and ``end``): it is kept for that
   access's Completion, so the vCPU applies it before it runs on (QEMU's ``pl011_update`` inside the access);
 * made any other way (a console byte, a timer, a model's own thread, a reset): it goes to every subscriber,
   the watch streams, at once.
