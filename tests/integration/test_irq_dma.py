@@ -21,7 +21,9 @@ from mmiosplit_cli.runner import channel
 from tests.integration.client import RAM_BASE, Services, a64
 
 UART, GICD, PROBE = 0x0900_0000, 0x0800_0000, 0x0A20_0000
-DEVICES = ["--device", "pl011@0x09000000,name=uart0", "--device", "dma-probe@0x0a200000,name=dma0"]
+DEVICES = ["--device", "pl011@0x09000000,name=uart0", "--device", "pl031@0x09010000,name=rtc0",
+           "--device", "dma-probe@0x0a200000,name=dma0"]
+RTC = 0x0901_0000
 SRC, DST, LATER = RAM_BASE + 0x30_0000, RAM_BASE + 0x30_0800, RAM_BASE + 0x30_0c00
 
 
@@ -87,6 +89,22 @@ def test_console_input_reaches_the_gics_pending_state_through_the_watch(services
     try:
         assert outcome and "SYSTEM_OFF" in outcome[0].reason, outcome
         assert services.registers(vm_id, 0, "x4")["x4"] & 1 << 1
+    finally:
+        services.delete(vm_id)
+
+
+def test_the_rtc_alarm_fires_on_its_own_and_reaches_the_gic(services: Services) -> None:
+    guest = [*mov32(1, RTC), *mov32(2, 1), str_w(2, 1, 0x10),  # IMSC = alarm
+             ldr_w(3, 1, 0x00), 0x11000463, str_w(3, 1, 0x04),  # MR = DR + 1: the match in at most a second
+             *mov32(5, GICD), ldr_w(4, 5, 0x204), tbz(4, 2, 1),  # spin in the GIC until SPI 2 (the RTC) is pending
+             ldr_w(6, 1, 0x18), *OFF]  # MIS
+    started = time.monotonic()
+    vm_id, final = services.run(virt(services, guest))
+    try:
+        assert "SYSTEM_OFF" in final.reason, final
+        assert time.monotonic() - started < 10
+        regs = services.registers(vm_id, 0, "x4", "x6")
+        assert regs["x4"] & 1 << 2 and regs["x6"] == 1
     finally:
         services.delete(vm_id)
 
