@@ -2,14 +2,17 @@
 
 QEMU's side of ``KVM_EXIT_MMIO``, once: a ``DeviceHost`` owns the bus of plain device models, their
 consoles, the mode and changes of every ROMD mirror, the shadow registers and their generations, the
-description a vCPU service maps regions from, and reset. A ``HostSession`` is one vCPU's exit stream: it
-answers exits, posted batches and flushes with ``mmiosplit.mmio.Completion``s that carry everything the
-vCPU must apply before it runs on (failed posted writes, mirror changes, shadow values it was not sent).
+models' interrupt lines (``device_service.lines``) and DMA handles, the description a vCPU service maps
+regions and lines from, and reset. A ``HostSession`` is one vCPU's exit stream: it answers exits, posted
+batches and flushes with ``mmiosplit.mmio.Completion``s that carry everything the vCPU must apply before it
+runs on (failed posted writes, mirror changes, shadow values it was not sent, the interrupt levels the
+request changed). What changes without a request (shadow values, line levels) goes to the watchers.
 
 Two thin adapters wrap it: the gRPC servicer (``device_service.server``, protobuf in and out, all on one
 asyncio loop) and the in-process transport (``device_service.local``, called from several vCPU threads).
-The host's lock serialises them, so a device model never sees two accesses at once and needs no lock of
-its own for them. Lock order: the host's, then the shadow tracker's, then a model's.
+The host's lock (re-entrant, so a transport may take it first to find out whether it is free) serialises
+them, so a device model never sees two accesses at once and needs no lock of its own for them. Lock order:
+the host's, then the shadow tracker's, then a model's, then the line tracker's.
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ from dataclasses import dataclass
 
 from device_service.bus import DeviceBus
 from device_service.dispatch import dispatch, dispatch_posted
+from device_service.lines import HostDma, LineTracker
 from device_service.model import (
     ConsoleDevice,
     DeviceModel,
+    LineSpec,
+    NoDma,
     RegionKind,
     RomdDevice,
     supports_console,
@@ -33,7 +39,9 @@ from device_service.shadows import ShadowEvent, ShadowFailure, ShadowTracker, Sh
 from mmiosplit.mmio import (
     Completion,
     CompletionStatus,
+    DmaTarget,
     GoingAway,
+    LineChange,
     MirrorChange,
     MmioExit,
     PostedError,
@@ -48,9 +56,9 @@ MIRROR_CHUNK = 1 << 20
 
 #: Where a console's output goes: called with the bytes the guest transmitted, in order.
 ConsoleListener = Callable[[bytes], None]
-#: What one VM hears without asking: shadow-register values (every current value first, then each change),
-#: why they stopped, or, last, that this service is going away.
-WatchEvent = ShadowChange | ShadowFailure | GoingAway
+#: What one VM hears without asking: shadow-register values and line levels (every current value first, then
+#: each change), why the shadow values stopped, or, last, that this service is going away.
+WatchEvent = ShadowChange | LineChange | ShadowFailure | GoingAway
 WatchListener = Callable[[WatchEvent], None]
 
 _DONE = Completion()  # a flush with nothing to report
@@ -120,6 +128,7 @@ class DescribedDevice:
     has_console: bool
     properties: Mapping[str, str]
     regions: tuple[RemoteRegion, ...]
+    lines: tuple[LineSpec, ...] = ()
 
 
 class DeviceHost:
@@ -134,9 +143,15 @@ class DeviceHost:
         self.bus = bus
         self.service_name = service_name
         #: Held for every access and every change of the state below; see the module docstring.
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         # Shadow registers: the vCPU side serves their reads itself; this keeps its copies current.
         self.shadows = ShadowTracker(bus, enabled=shadows)
+        # Interrupt lines: changes an access makes ride on its completion, the others go to the watchers.
+        self.lines = LineTracker(bus, service_name)
+        # Where the models' DMA goes: the target of the watch that granted windows, if one is open.
+        self.dma_target: DmaTarget | None = None
+        #: Devices whose accesses may DMA (``DeviceModel.does_dma``), for a transport that must not wait on them.
+        self.does_dma = frozenset(dev.name for dev in bus.devices if dev.does_dma)
         self.consoles: dict[str, ConsoleHub] = {}
         for dev in bus.devices:
             console = supports_console(dev)
@@ -179,7 +194,7 @@ class DeviceHost:
                 for spec in dev.regions()
             )
             out.append(DescribedDevice(dev.name, dev.type_name, tuple(dev.compatible), has_console,
-                                       dict(dev.describe()), regions))
+                                       dict(dev.describe()), regions, tuple(line.spec for line in dev.irq_lines)))
         return out
 
     def read_mirror(self, device: str, region: str) -> tuple[list[tuple[int, bytes]], bool]:
@@ -210,14 +225,22 @@ class DeviceHost:
             self.shadows.refresh_all()  # watchers hear the reset values
             return self._take_mirror_changes()
 
-    def watch(self, listener: WatchListener) -> Callable[[], None]:
-        """Call ``listener`` with every shadow register now, then with each change (or the failure that stopped
-        them), from whichever thread made the change, and at last with ``GoingAway`` when the service drains;
-        returns the unsubscriber. A watch that starts while the service drains hears only that it is going away."""
+    def watch(self, listener: WatchListener, dma: DmaTarget | None = None) -> Callable[[], None]:
+        """Call ``listener`` with every shadow register now, then every line level, then with each change (or
+        the failure that stopped the shadow values), from whichever thread made the change, and at last with
+        ``GoingAway`` when the service drains; returns the unsubscriber. A watch that starts while the service
+        drains hears only that it is going away.
+
+        ``dma``: the VM's memory as this watch grants it (windows); the models' DMA goes there until the watch
+        ends. One VM at a time: a second watch with windows replaces the first one's grant."""
 
         def deliver(event: ShadowEvent) -> None:
             if self.going_away is None:  # after GoingAway, nothing (the listener has heard its last)
                 listener(event if isinstance(event, ShadowFailure) else self._shadow_change(event))
+
+        def deliver_lines(change: LineChange) -> None:
+            if self.going_away is None:
+                listener(change)
 
         with self.lock:
             going = self.going_away
@@ -226,14 +249,36 @@ class DeviceHost:
         if going is not None:
             listener(going)
             return lambda: None
+        if dma is not None and dma.windows:
+            self.grant_dma(dma)
         unsubscribe_shadows = self.shadows.subscribe(deliver)
+        unsubscribe_lines = self.lines.subscribe(deliver_lines)
 
         def unsubscribe() -> None:
+            unsubscribe_lines()
             unsubscribe_shadows()
+            if dma is not None:
+                self.revoke_dma(dma)
             with self.lock, contextlib.suppress(ValueError):
                 self._watchers.remove(listener)
 
         return unsubscribe
+
+    def grant_dma(self, target: DmaTarget) -> None:
+        """Every model's ``dma`` reaches guest memory through ``target`` from now on."""
+        with self.lock:
+            self.dma_target = target
+            for dev in self.bus.devices:
+                dev.attach_dma(HostDma(dev.name, target))
+
+    def revoke_dma(self, target: DmaTarget) -> None:
+        """``target`` is gone (its watch ended): if it is still the one granted, models are back to ``NoDma``."""
+        with self.lock:
+            if self.dma_target is not target:
+                return
+            self.dma_target = None
+            for dev in self.bus.devices:
+                dev.attach_dma(NoDma(dev.name))
 
     def go_away(self, reason: str, grace_seconds: float) -> GoingAway:
         """Begin draining: every watch hears it once. Accesses are still answered (what a vCPU sent before it
@@ -331,29 +376,43 @@ class HostSession:
     def exit(self, exit: MmioExit, posted: Sequence[tuple[int, bytes]] | None = None) -> Completion:
         """Apply the posted writes queued before the exit (``posted``, in order), then the access."""
         host = self.host
+        lines = host.lines
         with host.lock:
-            errors = host._apply_posted(posted, self._touched) if posted is not None else ()
-            return self._finish(host._access(exit, self._touched), errors)
+            lines.begin()
+            try:
+                errors = host._apply_posted(posted, self._touched) if posted is not None else ()
+                done = host._access(exit, self._touched)
+            finally:
+                changed = lines.end()
+            return self._finish(done, errors, changed)
 
     def flush(self, posted: Sequence[tuple[int, bytes]]) -> Completion:
         """Apply a batch of posted writes, in order; the completion names the ones that failed."""
         host = self.host
+        lines = host.lines
         with host.lock:
-            return self._finish(_DONE, host._apply_posted(posted, self._touched))
+            lines.begin()
+            try:
+                errors = host._apply_posted(posted, self._touched)
+            finally:
+                changed = lines.end()
+            return self._finish(_DONE, errors, changed)
 
     def bad_request(self, error: str) -> Completion:
         """Refuse a request the transport could not make sense of; the side effects still go out."""
         with self.host.lock:
-            return self._finish(Completion(CompletionStatus.BAD_REQUEST, error=error), ())
+            return self._finish(Completion(CompletionStatus.BAD_REQUEST, error=error), (), ())
 
-    def _finish(self, done: Completion, errors: tuple[PostedError, ...]) -> Completion:
-        """``done`` with what the request changed besides the access (lock held)."""
+    def _finish(self, done: Completion, errors: tuple[PostedError, ...], lines: tuple[LineChange, ...]) -> Completion:
+        """``done`` with what the request changed besides the access: mirrors, shadows, and the interrupt levels
+        it changed (``lines``, collected while it ran). Lock held."""
         host = self.host
         changes = host._take_mirror_changes() if host._romd else ()
         shadow = self._shadow_change()
-        if not (errors or changes or shadow is not None):
+        if not (errors or changes or shadow is not None or lines):
             return done
-        return Completion(done.status, done.data, done.error, errors, changes, () if shadow is None else (shadow,))
+        return Completion(done.status, done.data, done.error, errors, changes, () if shadow is None else (shadow,),
+                          lines)
 
     def _shadow_change(self) -> ShadowChange | None:
         """What this request changed, and anything else this vCPU was not sent yet."""

@@ -2,8 +2,10 @@
 
 KVM keeps a few devices in the kernel for speed; this is our equivalent, and the floor every benchmark
 compares the gRPC transport against. It is a thin wrapper around the same ``DeviceHost`` the device
-service runs, so the models answer exactly as they would remotely, with the same completions. The classes
-here satisfy the endpoint protocols of ``mmiosplit.mmio`` structurally; nothing here knows the vCPU side.
+service runs, so the models answer exactly as they would remotely, with the same completions and the same
+line changes. A model's DMA goes straight to the ``DmaTarget`` the VM hands ``watch`` (the VM's RAM, with the
+same window checks as over gRPC). The classes here satisfy the endpoint protocols of ``mmiosplit.mmio``
+structurally; nothing here knows the vCPU side.
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ from device_service.host import DeviceHost, HostSession, WatchEvent
 from device_service.shadows import ShadowFailure
 from mmiosplit.mmio import (
     Completion,
+    DmaTarget,
     GoingAway,
     MirrorChange,
     MmioExit,
     PostedQueue,
+    RemoteLine,
     RemoteRegion,
-    ShadowChange,
     TransportError,
     unpack_posted,
 )
+from mmiosplit.mmio import WatchEvent as ServiceEvent
 
 _NOTHING = Completion()  # a flush with nothing queued, as over gRPC: no request, nothing to report
 
@@ -67,15 +71,16 @@ class LocalExitChannel:
 
 
 class LocalServiceWatch:
-    """What a host says unasked (shadow-register values, going away), queued for one reader thread."""
+    """What a host says unasked (shadow-register values, line levels, going away), queued for one reader thread.
+    With ``dma``, the host's models reach guest memory through it, directly, while the watch is open."""
 
-    def __init__(self, endpoint: LocalEndpoint) -> None:
+    def __init__(self, endpoint: LocalEndpoint, dma: DmaTarget | None = None) -> None:
         self._name = endpoint.name
         self._gone = False
         self._queue: queue.SimpleQueue[WatchEvent | None] = queue.SimpleQueue()
-        self._unsubscribe = endpoint.host.watch(self._queue.put)
+        self._unsubscribe = endpoint.host.watch(self._queue.put, dma)
 
-    def next(self, timeout: float | None = None) -> ShadowChange | GoingAway | None:
+    def next(self, timeout: float | None = None) -> ServiceEvent | None:
         """The next event; None once cancelled or gone. TransportError if the values stopped or none came in
         time."""
         if self._gone:
@@ -111,8 +116,13 @@ class LocalEndpoint:
     def describe(self) -> list[RemoteRegion]:
         return [region for device in self.host.describe() for region in device.regions]
 
-    def watch(self, vm_id: str) -> LocalServiceWatch:
-        return LocalServiceWatch(self)
+    def interrupt_lines(self) -> list[RemoteLine]:
+        return [RemoteLine(self.name, device.name, spec.index, spec.name, spec.trigger.value, device.type_name,
+                           device.compatible)
+                for device in self.host.describe() for spec in device.lines]
+
+    def watch(self, vm_id: str, dma: DmaTarget | None = None) -> LocalServiceWatch:
+        return LocalServiceWatch(self, dma)
 
     def open_exit_channel(self, vm_id: str, vcpu_id: int, architecture: str) -> LocalExitChannel:
         return LocalExitChannel(self.host.session())

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, Protocol, Self, runtime_checkable
 
+from mmiosplit.mmio import DmaError as DmaError  # models catch it from here; transports raise it from mmio
 from mmiosplit.mmio import check_shadow_windows
 
 #: Access sizes a bus transaction can have, in bytes (KVM's ``mmio.len``).
@@ -180,10 +181,6 @@ class IrqLine:
         return f"<IrqLine {self.device}.{self.spec.name}#{self.spec.index} {'high' if self._level else 'low'}>"
 
 
-class DmaError(Exception):
-    """A DMA the VM refused or could not carry out; the message names the device, the address and the window."""
-
-
 @runtime_checkable
 class Dma(Protocol):
     """Guest-physical memory as a device model may reach it: only inside the windows the VM granted it."""
@@ -224,6 +221,10 @@ class DeviceModel(abc.ABC):
     type_name: ClassVar[str]
     compatible: ClassVar[tuple[str, ...]]
     options: ClassVar[tuple[Option, ...]] = ()
+    #: True for a model that may DMA inside ``read``/``write`` (a doorbell that walks a ring): the gRPC device
+    #: service then serves its accesses off its event loop, which must stay free to carry the DMA's answer. A
+    #: model that DMAs only from its own threads need not say so.
+    does_dma: ClassVar[bool] = False
 
     def __init__(self, name: str, base: int) -> None:
         if not name:

@@ -3,17 +3,34 @@
 The protocol lives here (the handshake, protocol version and sequence numbers of an exit stream, gRPC
 status codes); everything a device service does lives in ``device_service.host``. Protobufs are converted
 to and from ``mmiosplit.mmio`` in one place, the section below. Every stream of every vCPU is served on
-one event loop, so accesses to a device are serialised and none is lost or duplicated; device models stay
+one event loop, and the host's lock serialises accesses, so none is lost or duplicated; device models stay
 synchronous and never see gRPC.
+
+DMA and the event loop. A model's DMA travels on the VM's Watch stream (``StreamDma``), and its answer comes
+back on that stream, through this loop. So the loop must never wait for anything a DMA may hold up:
+
+* accesses to a device that may DMA inside them (``DeviceModel.does_dma``) run on a worker thread;
+* every other call into the host runs on the loop only when the host's lock is free at that instant
+  (``DeviceServicer._run``); otherwise it too goes to a worker, so a vCPU's UART access arriving while
+  another's doorbell write waits for its DMA never blocks the loop;
+* a DMA issued on the loop itself (a model that DMAs without saying ``does_dma``) is refused at once with an
+  error saying so, rather than deadlocking.
+
+The fast path (an access to a device that does no DMA, host idle) stays on the loop, with no thread hop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,13 +38,17 @@ from grpc_reflection.v1alpha import reflection
 
 from device_service.bus import DeviceBus
 from device_service.host import DescribedDevice, DeviceHost, WatchEvent
+from device_service.model import Trigger
 from device_service.shadows import ShadowFailure
 from mmiosplit.address import parse_address
 from mmiosplit.health import DrainingAsyncHealth
 from mmiosplit.mmio import (
     Completion,
     CompletionStatus,
+    DmaError,
+    DmaWindow,
     GoingAway,
+    LineChange,
     MirrorChange,
     MmioExit,
     ShadowChange,
@@ -39,6 +60,12 @@ from mmiosplit.wire import GRPC_OPTIONS, PROTOCOL_VERSION
 log = logging.getLogger("mmiosplit.devices")
 
 SERVICE_NAME = "mmiosplit.v1.DeviceService"
+#: How long a model's DMA waits for the VM's answer before it fails.
+DMA_TIMEOUT_S = 10.0
+#: Worker threads for host calls that must not run on the event loop (see the module docstring).
+HOST_WORKERS = 32
+
+T = TypeVar("T")
 
 
 # ----- protobuf <-> mmiosplit.mmio, the only conversions ------------------------------------------------------
@@ -70,6 +97,14 @@ def _shadow_update_pb(change: ShadowChange) -> device_pb2.ShadowUpdate:
         device_pb2.ShadowValue(device=d, region=r, offset=o, data=b) for d, r, o, b in change.values])
 
 
+def _line_update_pb(change: LineChange) -> device_pb2.LineUpdate:
+    return device_pb2.LineUpdate(generation=change.generation, levels=[
+        device_pb2.LineLevel(device=d, index=i, level=v) for d, i, v in change.levels])
+
+
+_TRIGGER = {Trigger.LEVEL: device_pb2.LINE_TRIGGER_LEVEL, Trigger.EDGE: device_pb2.LINE_TRIGGER_EDGE}
+
+
 def _mirror_update_pb(change: MirrorChange) -> device_pb2.MirrorUpdate:
     return device_pb2.MirrorUpdate(device=change.device, region=change.region, mirror_enabled=change.enabled,
                                    patches=[device_pb2.MirrorPatch(offset=o, data=d) for o, d in change.patches])
@@ -85,12 +120,14 @@ def _response_pb(seq: int, done: Completion) -> device_pb2.ExitStreamResponse:
         pb.data = done.data
     if done.error:
         pb.error = done.error
-    if done.posted_errors or done.mirror_changes or done.shadows:
+    if done.posted_errors or done.mirror_changes or done.shadows or done.lines:
         for e in done.posted_errors:
             pb.posted_errors.add(index=e.index, address=e.address, error=e.error)
         pb.mirror_updates.extend(_mirror_update_pb(c) for c in done.mirror_changes)
         for change in done.shadows:  # a host sends at most one per completion
             pb.shadow.CopyFrom(_shadow_update_pb(change))
+        for lines in done.lines:  # likewise
+            pb.lines.CopyFrom(_line_update_pb(lines))
     return response
 
 
@@ -108,7 +145,107 @@ def _device_pb(dev: DescribedDevice) -> device_pb2.Device:
             posted=r.posted, access_sizes=list(r.access_sizes),
             shadows=[device_pb2.ShadowWindow(offset=o, size=n) for o, n in sorted(r.shadows)],
         ) for r in dev.regions],
+        lines=[device_pb2.InterruptLine(index=line.index, name=line.name, trigger=_TRIGGER[line.trigger])
+               for line in dev.lines],
     )
+
+
+# ----- DMA over the Watch stream ------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class _DmaOut:
+    """A DMA request on its way out on a Watch stream."""
+
+    request: device_pb2.DmaRequest
+
+
+class _Waiter:
+    __slots__ = ("data", "done", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.data = b""
+        self.error = ""
+
+
+class StreamDma:
+    """The ``DmaTarget`` one Watch stream offers the host's models: each request goes out on the stream, the
+    calling thread waits for the VM's answer (never the event loop's thread: that one carries the answer)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, send: Callable[[_DmaOut], None],
+                 windows: tuple[DmaWindow, ...], who: str) -> None:
+        self._loop = loop
+        self._loop_thread = threading.get_ident()  # made on the loop
+        self._send = send
+        self._windows = windows
+        self._who = who
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._waiting: dict[int, _Waiter] = {}
+        self._closed: str | None = None
+
+    @property
+    def windows(self) -> tuple[DmaWindow, ...]:
+        return self._windows
+
+    def dma_read(self, device: str, address: int, length: int) -> bytes:
+        return self._call(device, f"DMA read of {length} bytes at 0x{address:x}", device_pb2.DmaRequest(
+            device=device, address=address, direction=device_pb2.DMA_DIRECTION_READ, length=length))
+
+    def dma_write(self, device: str, address: int, data: bytes) -> None:
+        self._call(device, f"DMA write of {len(data)} bytes at 0x{address:x}", device_pb2.DmaRequest(
+            device=device, address=address, direction=device_pb2.DMA_DIRECTION_WRITE, data=data))
+
+    def _call(self, device: str, what: str, request: device_pb2.DmaRequest) -> bytes:
+        if threading.get_ident() == self._loop_thread:
+            raise DmaError(f"{device}: {what} refused: issued on the device service's event loop, which must stay "
+                           "free to carry the answer (a model that DMAs inside an access must set does_dma)")
+        waiter = _Waiter()
+        with self._lock:
+            if self._closed is not None:
+                raise DmaError(f"{device}: {what} failed: {self._closed}")
+            request.id = next(self._ids)
+            self._waiting[request.id] = waiter
+        self._loop.call_soon_threadsafe(self._send, _DmaOut(request))
+        if not waiter.done.wait(DMA_TIMEOUT_S):
+            with self._lock:
+                self._waiting.pop(request.id, None)
+            raise DmaError(f"{device}: {what}: no answer from {self._who} within {DMA_TIMEOUT_S:g} s")
+        if waiter.error:
+            raise DmaError(waiter.error)
+        return waiter.data
+
+    def resolve(self, result: device_pb2.DmaResult) -> None:
+        """The VM's answer to request ``result.id`` (an unknown id, e.g. one that timed out, is dropped)."""
+        with self._lock:
+            waiter = self._waiting.pop(result.id, None)
+        if waiter is not None:
+            waiter.data = bytes(result.data)
+            waiter.error = result.error
+            waiter.done.set()
+
+    def close(self, reason: str) -> None:
+        """The stream ended: every waiting DMA fails with ``reason``, and so does every later one."""
+        with self._lock:
+            self._closed = reason
+            waiting, self._waiting = self._waiting, {}
+        for waiter in waiting.values():
+            waiter.error = f"DMA failed: {reason}"
+            waiter.done.set()
+
+
+def _loop_put(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any]) -> Callable[[object], None]:
+    """A put for ``queue`` that any thread may call; items keep the order they were put in (both paths go
+    through the loop's ready queue)."""
+    loop_thread = threading.get_ident()
+
+    def put(item: object) -> None:
+        if threading.get_ident() == loop_thread:
+            loop.call_soon(queue.put_nowait, item)
+        else:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    return put
 
 
 # ----- the servicer ---------------------------------------------------------------------------------------------
@@ -119,6 +256,29 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
     def __init__(self, bus: DeviceBus, service_name: str = "mmiosplit-devices",
                  console_log: str | None = None, shadows: bool = True) -> None:
         self.host = DeviceHost(bus, service_name, console_log, shadows)
+        self._workers = ThreadPoolExecutor(HOST_WORKERS, thread_name_prefix="device-host")
+
+    async def _run(self, fn: Callable[..., T], *args: Any, on_worker: bool = False) -> T:
+        """Call into the host: on the loop when the host's lock is free now (and ``on_worker`` is not asked),
+        else on a worker thread, so the loop never waits for an access that may wait for a DMA."""
+        lock = self.host.lock
+        if not on_worker and lock.acquire(blocking=False):
+            try:
+                return fn(*args)
+            finally:
+                lock.release()
+        return await asyncio.get_running_loop().run_in_executor(self._workers, lambda: fn(*args))
+
+    def _background(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` (a detach, an unsubscribe) on a worker without waiting for it."""
+        self._workers.submit(fn)
+
+    def _may_dma(self, address: int) -> bool:
+        """Whether the device at ``address`` may DMA inside the access (then the access runs on a worker)."""
+        if not self.host.does_dma:
+            return False
+        region = self.host.bus.find(address)
+        return region is not None and region.device.does_dma
 
     async def Describe(self, request: device_pb2.DescribeRequest,
                        context: grpc.aio.ServicerContext) -> device_pb2.DescribeResponse:
@@ -128,7 +288,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
     async def ReadMirror(self, request: device_pb2.ReadMirrorRequest,
                          context: grpc.aio.ServicerContext) -> AsyncIterator[device_pb2.ReadMirrorResponse]:
         try:
-            chunks, enabled = self.host.read_mirror(request.device, request.region)
+            chunks, enabled = await self._run(self.host.read_mirror, request.device, request.region)
         except LookupError as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
             return
@@ -137,28 +297,54 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
 
     async def Reset(self, request: device_pb2.ResetRequest,
                     context: grpc.aio.ServicerContext) -> device_pb2.ResetResponse:
-        return device_pb2.ResetResponse(mirror_updates=[_mirror_update_pb(c) for c in self.host.reset()])
+        changes = await self._run(self.host.reset)
+        return device_pb2.ResetResponse(mirror_updates=[_mirror_update_pb(c) for c in changes])
 
-    async def Watch(self, request: device_pb2.WatchRequest,
+    async def Watch(self, request_iterator: AsyncIterator[device_pb2.WatchRequest],
                     context: grpc.aio.ServicerContext) -> AsyncIterator[device_pb2.WatchResponse]:
-        """Every shadow register now, then each change (all on this event loop, so none is missed); ends after
-        telling the VM this service is going away."""
-        queue: asyncio.Queue[WatchEvent] = asyncio.Queue()
-        unsubscribe = self.host.watch(queue.put_nowait)
-        log.debug("watched by VM %s", request.vm_id)
+        """Every shadow register and line level now, then each change, and the models' DMA requests, in the
+        order they happened; ends after telling the VM this service is going away. The first request names the
+        VM and its DMA windows; later ones answer DMA requests."""
+        requests = request_iterator.__aiter__()
+        try:
+            first = await requests.__anext__()
+        except StopAsyncIteration:
+            return
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[WatchEvent | _DmaOut] = asyncio.Queue()
+        put = _loop_put(loop, queue)
+        windows = tuple(DmaWindow(w.name, w.base, w.size) for w in first.dma_windows)
+        dma = StreamDma(loop, queue.put_nowait, windows, f"VM {first.vm_id}") if windows else None
+        unsubscribe = await self._run(self.host.watch, put, dma)
+        log.debug("watched by VM %s (%d DMA window(s))", first.vm_id, len(windows))
+
+        async def answers() -> None:
+            async for req in requests:
+                if dma is not None and req.HasField("dma_result"):
+                    dma.resolve(req.dma_result)
+
+        reader = asyncio.ensure_future(answers())
         try:
             while True:
                 event = await queue.get()
-                if isinstance(event, ShadowFailure):
+                if isinstance(event, _DmaOut):
+                    yield device_pb2.WatchResponse(dma=event.request)
+                elif isinstance(event, LineChange):
+                    yield device_pb2.WatchResponse(lines=_line_update_pb(event))
+                elif isinstance(event, ShadowChange):
+                    yield device_pb2.WatchResponse(shadow=_shadow_update_pb(event))
+                elif isinstance(event, ShadowFailure):
                     await context.abort(grpc.StatusCode.INTERNAL, f"shadow registers of {self.host.service_name} "
                                         f"stopped: {event.message}")
                     return
-                if isinstance(event, GoingAway):
+                else:
                     yield device_pb2.WatchResponse(going_away=_going_away_pb(event))
                     return
-                yield device_pb2.WatchResponse(shadow=_shadow_update_pb(event))
         finally:
-            unsubscribe()
+            reader.cancel()
+            if dma is not None:
+                dma.close(f"the watch stream of VM {first.vm_id} ended")
+            self._background(unsubscribe)
 
     async def ExitStream(self, request_iterator: AsyncIterator[device_pb2.ExitStreamRequest],
                          context: grpc.aio.ServicerContext) -> AsyncIterator[device_pb2.ExitStreamResponse]:
@@ -186,24 +372,27 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             kind = req.WhichOneof("body")
             done: Completion
             if req.seq != expected:
-                done = session.bad_request(f"sequence number {req.seq} from {peer}, expected {expected}")
+                done = await self._run(session.bad_request,
+                                       f"sequence number {req.seq} from {peer}, expected {expected}")
             elif kind == "exit":
                 ex = req.exit
                 try:
                     posted = _posted_from_pb(ex.posted) if ex.HasField("posted") else None
                 except ValueError as exc:
-                    done = session.bad_request(f"malformed posted batch: {exc}")
+                    done = await self._run(session.bad_request, f"malformed posted batch: {exc}")
                 else:
-                    done = session.exit(_exit_from_pb(ex), posted)
+                    done = await self._run(session.exit, _exit_from_pb(ex), posted,
+                                           on_worker=self._may_dma(ex.address))
             elif kind == "flush":
                 try:
                     writes = _posted_from_pb(req.flush)
                 except ValueError as exc:
-                    done = session.bad_request(f"malformed posted batch: {exc}")
+                    done = await self._run(session.bad_request, f"malformed posted batch: {exc}")
                 else:
-                    done = session.flush(writes)
+                    done = await self._run(session.flush, writes,
+                                           on_worker=any(self._may_dma(address) for address, _ in writes))
             else:
-                done = session.bad_request(f"unexpected {kind!r} from {peer} after the handshake")
+                done = await self._run(session.bad_request, f"unexpected {kind!r} from {peer} after the handshake")
             expected = req.seq + 1
             response = _response_pb(req.seq, done)
             going = self.host.going_away
@@ -225,14 +414,14 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
             return
         if first.input:
-            host.console_input(first.device, first.input)
+            await self._run(host.console_input, first.device, first.input)
         queue: asyncio.Queue[bytes] = asyncio.Queue()
-        detach = host.attach_console(first.device, queue.put_nowait)
+        detach = await self._run(host.attach_console, first.device, _loop_put(asyncio.get_running_loop(), queue))
 
         async def pump_input() -> None:
             async for req in requests:
                 if req.input:
-                    host.console_input(first.device, req.input)
+                    await self._run(host.console_input, first.device, req.input)
 
         reader = asyncio.ensure_future(pump_input())
         try:
@@ -241,7 +430,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                 yield device_pb2.ConsoleResponse(output=data)
         finally:
             reader.cancel()
-            detach()
+            self._background(detach)
 
 
 async def serve_async(listen: str, bus: DeviceBus, service_name: str,
@@ -286,7 +475,8 @@ async def drain(server: grpc.aio.Server, servicer: DeviceServicer, health_servic
     stats = host.bus.stats
     t0 = time.monotonic()
     await health_servicer.drain(("", SERVICE_NAME))
-    going = host.go_away(f"device service {host.service_name} is shutting down ({signal_name})", grace_s)
+    going = await servicer._run(host.go_away, f"device service {host.service_name} is shutting down "
+                                f"({signal_name})", grace_s)
     log.info("%s: draining %d exit stream(s) for up to %g s", going.reason, stats.streams_open, grace_s)
     await server.stop(grace=grace_s)  # returns when every RPC has ended, or cancels those left at the deadline
     took = time.monotonic() - t0

@@ -29,6 +29,12 @@ class DeadlineExceeded(TransportError):
     """No completion arrived before the exit deadline."""
 
 
+class DmaError(Exception):
+    """A DMA the VM refused or could not carry out; the message names the device, the address and the window(s).
+
+    Device models see it as ``device_service.model.DmaError`` (the same class)."""
+
+
 class CompletionStatus(enum.Enum):
     """How an access ended (the wire's ``CompletionStatus``). Anything but OK never completes a load."""
 
@@ -126,6 +132,58 @@ class ShadowChange:
 
 
 @dataclass(frozen=True, slots=True)
+class LineChange:
+    """New levels of interrupt lines from one device service, as of ``generation`` (one counter per service, so
+    the VM keeps per line the level of the highest generation it saw); levels are (device, line index, level)."""
+
+    service: str
+    generation: int
+    levels: tuple[tuple[str, int, bool], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteLine:
+    """An interrupt output of a device, as its service's Describe reported it. ``trigger`` is ``level`` or
+    ``edge``; ``compatible`` and ``device_type`` are the device's, for the machine profile's wiring."""
+
+    service: str
+    device: str
+    index: int
+    name: str
+    trigger: str = "level"
+    device_type: str = ""
+    compatible: tuple[str, ...] = ()
+
+
+class DmaWindow(NamedTuple):
+    """A named range of guest-physical memory a VM grants a device service's devices."""
+
+    name: str
+    base: int
+    size: int
+
+    @property
+    def end(self) -> int:
+        return self.base + self.size
+
+    def __str__(self) -> str:
+        return f"{self.name} 0x{self.base:x}-0x{self.end - 1:x}"
+
+
+class DmaTarget(Protocol):
+    """Guest memory as one VM lets one device service reach it: the vcpu side implements it
+    (``vcpu_service.dma.GuestDma``); transports carry its calls. Both calls raise ``DmaError`` naming the
+    device, the address and the windows when the range is not inside one window (nothing is written then)."""
+
+    @property
+    def windows(self) -> tuple[DmaWindow, ...]: ...
+
+    def dma_read(self, device: str, address: int, length: int) -> bytes: ...
+
+    def dma_write(self, device: str, address: int, data: bytes) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
 class PostedError:
     """A posted write that failed: its place in its batch, its address and why (the wire's
     ``PostedWriteError``). ``str()`` gives the sentence a user sees."""
@@ -145,7 +203,8 @@ class Completion(NamedTuple):
     costs four times as much to build.
 
     ``posted_errors`` name posted writes that failed (they retired long ago, so they cannot be made precise);
-    ``mirror_changes`` and ``shadows`` must reach the VM before the vCPU runs on.
+    ``mirror_changes``, ``shadows`` and ``lines`` (interrupt levels the request changed) must reach the VM
+    before the vCPU runs on.
     """
 
     status: CompletionStatus = CompletionStatus.OK
@@ -154,25 +213,28 @@ class Completion(NamedTuple):
     posted_errors: tuple[PostedError, ...] = ()
     mirror_changes: tuple[MirrorChange, ...] = ()
     shadows: tuple[ShadowChange, ...] = ()
+    lines: tuple[LineChange, ...] = ()
 
     @property
     def has_effects(self) -> bool:
         """Whether anything besides the access itself needs applying."""
-        return bool(self.posted_errors or self.mirror_changes or self.shadows)
+        return bool(self.posted_errors or self.mirror_changes or self.shadows or self.lines)
 
     def merged_after(self, earlier: Iterable[Completion]) -> Completion:
         """This completion carrying the side effects of earlier ones (posted batches answered meanwhile)."""
         errors: list[PostedError] = []
         changes: list[MirrorChange] = []
         shadows: list[ShadowChange] = []
+        lines: list[LineChange] = []
         for c in earlier:
             errors += c.posted_errors
             changes += c.mirror_changes
             shadows += c.shadows
-        if not (errors or changes or shadows):
+            lines += c.lines
+        if not (errors or changes or shadows or lines):
             return self
         return Completion(self.status, self.data, self.error, (*errors, *self.posted_errors),
-                          (*changes, *self.mirror_changes), (*shadows, *self.shadows))
+                          (*changes, *self.mirror_changes), (*shadows, *self.shadows), (*lines, *self.lines))
 
 
 @dataclass(slots=True)
@@ -244,11 +306,16 @@ class GoingAway(NamedTuple):
     grace_seconds: float = 0.0
 
 
-class ServiceWatch(Protocol):
-    """What a device service says to one VM without being asked: shadow-register values (every current value
-    first, then changes) and, last, that it is going away."""
+WatchEvent = ShadowChange | LineChange | GoingAway
 
-    def next(self, timeout: float | None = None) -> ShadowChange | GoingAway | None:
+
+class ServiceWatch(Protocol):
+    """What a device service says to one VM without being asked: shadow-register values and interrupt-line
+    levels (every current value first, then changes) and, last, that it is going away. The DMA requests its
+    devices make travel on the same stream and are served inside ``next`` (by the ``DmaTarget`` given to
+    ``DeviceEndpoint.watch``), on the thread that reads the watch, never a vCPU's."""
+
+    def next(self, timeout: float | None = None) -> WatchEvent | None:
         """The next event; None once cancelled or after the service went away. Raises TransportError when the
         stream breaks or, with ``timeout``, when nothing arrives in time."""
         ...
@@ -264,7 +331,15 @@ class DeviceEndpoint(Protocol):
     leaving: GoingAway | None
 
     def describe(self) -> list[RemoteRegion]: ...
-    def watch(self, vm_id: str) -> ServiceWatch: ...
+
+    def interrupt_lines(self) -> list[RemoteLine]:
+        """The interrupt outputs of the service's devices, as its Describe reported them."""
+        ...
+
+    def watch(self, vm_id: str, dma: DmaTarget | None = None) -> ServiceWatch:
+        """Open the service's watch stream for ``vm_id``; ``dma`` serves its devices' DMA (None: no window)."""
+        ...
+
     def open_exit_channel(self, vm_id: str, vcpu_id: int, architecture: str) -> ExitChannel:
         """A channel for one vCPU; ``architecture`` is ``aarch64`` or ``arm``."""
         ...

@@ -59,6 +59,41 @@ def _ram(text: str) -> tuple[int, int]:
     return base, size
 
 
+#: What ``--dma-window`` calls the device service ``mmiosplit run`` starts itself.
+EMBEDDED_SERVICE = "embedded"
+
+
+def _irq_route(text: str) -> tuple[str, str, int]:
+    """``DEVICE[.LINE]=SPI`` (LINE a name or an index; SPI 0-based, GIC interrupt 32 + SPI)."""
+    target, sep, spi_text = text.partition("=")
+    device, _, line = target.partition(".")
+    try:
+        spi = int(spi_text, 0)
+    except ValueError:
+        spi = -1
+    if not sep or not device or spi < 0:
+        raise argparse.ArgumentTypeError(f"--irq {text!r}: expected DEVICE[.LINE]=SPI, e.g. dma0=20 or "
+                                         "uart1.uartintr=9 (SPI n is GIC interrupt 32+n)")
+    return device, line, spi
+
+
+def _dma_window(text: str) -> tuple[str, str, int, int]:
+    """``SERVICE=NAME:BASE:SIZE`` (SERVICE: an address given with --device-service, or "embedded")."""
+    service, sep, window = text.partition("=")
+    parts = window.split(":")
+    try:
+        if not sep or not service or len(parts) != 3 or not parts[0]:
+            raise ValueError
+        base = _int(parts[1])
+        size = parse_size(parts[2])
+    except (ValueError, ConfigError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(
+            f"--dma-window {text!r}: expected SERVICE=NAME:BASE:SIZE, e.g. {EMBEDDED_SERVICE}=buffers:0x48000000:1M "
+            f"(SERVICE: an address given with --device-service, or {EMBEDDED_SERVICE!r} for the embedded one)"
+        ) from None
+    return service, parts[0], base, size
+
+
 def _pin(cpu: int | None) -> None:
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
@@ -161,7 +196,8 @@ def _read_image(path: str) -> bytes:
     return data
 
 
-def build_config(args: argparse.Namespace, image: bytes, image_name: str, device_services: list[str]) -> object:
+def build_config(args: argparse.Namespace, image: bytes, image_name: str, device_services: list[str],
+                 embedded: str | None = None) -> object:
     ram = args.ram or [_ram(DEFAULT_RAM)]
     load = args.load if args.load is not None else ram[0][0] + LOAD_OFFSET
     entry = args.entry if args.entry is not None else load
@@ -193,6 +229,19 @@ def build_config(args: argparse.Namespace, image: bytes, image_name: str, device
     cfg.policies.deadline = fault[args.on_deadline]
     cfg.strict_kvm = args.strict_kvm
     cfg.trace_exits = _tracing(args)
+    for device, line, spi in getattr(args, "irq", None) or []:
+        cfg.irq_routes.add(device=device, line=line, spi=spi)
+    for service, name, base, size in getattr(args, "dma_window", None) or []:
+        if service == EMBEDDED_SERVICE:
+            if embedded is None:
+                raise ValueError(f"--dma-window {service}={name}:...: no embedded device service is started "
+                                 "(--device-service was given); name one of those addresses")
+            service = embedded
+        elif service not in device_services:
+            known = [s for s in device_services if s != embedded] + ([EMBEDDED_SERVICE] if embedded else [])
+            raise ValueError(f"--dma-window {service}={name}:...: {service!r} is not a device service of this run "
+                             f"(known: {', '.join(known) or 'none'})")
+        cfg.dma_grants.add(device_service=service, name=name, base=base, size=size)
     return cfg
 
 
@@ -347,7 +396,11 @@ def _run(args: argparse.Namespace, files: dict[str, TextIO]) -> int:
             services = list(args.device_service or []) + ([daddr] if daddr else [])
             vcpu_addr = args.vcpu_service or vaddr
             assert vcpu_addr is not None
-            cfg = build_config(args, image, Path(args.image).name if args.image else "virt", services)
+            try:
+                cfg = build_config(args, image, Path(args.image).name if args.image else "virt", services, daddr)
+            except ValueError as exc:
+                print(f"mmiosplit run: {exc}", file=sys.stderr)
+                return EXIT_CONFIG_ERROR
             if is_tty:
                 terminal = _Terminal(sys.stdin.fileno(), inp, quit_event)
             else:
@@ -484,6 +537,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use a running device service instead of starting one (repeatable)")
     r.add_argument("--vcpu-service", type=_address, metavar="ADDR", help="use a running vcpu service")
     r.add_argument("--console", metavar="DEVICE", help="UART to attach (default: the first one)")
+    r.add_argument("--irq", type=_irq_route, action="append", metavar="DEVICE[.LINE]=SPI",
+                   help="wire a device's interrupt line (name or index; default line 0) to GIC SPI n (interrupt "
+                        "32+n), with --machine virt; repeatable. The board's own devices are wired as QEMU wires them")
+    r.add_argument("--dma-window", type=_dma_window, action="append", metavar="SERVICE=NAME:BASE:SIZE",
+                   help=f"let the devices of SERVICE (an address given with --device-service, or "
+                        f"{EMBEDDED_SERVICE!r}) read and write guest RAM in BASE..BASE+SIZE by DMA; repeatable. With "
+                        "--machine virt the board's service gets all RAM unless given windows here")
     r.add_argument("--budget", type=_int, help="stop after this many instructions per vCPU (exit status 4)")
     r.add_argument("--timeout", type=float, help="stop after this many seconds (exit status 5)")
     r.add_argument("--deadline-ms", type=int, help="how long a vCPU waits for a device (default 5000)")

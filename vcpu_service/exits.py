@@ -5,9 +5,9 @@
 without its defects), try the in-process handlers (``handlers``: shadow registers, posted writes, the unmapped
 policy, later the GIC), and return an action. It never blocks and never calls back into the loop.
 ``complete`` is ``kvm_handle_mmio_return``: apply a completion (Rt with its sign and width, base writeback, PC,
-and everything the completion carries: ROMD mirror changes, shadow values, failed posted writes). It is the
-one place those side effects happen. What cannot be handled gets QEMU's answer by policy: a precise
-synchronous external abort, or a stop. The arithmetic lives in the pure modules ``decode`` and ``completion``.
+and everything the completion carries: interrupt levels, ROMD mirror changes, shadow values, failed posted
+writes). It is the one place those side effects happen. What cannot be handled gets QEMU's answer by policy:
+a precise synchronous external abort, or a stop. The arithmetic lives in the pure modules ``decode`` and ``completion``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from mmiosplit.mmio import (
     Completion,
     CompletionStatus,
     DeadlineExceeded,
+    LineChange,
     MirrorChange,
     MmioExit,
     RemoteRegion,
@@ -143,6 +144,7 @@ class VmView(Protocol):
     def ram_ends(self) -> frozenset[int]: ...
 
     def apply_mirror_changes(self, changes: Iterable[MirrorChange]) -> None: ...
+    def apply_line_changes(self, changes: Iterable[LineChange]) -> None: ...
 
 
 class VcpuView(VcpuLink, Protocol):
@@ -389,7 +391,7 @@ class ExitPath:
                                  f"{self._who}: {self._access_name(pending)}: {result}")
             return
         region = pending.region
-        if result.posted_errors or result.mirror_changes or result.shadows:
+        if result.posted_errors or result.mirror_changes or result.shadows or result.lines:
             try:
                 self.apply_effects(result, region.device if region is not None else "", pc=pending.pc)
             except TransportError as exc:
@@ -452,9 +454,12 @@ class ExitPath:
     def apply_effects(self, completion: Completion, device: str, pc: int = 0) -> None:
         """What a completion (of an exit, a posted batch or a flush) changed besides the access itself.
 
-        Mirror changes and shadow values the VM cannot accept raise TransportError; failed posted writes end
-        the run (they retired long ago, so they cannot be made precise).
+        Interrupt levels go to the GIC first (before the completion is applied, so the vCPU never runs on with
+        stale interrupt state). Mirror changes and shadow values the VM cannot accept raise TransportError;
+        failed posted writes end the run (they retired long ago, so they cannot be made precise).
         """
+        if completion.lines:
+            self.vm.apply_line_changes(completion.lines)
         if completion.mirror_changes:
             self.vm.apply_mirror_changes(completion.mirror_changes)
         for change in completion.shadows:

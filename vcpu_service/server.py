@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from mmiosplit.address import parse_address
 from mmiosplit.health import DrainingHealth
-from mmiosplit.mmio import DeviceEndpoint, TransportError
+from mmiosplit.mmio import DeviceEndpoint, DmaWindow, TransportError
 from mmiosplit.v1 import common_pb2, vcpu_pb2, vcpu_pb2_grpc
 from mmiosplit.wire import GRPC_OPTIONS
 from vcpu_service.arch import ArchError
@@ -38,7 +38,7 @@ from vcpu_service.leases import DEFAULT_LEASE_S, VmLeases
 from vcpu_service.totals import MetricsSnapshot, VmTotals, vcpu_state_name, vm_totals
 from vcpu_service.tracelog import ExitRecord
 from vcpu_service.transport import POSTED_BATCH_SIZES, GrpcEndpoint
-from vcpu_service.vm import ImageSpec, Vm, VmConfigError, VmSpec, VmStateError
+from vcpu_service.vm import ImageSpec, IrqRouteSpec, Vm, VmConfigError, VmSpec, VmStateError
 
 log = logging.getLogger("mmiosplit.vcpu")
 
@@ -98,6 +98,8 @@ def spec_from_proto(cfg: vcpu_pb2.VmConfig) -> VmSpec:
         strict_kvm=cfg.strict_kvm,
         machine=cfg.machine,
         trace_exits=cfg.trace_exits,
+        irq_routes=[IrqRouteSpec(r.device, r.spi, r.line, r.device_service) for r in cfg.irq_routes],
+        dma_grants=[(g.device_service, DmaWindow(g.name, g.base, g.size)) for g in cfg.dma_grants],
     )
 
 

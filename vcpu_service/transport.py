@@ -23,16 +23,21 @@ from mmiosplit.mmio import (
     Completion,
     CompletionStatus,
     DeadlineExceeded,
+    DmaError,
+    DmaTarget,
     ExitChannel,
     GoingAway,
+    LineChange,
     MirrorChange,
     MmioExit,
     PostedError,
     PostedQueue,
+    RemoteLine,
     RemoteRegion,
     ServiceWatch,
     ShadowChange,
     TransportError,
+    WatchEvent,
     check_shadow_windows,
 )
 from mmiosplit.v1 import common_pb2, device_pb2, device_pb2_grpc
@@ -53,6 +58,14 @@ _STATUS = {
 def shadow_change(service: str, update: device_pb2.ShadowUpdate) -> ShadowChange:
     return ShadowChange(service, update.generation,
                         tuple((v.device, v.region, v.offset, bytes(v.data)) for v in update.values))
+
+
+def line_change(service: str, update: device_pb2.LineUpdate) -> LineChange:
+    return LineChange(service, update.generation, tuple((v.device, v.index, v.level) for v in update.levels))
+
+
+_TRIGGER = {device_pb2.LINE_TRIGGER_LEVEL: "level", device_pb2.LINE_TRIGGER_EDGE: "edge",
+            device_pb2.LINE_TRIGGER_UNSPECIFIED: "level"}
 
 
 def mirror_changes(service: str, updates: Iterable[device_pb2.MirrorUpdate]) -> tuple[MirrorChange, ...]:
@@ -95,13 +108,14 @@ def completion_from_wire(service: str, c: device_pb2.Completion) -> Completion:
     if status is None:
         raise TransportError(f"device service {service} sent completion status {c.status}, "
                              "which is not a known CompletionStatus")
-    if not (c.posted_errors or c.mirror_updates or c.HasField("shadow")):
+    if not (c.posted_errors or c.mirror_updates or c.HasField("shadow") or c.HasField("lines")):
         return Completion(status, c.data, c.error)  # the usual answer: nothing besides the access
     return Completion(
         status, bytes(c.data), c.error,
         tuple(PostedError(e.index, e.address, e.error) for e in c.posted_errors),
         mirror_changes(service, c.mirror_updates),
         (shadow_change(service, c.shadow),) if c.HasField("shadow") else (),
+        (line_change(service, c.lines),) if c.HasField("lines") else (),
     )
 
 
@@ -331,6 +345,7 @@ class GrpcEndpoint:
         self._deadline_s = deadline_s
         #: Set when the service said it is going away (its Watch stream): exits are no longer sent to it.
         self.leaving: GoingAway | None = None
+        self._lines: list[RemoteLine] | None = None  # from the last Describe
         self.channel = grpc.insecure_channel(self._target, options=GRPC_OPTIONS)
         self.stub = device_pb2_grpc.DeviceServiceStub(self.channel)
         try:
@@ -353,7 +368,15 @@ class GrpcEndpoint:
             raise TransportError(f"device service {self.name} speaks protocol {resp.protocol_version}, "
                                  f"this vcpu service speaks {PROTOCOL_VERSION}")
         regions = []
+        lines: list[RemoteLine] = []
         for dev in resp.devices:
+            seen: set[int] = set()
+            for ln in dev.lines:
+                if ln.index in seen:
+                    raise TransportError(f"device service {self.name}: device {dev.name} lists line {ln.index} twice")
+                seen.add(ln.index)
+                lines.append(RemoteLine(self.name, dev.name, ln.index, ln.name, _TRIGGER.get(ln.trigger, "level"),
+                                        dev.type, tuple(dev.compatible)))
             for r in dev.regions:
                 if r.size == 0:
                     raise TransportError(f"device service {self.name}: device {dev.name} region {r.name} "
@@ -371,10 +394,16 @@ class GrpcEndpoint:
                     access_sizes=access_sizes, has_console=dev.has_console,
                     compatible=tuple(dev.compatible), shadows=shadows,
                 ))
+        self._lines = lines
         return regions
 
-    def watch(self, vm_id: str) -> ServiceWatch:
-        return GrpcServiceWatch(self, vm_id)
+    def interrupt_lines(self) -> list[RemoteLine]:
+        if self._lines is None:
+            self.describe()
+        return list(self._lines or ())
+
+    def watch(self, vm_id: str, dma: DmaTarget | None = None) -> ServiceWatch:
+        return GrpcServiceWatch(self, vm_id, dma)
 
     def open_exit_channel(self, vm_id: str, vcpu_id: int, architecture: str) -> ExitChannel:
         return GrpcExitChannel(self, vm_id, vcpu_id, architecture, self._deadline_s)
@@ -412,15 +441,40 @@ class GrpcEndpoint:
 
 
 class GrpcServiceWatch:
-    """The Watch stream of one device service for one VM, read by one thread of the VM."""
+    """The Watch stream of one device service for one VM, read by one thread of the VM.
 
-    def __init__(self, endpoint: GrpcEndpoint, vm_id: str) -> None:
+    The stream is bidirectional: the first request names the VM and the DMA windows ``dma`` grants; the
+    service's DMA requests are served inside ``next`` by ``dma`` on the reading thread (never a vCPU's) and
+    answered on the stream, so they never wait behind an exit."""
+
+    def __init__(self, endpoint: GrpcEndpoint, vm_id: str, dma: DmaTarget | None = None) -> None:
         self._name = endpoint.name
         self._cancelled = False
         self._gone = False
-        self._call = endpoint.stub.Watch(device_pb2.WatchRequest(vm_id=vm_id))
+        self._dma = dma
+        self._requests: queue.SimpleQueue[device_pb2.WatchRequest | None] = queue.SimpleQueue()
+        windows = [device_pb2.DmaWindow(name=w.name, base=w.base, size=w.size) for w in dma.windows] if dma else []
+        self._requests.put(device_pb2.WatchRequest(vm_id=vm_id, dma_windows=windows))
+        self._call = endpoint.stub.Watch(iter(self._requests.get, None))
 
-    def next(self, timeout: float | None = None) -> ShadowChange | GoingAway | None:
+    def _serve_dma(self, request: device_pb2.DmaRequest) -> None:
+        """Carry out one DMA request of the service's devices and answer it; a refusal is the answer's error."""
+        result = device_pb2.DmaResult(id=request.id)
+        try:
+            if self._dma is None:
+                raise DmaError(f"{request.device}: DMA at 0x{request.address:x} refused: this VM grants device "
+                               f"service {self._name} no DMA window")
+            if request.direction == device_pb2.DMA_DIRECTION_READ:
+                result.data = self._dma.dma_read(request.device, request.address, request.length)
+            elif request.direction == device_pb2.DMA_DIRECTION_WRITE:
+                self._dma.dma_write(request.device, request.address, bytes(request.data))
+            else:
+                raise DmaError(f"{request.device}: DMA request {request.id} has no direction")
+        except DmaError as exc:
+            result.error = str(exc)
+        self._requests.put(device_pb2.WatchRequest(dma_result=result))
+
+    def next(self, timeout: float | None = None) -> WatchEvent | None:
         expired = threading.Event()
         timer = None
         if timeout is not None:
@@ -432,7 +486,11 @@ class GrpcServiceWatch:
             timer.daemon = True
             timer.start()
         try:
-            response: device_pb2.WatchResponse = next(self._call)
+            while True:
+                response: device_pb2.WatchResponse = next(self._call)
+                if response.WhichOneof("event") != "dma":
+                    break
+                self._serve_dma(response.dma)
         except StopIteration:
             if self._cancelled or self._gone:
                 return None
@@ -454,10 +512,13 @@ class GrpcServiceWatch:
         if event == "going_away":
             self._gone = True
             return GoingAway(self._name, response.going_away.reason, response.going_away.grace_seconds)
+        if event == "lines":
+            return line_change(self._name, response.lines)
         if event != "shadow":
             raise TransportError(f"device service {self._name} sent a watch response with no event")
         return shadow_change(self._name, response.shadow)
 
     def cancel(self) -> None:
         self._cancelled = True
+        self._requests.put(None)
         self._call.cancel()

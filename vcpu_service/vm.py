@@ -16,16 +16,29 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from mmiosplit.mmio import DeviceEndpoint, GoingAway, MirrorChange, RemoteRegion, ServiceWatch, TransportError
+from mmiosplit.mmio import (
+    DeviceEndpoint,
+    DmaWindow,
+    GoingAway,
+    LineChange,
+    MirrorChange,
+    RemoteLine,
+    RemoteRegion,
+    ServiceWatch,
+    ShadowChange,
+    TransportError,
+)
 from vcpu_service import psci
 from vcpu_service.arch import Arch, arch_by_name, close_uc
+from vcpu_service.dma import GuestDma, check_windows
 from vcpu_service.domain import ErrorKind, EventKind, Policies, VcpuStats, VmStats
 from vcpu_service.events import EventLog
 from vcpu_service.exits import new_latency_histogram, summarize
 from vcpu_service.gic import GICC_BASE, GICC_SIZE, GICD_BASE, GICD_SIZE, Gic
 from vcpu_service.handlers import GicRegisters, HandlerRegistry, PostedWrites, ShadowReads, Unmapped
 from vcpu_service.interrupts import Ticker
-from vcpu_service.machines.virt import VirtMachine
+from vcpu_service.irq import IrqRouter, LineKey, Route
+from vcpu_service.machines.virt import VirtMachine, board_services, line_routes
 from vcpu_service.memory import Mirror, RamBlock
 from vcpu_service.shadows import ShadowTable
 from vcpu_service.tracelog import TraceLog
@@ -61,6 +74,20 @@ class ImageSpec:
     load_address: int
 
 
+@dataclass(frozen=True, slots=True)
+class IrqRouteSpec:
+    """One configured line-to-SPI route: ``line`` is a line name, its index in decimal, or "" for line 0;
+    ``service`` "" means whichever device service has the device."""
+
+    device: str
+    spi: int
+    line: str = ""
+    service: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.device}{'.' + self.line if self.line else ''}={self.spi}"
+
+
 @dataclass(slots=True)
 class VmSpec:
     """A VM configuration in Python terms (the proto is parsed once, at the edge)."""
@@ -79,6 +106,10 @@ class VmSpec:
     machine: str = ""
     strict_kvm: bool = False
     trace_exits: bool = False
+    #: Device lines wired to SPIs, on top of the machine profile's wiring (``--irq``).
+    irq_routes: list[IrqRouteSpec] = field(default_factory=list)
+    #: (device service, window) of guest RAM its devices may reach by DMA (``--dma-window``).
+    dma_grants: list[tuple[str, DmaWindow]] = field(default_factory=list)
 
 
 def _fmt_range(base: int, size: int) -> str:
@@ -127,6 +158,10 @@ class Vm:
         # Fires the vCPUs' timer deadlines and brings back vCPUs with a masked IRQ signalled (boards with a GIC).
         self.ticker: Ticker | None = None
         self._counter_epoch_ns = time.monotonic_ns()
+        # Device interrupt lines and where they go (filled in _build_irqs), and each service's DMA windows.
+        self.lines: list[RemoteLine] = []
+        self.irqs = IrqRouter(None, {}, self.vm_id)
+        self.dma: dict[str, GuestDma] = {}
         self.posted_windows: list[tuple[RemoteRegion, RamBlock]] = []
         self.has_posted = False
         self.ram: list[RamBlock] = []
@@ -135,6 +170,8 @@ class Vm:
             self.ram = [RamBlock(base, size) for base, size in sorted(spec.ram)]
             self._ram_ends = frozenset(block.end for block in self.ram)
             self._build_device_map()
+            self._build_irqs()
+            self._build_dma()
             self._images = list(spec.images)
             if spec.machine == "virt" and not any(i.load_address == self.ram[0].base for i in self._images):
                 self._images.append(ImageSpec("virt.dtb", self.machine_dtb(), self.ram[0].base))
@@ -275,6 +312,83 @@ class Vm:
         # Only VMs with posted regions need the posted-write watchdog (it wakes every 5 ms).
         self.has_posted = any(r.posted for r in regions)
 
+    def _build_irqs(self) -> None:
+        """Wire the devices' interrupt lines: the machine profile's wiring (virt: QEMU's SPIs), then the VM
+        configuration's routes on top. A route naming what no service described is refused by name."""
+        lines: list[RemoteLine] = []
+        for endpoint in self.endpoints:
+            try:
+                lines.extend(endpoint.interrupt_lines())
+            except TransportError as exc:
+                raise VmConfigError(str(exc)) from None
+        self.lines = lines
+        routes: dict[LineKey, Route] = line_routes(lines, self.regions) if self.spec.machine == "virt" else {}
+        if self.spec.irq_routes and self.gic is None:
+            raise VmConfigError(f"interrupt route {self.spec.irq_routes[0]}: this machine has no interrupt "
+                                "controller (only machine virt has one, a GICv2)")
+        for route in self.spec.irq_routes:
+            line = self._find_line(route)
+            assert self.gic is not None
+            spis = self.gic.num_irq - 32
+            if not 0 <= route.spi < spis:
+                raise VmConfigError(f"interrupt route {route}: SPI {route.spi} is outside 0-{spis - 1}")
+            routes[(line.service, line.device, line.index)] = Route(route.spi, edge=line.trigger == "edge")
+        self.irqs = IrqRouter(self.gic, routes, self.vm_id)
+
+    def _find_line(self, route: IrqRouteSpec) -> RemoteLine:
+        """The line an interrupt route names, or VmConfigError saying what there is."""
+        own = [ln for ln in self.lines
+               if ln.device == route.device and (not route.service or ln.service == route.service)]
+        if not own:
+            with_lines = sorted({ln.device for ln in self.lines}) or ["none"]
+            raise VmConfigError(f"interrupt route {route}: no device named {route.device!r} with interrupt lines "
+                                f"{'on ' + route.service if route.service else 'on any device service'} "
+                                f"(devices with lines: {', '.join(with_lines)})")
+        services = sorted({ln.service for ln in own})
+        if len(services) > 1:
+            raise VmConfigError(f"interrupt route {route}: device {route.device!r} is on several device services "
+                                f"({', '.join(services)}); name the service")
+        wanted = route.line or "0"
+        for ln in own:
+            if (wanted.isdigit() and ln.index == int(wanted)) or ln.name == wanted:
+                return ln
+        names = ", ".join(f"{ln.index} ({ln.name})" for ln in sorted(own, key=lambda ln: ln.index))
+        raise VmConfigError(f"interrupt route {route}: {route.device} has no line {wanted!r}; its lines: {names}")
+
+    def _build_dma(self) -> None:
+        """The windows of RAM each device service may reach by DMA: what the configuration grants, and on virt
+        all RAM for a service hosting the board's devices that is granted nothing (QEMU's devices reach all
+        RAM)."""
+        names = [e.name for e in self.endpoints]
+        grants: dict[str, list[DmaWindow]] = {}
+        for service, window in self.spec.dma_grants:
+            if service not in names:
+                raise VmConfigError(f"DMA window {window.name!r} is granted to device service {service!r}, which is "
+                                    f"not one of this VM's ({', '.join(names) or 'none'})")
+            grants.setdefault(service, []).append(window)
+        if self.spec.machine == "virt":
+            for service in board_services(self.regions):
+                if service not in grants:
+                    grants[service] = [DmaWindow("ram" if len(self.ram) == 1 else f"ram{i}", block.base, block.size)
+                                       for i, block in enumerate(self.ram)]
+        for service, windows in grants.items():
+            try:
+                checked = check_windows(service, windows, self.ram)
+            except ValueError as exc:
+                raise VmConfigError(str(exc)) from None
+            self.dma[service] = GuestDma(service, checked, self._ram_block, self._dma_written)
+
+    def _dma_written(self, start: int, end: int) -> None:
+        """A device wrote guest RAM by DMA: every vCPU drops code translated from those bytes before it runs on
+        from its next stop (through the patch log the ROMD mirrors use)."""
+        with self.lock:
+            self._patch_log.append((self.map_generation + 1, start, end))
+            self.map_generation += 1
+
+    def apply_line_changes(self, changes: Iterable[LineChange]) -> None:
+        """Interrupt levels a device service reported (on a completion or its watch): into the GIC."""
+        self.irqs.apply_all(changes)
+
     def _posted_windows(self, regions: list[RemoteRegion]) -> list[tuple[RemoteRegion, RamBlock]]:
         """Posted regions whose stores need no exit at all: the vCPUs map them write-only over a sink
         and queue each store from a write hook, while loads still fault like any MMIO read.
@@ -333,13 +447,13 @@ class Vm:
         shadow registers, and keep it current, with one thread per service. Completions update it too
         (``ExitPath.apply_effects``)."""
         for endpoint in self.endpoints:
-            watch = endpoint.watch(self.vm_id)
+            watch = endpoint.watch(self.vm_id, self.dma.get(endpoint.name))
             thread = threading.Thread(target=self._watch, args=(endpoint, watch), name=f"watch-{self.vm_id}",
                                       daemon=True)
             self._watches.append((watch, thread))
             if endpoint.name in self.shadows.services:
                 try:
-                    first = watch.next(SHADOW_SNAPSHOT_S)
+                    first = self._shadow_snapshot(watch)
                     if isinstance(first, GoingAway):
                         self._service_leaving(endpoint, first)
                     elif first is not None:
@@ -347,6 +461,14 @@ class Vm:
                 except TransportError as exc:
                     raise VmConfigError(str(exc)) from None
             thread.start()
+
+    def _shadow_snapshot(self, watch: ServiceWatch) -> ShadowChange | GoingAway | None:
+        """The first shadow event of a watch (its snapshot), applying the line levels that come before it."""
+        while True:
+            event = watch.next(SHADOW_SNAPSHOT_S)
+            if not isinstance(event, LineChange):
+                return event
+            self.irqs.apply(event)
 
     def _watch(self, endpoint: DeviceEndpoint, watch: ServiceWatch) -> None:
         """Apply a device service's shadow updates, and hear that it is going away, until the VM is deleted.
@@ -358,7 +480,9 @@ class Vm:
         service = endpoint.name
         try:
             while (event := watch.next()) is not None:
-                if isinstance(event, GoingAway):
+                if isinstance(event, LineChange):
+                    self.irqs.apply(event)
+                elif isinstance(event, GoingAway):
                     self._service_leaving(endpoint, event)
                 else:
                     self.shadows.apply(event)
@@ -396,7 +520,7 @@ class Vm:
                 continue
             watch = endpoint.watch(self.vm_id)
             try:
-                snapshot = watch.next(SHADOW_SNAPSHOT_S)
+                snapshot = self._shadow_snapshot(watch)
             finally:
                 watch.cancel()
             if isinstance(snapshot, GoingAway):
@@ -558,6 +682,7 @@ class Vm:
                 self.apply_mirror_changes(endpoint.reset())
             if self.gic is not None:
                 self.gic.reset()
+                self.irqs.resync()  # lines still high stay asserted; the reset's own changes follow on the watch
             self._resync_shadows()
             self._load_images()
             with self.lock:

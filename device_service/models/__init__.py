@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from device_service.model import DeviceModel
+from device_service.models.dma_probe import DmaProbe
 from device_service.models.fw_cfg import FwCfg
 from device_service.models.pcie import PcieHost
 from device_service.models.pflash import PFlashCfi01
@@ -16,6 +17,7 @@ from device_service.models.virtio_mmio import VirtioMmio
 
 __all__ = [
     "DEVICE_TYPES",
+    "DmaProbe",
     "FwCfg",
     "PFlashCfi01",
     "PcieHost",
@@ -33,5 +35,5 @@ __all__ = [
 DEVICE_TYPES: dict[str, type[DeviceModel]] = {
     cls.type_name: cls
     for cls in (Pl011, Pl031, Pl061, Scratch, ReadAsZero, ReadAsOnes, PFlashCfi01, FwCfg, VirtioMmio, PcieHost,
-                VirtioBlkMmio)
+                VirtioBlkMmio, DmaProbe)
 }

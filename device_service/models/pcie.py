@@ -31,6 +31,7 @@ from device_service.model import (
     AccessResult,
     ConfigError,
     DeviceModel,
+    LineSpec,
     Option,
     RegionSpec,
     check_span,
@@ -171,6 +172,10 @@ class PcieHost(DeviceModel):
 
     def regions(self) -> list[RegionSpec]:
         return [RegionSpec("ecam", 0, self.size)]
+
+    def lines(self) -> list[LineSpec]:
+        """The host bridge's four INTx outputs (``virt`` wires INTA-INTD to SPI 3-6); no function drives them yet."""
+        return [LineSpec(index, f"int{pin}") for index, pin in enumerate("abcd")]
 
     def read(self, offset: int, size: int) -> AccessResult:
         error = self._check(offset, size, "read")

@@ -15,6 +15,10 @@ ICR) is a shadow register for 32-bit reads, the size U-Boot and Linux use: the v
 them from a copy, so a guest polling FR costs no round trip. Input arriving on the console is the
 one change that comes without a guest access, and ``receive`` reports it (``shadows_changed``).
 
+The interrupt output UARTINTR (line 0, "uartintr", level) is RIS & IMSC, driven after every register access
+and on receive, as QEMU's ``pl011_update``: the RX, TX and receive-timeout (RT) interrupts reach the GIC
+through it. Other outputs (UARTRXINTR, UARTTXINTR...) are not wired on ``virt`` and are not modelled.
+
 Differences from QEMU 7.2, taken from the manual: the RX interrupt fires when
 the FIFO reaches the UARTIFLS trigger level (QEMU fires at one character), and
 the receive-timeout status is set while received data waits (QEMU never sets
@@ -27,7 +31,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
-from device_service.model import AccessResult, DeviceModel, RegionSpec
+from device_service.model import AccessResult, DeviceModel, LineSpec, RegionSpec
 from device_service.registers import Register, RegisterBank, primecell_id_registers
 
 # UARTFR, flag register
@@ -137,6 +141,9 @@ class Pl011(DeviceModel):
     def regions(self) -> list[RegionSpec]:
         return [RegionSpec("regs", 0, REGION_SIZE, access_sizes=(1, 2, 4), shadows=self._shadows)]
 
+    def lines(self) -> list[LineSpec]:
+        return [LineSpec(0, "uartintr")]
+
     def peek(self, region: str, offset: int, size: int) -> bytes:
         """A shadow register's value now, as a 4-byte read returns it; refuses DR (its read pops the FIFO)
         and anything not declared. Called after every access to the UART, so it skips the access checks."""
@@ -147,16 +154,21 @@ class Pl011(DeviceModel):
         return value.to_bytes(SHADOW_SIZE, "little")
 
     def read(self, offset: int, size: int) -> AccessResult:
-        return self.regs.read(offset, size)
+        result = self.regs.read(offset, size)
+        self._update()
+        return result
 
     def write(self, offset: int, size: int, value: int) -> AccessResult:
-        return self.regs.write(offset, size, value)
+        result = self.regs.write(offset, size, value)
+        self._update()
+        return result
 
     def reset(self) -> None:
         """Reset registers and empty the RX FIFO; transmitted output (log, backlog, sink) is kept."""
         with self.lock:
             self.regs.reset()
             self.rx_fifo.clear()
+            self._update()
 
     def describe(self) -> dict[str, str]:
         return {"fifo-depth": str(FIFO_DEPTH)}
@@ -187,6 +199,7 @@ class Pl011(DeviceModel):
             if before < trigger <= len(self.rx_fifo):
                 self.regs["RIS"] |= INT_RX
             self.regs["RIS"] |= INT_RT
+            self._update()
         self.shadows_changed()
         return len(taken)
 
@@ -207,9 +220,9 @@ class Pl011(DeviceModel):
         eighths = RX_TRIGGER_EIGHTHS[select] if select < len(RX_TRIGGER_EIGHTHS) else 4
         return FIFO_DEPTH * eighths // 8
 
-    def irq_level(self) -> bool:
-        """The combined interrupt output UARTINTR: any raw status bit that is unmasked."""
-        return bool(self.regs["RIS"] & self.regs["IMSC"])
+    def _update(self) -> None:
+        """Drive UARTINTR: any raw status bit that is unmasked (QEMU's ``pl011_update``)."""
+        self.irq_lines[0].set(bool(self.regs["RIS"] & self.regs["IMSC"]))
 
     # --- register behaviour ------------------------------------------------------------------
 

@@ -15,6 +15,10 @@ checked against ``qemu-system-aarch64 -M virt`` with U-Boot's ``md``:
 ``legacy=off`` gives Version 2. Each transport is 0x200 bytes; ``slots=N`` makes one device of N
 consecutive transports (one region each), like the 32 at 0x0a000000 on ``virt``.
 
+Each transport has an interrupt output (line N, "slotN", level, as QEMU's ``virtio_mmio`` drives it from its
+interrupt status): ``virt`` wires slot N to SPI 16 + N. With no backend nothing raises it; a backend does,
+and may DMA inside a QueueNotify write, so the model says ``does_dma``.
+
 Accesses not aligned to their size are refused: a CPU faults on them for Device memory, and QEMU's
 memory core refuses them (only its TCG slow path splits them into aligned pieces first).
 """
@@ -26,6 +30,7 @@ from device_service.model import (
     AccessResult,
     ConfigError,
     DeviceModel,
+    LineSpec,
     Option,
     RegionSpec,
     check_span,
@@ -60,6 +65,7 @@ class VirtioMmio(DeviceModel):
         Option("slots", parse_slots, f"a number of transports from 1 to {MAX_SLOTS}"),
         Option("legacy", parse_bool, "on (Version 1, QEMU 7.2 virt's default) or off (Version 2)"),
     )
+    does_dma = True
 
     def __init__(self, name: str, base: int, slots: int = 1, legacy: bool = True) -> None:
         super().__init__(name, base)
@@ -77,6 +83,9 @@ class VirtioMmio(DeviceModel):
 
     def regions(self) -> list[RegionSpec]:
         return [RegionSpec(f"slot{index}", index * SLOT_SIZE, SLOT_SIZE) for index in range(self.slots)]
+
+    def lines(self) -> list[LineSpec]:
+        return [LineSpec(index, f"slot{index}") for index in range(self.slots)]
 
     def read(self, offset: int, size: int) -> AccessResult:
         error = self._check(offset, size, "read")

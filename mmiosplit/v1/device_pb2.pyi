@@ -22,6 +22,27 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _LineTrigger:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LineTriggerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LineTrigger.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LINE_TRIGGER_UNSPECIFIED: _LineTrigger.ValueType  # 0
+    LINE_TRIGGER_LEVEL: _LineTrigger.ValueType  # 1
+    """The interrupt is asserted while the line is high."""
+    LINE_TRIGGER_EDGE: _LineTrigger.ValueType  # 2
+    """A rising change asserts it once (the interrupt controller latches it as pending)."""
+
+class LineTrigger(_LineTrigger, metaclass=_LineTriggerEnumTypeWrapper): ...
+
+LINE_TRIGGER_UNSPECIFIED: LineTrigger.ValueType  # 0
+LINE_TRIGGER_LEVEL: LineTrigger.ValueType  # 1
+"""The interrupt is asserted while the line is high."""
+LINE_TRIGGER_EDGE: LineTrigger.ValueType  # 2
+"""A rising change asserts it once (the interrupt controller latches it as pending)."""
+Global___LineTrigger: _TypeAlias = LineTrigger  # noqa: Y015
+
 class _RegionKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -86,6 +107,27 @@ COMPLETION_STATUS_NO_DEVICE: CompletionStatus.ValueType  # 3
 COMPLETION_STATUS_BAD_REQUEST: CompletionStatus.ValueType  # 4
 """The request itself was malformed (bad length, sequence, missing handshake)."""
 Global___CompletionStatus: _TypeAlias = CompletionStatus  # noqa: Y015
+
+class _DmaDirection:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DmaDirectionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DmaDirection.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DMA_DIRECTION_UNSPECIFIED: _DmaDirection.ValueType  # 0
+    DMA_DIRECTION_READ: _DmaDirection.ValueType  # 1
+    """Guest memory to the device."""
+    DMA_DIRECTION_WRITE: _DmaDirection.ValueType  # 2
+    """The device to guest memory."""
+
+class DmaDirection(_DmaDirection, metaclass=_DmaDirectionEnumTypeWrapper): ...
+
+DMA_DIRECTION_UNSPECIFIED: DmaDirection.ValueType  # 0
+DMA_DIRECTION_READ: DmaDirection.ValueType  # 1
+"""Guest memory to the device."""
+DMA_DIRECTION_WRITE: DmaDirection.ValueType  # 2
+"""The device to guest memory."""
+Global___DmaDirection: _TypeAlias = DmaDirection  # noqa: Y015
 
 @_typing.final
 class DescribeRequest(_message.Message):
@@ -158,6 +200,7 @@ class Device(_message.Message):
     REGIONS_FIELD_NUMBER: _builtins.int
     HAS_CONSOLE_FIELD_NUMBER: _builtins.int
     PROPERTIES_FIELD_NUMBER: _builtins.int
+    LINES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     type: _builtins.str
     """Model type as given in a --device spec, e.g. "pl011"."""
@@ -171,6 +214,12 @@ class Device(_message.Message):
     def regions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Region]: ...
     @_builtins.property
     def properties(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___InterruptLine]:
+        """The device's interrupt outputs; the VM maps each one to a GIC interrupt (the machine profile, or the VM
+        configuration's line map).
+        """
+
     def __init__(
         self,
         *,
@@ -180,14 +229,41 @@ class Device(_message.Message):
         regions: _abc.Iterable[Global___Region] | None = ...,
         has_console: _builtins.bool = ...,
         properties: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        lines: _abc.Iterable[Global___InterruptLine] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compatible", b"compatible", "has_console", b"has_console", "name", b"name", "properties", b"properties", "regions", b"regions", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compatible", b"compatible", "has_console", b"has_console", "lines", b"lines", "name", b"name", "properties", b"properties", "regions", b"regions", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Device: _TypeAlias = Device  # noqa: Y015
+
+@_typing.final
+class InterruptLine(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    TRIGGER_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Unique per device; what LineLevel.index names."""
+    name: _builtins.str
+    trigger: Global___LineTrigger.ValueType
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        name: _builtins.str = ...,
+        trigger: Global___LineTrigger.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "name", b"name", "trigger", b"trigger"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InterruptLine: _TypeAlias = InterruptLine  # noqa: Y015
 
 @_typing.final
 class Region(_message.Message):
@@ -483,6 +559,7 @@ class Completion(_message.Message):
     POSTED_ERRORS_FIELD_NUMBER: _builtins.int
     MIRROR_UPDATES_FIELD_NUMBER: _builtins.int
     SHADOW_FIELD_NUMBER: _builtins.int
+    LINES_FIELD_NUMBER: _builtins.int
     status: Global___CompletionStatus.ValueType
     data: _builtins.bytes
     """For a read: `length` bytes in guest-memory order."""
@@ -501,6 +578,12 @@ class Completion(_message.Message):
     def shadow(self) -> Global___ShadowUpdate:
         """Shadow registers this request changed; applied before the guest runs on."""
 
+    @_builtins.property
+    def lines(self) -> Global___LineUpdate:
+        """Interrupt lines this request changed (QEMU's pl011_update inside the access): applied to the
+        interrupt controller before the completion itself, so the vCPU never runs on with stale interrupt state.
+        """
+
     def __init__(
         self,
         *,
@@ -510,10 +593,11 @@ class Completion(_message.Message):
         posted_errors: _abc.Iterable[Global___PostedWriteError] | None = ...,
         mirror_updates: _abc.Iterable[Global___MirrorUpdate] | None = ...,
         shadow: Global___ShadowUpdate | None = ...,
+        lines: Global___LineUpdate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["shadow", b"shadow"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lines", b"lines", "shadow", b"shadow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "error", b"error", "mirror_updates", b"mirror_updates", "posted_errors", b"posted_errors", "shadow", b"shadow", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "error", b"error", "lines", b"lines", "mirror_updates", b"mirror_updates", "posted_errors", b"posted_errors", "shadow", b"shadow", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -581,15 +665,31 @@ class WatchRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VM_ID_FIELD_NUMBER: _builtins.int
+    DMA_WINDOWS_FIELD_NUMBER: _builtins.int
+    DMA_RESULT_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
+    """First request only: the VM that watches."""
+    @_builtins.property
+    def dma_windows(self) -> _containers.RepeatedCompositeFieldContainer[Global___DmaWindow]:
+        """First request only: the windows of guest-physical memory this VM grants the service's devices. The
+        vcpu service checks every DmaRequest against them; the device service gives its devices a DMA handle
+        only when there is at least one.
+        """
+
+    @_builtins.property
+    def dma_result(self) -> Global___DmaResult:
+        """Later requests: the answer to the DmaRequest with the same id."""
+
     def __init__(
         self,
         *,
         vm_id: _builtins.str = ...,
+        dma_windows: _abc.Iterable[Global___DmaWindow] | None = ...,
+        dma_result: Global___DmaResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dma_result", b"dma_result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dma_result", b"dma_result", "dma_windows", b"dma_windows", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -601,25 +701,182 @@ class WatchResponse(_message.Message):
 
     SHADOW_FIELD_NUMBER: _builtins.int
     GOING_AWAY_FIELD_NUMBER: _builtins.int
+    LINES_FIELD_NUMBER: _builtins.int
+    DMA_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def shadow(self) -> Global___ShadowUpdate: ...
     @_builtins.property
     def going_away(self) -> Global___GoingAway: ...
+    @_builtins.property
+    def lines(self) -> Global___LineUpdate: ...
+    @_builtins.property
+    def dma(self) -> Global___DmaRequest: ...
     def __init__(
         self,
         *,
         shadow: Global___ShadowUpdate | None = ...,
         going_away: Global___GoingAway | None = ...,
+        lines: Global___LineUpdate | None = ...,
+        dma: Global___DmaRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "going_away", b"going_away", "shadow", b"shadow"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dma", b"dma", "event", b"event", "going_away", b"going_away", "lines", b"lines", "shadow", b"shadow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "going_away", b"going_away", "shadow", b"shadow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dma", b"dma", "event", b"event", "going_away", b"going_away", "lines", b"lines", "shadow", b"shadow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["shadow", "going_away"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["shadow", "going_away", "lines", "dma"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___WatchResponse: _TypeAlias = WatchResponse  # noqa: Y015
+
+@_typing.final
+class LineUpdate(_message.Message):
+    """New levels of interrupt lines. `generation` increases with every change in the device service (one
+    counter for all its devices), so the vcpu service keeps, per line, the level of the highest generation it
+    has seen: a change on the watch stream that arrives after a completion carrying a newer one is ignored.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GENERATION_FIELD_NUMBER: _builtins.int
+    LEVELS_FIELD_NUMBER: _builtins.int
+    generation: _builtins.int
+    @_builtins.property
+    def levels(self) -> _containers.RepeatedCompositeFieldContainer[Global___LineLevel]: ...
+    def __init__(
+        self,
+        *,
+        generation: _builtins.int = ...,
+        levels: _abc.Iterable[Global___LineLevel] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "levels", b"levels"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LineUpdate: _TypeAlias = LineUpdate  # noqa: Y015
+
+@_typing.final
+class LineLevel(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    device: _builtins.str
+    index: _builtins.int
+    """InterruptLine.index of the device's line."""
+    level: _builtins.bool
+    def __init__(
+        self,
+        *,
+        device: _builtins.str = ...,
+        index: _builtins.int = ...,
+        level: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "index", b"index", "level", b"level"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LineLevel: _TypeAlias = LineLevel  # noqa: Y015
+
+@_typing.final
+class DmaWindow(_message.Message):
+    """A named range of guest-physical memory a VM lets a device service's devices read and write."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    BASE_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    base: _builtins.int
+    size: _builtins.int
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        base: _builtins.int = ...,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base", b"base", "name", b"name", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DmaWindow: _TypeAlias = DmaWindow  # noqa: Y015
+
+@_typing.final
+class DmaRequest(_message.Message):
+    """A device's access to guest memory. The whole range must lie inside one granted window, or nothing is
+    read or written.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    DIRECTION_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Chosen by the device service, unique among its requests still unanswered on this stream."""
+    device: _builtins.str
+    address: _builtins.int
+    direction: Global___DmaDirection.ValueType
+    length: _builtins.int
+    """For a read: how many bytes."""
+    data: _builtins.bytes
+    """For a write: the bytes to store."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        device: _builtins.str = ...,
+        address: _builtins.int = ...,
+        direction: Global___DmaDirection.ValueType = ...,
+        length: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "data", b"data", "device", b"device", "direction", b"direction", "id", b"id", "length", b"length"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DmaRequest: _TypeAlias = DmaRequest  # noqa: Y015
+
+@_typing.final
+class DmaResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    data: _builtins.bytes
+    """For a read that succeeded: `length` bytes."""
+    error: _builtins.str
+    """Empty on success; otherwise why the VM refused (names the device, the address and the windows)."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "error", b"error", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DmaResult: _TypeAlias = DmaResult  # noqa: Y015
 
 @_typing.final
 class GoingAway(_message.Message):

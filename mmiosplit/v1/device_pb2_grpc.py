@@ -59,7 +59,7 @@ class DeviceServiceStub:
                 request_serializer=mmiosplit_dot_v1_dot_device__pb2.ReadMirrorRequest.SerializeToString,
                 response_deserializer=mmiosplit_dot_v1_dot_device__pb2.ReadMirrorResponse.FromString,
                 _registered_method=True)
-        self.Watch = channel.unary_stream(
+        self.Watch = channel.stream_stream(
                 '/mmiosplit.v1.DeviceService/Watch',
                 request_serializer=mmiosplit_dot_v1_dot_device__pb2.WatchRequest.SerializeToString,
                 response_deserializer=mmiosplit_dot_v1_dot_device__pb2.WatchResponse.FromString,
@@ -106,12 +106,24 @@ class DeviceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Watch(self, request, context):
-        """What a device service says without being asked, to one VM: one stream per VM and device service,
-        separate from the exit streams. Shadow registers: the first response is the current value of every
-        shadowed register (when the service declares any), later responses carry the ones that changed without
-        a guest access (a byte arrived on a console). Going away: the service is shutting down; it completes
-        every request already received on the exit streams, and the vCPUs send it no new exits.
+    def Watch(self, request_iterator, context):
+        """What a device service says without being asked, to one VM, and what its devices ask of that VM: one
+        bidirectional stream per VM and device service, opened by the vcpu service and separate from the exit
+        streams, so nothing on it ever waits behind a pending exit.
+
+        The first request names the VM and the DMA windows it grants this service; later requests only answer
+        DmaRequests. Responses, in the order the service produced them:
+        - shadow registers: the current value of every shadowed register first (when the service declares
+        any), then the ones that changed without a guest access (a byte arrived on a console);
+        - interrupt lines: the level of every line first (when the service's devices have any), then each
+        change that happened without a guest access (a received byte, an alarm, a finished DMA). A change an
+        access caused travels on that access's Completion instead;
+        - DMA requests: a device reads or writes guest memory; the vcpu service checks the request against the
+        granted windows and answers with a DmaResult carrying the same id. It serves them on the thread that
+        reads this stream, never on a vCPU's, so a device may DMA inside a write whose vCPU waits for the
+        completion;
+        - going away: the service is shutting down; it completes every request already received on the exit
+        streams, and the vCPUs send it no new exits. The stream ends after it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -145,7 +157,7 @@ def add_DeviceServiceServicer_to_server(servicer, server):
                     request_deserializer=mmiosplit_dot_v1_dot_device__pb2.ReadMirrorRequest.FromString,
                     response_serializer=mmiosplit_dot_v1_dot_device__pb2.ReadMirrorResponse.SerializeToString,
             ),
-            'Watch': grpc.unary_stream_rpc_method_handler(
+            'Watch': grpc.stream_stream_rpc_method_handler(
                     servicer.Watch,
                     request_deserializer=mmiosplit_dot_v1_dot_device__pb2.WatchRequest.FromString,
                     response_serializer=mmiosplit_dot_v1_dot_device__pb2.WatchResponse.SerializeToString,
@@ -297,7 +309,7 @@ class DeviceService:
             _registered_method=True)
 
     @staticmethod
-    def Watch(request,
+    def Watch(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -307,8 +319,8 @@ class DeviceService:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
             '/mmiosplit.v1.DeviceService/Watch',
             mmiosplit_dot_v1_dot_device__pb2.WatchRequest.SerializeToString,

@@ -271,6 +271,8 @@ class VmConfig(_message.Message):
     STRICT_KVM_FIELD_NUMBER: _builtins.int
     TRACE_EXITS_FIELD_NUMBER: _builtins.int
     MACHINE_FIELD_NUMBER: _builtins.int
+    IRQ_ROUTES_FIELD_NUMBER: _builtins.int
+    DMA_GRANTS_FIELD_NUMBER: _builtins.int
     architecture: _common_pb2.Architecture.ValueType
     cpu_model: _builtins.str
     """"cortex-a57", "cortex-a53", "cortex-a72", "max" (aarch64); "cortex-a15", "cortex-a7" (arm)."""
@@ -301,6 +303,20 @@ class VmConfig(_message.Message):
     def policies(self) -> Global___Policies: ...
     @_builtins.property
     def limits(self) -> Global___RunLimits: ...
+    @_builtins.property
+    def irq_routes(self) -> _containers.RepeatedCompositeFieldContainer[Global___IrqRoute]:
+        """Interrupt lines of described devices wired to GIC SPIs (with machine "virt"; other machines have no
+        interrupt controller yet). They come on top of the machine profile's own wiring and override it for the
+        same line. A device the profile does not know gets its SPI only from here, never from its type.
+        """
+
+    @_builtins.property
+    def dma_grants(self) -> _containers.RepeatedCompositeFieldContainer[Global___DmaGrant]:
+        """Windows of guest RAM the device services' devices may reach by DMA. With machine "virt", a device service
+        that hosts the board's devices and is granted nothing here gets every RAM region (QEMU's devices reach
+        all RAM).
+        """
+
     def __init__(
         self,
         *,
@@ -318,14 +334,81 @@ class VmConfig(_message.Message):
         strict_kvm: _builtins.bool = ...,
         trace_exits: _builtins.bool = ...,
         machine: _builtins.str = ...,
+        irq_routes: _abc.Iterable[Global___IrqRoute] | None = ...,
+        dma_grants: _abc.Iterable[Global___DmaGrant] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "policies", b"policies"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "cpu_model", b"cpu_model", "device_services", b"device_services", "entry_point", b"entry_point", "exit_deadline_ms", b"exit_deadline_ms", "images", b"images", "limits", b"limits", "machine", b"machine", "name", b"name", "policies", b"policies", "ram", b"ram", "strict_kvm", b"strict_kvm", "trace_exits", b"trace_exits", "vcpu_count", b"vcpu_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "cpu_model", b"cpu_model", "device_services", b"device_services", "dma_grants", b"dma_grants", "entry_point", b"entry_point", "exit_deadline_ms", b"exit_deadline_ms", "images", b"images", "irq_routes", b"irq_routes", "limits", b"limits", "machine", b"machine", "name", b"name", "policies", b"policies", "ram", b"ram", "strict_kvm", b"strict_kvm", "trace_exits", b"trace_exits", "vcpu_count", b"vcpu_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VmConfig: _TypeAlias = VmConfig  # noqa: Y015
+
+@_typing.final
+class IrqRoute(_message.Message):
+    """One device interrupt line to one shared peripheral interrupt (GIC interrupt ID 32 + spi)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_SERVICE_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    LINE_FIELD_NUMBER: _builtins.int
+    SPI_FIELD_NUMBER: _builtins.int
+    device_service: _builtins.str
+    """The device service's address as in VmConfig.device_services; empty: whichever service has the device
+    (it must be unique then).
+    """
+    device: _builtins.str
+    line: _builtins.str
+    """The line's name, or its index in decimal; empty: line 0."""
+    spi: _builtins.int
+    def __init__(
+        self,
+        *,
+        device_service: _builtins.str = ...,
+        device: _builtins.str = ...,
+        line: _builtins.str = ...,
+        spi: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "device_service", b"device_service", "line", b"line", "spi", b"spi"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IrqRoute: _TypeAlias = IrqRoute  # noqa: Y015
+
+@_typing.final
+class DmaGrant(_message.Message):
+    """A named window of guest RAM granted to one device service."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_SERVICE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    BASE_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    device_service: _builtins.str
+    """The device service's address as in VmConfig.device_services."""
+    name: _builtins.str
+    base: _builtins.int
+    size: _builtins.int
+    def __init__(
+        self,
+        *,
+        device_service: _builtins.str = ...,
+        name: _builtins.str = ...,
+        base: _builtins.int = ...,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base", b"base", "device_service", b"device_service", "name", b"name", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DmaGrant: _TypeAlias = DmaGrant  # noqa: Y015
 
 @_typing.final
 class CreateVmRequest(_message.Message):

@@ -14,7 +14,7 @@ from device_service.bus import DeviceBus
 from device_service.local import LocalEndpoint
 from device_service.model import RegionSpec
 from device_service.models.pl011 import FR_RXFE, FR_TXFE, Pl011
-from mmiosplit.mmio import ServiceWatch, ShadowChange
+from mmiosplit.mmio import DmaTarget, ServiceWatch, ShadowChange, WatchEvent
 from tests.exitpath.harness import A32, A64, DEV, T32, Probe, code, run
 from tests.exitpath.test_kvm_table import A64_SET_EE
 from vcpu_service.vm import ImageSpec, Vm, VmSpec
@@ -131,14 +131,16 @@ class HeldWatch:
         self._cancelled = False
         self.delivered: list[ShadowChange] = []
 
-    def next(self, timeout: float | None = None) -> ShadowChange | None:
+    def next(self, timeout: float | None = None) -> WatchEvent | None:
         while not self._first and not self._release.wait(0.02):
             if self._cancelled:
                 return None
         self._first = False
         change = self._inner.next(timeout)
-        if change is not None:
+        if isinstance(change, ShadowChange):
             self.delivered.append(change)
+        else:
+            self._first = True  # line levels (not held here) do not count as the one event let through
         return change
 
     def cancel(self) -> None:
@@ -152,8 +154,8 @@ class HeldEndpoint(LocalEndpoint):
         self.release = threading.Event()
         self.watches: list[HeldWatch] = []
 
-    def watch(self, vm_id: str) -> ServiceWatch:
-        watch = HeldWatch(super().watch(vm_id), self.release)
+    def watch(self, vm_id: str, dma: DmaTarget | None = None) -> ServiceWatch:
+        watch = HeldWatch(super().watch(vm_id, dma), self.release)
         self.watches.append(watch)
         return watch
 

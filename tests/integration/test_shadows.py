@@ -103,8 +103,10 @@ def test_the_device_service_describes_watches_and_completes_with_shadows() -> No
             windows = {(w.offset, w.size) for w in region.shadows}
             assert (0x18, 4) in windows and {(0xFE0 + 4 * i, 4) for i in range(8)} <= windows
             assert not any(offset == 0 for offset, _ in windows)  # DR: its read pops the FIFO
-            watch = stub.Watch(device_pb2.WatchRequest(vm_id="test"))
+            watch = stub.Watch(iter([device_pb2.WatchRequest(vm_id="test")]))
             snapshot = next(watch).shadow
+            lines = next(watch).lines  # then the level of every interrupt line
+            assert [(v.device, v.index, v.level) for v in lines.levels] == [("uart0", 0, False)]
             assert len(snapshot.values) == len(windows)
             values = {v.offset: bytes(v.data) for v in snapshot.values}
             assert values[0x18] == b"\x90\0\0\0" and values[0xFE0] == b"\x11\0\0\0"

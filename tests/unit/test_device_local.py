@@ -13,7 +13,16 @@ from device_service.local import LocalEndpoint
 from device_service.models.pflash import PFlashCfi01
 from device_service.models.pl011 import FR_RXFE, FR_RXFF, FR_TXFE, Pl011
 from device_service.models.scratch import Scratch
-from mmiosplit.mmio import POSTED_BATCH_MAX, Completion, CompletionStatus, MirrorChange, MmioExit, TransportError
+from mmiosplit.mmio import (
+    POSTED_BATCH_MAX,
+    Completion,
+    CompletionStatus,
+    LineChange,
+    MirrorChange,
+    MmioExit,
+    ShadowChange,
+    TransportError,
+)
 
 UART, SCRATCH, FLASH = 0x0900_0000, 0x0A00_0000, 0x0400_0000
 DR, FR = 0x00, 0x18
@@ -114,8 +123,11 @@ def test_completions_carry_what_the_vcpu_was_not_sent_and_the_watch_hears_everyt
     snapshot = watch.next(1.0)
     assert snapshot is not None and snapshot.service == "here" and snapshot.generation == 1
     channel = endpoint.open_exit_channel("vm", 0, "aarch64")
+    lines = watch.next(1.0)  # then every interrupt line's level
+    assert isinstance(lines, LineChange) and lines.levels == (("uart0", 0, False),)
     endpoint.console_input("uart0", b"hi")  # one fits (FIFO off); the other waits for the guest
     update = watch.next(1.0)
+    assert isinstance(update, ShadowChange)
     assert update is not None and ("uart0", "regs", FR, word(FR_TXFE | FR_RXFF)) in update.values
     done = channel.access(read(UART + DR))
     assert done.data == word(ord("h"))
@@ -137,7 +149,8 @@ def test_completions_carry_what_the_vcpu_was_not_sent_and_the_watch_hears_everyt
 
 def test_a_quiet_watch_times_out_with_a_transport_error(endpoint: LocalEndpoint) -> None:
     watch = endpoint.watch("vm")
-    assert watch.next(1.0) is not None
+    assert isinstance(watch.next(1.0), ShadowChange)
+    assert isinstance(watch.next(1.0), LineChange)
     with pytest.raises(TransportError, match=re.escape("here: no shadow registers within 0.05 s")):
         watch.next(0.05)
 

@@ -17,6 +17,7 @@ from device_service.model import (
 )
 from device_service.models import (
     DEVICE_TYPES,
+    DmaProbe,
     FwCfg,
     PcieHost,
     PFlashCfi01,
@@ -118,7 +119,7 @@ def test_check_span() -> None:
 def test_registry_holds_every_builtin_under_its_type_name() -> None:
     expected = {"pl011": Pl011, "pl031": Pl031, "pl061": Pl061, "scratch": Scratch, "zero": ReadAsZero,
                 "ones": ReadAsOnes, "pflash": PFlashCfi01, "fw_cfg": FwCfg, "virtio-mmio": VirtioMmio, "pcie": PcieHost,
-                "virtio-blk-mmio": VirtioBlkMmio}
+                "virtio-blk-mmio": VirtioBlkMmio, "dma-probe": DmaProbe}
     assert dict(DEVICE_TYPES) == expected
     for type_name, cls in DEVICE_TYPES.items():
         assert cls.type_name == type_name

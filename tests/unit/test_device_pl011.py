@@ -247,13 +247,13 @@ def test_tx_interrupt_on_dr_write_and_icr_clears(uart: Pl011) -> None:
     write(uart, DR, ord("a"))
     assert read(uart, RIS) == INT_TX
     assert read(uart, MIS) == 0
-    assert not uart.irq_level()
+    assert not uart.irq_lines[0].level
     write(uart, IMSC, INT_TX)
     assert read(uart, MIS) == INT_TX
-    assert uart.irq_level()
+    assert uart.irq_lines[0].level
     write(uart, ICR, INT_TX)
     assert read(uart, RIS) == 0
-    assert not uart.irq_level()
+    assert not uart.irq_lines[0].level
 
 
 def test_icr_reads_zero_and_only_clears_written_bits(uart: Pl011) -> None:
@@ -300,7 +300,7 @@ def test_masked_rx_interrupt_raises_the_line(uart: Pl011) -> None:
     write(uart, IMSC, INT_RX)
     uart.receive(b"q")
     assert read(uart, MIS) == INT_RX
-    assert uart.irq_level()
+    assert uart.irq_lines[0].level
 
 
 # --- register table ------------------------------------------------------------------------
@@ -316,3 +316,55 @@ def test_describe_and_region(uart: Pl011) -> None:
     (region,) = uart.regions()
     assert (region.offset, region.size, region.posted) == (0, 0x1000, False)
     assert uart.describe() == {"fifo-depth": "32"}
+
+
+# --- the interrupt line (UARTINTR) ------------------------------------------------------------
+
+
+def _record(uart: Pl011) -> list[bool]:
+    changes: list[bool] = []
+    uart.irq_lines[0].connect(lambda _line, level: changes.append(level))
+    return changes
+
+
+def test_one_level_line_named_uartintr(uart: Pl011) -> None:
+    (spec,) = uart.lines()
+    assert (spec.index, spec.name, spec.trigger.value) == (0, "uartintr", "level")
+    assert uart.irq_lines[0].device == "uart0"
+
+
+def test_line_follows_ris_and_imsc_on_every_access(uart: Pl011) -> None:
+    changes = _record(uart)
+    write(uart, DR, ord("a"))  # TX raised in RIS, masked
+    assert changes == []
+    write(uart, IMSC, INT_TX)  # unmasking raises the line inside that access
+    assert changes == [True]
+    write(uart, DR, ord("b"))  # still high: no change reported
+    assert changes == [True]
+    write(uart, ICR, INT_TX)
+    assert changes == [True, False]
+
+
+def test_receive_raises_the_line_without_an_access(uart: Pl011) -> None:
+    write(uart, IMSC, INT_RX | INT_RT)
+    changes = _record(uart)
+    uart.receive(b"k")
+    assert changes == [True]
+    assert read(uart, DR) == ord("k")  # draining the FIFO clears RX and RT
+    assert changes == [True, False]
+
+
+def test_receive_timeout_alone_raises_the_line(uart: Pl011) -> None:
+    enable_fifo(uart)  # RX needs 16 characters now; RT is set while any wait
+    write(uart, IMSC, INT_RT)
+    changes = _record(uart)
+    uart.receive(b"ab")
+    assert changes == [True] and read(uart, RIS) & (INT_RX | INT_RT) == INT_RT
+
+
+def test_reset_lowers_the_line(uart: Pl011) -> None:
+    write(uart, IMSC, INT_TX)
+    write(uart, DR, ord("a"))
+    assert uart.irq_lines[0].level
+    uart.reset()
+    assert not uart.irq_lines[0].level

@@ -97,11 +97,11 @@ def test_match_interrupt_when_counter_reaches_mr(rtc: Pl031, clock: FakeClock) -
     write(rtc, IMSC, 1)
     clock.now += 2.9
     assert read(rtc, RIS) == 0
-    assert not rtc.irq_level()
+    assert not rtc.irq_lines[0].level
     clock.now += 0.1
     assert read(rtc, RIS) == 1
     assert read(rtc, MIS) == 1
-    assert rtc.irq_level()
+    assert rtc.irq_lines[0].level
     write(rtc, ICR, 1)
     assert read(rtc, RIS) == 0
     clock.now += 10
@@ -127,3 +127,97 @@ def test_ids_match_qemu(rtc: Pl031) -> None:
 
 def test_unknown_register(rtc: Pl031) -> None:
     assert rtc.read(0x20, 4).error is AccessError.INVALID_REGISTER
+
+
+# --- the alarm timer and RTCINTR ---------------------------------------------------------------
+
+
+class FakeScheduler:
+    """Collects (delay, callback) pairs; the test fires them."""
+
+    def __init__(self) -> None:
+        self.timers: list[FakeTimer] = []
+
+    def __call__(self, delay: float, callback: object) -> FakeTimer:
+        timer = FakeTimer(delay, callback)
+        self.timers.append(timer)
+        return timer
+
+    @property
+    def live(self) -> list[FakeTimer]:
+        return [t for t in self.timers if not (t.cancelled or t.fired)]
+
+
+class FakeTimer:
+    def __init__(self, delay: float, callback: object) -> None:
+        self.delay = delay
+        self.callback = callback
+        self.cancelled = False
+        self.fired = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def fire(self) -> None:
+        assert callable(self.callback)
+        self.fired = True
+        self.callback()
+
+
+def test_alarm_timer_fires_the_line_at_the_match(clock: FakeClock) -> None:
+    scheduler = FakeScheduler()
+    rtc = Pl031("rtc0", 0, clock=clock, schedule=scheduler)
+    changes: list[bool] = []
+    rtc.irq_lines[0].connect(lambda _line, level: changes.append(level))
+    write(rtc, LR, 100)
+    write(rtc, IMSC, 1)
+    write(rtc, MR, 105)
+    (timer,) = scheduler.live
+    assert timer.delay == pytest.approx(5.0)
+    clock.now += 5
+    timer.fire()  # on the timer's thread, no access
+    assert changes == [True]
+    assert read(rtc, RIS) == 1
+    write(rtc, ICR, 1)
+    assert changes == [True, False]
+
+
+def test_early_timer_rearms_for_the_rest(clock: FakeClock) -> None:
+    scheduler = FakeScheduler()
+    rtc = Pl031("rtc0", 0, clock=clock, schedule=scheduler)
+    write(rtc, IMSC, 1)
+    write(rtc, MR, read(rtc, DR) + 10)
+    first = scheduler.live[0]
+    clock.now += 4
+    first.fire()
+    assert not rtc.irq_lines[0].level
+    (second,) = scheduler.live
+    assert second is not first and second.delay == pytest.approx(5.75)  # to the next whole second at +10
+
+
+def test_rewriting_mr_or_reset_cancels_the_timer(clock: FakeClock) -> None:
+    scheduler = FakeScheduler()
+    rtc = Pl031("rtc0", 0, clock=clock, schedule=scheduler)
+    write(rtc, MR, read(rtc, DR) + 10)
+    old = scheduler.live[0]
+    write(rtc, MR, read(rtc, DR) + 20)
+    assert old.cancelled and len(scheduler.live) == 1
+    old.fire()  # a stale timer that fires anyway changes nothing
+    assert read(rtc, RIS) == 0
+    rtc.reset()
+    assert scheduler.live == []
+
+
+def test_real_timer_raises_the_line() -> None:
+    import threading
+    import time
+
+    rtc = Pl031("rtc0", 0)
+    raised = threading.Event()
+    rtc.irq_lines[0].connect(lambda _line, level: level and raised.set())
+    with rtc.lock:
+        write(rtc, IMSC, 1)
+        now = time.time()
+        write(rtc, MR, (int(now) + 1) & 0xFFFF_FFFF)
+    assert raised.wait(3.0)
+    assert read(rtc, MIS) == 1

@@ -12,8 +12,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mmiosplit.mmio import RemoteRegion
+from mmiosplit.mmio import RemoteLine, RemoteRegion
 from vcpu_service.fdt import Node, build, cells, sized_cells, strings
+from vcpu_service.irq import LineKey, Route
 
 FLASH_BASE = 0x0000_0000
 FLASH_BANK_SIZE = 0x0400_0000
@@ -97,6 +98,54 @@ def device_specs(architecture: str, flash0: str | None = None, flash1: str | Non
         *virtio(),
         f"pcie@{ecam[0]:#x},name=pcie,size={ecam[1]:#x}",
     ]
+
+
+#: Compatible strings of the board's own devices: a service hosting any of them is the board's device service.
+BOARD_COMPATIBLE = ("arm,pl011", "arm,pl031", "arm,pl061", "qemu,fw-cfg-mmio", "virtio,mmio", "pci-host-ecam-generic",
+                    "cfi-flash")
+
+
+def board_services(regions: Sequence[RemoteRegion]) -> list[str]:
+    """The device services that host the board's devices (QEMU's devices reach all RAM by DMA)."""
+    return sorted({r.service for r in regions if any(c in BOARD_COMPATIBLE for c in r.compatible)})
+
+
+def line_routes(lines: Sequence[RemoteLine], regions: Sequence[RemoteRegion]) -> dict[LineKey, Route]:
+    """QEMU virt's wiring of the board's device lines to SPIs, found by compatible string as the device tree
+    finds the devices (so the tree and the wiring agree): UART i (in address order) line 0 to SPI 1 + i, the
+    RTC to SPI 2, the GPIO block to SPI 7, virtio-mmio transport N (by address, 0x200 apart from 0x0a000000)
+    to SPI 16 + N through the line named like its region, PCIe INTA-D (lines 0-3) to SPI 3-6. Lines of other
+    devices get nothing here."""
+    first_base: dict[tuple[str, str], int] = {}
+    region_base: dict[tuple[str, str, str], int] = {}
+    for r in regions:
+        key = (r.service, r.device)
+        first_base[key] = min(first_base.get(key, r.base), r.base)
+        region_base[(r.service, r.device, r.name)] = r.base
+    routes: dict[LineKey, Route] = {}
+    uarts = sorted({(first_base.get((ln.service, ln.device), 0), ln.service, ln.device)
+                    for ln in lines if "arm,pl011" in ln.compatible})
+    uart_number = {(service, device): i for i, (_, service, device) in enumerate(uarts)}
+    for ln in lines:
+        compatible = ln.compatible
+        spi: int | None = None
+        if "arm,pl011" in compatible and ln.index == 0:
+            spi = IRQ_UART + uart_number[(ln.service, ln.device)]
+        elif "arm,pl031" in compatible and ln.index == 0:
+            spi = IRQ_RTC
+        elif "arm,pl061" in compatible and ln.index == 0:
+            spi = IRQ_GPIO
+        elif "pci-host-ecam-generic" in compatible and 0 <= ln.index < 4:
+            spi = IRQ_PCIE + ln.index
+        elif "virtio,mmio" in compatible:
+            base = region_base.get((ln.service, ln.device, ln.name))
+            if base is not None and base >= VIRTIO and (base - VIRTIO) % VIRTIO_SLOT_SIZE == 0:
+                slot = (base - VIRTIO) // VIRTIO_SLOT_SIZE
+                if slot < VIRTIO_SLOTS:
+                    spi = IRQ_VIRTIO + slot
+        if spi is not None:
+            routes[(ln.service, ln.device, ln.index)] = Route(spi, edge=ln.trigger == "edge")
+    return routes
 
 
 @dataclass(frozen=True)
@@ -236,4 +285,4 @@ class VirtMachine:
                 .prop("compatible", "pci-host-ecam-generic"))
 
 
-__all__ = ["VirtMachine", "device_specs", "strings"]
+__all__ = ["VirtMachine", "board_services", "device_specs", "line_routes", "strings"]
