@@ -47,7 +47,7 @@ from unicorn import (
 )
 
 from mmiosplit.mmio import Completion, DeviceEndpoint, ExitChannel, RemoteRegion, TransportError
-from vcpu_service import exceptions, fastreg, gentimer, psci
+from vcpu_service import exceptions, exclusive, fastreg, gentimer, psci
 from vcpu_service.arch import EXCEPTION_NAMES, EXCP_HVC, SCTLR_EE_E0E, AArch64, Arch, ArchError, close_uc
 from vcpu_service.cp15trap import TimerTrap
 from vcpu_service.domain import ErrorKind, EventKind
@@ -681,6 +681,8 @@ class Vcpu:
                 hook_error, self._hook_error = self._hook_error, None
                 raise hook_error
             pc = self.arch.pc(uc)
+            if not status and self._stop_cause is None and exclusive.finish_cut_store(self.arch, uc, pc):
+                pc = self.arch.pc(uc)  # a stop from outside landed inside a store-exclusive: it is now complete
             if status:
                 self._on_emu_error(status, pc)
             elif self._stop_cause is not None:

@@ -108,6 +108,7 @@ class FwCfg(DeviceModel):
     """fw_cfg with the items QEMU gives a kernel-less ``virt`` machine, through the data register or DMA."""
 
     type_name = "fw_cfg"
+    does_dma = True  # a transfer runs inside the write of the DMA address register
     compatible = ("qemu,fw-cfg-mmio",)
     options = (
         Option("cpus", parse_cpus, "a number of CPUs from 1 to 65535"),

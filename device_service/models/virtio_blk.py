@@ -452,6 +452,7 @@ class VirtioBlkMmio(DeviceModel):
     """A virtio-blk device on its own virtio-mmio transport (0x200 bytes), as QEMU's virtio-blk-device."""
 
     type_name = "virtio-blk-mmio"
+    does_dma = True  # the rings and buffers are read and written inside the QueueNotify write
     compatible = ("virtio,mmio",)
     options = (
         Option("file", parse_path, "a raw disk image file"),
@@ -537,7 +538,8 @@ class VirtioBlkMmio(DeviceModel):
 
     def lines(self) -> list[LineSpec]:
         # The output is a level: high while InterruptStatus has a bit set (QEMU's virtio_mmio_update_irq).
-        return [LineSpec(0, "irq", Trigger.LEVEL)]
+        # Named like its region: the virt board finds a transport's SPI from the region's address (line_routes).
+        return [LineSpec(0, "transport", Trigger.LEVEL)]
 
     def reset(self) -> None:
         self._power_on()
