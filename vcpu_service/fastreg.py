@@ -13,7 +13,7 @@ import sys
 import threading
 from collections.abc import Callable
 
-from unicorn import UC_HOOK_MEM_WRITE, Uc, UcError
+from unicorn import UC_HOOK_BLOCK, UC_HOOK_MEM_WRITE, Uc, UcError
 from unicorn import arm64_const as a64
 from unicorn.unicorn_py3.arch.arm64 import UcRegCP64
 from unicorn.unicorn_py3.arch.types import uc_hook_h
@@ -153,3 +153,65 @@ def hook_mem_write(uc: Uc, callback: Callable[[int, int, int], None], on_error: 
     if status:
         raise UcError(status)
     return fptr
+
+
+# ----- stopping a vCPU from another thread --------------------------------------------------------------------
+
+_lib = ctypes.CDLL(uclib._name)
+_C_STOP = ctypes.cast(_lib.uc_emu_stop, ctypes.c_void_p)  # void (uc_engine *): extra hook arguments are ignored
+_C_NOOP = ctypes.cast(_lib.uc_errno, ctypes.c_void_p)  # reads uc->errnum and returns: a hook that does nothing
+_ALL = 0
+_NONE = (1 << 64) - 1
+_hook_begin_offset: int | None = None
+
+
+def _block_hook(uc: Uc, callback: ctypes.c_void_p, begin: int, end: int) -> int:
+    handle = uc_hook_h()
+    status = _hook_add(uc._uch, _byref(handle), UC_HOOK_BLOCK, callback, ctypes.c_void_p(0), ctypes.c_uint64(begin),
+                       ctypes.c_uint64(end))
+    if status:
+        raise UcError(status)
+    return int(handle.value)
+
+
+def _begin_offset(uc: Uc) -> int:
+    """Where ``begin`` sits in libunicorn's ``struct hook`` (a ``uc_hook`` is its address), found once."""
+    global _hook_begin_offset
+    if _hook_begin_offset is None:
+        begin, end = 0x1111_2222_3333_4444, 0x5555_6666_7777_8888
+        handle = _block_hook(uc, _C_NOOP, begin, end)
+        raw = ctypes.string_at(handle, 128)
+        at = raw.find(begin.to_bytes(8, "little"))
+        if at < 0 or at % 8 or raw[at + 8:at + 16] != end.to_bytes(8, "little"):
+            raise RuntimeError("libunicorn's struct hook does not hold begin and end where expected")
+        _lib.uc_hook_del(uc._uch, ctypes.c_size_t(handle))
+        _hook_begin_offset = at
+    return _hook_begin_offset
+
+
+class SafeStop:
+    """Stop a running vCPU from another thread at the start of a translation block, never inside one.
+
+    ``uc_emu_stop`` from another thread is honoured at Unicorn's next check, and it checks after every guest load
+    and store, then resumes *at* that instruction: a load into its own base register (``ldr x0, [x0, #8]``) runs
+    again from the wrong address, a store-exclusive stores twice. Measured: a pointer chase faulted, EDK2 died.
+    Stops requested by a hook on the vCPU's own thread are exact (the hook runs between instructions), so this
+    puts the stop in a block hook: a hook that does nothing, in C, covers all code, so every translated block
+    calls Unicorn's hook helper at its start; a second block hook, whose callback is ``uc_emu_stop`` itself,
+    matches no address until ``request`` widens its range to everything, which the helper sees at the next
+    block. ``clear`` narrows it again once ``emu_start`` has returned. No Python runs per block.
+    """
+
+    def __init__(self, uc: Uc) -> None:
+        offset = _begin_offset(uc)
+        _block_hook(uc, _C_NOOP, 1, 0)  # begin > end: every address, so every block calls the helper
+        handle = _block_hook(uc, _C_STOP, _NONE, _NONE)
+        self._begin = ctypes.c_uint64.from_address(handle + offset)
+
+    def request(self) -> None:
+        """Stop at the next block boundary (any thread; an aligned 8-byte store)."""
+        self._begin.value = _ALL
+
+    def clear(self) -> None:
+        """Called by the vCPU thread after ``emu_start`` returned."""
+        self._begin.value = _NONE

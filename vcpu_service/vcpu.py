@@ -47,7 +47,7 @@ from unicorn import (
 )
 
 from mmiosplit.mmio import Completion, DeviceEndpoint, ExitChannel, RemoteRegion, TransportError
-from vcpu_service import exceptions, exclusive, fastreg, gentimer, psci
+from vcpu_service import exceptions, fastreg, gentimer, psci
 from vcpu_service.arch import EXCEPTION_NAMES, EXCP_HVC, SCTLR_EE_E0E, AArch64, Arch, ArchError, close_uc
 from vcpu_service.cp15trap import TimerTrap
 from vcpu_service.domain import ErrorKind, EventKind
@@ -186,7 +186,7 @@ class _PostedWatch:
                 seen[v] = (count, since, waiting)
                 # A kick the write hook has not honoured (the guest stopped posting) is delivered from outside.
                 if v.kick_requested and quiet:
-                    v.uc.emu_stop()
+                    v.kick()
             for v in set(seen) - set(running):
                 del seen[v]
 
@@ -255,6 +255,7 @@ class Vcpu:
         for block in self.vm.ram:
             uc.mem_map_ptr(block.base, block.size, UC_PROT_ALL, block.address)
         self._raw_hooks: list[object] = []  # ctypes callbacks libunicorn holds: keep them alive
+        self._stopper = fastreg.SafeStop(uc)  # how other threads stop this vCPU (see kick)
         self._hook_error: BaseException | None = None
         self._unmask_hook: int | None = None  # the block hook watching for PSTATE to unmask a signalled IRQ
         self._unmask_blocks = 0
@@ -330,20 +331,16 @@ class Vcpu:
         self.cond.notify_all()
 
     def kick(self) -> None:
-        """Ask Unicorn to return soon, with every instruction either done once or not started.
+        """Ask Unicorn to return soon, with every instruction either done once or not started (any thread).
 
-        Unicorn 2.1.4 checks for a stop after every load and store and then resumes *at* that instruction,
-        so a store whose write hook already ran is run again: a posted write would reach its device twice.
-        A vCPU with posted windows is therefore stopped from inside its own write hook, before the write is
-        queued (``ExitPath.posted_store``); only a vCPU whose thread has run 2 ms of CPU time without a posted
-        store is stopped from outside (CPU time, not wall time: a thread descheduled between a write hook and
-        Unicorn's check after that store does not advance it).
+        ``uc_emu_stop`` alone is not safe from outside: Unicorn checks for a stop after every load and store and
+        resumes *at* that instruction, so a load into its own base register or a store-exclusive would run twice.
+        ``fastreg.SafeStop`` stops at the next translation-block boundary instead. A vCPU with posted windows is
+        also stopped by its own write hook before it queues the next posted store (``_posted_store``).
         """
-        if not self.vm.posted_windows:
-            self.uc.emu_stop()
-            return
-        self.kick_requested = True  # the hook stops at the next posted store, or the watchdog once it is quiet
-
+        if self.vm.posted_windows:
+            self.kick_requested = True  # the write hook also stops at the next posted store, before queueing it
+        self._stopper.request()
 
     # ----- hooks (run on this vCPU's thread, inside emu_start) -----------------------------------------
     def _posted_store(self, region: RemoteRegion, key: tuple[str, str, str], address: int, size: int,
@@ -415,10 +412,8 @@ class Vcpu:
             state = self.state
             if state is VcpuState.SLEEPING:
                 self.cond.notify_all()
-        if state is VcpuState.RUNNING and threading.current_thread() is not self._thread:
-            self.kick()
-        elif state is VcpuState.RUNNING:
-            self.uc.emu_stop()  # raised by this vCPU inside emu_start (a timer MSR): stop after the instruction
+        if state is VcpuState.RUNNING:
+            self.kick()  # from this vCPU's own hook too (a timer MSR): the next block boundary
         ticker = self.vm.ticker
         if ticker is not None:
             ticker.reschedule()  # if masked, the ticker brings the vCPU back now and then to look again
@@ -677,12 +672,11 @@ class Vcpu:
                 self._unwatch_unmask()
                 self._unmask_exhausted = False
             status = fastreg.emu_start(uc, begin, never)
+            self._stopper.clear()
             if self._hook_error is not None:
                 hook_error, self._hook_error = self._hook_error, None
                 raise hook_error
             pc = self.arch.pc(uc)
-            if not status and self._stop_cause is None and exclusive.finish_cut_store(self.arch, uc, pc):
-                pc = self.arch.pc(uc)  # a stop from outside landed inside a store-exclusive: it is now complete
             if status:
                 self._on_emu_error(status, pc)
             elif self._stop_cause is not None:
