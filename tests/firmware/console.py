@@ -65,3 +65,27 @@ def run_uboot_script(command: Sequence[str], script: Sequence[str], timeout: flo
         out.text = log.getvalue()
         child.close(force=True)
     return out
+
+
+def run_shell_script(command: Sequence[str], prompt: str, script: Sequence[str], timeout: float = 300) -> Transcript:
+    """Wait for ``prompt`` (EDK2's ``Shell>``), type each command (with CR, as a terminal sends Enter) and wait for
+    the prompt again, then quit with Ctrl-A X. ``marks["prompt"]`` is the time the first prompt appeared."""
+    t0 = time.monotonic()
+    out = Transcript()
+    child = pexpect.spawn(command[0], list(command[1:]), timeout=timeout, encoding="utf-8",
+                          codec_errors="replace", dimensions=(50, 200))
+    log = io.StringIO()
+    child.logfile_read = log
+    try:
+        child.expect_exact(prompt)
+        out.marks["prompt"] = time.monotonic() - t0
+        for line in script:
+            child.send(line + "\r")
+            child.expect_exact(prompt)
+        out.marks["done"] = time.monotonic() - t0
+        child.send(CTRL_A_X)
+        child.expect(pexpect.EOF, timeout=60)
+    finally:
+        out.text = log.getvalue()
+        child.close(force=True)
+    return out
