@@ -33,6 +33,15 @@ class Transcript:
         return [line.rstrip() for line in clean.split("\n")]
 
 
+def _spawn(command: Sequence[str], timeout: float) -> tuple[pexpect.spawn, io.StringIO]:
+    """The program on a pseudo-terminal, everything it prints kept in the returned buffer."""
+    child = pexpect.spawn(command[0], list(command[1:]), timeout=timeout, encoding="utf-8",
+                          codec_errors="replace", dimensions=(50, 200))
+    log = io.StringIO()
+    child.logfile_read = log
+    return child, log
+
+
 def run_uboot_script(command: Sequence[str], script: Sequence[str], timeout: float = 300,
                      reboots: int = 0) -> Transcript:
     """Boot to the prompt (a key stops autoboot), type each command at the prompt, then quit with Ctrl-A X.
@@ -41,10 +50,7 @@ def run_uboot_script(command: Sequence[str], script: Sequence[str], timeout: flo
     """
     t0 = time.monotonic()
     out = Transcript()
-    child = pexpect.spawn(command[0], list(command[1:]), timeout=timeout, encoding="utf-8",
-                          codec_errors="replace", dimensions=(50, 200))
-    log = io.StringIO()
-    child.logfile_read = log
+    child, log = _spawn(command, timeout)
     try:
         child.expect_exact(BANNER)
         out.marks["banner"] = time.monotonic() - t0
@@ -72,10 +78,7 @@ def run_shell_script(command: Sequence[str], prompt: str, script: Sequence[str],
     the prompt again, then quit with Ctrl-A X. ``marks["prompt"]`` is the time the first prompt appeared."""
     t0 = time.monotonic()
     out = Transcript()
-    child = pexpect.spawn(command[0], list(command[1:]), timeout=timeout, encoding="utf-8",
-                          codec_errors="replace", dimensions=(50, 200))
-    log = io.StringIO()
-    child.logfile_read = log
+    child, log = _spawn(command, timeout)
     try:
         child.expect_exact(prompt)
         out.marks["prompt"] = time.monotonic() - t0
