@@ -27,6 +27,7 @@ from unicorn import UC_HOOK_BLOCK, UC_HOOK_CODE, Uc
 from unicorn import arm_const as a32
 
 from vcpu_service import fastreg
+from vcpu_service.arch import Arch
 from vcpu_service.gentimer import GenericTimer
 
 PAGE = 0x1000
@@ -112,21 +113,17 @@ def find_sites(data: bytes, base: int) -> list[int]:
     return sorted(sites)
 
 
-_GPRS = [getattr(a32, f"UC_ARM_REG_R{i}") for i in range(13)] + [a32.UC_ARM_REG_SP, a32.UC_ARM_REG_LR]
-
-
 class TimerTrap:
     """The hooks of one vCPU's Unicorn instance that route AArch32 timer accesses to ``read``/``write``."""
 
-    def __init__(self, uc: Uc, read: Callable[[str], int], write: Callable[[str, int], None],
-                 condition_passed: Callable[[Uc, int], bool], readable: Collection[str],
-                 writable: Collection[str]) -> None:
+    def __init__(self, uc: Uc, arch: Arch, read: Callable[[str], int], write: Callable[[str, int], None],
+                 readable: Collection[str], writable: Collection[str]) -> None:
         self._uc = uc
+        self._arch = arch
         self._readable = readable  # others (CNTVOFF without EL2, writes to the counters) are Unicorn's: UNDEF
         self._writable = writable
         self._read = read
         self._write = write
-        self._condition_passed = condition_passed
         self._scanned: list[tuple[int, int]] = []  # sorted, merged [start, end) ranges already instrumented
         self._block_hooks: list[int] = []
         self._pending: set[int] = set()  # pages whose first block stopped the vCPU
@@ -180,19 +177,20 @@ class TimerTrap:
         access = decode(word, thumb)
         if access is None or access.name not in (self._readable if access.is_read else self._writable):
             return  # data that looked like one, the other instruction set, or an UNDEF: Unicorn runs it
-        if not thumb and not self._condition_passed(uc, word):
+        arch = self._arch
+        if not thumb and not arch.condition_passed(uc, word):
             fastreg.reg_write(uc, a32.UC_ARM_REG_PC, address + 4)
             return
         self.traps += 1
         if access.is_read:
             value = self._read(access.name)
-            fastreg.reg_write(uc, _GPRS[access.rt], value & 0xFFFF_FFFF)
+            arch.write_gpr(uc, access.rt, value & 0xFFFF_FFFF)
             if access.rt2 is not None:
-                fastreg.reg_write(uc, _GPRS[access.rt2], value >> 32 & 0xFFFF_FFFF)
+                arch.write_gpr(uc, access.rt2, value >> 32 & 0xFFFF_FFFF)
         else:
-            value = fastreg.reg_read(uc, _GPRS[access.rt])
+            value = arch.read_gpr(uc, access.rt)
             if access.rt2 is not None:
-                value |= fastreg.reg_read(uc, _GPRS[access.rt2]) << 32
+                value |= arch.read_gpr(uc, access.rt2) << 32
             self._write(access.name, value)
         fastreg.reg_write(uc, a32.UC_ARM_REG_PC, (address + 4) | (1 if thumb else 0))
 

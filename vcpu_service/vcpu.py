@@ -288,10 +288,10 @@ class Vcpu:
                 uc.hook_add(UC_HOOK_INSN, self._on_mrs, None, 1, 0, arm64_const.UC_ARM64_INS_MRS)
         else:
             self._cp15 = None if self.timer is None else TimerTrap(
-                uc, self.timer.read, self.timer.write, self.arch.condition_passed, _TIMER_READABLE, _TIMER_WRITABLE)
+                uc, self.arch, self.timer.read, self.timer.write, _TIMER_READABLE, _TIMER_WRITABLE)
         if not self._a64 and self.index:
             # AArch32 has no MRS hook, but with EL2 present an MRC of MPIDR at PL1 reads VMPIDR (QEMU's mpidr_read).
-            uc.cpr_write(15, 4, 0, 0, 5, 0, False, self.mpidr)  # type: ignore[attr-defined]
+            exceptions.cp15_write(uc, 0, 0, 5, self.mpidr, opc1=4)
         for region, sink in self.vm.posted_windows:
             # Stores land in a sink nobody reads and are queued by the hook; loads fault on the missing
             # read permission and exit. Any write hook sends all loads and stores through Unicorn's slow

@@ -8,6 +8,7 @@ import pytest
 from unicorn import UC_ARCH_ARM, UC_MODE_ARM, Uc
 from unicorn import arm_const as a32
 
+from vcpu_service.arch import arch_by_name
 from vcpu_service.cp15trap import TimerAccess, TimerTrap, decode, find_sites
 from vcpu_service.gentimer import REGISTERS
 
@@ -87,7 +88,7 @@ def _run(code: bytes, thumb: bool = False) -> tuple[Uc, _Model, TimerTrap]:
     model = _Model()
     readable = set(REGISTERS) - {"CNTVOFF_EL2"}
     writable = {n for n, i in REGISTERS.items() if i.writable} - {"CNTVOFF_EL2"}
-    trap = TimerTrap(uc, model.read, model.write, lambda _uc, _w: True, readable, writable)
+    trap = TimerTrap(uc, arch_by_name("arm"), model.read, model.write, readable, writable)
     uc.reg_write(a32.UC_ARM_REG_R6, 0x89ABCDEF)
     uc.reg_write(a32.UC_ARM_REG_R7, 0x1)
     end = 0x10000 + len(code) - (2 if thumb else 4)
