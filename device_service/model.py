@@ -336,6 +336,43 @@ class DeviceModel(abc.ABC):
         return f"<{type(self).__name__} {self.name} @ {self.base:#x}>"
 
 
+class WordDevice(DeviceModel):
+    """A device whose registers take at most 4 bytes: an 8-byte access is two 4-byte ones, low word first, as
+    QEMU's memory core splits it for a region whose ``max_access_size`` is 4. Subclasses check an access
+    (``_check``, None when allowed) and answer 4-byte or narrower ones (``_read``, ``_write``)."""
+
+    def read(self, offset: int, size: int) -> AccessResult:
+        error = self._check(offset, size, "read")
+        if error is not None:
+            return error
+        if size == 8:
+            return AccessResult.success(self._read(offset, 4) | self._read(offset + 4, 4) << 32)
+        return AccessResult.success(self._read(offset, size))
+
+    def write(self, offset: int, size: int, value: int) -> AccessResult:
+        error = self._check(offset, size, "write")
+        if error is not None:
+            return error
+        if size == 8:
+            self._write(offset, 4, value & 0xFFFF_FFFF)
+            self._write(offset + 4, 4, value >> 32)
+        else:
+            self._write(offset, size, value)
+        return AccessResult.success()
+
+    @abc.abstractmethod
+    def _check(self, offset: int, size: int, verb: str) -> AccessResult | None:
+        """Why this access is refused, or None."""
+
+    @abc.abstractmethod
+    def _read(self, offset: int, size: int) -> int:
+        """A read of at most 4 bytes."""
+
+    @abc.abstractmethod
+    def _write(self, offset: int, size: int, value: int) -> None:
+        """A write of at most 4 bytes."""
+
+
 @runtime_checkable
 class ConsoleDevice(Protocol):
     """A device with a byte stream to the user, e.g. a UART (an OpenVMM-style capability)."""

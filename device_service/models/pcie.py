@@ -30,10 +30,10 @@ from device_service.model import (
     AccessError,
     AccessResult,
     ConfigError,
-    DeviceModel,
     LineSpec,
     Option,
     RegionSpec,
+    WordDevice,
     check_span,
     parse_size,
 )
@@ -138,7 +138,7 @@ def parse_ecam_size(text: str) -> int:
     return size
 
 
-class PcieHost(DeviceModel):
+class PcieHost(WordDevice):
     """A generic ECAM host: the host bridge on the root bus, nothing else."""
 
     type_name = "pcie"
@@ -176,25 +176,6 @@ class PcieHost(DeviceModel):
     def lines(self) -> list[LineSpec]:
         """The host bridge's four INTx outputs (``virt`` wires INTA-INTD to SPI 3-6); no function drives them yet."""
         return [LineSpec(index, f"int{pin}") for index, pin in enumerate("abcd")]
-
-    def read(self, offset: int, size: int) -> AccessResult:
-        error = self._check(offset, size, "read")
-        if error is not None:
-            return error
-        if size == 8:
-            return AccessResult.success(self._read(offset, 4) | self._read(offset + 4, 4) << 32)
-        return AccessResult.success(self._read(offset, size))
-
-    def write(self, offset: int, size: int, value: int) -> AccessResult:
-        error = self._check(offset, size, "write")
-        if error is not None:
-            return error
-        if size == 8:
-            self._write(offset, 4, value & 0xFFFF_FFFF)
-            self._write(offset + 4, 4, value >> 32)
-        else:
-            self._write(offset, size, value)
-        return AccessResult.success()
 
     def reset(self) -> None:
         self.host_bridge.reset()

@@ -56,13 +56,13 @@ from device_service.model import (
     AccessError,
     AccessResult,
     ConfigError,
-    DeviceModel,
     Dma,
     DmaError,
     LineSpec,
     Option,
     RegionSpec,
     Trigger,
+    WordDevice,
     check_span,
     parse_bool,
 )
@@ -448,7 +448,7 @@ def parse_serial(text: str) -> str:
     return text
 
 
-class VirtioBlkMmio(DeviceModel):
+class VirtioBlkMmio(WordDevice):
     """A virtio-blk device on its own virtio-mmio transport (0x200 bytes), as QEMU's virtio-blk-device."""
 
     type_name = "virtio-blk-mmio"
@@ -551,25 +551,6 @@ class VirtioBlkMmio(DeviceModel):
             "readonly": "on" if self.readonly else "off",
             "version": "1" if self.legacy else "2",
         }
-
-    def read(self, offset: int, size: int) -> AccessResult:
-        error = self._check(offset, size, "read")
-        if error is not None:
-            return error
-        if size == 8:  # the memory core splits it: two 4-byte reads, low word first
-            return AccessResult.success(self._read(offset, 4) | self._read(offset + 4, 4) << 32)
-        return AccessResult.success(self._read(offset, size))
-
-    def write(self, offset: int, size: int, value: int) -> AccessResult:
-        error = self._check(offset, size, "write")
-        if error is not None:
-            return error
-        if size == 8:
-            self._write(offset, 4, value & 0xFFFF_FFFF)
-            self._write(offset + 4, 4, value >> 32)
-        else:
-            self._write(offset, size, value)
-        return AccessResult.success()
 
     @staticmethod
     def _check(offset: int, size: int, verb: str) -> AccessResult | None:
