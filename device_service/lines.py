@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections.abc import Callable
 
 from device_service.bus import DeviceBus
@@ -42,6 +43,7 @@ class LineTracker:
         self._ids = itertools.count()
         self._subscribers: dict[int, LineListener] = {}
         self._levels: dict[tuple[str, int], bool] = {}
+        self._times: dict[tuple[str, int], int] = {}  # line -> CLOCK_MONOTONIC ns of its last change
         # Thread id -> lines changed by the access that thread is answering.
         self._collecting: dict[int, set[tuple[str, int]]] = {}
         for device in bus.devices:
@@ -59,14 +61,16 @@ class LineTracker:
 
     def _on_change(self, line: IrqLine, level: bool) -> None:
         key = (line.device, line.spec.index)
+        now = time.monotonic_ns()
         with self._lock:
             self.generation += 1
             self._levels[key] = level
+            self._times[key] = now
             bucket = self._collecting.get(threading.get_ident())
             if bucket is not None:
                 bucket.add(key)
                 return
-            change = LineChange(self.service, self.generation, ((line.device, line.spec.index, level),))
+            change = LineChange(self.service, self.generation, ((line.device, line.spec.index, level),), now)
             for callback in list(self._subscribers.values()):
                 callback(change)
 
@@ -87,7 +91,8 @@ class LineTracker:
             if not changed:
                 return ()
             return (LineChange(self.service, self.generation,
-                               tuple((d, i, self._levels[(d, i)]) for d, i in sorted(changed))),)
+                               tuple((d, i, self._levels[(d, i)]) for d, i in sorted(changed)),
+                               max(self._times[key] for key in changed)),)
 
     def subscribe(self, callback: LineListener) -> Callable[[], None]:
         """Call ``callback`` with every line's level now (when there are lines), then with each change not

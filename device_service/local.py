@@ -112,6 +112,7 @@ class LocalEndpoint:
         self.bus = bus
         self.host = DeviceHost(bus, name, shadows=shadows)
         self.leaving: GoingAway | None = None
+        self.same_clock = True  # the same process
 
     def describe(self) -> list[RemoteRegion]:
         return [region for device in self.host.describe() for region in device.regions]

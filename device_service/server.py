@@ -52,6 +52,7 @@ from mmiosplit.mmio import (
     MirrorChange,
     MmioExit,
     ShadowChange,
+    clock_id,
     unpack_posted,
 )
 from mmiosplit.v1 import device_pb2, device_pb2_grpc
@@ -98,7 +99,7 @@ def _shadow_update_pb(change: ShadowChange) -> device_pb2.ShadowUpdate:
 
 
 def _line_update_pb(change: LineChange) -> device_pb2.LineUpdate:
-    return device_pb2.LineUpdate(generation=change.generation, levels=[
+    return device_pb2.LineUpdate(generation=change.generation, raised_ns=change.time_ns, levels=[
         device_pb2.LineLevel(device=d, index=i, level=v) for d, i, v in change.levels])
 
 
@@ -283,7 +284,8 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
     async def Describe(self, request: device_pb2.DescribeRequest,
                        context: grpc.aio.ServicerContext) -> device_pb2.DescribeResponse:
         return device_pb2.DescribeResponse(service_name=self.host.service_name, protocol_version=PROTOCOL_VERSION,
-                                           devices=[_device_pb(d) for d in self.host.describe()])
+                                           devices=[_device_pb(d) for d in self.host.describe()],
+                                           clock_id=clock_id())
 
     async def ReadMirror(self, request: device_pb2.ReadMirrorRequest,
                          context: grpc.aio.ServicerContext) -> AsyncIterator[device_pb2.ReadMirrorResponse]:

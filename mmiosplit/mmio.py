@@ -139,6 +139,9 @@ class LineChange:
     service: str
     generation: int
     levels: tuple[tuple[str, int, bool], ...]
+    #: CLOCK_MONOTONIC ns when the newest of these levels changed, on the clock of whoever reads it (the
+    #: transport converts); 0 when unknown. Only interrupt latency is measured with it.
+    time_ns: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +265,22 @@ class PostedQueue:
         return out
 
 
+def clock_id() -> str:
+    """The name of this host's CLOCK_MONOTONIC (the kernel's boot id): processes that report the same one, in
+    containers too, read the same clock, so one's timestamps mean something to the other."""
+    global _CLOCK_ID
+    if _CLOCK_ID is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                _CLOCK_ID = f.read().strip()
+        except OSError:
+            _CLOCK_ID = ""
+    return _CLOCK_ID
+
+
+_CLOCK_ID: str | None = None
+
+
 def unpack_posted(addresses: Iterable[int], lengths: Iterable[int], data: bytes) -> list[tuple[int, bytes]]:
     """(address, bytes) pairs of a packed posted batch; ValueError if the columns disagree."""
     addresses = list(addresses)
@@ -329,6 +348,9 @@ class DeviceEndpoint(Protocol):
     name: str
     #: Set by the VM when the service said it is going away: no new exit is sent to it after that.
     leaving: GoingAway | None
+    #: The service reads this process's CLOCK_MONOTONIC (known after ``describe``), so its line changes carry
+    #: the device's own raise time; otherwise they are stamped on arrival.
+    same_clock: bool
 
     def describe(self) -> list[RemoteRegion]: ...
 

@@ -153,3 +153,8 @@ class VmStats:
     run_seconds: float
     exit_latency: LatencySummary | None = None
     kvm_report: tuple[KvmReportEntry, ...] = field(default_factory=tuple)
+    #: Device interrupts: line raised -> GICC_IAR, and -> GICC_EOIR (None when counters only).
+    irq_ack_latency: LatencySummary | None = None
+    irq_eoi_latency: LatencySummary | None = None
+    #: Some device service with lines does not share this clock: its latencies start on arrival here.
+    irq_from_arrival: bool = False

@@ -10,11 +10,17 @@ guards all state because several vCPU threads access the registers while device 
 thread. The IRQ/FIQ outputs are recomputed after every change (QEMU's ``gic_update``); a change of a CPU's
 IRQ line bumps ``generation`` and calls ``on_irq_change(cpu, level)`` *after* the lock is released, so the
 hook may call back into the GIC (e.g. ``pending_for``) or kick a vCPU without deadlocking.
+
+Interrupt latency: an SPI raised with a timestamp (``set_spi(..., since_ns=)``, the device's raise time) keeps
+it until the guest completes the interrupt; the GIC appends "raised to acknowledged" (GICC_IAR) and "raised to
+EOI" (GICC_EOIR) samples in ns to ``ack_ns`` and ``eoi_ns``, which ``take_latency`` hands over.
 """
 
 from __future__ import annotations
 
+import array
 import threading
+import time
 from collections.abc import Callable
 
 # virt board addresses (QEMU hw/arm/virt.c memmap VIRT_GIC_DIST / VIRT_GIC_CPU).
@@ -103,6 +109,8 @@ class Gic:
         self.on_irq_change = on_irq_change
         self.generation = 0
         self._lock = threading.Lock()
+        self.ack_ns = array.array("q")
+        self.eoi_ns = array.array("q")
         self._reset_locked()
 
     # ----------------------------------------------------------------------------------------- state
@@ -141,6 +149,7 @@ class Gic:
         self._nsapr = [[0] * NR_APRS for _ in range(c)]
         self._irq_out = [False] * c
         self._fiq_out = [False] * c
+        self._raised_ns = [0] * n  # SPI -> when its line rose (device clock), until the guest's EOI
 
     def _priority(self, irq: int, cpu: int) -> int:
         return self._prio_banked[cpu][irq] if irq < GIC_INTERNAL else self._prio_spi[irq - GIC_INTERNAL]
@@ -199,15 +208,38 @@ class Gic:
 
     # ----------------------------------------------------------------------------------- input lines
 
-    def set_spi(self, spi: int, level: bool) -> None:
+    def set_spi(self, spi: int, level: bool, since_ns: int = 0) -> None:
         """Drive shared peripheral line ``spi`` (0-based, interrupt ID 32 + spi; QEMU virt's "UART SPI 1" is
-        ``set_spi(1, ...)``). Edge-configured: a rising edge latches pending on the targeted CPUs."""
+        ``set_spi(1, ...)``). Edge-configured: a rising edge latches pending on the targeted CPUs. ``since_ns``
+        (CLOCK_MONOTONIC) is when the device raised it, for the latency samples."""
         irq = spi + GIC_INTERNAL
         if not GIC_INTERNAL <= irq < self.num_irq:
             raise ValueError(f"SPI {spi} outside 0..{self.num_irq - GIC_INTERNAL - 1}")
         with self._lock:
+            if level and since_ns and not self._raised_ns[irq]:
+                self._raised_ns[irq] = since_ns
             changes = self._set_line(irq, bool(level), ALL_CPU_MASK, self._target[irq])
         self._notify(changes)
+
+    def pend_spi(self, spi: int, since_ns: int = 0) -> None:
+        """Latch SPI ``spi`` pending on its targets, as a write of GICD_ISPENDR does (an edge-triggered device
+        line), whatever the guest configured the SPI as."""
+        irq = spi + GIC_INTERNAL
+        if not GIC_INTERNAL <= irq < self.num_irq:
+            raise ValueError(f"SPI {spi} outside 0..{self.num_irq - GIC_INTERNAL - 1}")
+        with self._lock:
+            if since_ns and not self._raised_ns[irq]:
+                self._raised_ns[irq] = since_ns
+            self._pending[irq] |= self._target[irq]
+            changes = self._update()
+        self._notify(changes)
+
+    def take_latency(self) -> tuple[array.array[int], array.array[int]]:
+        """The latency samples (ns) since the last call: raised to acknowledged, raised to EOI."""
+        with self._lock:
+            ack, eoi = self.ack_ns, self.eoi_ns
+            self.ack_ns, self.eoi_ns = array.array("q"), array.array("q")
+        return ack, eoi
 
     def set_ppi(self, cpu: int, irq: int, level: bool) -> None:
         """Drive CPU ``cpu``'s private line for interrupt ID ``irq`` (16..31, e.g. timer PPIs 27 and 30)."""
@@ -548,6 +580,9 @@ class Gic:
             return irq | ((src & 7) << 10)
         # Clears only this CPU's latch; a level interrupt with its line high stays pending.
         self._pending[irq] &= ~(1 << cpu)
+        raised = self._raised_ns[irq]
+        if raised:
+            self.ack_ns.append(max(1, time.monotonic_ns() - raised))
         return irq
 
     def _prio_from_aprs(self, cpu: int) -> int:
@@ -569,6 +604,10 @@ class Gic:
         self._running[cpu] = self._prio_from_aprs(cpu)
         if not self._cpu_ctlr[cpu] & GICC_CTLR_EOIMODE:
             self._active[irq] &= ~(1 << cpu)
+        raised = self._raised_ns[irq]
+        if raised:
+            self._raised_ns[irq] = 0
+            self.eoi_ns.append(max(1, time.monotonic_ns() - raised))
 
     def _deactivate(self, cpu: int, irq: int) -> None:
         if irq >= self.num_irq or not self._cpu_ctlr[cpu] & GICC_CTLR_EOIMODE:

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from mmiosplit.mmio import LineChange
-from vcpu_service.gic import GIC_INTERNAL, GICD_ISPENDR, Gic
+from vcpu_service.gic import Gic
 
 log = logging.getLogger("mmiosplit.vcpu")
 
@@ -79,13 +79,13 @@ class IrqRouter:
                 self._held[key] = (change.generation, level)
                 self.applied += 1
                 if (held[1] if held is not None else False) != level:
-                    self._drive(key, level)
+                    self._drive(key, level, change.time_ns)
 
     def apply_all(self, changes: Iterable[LineChange]) -> None:
         for change in changes:
             self.apply(change)
 
-    def _drive(self, key: LineKey, level: bool) -> None:
+    def _drive(self, key: LineKey, level: bool, since_ns: int = 0) -> None:
         route = self.routes.get(key)
         if route is None:
             if key not in self._unrouted_logged and self.gic is not None:
@@ -98,8 +98,7 @@ class IrqRouter:
         gic = self.gic
         if route.edge:
             if level and gic is not None:
-                irq = GIC_INTERNAL + route.spi  # SPIs are not banked: any CPU's view sets it for its targets
-                gic.dist_write(0, GICD_ISPENDR + 4 * (irq // 32), 4, 1 << irq % 32)
+                gic.pend_spi(route.spi, since_ns)
             return
         high = self._high.setdefault(route.spi, set())
         was = bool(high)
@@ -108,7 +107,7 @@ class IrqRouter:
         else:
             high.discard(key)
         if bool(high) != was and gic is not None:
-            gic.set_spi(route.spi, bool(high))
+            gic.set_spi(route.spi, bool(high), since_ns)
 
     def resync(self) -> None:
         """Drive every SPI a high level line holds again (after the GIC was reset)."""

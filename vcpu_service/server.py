@@ -134,6 +134,11 @@ def stats_to_wire(stats: VmStats) -> vcpu_pb2.GetStatsResponse:
             vs.exit_latency.CopyFrom(_latency_to_wire(v.exit_latency))
     if stats.exit_latency is not None:
         resp.exit_latency.CopyFrom(_latency_to_wire(stats.exit_latency))
+    if stats.irq_ack_latency is not None:
+        resp.irq_ack_latency.CopyFrom(_latency_to_wire(stats.irq_ack_latency))
+    if stats.irq_eoi_latency is not None:
+        resp.irq_eoi_latency.CopyFrom(_latency_to_wire(stats.irq_eoi_latency))
+    resp.irq_from_arrival = stats.irq_from_arrival
     for e in stats.kvm_report:
         resp.kvm_report.add(pc=e.pc, isa=e.isa, instruction=e.instruction, reason=e.reason, handled=e.handled,
                             count=e.count)

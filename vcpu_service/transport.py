@@ -39,6 +39,7 @@ from mmiosplit.mmio import (
     TransportError,
     WatchEvent,
     check_shadow_windows,
+    clock_id,
 )
 from mmiosplit.v1 import common_pb2, device_pb2, device_pb2_grpc
 from mmiosplit.wire import GRPC_OPTIONS, PROTOCOL_VERSION
@@ -60,8 +61,11 @@ def shadow_change(service: str, update: device_pb2.ShadowUpdate) -> ShadowChange
                         tuple((v.device, v.region, v.offset, bytes(v.data)) for v in update.values))
 
 
-def line_change(service: str, update: device_pb2.LineUpdate) -> LineChange:
-    return LineChange(service, update.generation, tuple((v.device, v.index, v.level) for v in update.levels))
+def line_change(service: str, update: device_pb2.LineUpdate, same_clock: bool = False) -> LineChange:
+    """``same_clock``: the service shares this process's CLOCK_MONOTONIC, so its ``raised_ns`` is kept; else the
+    change is stamped on arrival (interrupt latency then starts here)."""
+    stamp = update.raised_ns if same_clock and update.raised_ns else time.monotonic_ns()
+    return LineChange(service, update.generation, tuple((v.device, v.index, v.level) for v in update.levels), stamp)
 
 
 _TRIGGER = {device_pb2.LINE_TRIGGER_LEVEL: "level", device_pb2.LINE_TRIGGER_EDGE: "edge",
@@ -102,7 +106,7 @@ _WRITE = device_pb2.ACCESS_DIRECTION_WRITE
 _READ = device_pb2.ACCESS_DIRECTION_READ
 
 
-def completion_from_wire(service: str, c: device_pb2.Completion) -> Completion:
+def completion_from_wire(service: str, c: device_pb2.Completion, same_clock: bool = False) -> Completion:
     """A wire completion as the exit path sees it; TransportError for a status this side does not know."""
     status = _STATUS.get(c.status)
     if status is None:
@@ -115,7 +119,7 @@ def completion_from_wire(service: str, c: device_pb2.Completion) -> Completion:
         tuple(PostedError(e.index, e.address, e.error) for e in c.posted_errors),
         mirror_changes(service, c.mirror_updates),
         (shadow_change(service, c.shadow),) if c.HasField("shadow") else (),
-        (line_change(service, c.lines),) if c.HasField("lines") else (),
+        (line_change(service, c.lines, same_clock),) if c.HasField("lines") else (),
     )
 
 
@@ -254,7 +258,7 @@ class GrpcExitChannel:
             self._closed = True
             raise TransportError(f"device service {self._name} sent {reply.WhichOneof('body')!r} "
                                  "where a completion was due")
-        return completion_from_wire(self._name, reply.completion)
+        return completion_from_wire(self._name, reply.completion, self._endpoint.same_clock)
 
     def _drain(self, keep: int) -> None:
         """Read the completions of posted-write flushes sent earlier until at most ``keep`` are unanswered;
@@ -346,6 +350,8 @@ class GrpcEndpoint:
         #: Set when the service said it is going away (its Watch stream): exits are no longer sent to it.
         self.leaving: GoingAway | None = None
         self._lines: list[RemoteLine] | None = None  # from the last Describe
+        #: The service said (Describe) that it reads the same CLOCK_MONOTONIC as this process.
+        self.same_clock = False
         self.channel = grpc.insecure_channel(self._target, options=GRPC_OPTIONS)
         self.stub = device_pb2_grpc.DeviceServiceStub(self.channel)
         try:
@@ -367,6 +373,7 @@ class GrpcEndpoint:
         if resp.protocol_version != PROTOCOL_VERSION:
             raise TransportError(f"device service {self.name} speaks protocol {resp.protocol_version}, "
                                  f"this vcpu service speaks {PROTOCOL_VERSION}")
+        self.same_clock = bool(resp.clock_id) and resp.clock_id == clock_id()
         regions = []
         lines: list[RemoteLine] = []
         for dev in resp.devices:
@@ -449,6 +456,7 @@ class GrpcServiceWatch:
 
     def __init__(self, endpoint: GrpcEndpoint, vm_id: str, dma: DmaTarget | None = None) -> None:
         self._name = endpoint.name
+        self._endpoint = endpoint
         self._cancelled = False
         self._gone = False
         self._dma = dma
@@ -513,7 +521,7 @@ class GrpcServiceWatch:
             self._gone = True
             return GoingAway(self._name, response.going_away.reason, response.going_away.grace_seconds)
         if event == "lines":
-            return line_change(self._name, response.lines)
+            return line_change(self._name, response.lines, self._endpoint.same_clock)
         if event != "shadow":
             raise TransportError(f"device service {self._name} sent a watch response with no event")
         return shadow_change(self._name, response.shadow)

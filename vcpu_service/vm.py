@@ -155,6 +155,11 @@ class Vm:
         # _build_device_map).
         self.handlers = HandlerRegistry((), Unmapped(spec.policies.unmapped_access))
         self.gic: Gic | None = None  # the virt board's, in process
+        # Device interrupt latency (ns), folded in from the GIC's samples whenever the statistics are read.
+        self._irq_ack = new_latency_histogram()
+        self._irq_eoi = new_latency_histogram()
+        self._irq_lock = threading.Lock()
+        self.irq_from_arrival = False
         # Fires the vCPUs' timer deadlines and brings back vCPUs with a masked IRQ signalled (boards with a GIC).
         self.ticker: Ticker | None = None
         self._counter_epoch_ns = time.monotonic_ns()
@@ -322,6 +327,8 @@ class Vm:
             except TransportError as exc:
                 raise VmConfigError(str(exc)) from None
         self.lines = lines
+        with_lines = {line.service for line in lines}
+        self.irq_from_arrival = any(not ep.same_clock for ep in self.endpoints if ep.name in with_lines)
         routes: dict[LineKey, Route] = line_routes(lines, self.regions) if self.spec.machine == "virt" else {}
         if self.spec.irq_routes and self.gic is None:
             raise VmConfigError(f"interrupt route {self.spec.irq_routes[0]}: this machine has no interrupt "
@@ -762,11 +769,21 @@ class Vm:
             ))
             report += list(st.kvm_report.values())
         end = self._finished_at or time.monotonic()
+        irq_ack = irq_eoi = None
+        if not counters_only and self.gic is not None:
+            with self._irq_lock:
+                acks, eois = self.gic.take_latency()
+                for hist, samples in ((self._irq_ack, acks), (self._irq_eoi, eois)):
+                    for ns in samples:
+                        hist.record_value(ns)
+                irq_ack = summarize(self._irq_ack, include_histograms)
+                irq_eoi = summarize(self._irq_eoi, include_histograms)
         return VmStats(
             vcpus=tuple(vcpus), exits=sum(v.exits for v in vcpus),
             run_seconds=(end - self._started_at) if self._started_at else 0.0,
             exit_latency=None if counters_only else summarize(total, include_histograms),
-            kvm_report=tuple(report),
+            kvm_report=tuple(report), irq_ack_latency=irq_ack, irq_eoi_latency=irq_eoi,
+            irq_from_arrival=self.irq_from_arrival,
         )
 
     # ----- teardown --------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 from device_service.model import DeviceModel
 from device_service.models.dma_probe import DmaProbe
 from device_service.models.fw_cfg import FwCfg
+from device_service.models.irq_probe import IrqProbe
 from device_service.models.pcie import PcieHost
 from device_service.models.pflash import PFlashCfi01
 from device_service.models.pl011 import Pl011
@@ -19,6 +20,7 @@ __all__ = [
     "DEVICE_TYPES",
     "DmaProbe",
     "FwCfg",
+    "IrqProbe",
     "PFlashCfi01",
     "PcieHost",
     "Pl011",
@@ -35,5 +37,5 @@ __all__ = [
 DEVICE_TYPES: dict[str, type[DeviceModel]] = {
     cls.type_name: cls
     for cls in (Pl011, Pl031, Pl061, Scratch, ReadAsZero, ReadAsOnes, PFlashCfi01, FwCfg, VirtioMmio, PcieHost,
-                VirtioBlkMmio, DmaProbe)
+                VirtioBlkMmio, DmaProbe, IrqProbe)
 }

@@ -151,8 +151,13 @@ class DescribeResponse(_message.Message):
     SERVICE_NAME_FIELD_NUMBER: _builtins.int
     PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
     DEVICES_FIELD_NUMBER: _builtins.int
+    CLOCK_ID_FIELD_NUMBER: _builtins.int
     service_name: _builtins.str
     protocol_version: _builtins.int
+    clock_id: _builtins.str
+    """Names the service's monotonic clock (on Linux, the kernel's boot id): a vcpu service that reports the same
+    id shares CLOCK_MONOTONIC with it, so LineUpdate.raised_ns can be compared with its own clock. Empty: unknown.
+    """
     @_builtins.property
     def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Device]: ...
     def __init__(
@@ -161,10 +166,11 @@ class DescribeResponse(_message.Message):
         service_name: _builtins.str = ...,
         protocol_version: _builtins.int = ...,
         devices: _abc.Iterable[Global___Device] | None = ...,
+        clock_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "protocol_version", b"protocol_version", "service_name", b"service_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clock_id", b"clock_id", "devices", b"devices", "protocol_version", b"protocol_version", "service_name", b"service_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -740,7 +746,12 @@ class LineUpdate(_message.Message):
 
     GENERATION_FIELD_NUMBER: _builtins.int
     LEVELS_FIELD_NUMBER: _builtins.int
+    RAISED_NS_FIELD_NUMBER: _builtins.int
     generation: _builtins.int
+    raised_ns: _builtins.int
+    """When the newest of these levels changed, in ns of the device service's CLOCK_MONOTONIC (0: not said).
+    Only for measuring interrupt latency, and only meaningful to a vcpu service with the same clock_id.
+    """
     @_builtins.property
     def levels(self) -> _containers.RepeatedCompositeFieldContainer[Global___LineLevel]: ...
     def __init__(
@@ -748,10 +759,11 @@ class LineUpdate(_message.Message):
         *,
         generation: _builtins.int = ...,
         levels: _abc.Iterable[Global___LineLevel] | None = ...,
+        raised_ns: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "levels", b"levels"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "levels", b"levels", "raised_ns", b"raised_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

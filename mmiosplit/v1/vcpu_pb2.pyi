@@ -1053,8 +1053,15 @@ class GetStatsResponse(_message.Message):
     EXITS_FIELD_NUMBER: _builtins.int
     RUN_SECONDS_FIELD_NUMBER: _builtins.int
     KVM_REPORT_FIELD_NUMBER: _builtins.int
+    IRQ_ACK_LATENCY_FIELD_NUMBER: _builtins.int
+    IRQ_EOI_LATENCY_FIELD_NUMBER: _builtins.int
+    IRQ_FROM_ARRIVAL_FIELD_NUMBER: _builtins.int
     exits: _builtins.int
     run_seconds: _builtins.float
+    irq_from_arrival: _builtins.bool
+    """True when a device service with interrupt lines does not share this service's clock: its latencies
+    start when its line update arrived here, so they leave out the trip from the device.
+    """
     @_builtins.property
     def vcpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___VcpuStats]: ...
     @_builtins.property
@@ -1067,6 +1074,15 @@ class GetStatsResponse(_message.Message):
     def kvm_report(self) -> _containers.RepeatedCompositeFieldContainer[Global___KvmReportEntry]:
         """Each PC whose device accesses upstream KVM/ARM could not handle (no instruction syndrome)."""
 
+    @_builtins.property
+    def irq_ack_latency(self) -> Global___LatencySummary:
+        """Interrupt latency of device lines: from the device raising the line to the guest reading the interrupt
+        from GICC_IAR (its handler runs), and to its GICC_EOIR. Measured from the device's own timestamp when
+        both services share a clock (DescribeResponse.clock_id), else from the line update's arrival.
+        """
+
+    @_builtins.property
+    def irq_eoi_latency(self) -> Global___LatencySummary: ...
     def __init__(
         self,
         *,
@@ -1076,10 +1092,13 @@ class GetStatsResponse(_message.Message):
         exits: _builtins.int = ...,
         run_seconds: _builtins.float = ...,
         kvm_report: _abc.Iterable[Global___KvmReportEntry] | None = ...,
+        irq_ack_latency: Global___LatencySummary | None = ...,
+        irq_eoi_latency: Global___LatencySummary | None = ...,
+        irq_from_arrival: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["exit_latency", b"exit_latency"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["exit_latency", b"exit_latency", "irq_ack_latency", b"irq_ack_latency", "irq_eoi_latency", b"irq_eoi_latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_services", b"device_services", "exit_latency", b"exit_latency", "exits", b"exits", "kvm_report", b"kvm_report", "run_seconds", b"run_seconds", "vcpus", b"vcpus"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_services", b"device_services", "exit_latency", b"exit_latency", "exits", b"exits", "irq_ack_latency", b"irq_ack_latency", "irq_eoi_latency", b"irq_eoi_latency", "irq_from_arrival", b"irq_from_arrival", "kvm_report", b"kvm_report", "run_seconds", b"run_seconds", "vcpus", b"vcpus"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

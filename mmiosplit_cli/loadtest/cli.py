@@ -85,6 +85,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    "first scratch device)")
     g.add_argument("--cpu", dest="cpu_model", default="", metavar="MODEL", help="CPU model (default: the "
                    "architecture's default)")
+    g.add_argument("--irq", action="store_true", help="measure interrupt latency instead of a mix: on QEMU's virt "
+                   "board (its GIC), the guest asks an irq-probe device for an interrupt and sleeps in WFI; the "
+                   "device raises its line from its own thread, the handler reads GICC_IAR, acknowledges the "
+                   "device and writes GICC_EOIR. Reports raised -> handler and raised -> EOI beside the exit round "
+                   "trip and the local-transport floor; --exits and --warmup count interrupts")
+    g.add_argument("--irq-delay", type=_positive_int("irq_delay", 0, 1_000_000), default=None, metavar="US",
+                   help="with --irq: the device raises its line this long after the guest asks (default 500, so "
+                   "the vCPU is asleep in WFI; 0: at once, usually while the vCPU still runs)")
     length = lt.add_argument_group("length").add_mutually_exclusive_group()
     length.add_argument("--exits", type=_positive_int("exits", 1, 2**32 - 1),
                         help="measured exits per vCPU (posted writes when the mix makes no synchronous exit), "
@@ -132,6 +140,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 def _check(args: argparse.Namespace) -> str | None:
     """Cross-option checks argparse cannot express; returns the message naming the option."""
+    if args.irq_delay is not None and not args.irq:
+        return "argument --irq-delay: only with --irq"
+    if args.irq:
+        for option, bad in (("--vcpus", args.vcpus != 1), ("--posted", args.posted),
+                            ("--replicas", args.replicas != 1), ("--processes", args.processes != 1),
+                            ("--scale", args.scale), ("--offset", args.offset != 0)):
+            if bad:
+                return f"argument {option}: not with --irq (the interrupt loop runs one vCPU against one irq-probe)"
     if args.processes > 1 and (args.vcpu_service or args.device_service):
         return "argument --processes: starts its own services; it cannot be combined with --vcpu-service or " \
                "--device-service"
@@ -214,6 +230,7 @@ def _out_console() -> Any:
 def cmd_loadtest(args: argparse.Namespace) -> int:
     from mmiosplit_cli.loadtest import report  # lazy: start-up time
     from mmiosplit_cli.loadtest.runner import (  # lazy: start-up time
+        DEFAULT_IRQ_DELAY_US,
         GuestFailed,
         LoadConfig,
         LoadTestError,
@@ -230,7 +247,8 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         transport=args.transport, vcpu_cpu=args.vcpu_cpu, device_cpu=args.device_cpu, replicas=args.replicas,
         processes=args.processes, scale=args.scale, floors=not args.no_floors, floor_exits=args.floor_exits,
         vcpu_service=args.vcpu_service, device_services=list(args.device_service or []), cpu_model=args.cpu_model,
-        timeout=args.timeout,
+        timeout=args.timeout, irq=args.irq,
+        irq_delay_us=DEFAULT_IRQ_DELAY_US if args.irq_delay is None else args.irq_delay,
     )
     default_exits(cfg)
     reporter = _RichReporter(not args.no_progress)

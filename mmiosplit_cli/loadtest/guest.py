@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 RAM_BASE = 0x4000_0000
 RAM_SIZE = 16 << 20
-IMAGE_BASE = RAM_BASE + 0x8_0000
+IMAGE_BASE = RAM_BASE + 0x20_0000  # clear of the 1 MiB device tree the virt board puts at the start of RAM
 GO_OFFSET = 0x000
 READY_OFFSET = 0x100
 DONE_OFFSET = 0x400
@@ -162,6 +162,26 @@ class A64:
     def cbnz_x(rt: int, src: int, dst: int) -> int:
         return 0xB500_0000 | (((dst - src) >> 2) & 0x7FFFF) << 5 | rt
 
+    WFI = 0xD503_207F
+    ISB = 0xD503_3FDF
+    ERET = 0xD69F_03E0
+    DAIFCLR_I = 0xD503_42FF  # MSR DAIFClr, #2 (unmask IRQ)
+    DAIFSET_I = 0xD503_42DF  # MSR DAIFSet, #2
+
+    @staticmethod
+    def msr_vbar_el1(rt: int) -> int:
+        return 0xD518_C000 | rt
+
+    @staticmethod
+    def cmp_reg(rn: int, rm: int) -> int:
+        """CMP Xn, Xm (SUBS XZR, Xn, Xm)."""
+        return 0xEB00_001F | rm << 16 | rn << 5
+
+    @staticmethod
+    def mov_imm32_fixed(rd: int, value: int) -> list[int]:
+        """MOVZ + MOVK of a 32-bit value: always two words, so a forward address can be patched in."""
+        return [A64.movz(rd, value & 0xFFFF), A64.movk(rd, (value >> 16) & 0xFFFF, 1)]
+
 
 # ----- A32 -------------------------------------------------------------------------------------------------
 class A32:
@@ -236,8 +256,43 @@ class A32:
     def b_eq(src: int, dst: int) -> int:
         return A32.b(src, dst, 0x0)
 
+    WFI = 0xE320_F003
+    ISB = 0xF57F_F06F
+    CPSIE_I = 0xF108_0080
+    CPSID_I = 0xF10C_0080
+    ERET_IRQ = 0xE25E_F004  # SUBS PC, LR, #4: return from an IRQ
+
+    @staticmethod
+    def mcr_vbar(rt: int) -> int:
+        """MCR p15, 0, Rt, c12, c0, 0 (VBAR)."""
+        return 0xEE0C_0F10 | rt << 12
+
+    @staticmethod
+    def cmp_reg(rn: int, rm: int) -> int:
+        return 0xE150_0000 | rn << 16 | rm
+
+    @staticmethod
+    def mov_imm32_fixed(rd: int, value: int) -> list[int]:
+        """MOVW + MOVT: always two words, so a forward address can be patched in."""
+        return [A32.movw(rd, value & 0xFFFF), A32.movt(rd, (value >> 16) & 0xFFFF)]
+
 
 # ----- the program -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class IrqTarget:
+    """The interrupt loop's device and GIC: each iteration writes ``fire`` (the device raises its line later, on
+    its own), sleeps in WFI with IRQs masked, unmasks; the handler reads GICC_IAR, writes ``ack`` (the device
+    lowers the line), writes GICC_EOIR and returns."""
+
+    gicd: int
+    gicc: int
+    spi: int
+    fire: int
+    ack: int
+    delay: int  # the register the guest writes ``delay_us`` to before the loop (-1: none)
+    delay_us: int = 0
+
+
 @dataclass(frozen=True)
 class GuestProgram:
     """A generated image and where its parts are (for the load tester and for the tests)."""
@@ -302,11 +357,14 @@ def sync_exits_per_iteration(mix: tuple[Access, ...], posted: bool) -> int:
 
 
 def build_program(arch: str, mix: tuple[Access, ...], size: int, device_addresses: list[int],
-                  warmup_iterations: int, iterations: int) -> GuestProgram:
+                  warmup_iterations: int, iterations: int, irq: IrqTarget | None = None) -> GuestProgram:
     """The load tester's guest for ``len(device_addresses)`` vCPUs; ``iterations`` 0 loops forever.
 
-    vCPU i accesses ``device_addresses[i]``; the write data is the loop counter.
+    vCPU i accesses ``device_addresses[i]``; the write data is the loop counter. With ``irq`` the loop body is
+    one interrupt round (``IrqTarget``) instead of the mix, on one vCPU.
     """
+    if irq is not None and len(device_addresses) != 1:
+        raise GuestError("--irq: the interrupt loop runs on one vCPU (--vcpus 1)")
     vcpus = len(device_addresses)
     if arch not in ARCHES:
         raise GuestError(f"--arch {arch!r}: expected one of {', '.join(ARCHES)}")
@@ -324,8 +382,23 @@ def build_program(arch: str, mix: tuple[Access, ...], size: int, device_addresse
     if warmup_iterations < 0 or iterations < 0 or max(warmup_iterations, iterations) >= 1 << 32:
         raise GuestError("--exits/--warmup: iteration counts must be 0 to 2^32-1")
     if arch == "aarch64":
-        return _build_a64(mix, size, device_addresses, warmup_iterations, iterations)
-    return _build_a32(mix, size, device_addresses, warmup_iterations, iterations)
+        return _build_a64(mix, size, device_addresses, warmup_iterations, iterations, irq)
+    return _build_a32(mix, size, device_addresses, warmup_iterations, iterations, irq)
+
+
+A32_UDF = 0xE7F0_00F0
+GICD_CTLR, GICD_ISENABLER, GICD_ITARGETSR = 0x000, 0x100, 0x800
+GICC_CTLR, GICC_PMR, GICC_IAR, GICC_EOIR = 0x00, 0x04, 0x0C, 0x10
+
+
+def _gic_setup(irq: IrqTarget) -> list[tuple[str, int, int]]:
+    """(d: distributor / c: CPU interface / dev: the device, offset, value) writes that set the device's delay
+    and enable the SPI for CPU 0 and the GIC."""
+    intid = 32 + irq.spi
+    writes = [("dev", irq.delay, irq.delay_us)] if irq.delay >= 0 else []
+    return [*writes, ("d", GICD_ISENABLER + 4 * (intid // 32), 1 << intid % 32),
+            ("d", GICD_ITARGETSR + (intid & ~3), 1 << 8 * (intid % 4)),
+            ("d", GICD_CTLR, 1), ("c", GICC_PMR, 0xF0), ("c", GICC_CTLR, 1)]
 
 
 def _data_page(arch: str, device_addresses: list[int]) -> bytearray:
@@ -344,9 +417,10 @@ def _program(arch: str, device_addresses: list[int], asm: _Asm, warm: tuple[int,
 
 
 def _build_a64(mix: tuple[Access, ...], size: int, device_addresses: list[int], warm_n: int,
-               main_n: int) -> GuestProgram:
+               main_n: int, irq: IrqTarget | None = None) -> GuestProgram:
     # x19 vCPU index, x20 device address, x21 loop counter (and the write data), x22 ready flag,
-    # x24 data page, x2 read target, x0-x3 PSCI arguments.
+    # x24 data page, x2 read target, x0-x3 PSCI arguments; with irq: x25 GICD, x23 GICC, x27 interrupts
+    # handled, x28 the count the current round waits for, x9 the handler's.
     vcpus = len(device_addresses)
     entry = IMAGE_BASE + CODE_OFFSET
     a = _Asm(entry)
@@ -359,8 +433,21 @@ def _build_a64(mix: tuple[Access, ...], size: int, device_addresses: list[int], 
         a.patch(skip, A64.cbnz_x(19, skip, a.here))
     a.emit(A64.add_imm(25, 24, TABLE_OFFSET), A64.ldr_x_index(20, 25, 19),
            A64.add_imm(22, 24, READY_OFFSET), A64.add_lsl(22, 22, 19, 3))
+    vbar = 0
+    if irq is not None:
+        vbar = a.here
+        a.emit(A64.mov_imm32_fixed(0, 0), A64.msr_vbar_el1(0), A64.ISB)
+        a.emit(A64.mov_imm(25, irq.gicd), A64.mov_imm(23, irq.gicc), A64.movz(27, 0))
+        for reg, offset, value in _gic_setup(irq):
+            a.emit(A64.mov_imm(0, value), A64.ldst(4, False, 0, {"d": 25, "c": 23, "dev": 20}[reg], offset))
 
     def body() -> None:
+        if irq is not None:
+            a.emit(A64.add_imm(28, 27, 1), A64.ldst(4, False, 21, 20, irq.fire))
+            wait = a.here
+            a.emit(A64.WFI, A64.DAIFCLR_I, A64.ISB, A64.DAIFSET_I, A64.cmp_reg(27, 28))
+            a.emit(A64.b_ne(a.here, wait))
+            return
         for access in mix:
             a.emit(A64.ldst(size, not access.is_write, 21 if access.is_write else 2, 20))
 
@@ -400,13 +487,30 @@ def _build_a64(mix: tuple[Access, ...], size: int, device_addresses: list[int], 
                 a.emit(A64.cbz_w(0, a.here, wait))
         a.emit(A64.mov_imm(0, PSCI_SYSTEM_OFF), A64.HVC0)
         a.emit(A64.b(a.here, a.here))
+    if irq is not None:
+        # The vector table (2 KiB aligned, 16 entries of 0x80): IRQ from the current EL (SP_EL0 and SP_ELx)
+        # goes to the handler; every other entry is UDF, so an unexpected exception loops there and the vcpu
+        # service ends the run naming it.
+        while a.here % 0x800:
+            a.emit(0)
+        vectors = a.here
+        for entry in range(16):
+            slot = a.here
+            a.emit([0] * 32)
+            if entry in (1, 5):
+                a.patch(slot, A64.b(slot, vectors + 0x800))
+        a.emit(A64.ldst(4, True, 9, 23, GICC_IAR), A64.ldst(4, False, 9, 20, irq.ack),
+               A64.ldst(4, False, 9, 23, GICC_EOIR), A64.add_imm(27, 27, 1), A64.ERET)
+        for i, word in enumerate(A64.mov_imm32_fixed(0, vectors)):
+            a.patch(vbar + 4 * i, word)
     return _program("aarch64", device_addresses, a, warm, main)
 
 
 def _build_a32(mix: tuple[Access, ...], size: int, device_addresses: list[int], warm_n: int,
-               main_n: int) -> GuestProgram:
+               main_n: int, irq: IrqTarget | None = None) -> GuestProgram:
     # r4 vCPU index, r5 device address, r6 loop counter (and the write data), r7 ready flag, r8 data page,
-    # r9 scratch, r2 read target, r0-r3 PSCI arguments.
+    # r9 scratch, r2 read target, r0-r3 PSCI arguments; with irq: r11 GICC, r12 interrupts handled, r3 the
+    # count the current round waits for, r10 the handler's.
     vcpus = len(device_addresses)
     entry = IMAGE_BASE + CODE_OFFSET
     a = _Asm(entry)
@@ -420,8 +524,21 @@ def _build_a32(mix: tuple[Access, ...], size: int, device_addresses: list[int], 
         a.patch(skip, A32.b_ne(skip, a.here))
     a.emit(A32.mov_imm(9, IMAGE_BASE + TABLE_OFFSET), A32.ldr_index(5, 9, 4),
            A32.mov_imm(7, IMAGE_BASE + READY_OFFSET), A32.add_lsl(7, 7, 4, 3))
+    vbar = 0
+    if irq is not None:
+        vbar = a.here
+        a.emit(A32.mov_imm32_fixed(0, 0), A32.mcr_vbar(0), A32.ISB)
+        a.emit(A32.mov_imm(9, irq.gicd), A32.mov_imm(11, irq.gicc), A32.mov_imm(12, 0))
+        for reg, offset, value in _gic_setup(irq):
+            a.emit(A32.mov_imm(0, value), A32.ldst(4, False, 0, {"d": 9, "c": 11, "dev": 5}[reg], offset))
 
     def body() -> None:
+        if irq is not None:
+            a.emit(A32.add_imm(3, 12, 1), A32.ldst(4, False, 6, 5, irq.fire))
+            wait = a.here
+            a.emit(A32.WFI, A32.CPSIE_I, A32.ISB, A32.CPSID_I, A32.cmp_reg(12, 3))
+            a.emit(A32.b_ne(a.here, wait))
+            return
         for access in mix:
             a.emit(A32.ldst(size, not access.is_write, 6 if access.is_write else 2, 5))
 
@@ -462,6 +579,18 @@ def _build_a32(mix: tuple[Access, ...], size: int, device_addresses: list[int], 
                 a.emit(A32.b_eq(a.here, wait))
         a.emit(A32.mov_imm(0, PSCI_SYSTEM_OFF), A32.HVC0)
         a.emit(A32.b(a.here, a.here))
+    if irq is not None:
+        # The vector table (32-byte aligned, 8 entries): IRQ (0x18) goes to the handler, every other entry is
+        # UDF, so an unexpected exception loops there and the vcpu service ends the run naming it.
+        while a.here % 0x20:
+            a.emit(A32_UDF)
+        vectors = a.here
+        a.emit([A32_UDF] * 8)
+        a.patch(vectors + 0x18, A32.b(vectors + 0x18, vectors + 0x20))
+        a.emit(A32.ldst(4, True, 10, 11, GICC_IAR), A32.ldst(4, False, 10, 5, irq.ack),
+               A32.ldst(4, False, 10, 11, GICC_EOIR), A32.add_imm(12, 12, 1), A32.ERET_IRQ)
+        for i, word in enumerate(A32.mov_imm32_fixed(0, vectors)):
+            a.patch(vbar + 4 * i, word)
     return _program("arm", device_addresses, a, warm, main)
 
 

@@ -16,7 +16,7 @@ from hdrh.histogram import HdrHistogram
 from rich.table import Table
 
 from mmiosplit_cli.loadtest import stats
-from mmiosplit_cli.loadtest.runner import LoadResult, Measurement
+from mmiosplit_cli.loadtest.runner import IrqLatency, LoadResult, Measurement
 
 FLOOR_TITLES = {"grpc": "floor: bare gRPC ping-pong", "socket": "floor: raw socket ping-pong",
                 "local": "floor: local transport (same guest)"}
@@ -57,6 +57,28 @@ def _measurement_json(m: Measurement) -> dict[str, Any]:
     }
 
 
+def _irq_json(result: LoadResult) -> dict[str, Any] | None:
+    """Interrupt latency (``--irq``): the run, the local-transport floor, and the run's overhead above it."""
+    irq = result.run.irq
+    if irq is None:
+        return None
+    local = result.floors.get("local")
+    floor = local.irq if local is not None else None
+    doc: dict[str, Any] = {
+        "interrupts": int(irq.ack.get_total_count()), "from_arrival": irq.from_arrival,
+        "delay_us": result.config.irq_delay_us,
+        "ack_us": latency(irq.ack), "eoi_us": latency(irq.eoi),
+        "floor_local": None if floor is None else {"ack_us": latency(floor.ack), "eoi_us": latency(floor.eoi)},
+        "overhead_us": None,
+    }
+    if floor is not None and floor.ack.get_total_count():
+        doc["overhead_us"] = {
+            f"{what}_{k}": round(stats.percentiles_us(getattr(irq, what))[k]
+                                 - stats.percentiles_us(getattr(floor, what))[k], 3)
+            for what in ("ack", "eoi") for k in ("p50", "p99")}
+    return doc
+
+
 def to_json(result: LoadResult) -> dict[str, Any]:
     """Everything a later comparison or a target check needs, in one JSON-able dict."""
     run = result.run
@@ -94,6 +116,7 @@ def to_json(result: LoadResult) -> dict[str, Any]:
                        round(v.window.posted_writes_per_s, 2), "window_s": round(v.window.seconds, 4),
                        "latency_us": latency(v.hist), "ratio": _ratios(v.hist, floor)} for v in run.vms],
         "scale": _scale_json(result),
+        "irq": _irq_json(result),
         "notes": result.notes,
     }
     return doc
@@ -138,9 +161,18 @@ def rows(result: LoadResult) -> list[dict[str, Any]]:
                 add(f"{prefix}vcpu {c.vcpu_id}", "vcpu", c.hist, c.window.exits_per_s)
     for name, f in result.floors.items():
         add(name, "floor", f.hist, f.exits_per_s)
+    for label, irq in (("run", result.run.irq), ("local", _floor_irq(result))):
+        if irq is not None:
+            add(f"{label} irq raised->handler", "irq", irq.ack, None)
+            add(f"{label} irq raised->eoi", "irq", irq.eoi, None)
     for point in result.scale:
         add(f"scale n={point.processes}", "scale", point.measurement.hist, point.measurement.exits_per_s)
     return out
+
+
+def _floor_irq(result: LoadResult) -> IrqLatency | None:
+    local = result.floors.get("local")
+    return local.irq if local is not None else None
 
 
 def csv_text(result: LoadResult) -> str:
@@ -232,6 +264,29 @@ def write_plot(result: LoadResult, path: str) -> None:
 
 
 # ----- the terminal --------------------------------------------------------------------------------------------
+def _render_irq(result: LoadResult, console: Any, irq: dict[str, Any]) -> None:
+    """Interrupt latency: the run and its local-transport floor, raised -> handler and raised -> EOI."""
+    table = Table(title=f"interrupt latency (us): device raises its line {irq['delay_us']} us after FIRE -> the "
+                  "guest's handler reads GICC_IAR -> ... -> GICC_EOIR", title_justify="left")
+    for col in ("measurement", "count", "p50", "p90", "p99", "p99.9", "max", "p50 above local"):
+        table.add_column(col, justify="left" if col == "measurement" else "right")
+    local = _floor_irq(result)
+    assert result.run.irq is not None
+    for label, what, hist in (("run: raised -> handler (IAR)", "ack", result.run.irq.ack),
+                              ("run: raised -> EOI", "eoi", result.run.irq.eoi),
+                              ("floor: local transport, raised -> handler", "ack", local.ack if local else None),
+                              ("floor: local transport, raised -> EOI", "eoi", local.eoi if local else None)):
+        if hist is None:
+            continue
+        p = stats.percentiles_us(hist)
+        above = irq["overhead_us"].get(f"{what}_p50") if label.startswith("run") and irq["overhead_us"] else None
+        table.add_row(label, str(int(hist.get_total_count())),
+                      *(stats.fmt_float(p[k]) for k in ("p50", "p90", "p99", "p999", "max")),
+                      stats.fmt_float(above), style="bold" if label.startswith("run") else None)
+    console.print(table)
+    if irq["from_arrival"]:
+        console.print("note: the device service does not share this host's clock, so these latencies start when "
+                      "the line change reached the vcpu service (the trip from the device is left out)")
 def render(result: LoadResult, console: Any, doc: dict[str, Any] | None = None) -> None:
     """The rich tables: measurements beside the gRPC floor, CPU per process, the scale curve."""
     cfg = result.config
@@ -244,6 +299,8 @@ def render(result: LoadResult, console: Any, doc: dict[str, Any] | None = None) 
                 "x gRPC p99"):
         table.add_column(col, justify="left" if col == "measurement" else "right")
     for row in rows(result):
+        if row["kind"] == "irq":
+            continue  # their own table below
         name = {"run": "run (vcpu service over gRPC)"}.get(row["name"], row["name"])
         if row["kind"] == "floor":
             name = FLOOR_TITLES.get(row["name"], row["name"])
@@ -254,6 +311,8 @@ def render(result: LoadResult, console: Any, doc: dict[str, Any] | None = None) 
                       stats.fmt_float(row["ratio_p50"], 2), stats.fmt_float(row["ratio_p99"], 2),
                       style="bold" if row["kind"] == "run" else None)
     console.print(table)
+    if doc.get("irq"):
+        _render_irq(result, console, doc["irq"])
     run = result.run
     parts = [f"{run.exits} exits measured in {run.wall_seconds:.2f} s ({run.exits_per_s:.0f} exits/s"]
     if run.posted_writes:

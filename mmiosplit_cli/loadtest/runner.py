@@ -33,6 +33,7 @@ from pathlib import Path
 from hdrh.histogram import HdrHistogram
 
 from device_service.config import ConfigError, create_device, parse_device_spec
+from device_service.models import irq_probe
 from mmiosplit.mmio import TransportError
 from mmiosplit.v1 import vcpu_pb2
 from mmiosplit.wire import event_kind_name as kind_name
@@ -45,6 +46,7 @@ from mmiosplit_cli.loadtest.guest import (
     Access,
     GuestError,
     GuestProgram,
+    IrqTarget,
     build_program,
     iterations_for,
     mix_text,
@@ -54,9 +56,17 @@ from mmiosplit_cli.loadtest.guest import (
 from mmiosplit_cli.loadtest.progress import Reporter
 from mmiosplit_cli.loadtest.vms import GrpcVm, LocalVm, VmError, VmHandle, vm_config
 from vcpu_service.arch import arch_by_name
+from vcpu_service.gic import GICC_BASE, GICD_BASE
 from vcpu_service.transport import GrpcEndpoint
 
 DEFAULT_DEVICE = "scratch@0x0a000000,size=0x1000"
+DEFAULT_IRQ_DEVICE = "irq-probe@0x0a000000"
+#: The SPI the interrupt loop's device is wired to: one QEMU's virt board leaves free (UART 1, RTC 2, PCIe 3-6,
+#: GPIO 7, secure UART 8, GED 9, virtio 16-47).
+IRQ_SPI = 12
+DEFAULT_IRQ_DELAY_US = 500
+#: Synchronous exits of one interrupt round: the FIRE that asks for it and the handler's ACK.
+IRQ_ROUND = (Access(True), Access(True))
 DEFAULT_EXITS = 5000
 # How often the progress is polled (GetStats counters_only) while the guest runs, if the reporter shows it.
 POLL_S = 1.0
@@ -98,14 +108,21 @@ class LoadConfig:
     device_services: list[str] = field(default_factory=list)
     cpu_model: str = ""
     timeout: float = 600.0
+    #: Measure interrupt latency: the loop asks an irq-probe for an interrupt and handles it (``--irq``).
+    irq: bool = False
+    irq_delay_us: int = DEFAULT_IRQ_DELAY_US
 
     def parsed_mix(self) -> tuple[Access, ...]:
-        return parse_mix(self.mix)
+        return IRQ_ROUND if self.irq else parse_mix(self.mix)
+
+    @property
+    def default_device(self) -> str:
+        return DEFAULT_IRQ_DEVICE if self.irq else DEFAULT_DEVICE
 
     def to_json(self) -> dict[str, object]:
         d = dict(vars(self))
-        d["mix"] = mix_text(self.parsed_mix())
-        d["device"] = self.device or (DEFAULT_DEVICE if not self.device_services else None)
+        d["mix"] = "irq" if self.irq else mix_text(self.parsed_mix())
+        d["device"] = self.device or (self.default_device if not self.device_services else None)
         d["mode"] = "duration" if self.duration is not None else "exits"
         return d
 
@@ -130,10 +147,30 @@ class VmResult:
     warmup_exits: int
     iterations: float
     counts: stats.Window  # everything since the release (A to B): exact counts, not for rates
+    irq: IrqLatency | None = None
 
     @property
     def exits_per_s(self) -> float:
         return self.window.exits_per_s
+
+
+@dataclass
+class IrqLatency:
+    """Device interrupt latency after the warm-up: the line raised to the handler reading GICC_IAR (``ack``),
+    and to its GICC_EOIR (``eoi``); ``from_arrival`` when the device service does not share the vcpu service's
+    clock, so both start when the line change arrived."""
+
+    ack: HdrHistogram
+    eoi: HdrHistogram
+    from_arrival: bool = False
+
+    @staticmethod
+    def merge(parts: Sequence[IrqLatency | None]) -> IrqLatency | None:
+        got = [p for p in parts if p is not None]
+        if not got:
+            return None
+        return IrqLatency(stats.merge(p.ack for p in got), stats.merge(p.eoi for p in got),
+                          any(p.from_arrival for p in got))
 
 
 @dataclass
@@ -157,6 +194,10 @@ class Measurement:
     @property
     def hist(self) -> HdrHistogram:
         return stats.merge(v.hist for v in self.vms)
+
+    @property
+    def irq(self) -> IrqLatency | None:
+        return IrqLatency.merge([v.irq for v in self.vms])
 
     @property
     def exits(self) -> int:
@@ -199,6 +240,7 @@ class Floor:
     hist: HdrHistogram
     exits_per_s: float | None = None
     note: str = ""
+    irq: IrqLatency | None = None
 
 
 @dataclass
@@ -259,8 +301,10 @@ def replica_specs(device: str, replicas: int, posted: bool) -> tuple[list[str], 
     return specs, bases, extent
 
 
-def describe_target(address: str, target: str | None, posted: bool) -> tuple[int, int, str]:
-    """Find the device to load in a running device service: (base, size, local spec or '')."""
+def describe_target(address: str, target: str | None, posted: bool,
+                    kind: str = "scratch") -> tuple[int, int, str, str]:
+    """Find the device to load in a running device service: (base, size, local spec or '', device name).
+    Without ``target``, the first device of type ``kind``."""
 
     try:
         endpoint = GrpcEndpoint(address, connect_timeout_s=3.0)
@@ -276,9 +320,9 @@ def describe_target(address: str, target: str | None, posted: bool) -> tuple[int
             names = ", ".join(sorted({r.device for r in regions})) or "none"
             raise LoadTestError(f"--target {target!r}: no such device on {address} (devices: {names})")
     else:
-        chosen = [r for r in regions if r.device_type == "scratch"]
+        chosen = [r for r in regions if r.device_type == kind]
         if not chosen:
-            raise LoadTestError(f"--device-service {address} has no scratch device; name one with --target")
+            raise LoadTestError(f"--device-service {address} has no {kind} device; name one with --target")
     region = chosen[0]
     if posted and not region.posted:
         raise LoadTestError(f"--posted: {region.device} on {address} does not post its writes (posted=off)")
@@ -288,7 +332,9 @@ def describe_target(address: str, target: str | None, posted: bool) -> tuple[int
     if region.device_type == "scratch":
         local = (f"scratch@{region.base:#x},size={region.size:#x},posted={'on' if region.posted else 'off'},"
                  f"name={region.device}")
-    return region.base, region.size, local
+    elif region.device_type == "irq-probe":
+        local = f"irq-probe@{region.base:#x},name={region.device}"
+    return region.base, region.size, local, region.device
 
 
 def check_reachable(address: str, option: str) -> None:
@@ -491,8 +537,16 @@ def _vm_result(t: _Tracked, mix: _Mix) -> VmResult:
                               _vcpu_counters(vb, t.b.run_seconds))
         vcpus.append(VcpuResult(vb.vcpu_id, hist, vwin, counts))
     its = stats.iterations(win, mix.reads, mix.sync_writes, mix.posted)
+    irq = None
+    if t.b.irq_ack_latency.count:
+        try:
+            ack, eoi = (stats.subtract(stats.decode(getattr(t.b, f).hdr), stats.decode(getattr(t.a, f).hdr))
+                        for f in ("irq_ack_latency", "irq_eoi_latency"))
+            irq = IrqLatency(ack, eoi, t.b.irq_from_arrival)
+        except ValueError as exc:
+            raise GuestFailed(f"{t.vm.label}: the interrupt histograms do not add up: {exc}") from None
     return VmResult(t.vm.label, stats.merge(v.hist for v in vcpus), win, vcpus,
-                    int(t.a.exit_latency.count), its, stats.window(_counters(t.a), _counters(t.b)))
+                    int(t.a.exit_latency.count), its, stats.window(_counters(t.a), _counters(t.b)), irq)
 
 
 _ZERO = {"exits": 0, "posted_writes": 0, "reads": 0, "writes": 0, "run_seconds": 0.0}
@@ -556,21 +610,24 @@ def run_loadtest(cfg: LoadConfig, reporter: Reporter | None = None) -> LoadResul
     if cfg.device_services:
         for addr in cfg.device_services:
             check_reachable(addr, "--device-service")
-        found = [describe_target(addr, cfg.target, cfg.posted) for addr in cfg.device_services]
-        bases = [b for b, _, _ in found]
-        extents = [s for _, s, _ in found]
-        local_specs = [s for _, _, s in found if s]
+        found = [describe_target(addr, cfg.target, cfg.posted, "irq-probe" if cfg.irq else "scratch")
+                 for addr in cfg.device_services]
+        bases = [b for b, _, _, _ in found]
+        extents = [s for _, s, _, _ in found]
+        local_specs = [s for _, _, s, _ in found if s]
+        target_name = found[0][3]
         if len(local_specs) != len(found):
             local_specs = []
             notes.append("local-transport floor skipped: the target device of a given device service is not "
-                         "a scratch device, so it cannot be rebuilt in this process")
+                         "a scratch device or an irq-probe, so it cannot be rebuilt in this process")
         device_args: list[list[str]] = []
     else:
-        specs, bases, extent = replica_specs(cfg.device or DEFAULT_DEVICE, cfg.replicas, cfg.posted)
+        specs, bases, extent = replica_specs(cfg.device or cfg.default_device, cfg.replicas, cfg.posted)
+        target_name = parse_device_spec(specs[0]).name
         extents = [extent] * len(bases)
         local_specs = specs
         device_args = [["--device", s] for s in specs]
-    if cfg.offset + cfg.size > min(extents):
+    if not cfg.irq and cfg.offset + cfg.size > min(extents):
         raise LoadTestError(f"--offset {cfg.offset:#x}: a {cfg.size}-byte access there falls outside the "
                             f"target device ({min(extents):#x} bytes)")
     for p in range(cfg.processes):
@@ -596,10 +653,16 @@ def run_loadtest(cfg: LoadConfig, reporter: Reporter | None = None) -> LoadResul
     os.sched_setaffinity(0, {plans[0].vcpu_cpu if plans[0].vcpu_cpu is not None else cpus[0]})
     try:
         addresses = [bases[i % len(bases)] + cfg.offset for i in range(cfg.vcpus)]
-        measured_iters = iterations_for(cfg.exits, mix, cfg.posted) if cfg.duration is None and cfg.exits else 0
-        warm_iters = iterations_for(cfg.warmup, mix, cfg.posted) if cfg.warmup else 0
+        irq = irq_target(cfg, target_name)
+        if irq is not None:  # --exits and --warmup count interrupts
+            measured_iters = cfg.exits if cfg.duration is None and cfg.exits else 0
+            warm_iters = cfg.warmup
+        else:
+            measured_iters = iterations_for(cfg.exits, mix, cfg.posted) if cfg.duration is None and cfg.exits else 0
+            warm_iters = iterations_for(cfg.warmup, mix, cfg.posted) if cfg.warmup else 0
         try:
-            program = build_program(cfg.arch, mix, cfg.size, addresses, warm_iters, measured_iters)
+            program = build_program(cfg.arch, mix, cfg.size, addresses, warm_iters, measured_iters,
+                                    irq[0] if irq else None)
         except GuestError as exc:
             raise LoadTestError(str(exc)) from None
         m = _Mix(mix, cfg.posted)
@@ -613,14 +676,14 @@ def run_loadtest(cfg: LoadConfig, reporter: Reporter | None = None) -> LoadResul
                                   "pids": {k: v[0] for k, v in plan.pids.items()}})
             if cfg.floors:
                 floors = _measure_floors(cfg, plans[0], scratch, mix, m, addresses, local_specs, warm_iters, reporter,
-                                         notes)
+                                         notes, irq)
             scale: list[ScalePoint] = []
             counts = range(1, cfg.processes + 1) if cfg.scale else [cfg.processes]
             run: Measurement | None = None
             for n in counts:
                 if cfg.scale:
                     reporter.phase(f"scale: {n} process{'es' if n > 1 else ''}")
-                run = _run_processes(plans[:n], cfg, program, m, per_vm * n, reporter)
+                run = _run_processes(plans[:n], cfg, program, m, per_vm * n, reporter, irq)
                 if cfg.scale:
                     scale.append(ScalePoint(n, run))
             assert run is not None
@@ -631,7 +694,7 @@ def run_loadtest(cfg: LoadConfig, reporter: Reporter | None = None) -> LoadResul
 
 def _measure_floors(cfg: LoadConfig, plan: ProcessPlan, scratch: Path, mix: tuple[Access, ...], m: _Mix,
                     addresses: list[int], local_specs: list[str], warm_iters: int, reporter: Reporter,
-                    notes: list[str]) -> dict[str, Floor]:
+                    notes: list[str], irq: IrqPlan | None = None) -> dict[str, Floor]:
     """The floors with the first process's placement; one that fails is a note, not the end of the run."""
 
     out: dict[str, Floor] = {}
@@ -644,7 +707,7 @@ def _measure_floors(cfg: LoadConfig, plan: ProcessPlan, scratch: Path, mix: tupl
     ]
     if local_specs:
         steps.append(("local", "floor: local transport (the same guest in this process)",
-                      lambda: _local_floor(cfg, mix, m, addresses, local_specs, warm_iters, reporter)))
+                      lambda: _local_floor(cfg, mix, m, addresses, local_specs, warm_iters, reporter, irq)))
     for name, title, fn in steps:
         reporter.phase(title)
         try:
@@ -655,13 +718,14 @@ def _measure_floors(cfg: LoadConfig, plan: ProcessPlan, scratch: Path, mix: tupl
 
 
 def _run_processes(plans: list[ProcessPlan], cfg: LoadConfig, program: GuestProgram, mix: _Mix,
-                   expected: int, reporter: Reporter) -> Measurement:
+                   expected: int, reporter: Reporter, irq: IrqPlan | None = None) -> Measurement:
     vms: list[VmHandle] = []
     try:
         for plan in plans:
             assert plan.vcpu_address is not None
             label = f"process {plan.index}" if len(plans) > 1 or cfg.processes > 1 else "run"
-            cfg_pb = vm_config(program, cfg.vcpus, plan.device_addresses, cfg.cpu_model)
+            cfg_pb = vm_config(program, cfg.vcpus, plan.device_addresses, cfg.cpu_model,
+                               irq_route=irq[1] if irq else None)
             try:
                 vms.append(GrpcVm(plan.vcpu_address, cfg_pb, label))
             except VmError as exc:
@@ -678,12 +742,17 @@ def _run_processes(plans: list[ProcessPlan], cfg: LoadConfig, program: GuestProg
 
 
 def _local_floor(cfg: LoadConfig, mix: tuple[Access, ...], m: _Mix, addresses: list[int], specs: list[str],
-                 warm_iters: int, reporter: Reporter) -> Floor:
+                 warm_iters: int, reporter: Reporter, irq: IrqPlan | None = None) -> Floor:
     """The same guest, with the device models in this process: what the split costs beyond the models."""
-    iters = iterations_for(cfg.floor_exits, mix, cfg.posted)
-    program = build_program(cfg.arch, mix, cfg.size, addresses, warm_iters, iters)
+    if irq is not None:
+        iters = max(1, cfg.floor_exits // len(IRQ_ROUND))
+        program = build_program(cfg.arch, mix, cfg.size, addresses, warm_iters, iters, irq[0])
+    else:
+        iters = iterations_for(cfg.floor_exits, mix, cfg.posted)
+        program = build_program(cfg.arch, mix, cfg.size, addresses, warm_iters, iters)
     try:
-        vm = LocalVm(vm_config(program, cfg.vcpus, ["local"], cfg.cpu_model), specs)
+        vm = LocalVm(vm_config(program, cfg.vcpus, ["local"], cfg.cpu_model, irq_route=irq[1] if irq else None),
+                     specs)
     except VmError as exc:
         raise LoadTestError(str(exc)) from None
     try:
@@ -693,7 +762,7 @@ def _local_floor(cfg: LoadConfig, mix: tuple[Access, ...], m: _Mix, addresses: l
         raise GuestFailed(str(exc)) from None
     finally:
         vm.delete()
-    return Floor("local", meas.hist, meas.exits_per_s)
+    return Floor("local", meas.hist, meas.exits_per_s, irq=meas.irq)
 
 
 def run_compute(vcpu_address: str, program: GuestProgram, timeout: float = 600.0) -> float:
@@ -724,6 +793,19 @@ def bare_unicorn_seconds(program: GuestProgram, cpu_model: str = "") -> float:
     t = time.perf_counter()
     uc.emu_start(program.entry, program.stop_address)
     return time.perf_counter() - t
+
+
+#: The guest's side of the interrupt loop and the VM's route of the device's line: (device name, SPI).
+IrqPlan = tuple[IrqTarget, tuple[str, int]]
+
+
+def irq_target(cfg: LoadConfig, device: str) -> IrqPlan | None:
+    """With ``--irq``: the interrupt loop against ``device`` (an irq-probe), on QEMU virt's GIC."""
+    if not cfg.irq:
+        return None
+    target = IrqTarget(GICD_BASE, GICC_BASE, IRQ_SPI, irq_probe.FIRE, irq_probe.ACK, irq_probe.DELAY,
+                       cfg.irq_delay_us)
+    return target, (device, IRQ_SPI)
 
 
 def default_exits(cfg: LoadConfig) -> None:

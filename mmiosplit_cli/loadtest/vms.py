@@ -29,9 +29,10 @@ class VmError(RuntimeError):
 
 
 def vm_config(program: GuestProgram, vcpus: int, device_services: list[str], cpu_model: str = "",
-              name: str = "loadtest") -> vcpu_pb2.VmConfig:
+              name: str = "loadtest", irq_route: tuple[str, int] | None = None) -> vcpu_pb2.VmConfig:
     """The VmConfig of a load-test guest: small RAM, every fault policy ``stop`` so a failure ends the run
-    with a message instead of an external abort the guest has no vectors for."""
+    with a message instead of an external abort the guest has no vectors for. With ``irq_route`` (device,
+    SPI): QEMU's virt board, for its GIC, with the device's line 0 wired to that SPI."""
     cfg = vcpu_pb2.VmConfig(
         name=name,
         architecture=common_pb2.ARCHITECTURE_AARCH64 if program.arch == "aarch64" else common_pb2.ARCHITECTURE_ARM,
@@ -44,6 +45,9 @@ def vm_config(program: GuestProgram, vcpus: int, device_services: list[str], cpu
     cfg.policies.device_error = vcpu_pb2.FAULT_POLICY_STOP
     cfg.policies.deadline = vcpu_pb2.FAULT_POLICY_STOP
     cfg.policies.nisv = vcpu_pb2.FAULT_POLICY_STOP
+    if irq_route is not None:
+        cfg.machine = "virt"
+        cfg.irq_routes.add(device=irq_route[0], spi=irq_route[1])
     return cfg
 
 

@@ -152,7 +152,32 @@ def test_compare_two_runs(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "nope.json" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.parametrize("arch", ["aarch64", "arm"])
+def test_irq_reports_interrupt_latency_beside_its_local_floor(tmp_path: Path, arch: str) -> None:
+    proc = loadtest("--irq", "--arch", arch, "--exits", "200", "--warmup", "20", "--floor-exits", "200",
+                    "--irq-delay", "200", "--no-progress", "--json", str(tmp_path / "i.json"),
+                    "--csv", str(tmp_path / "i.csv"))
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads((tmp_path / "i.json").read_text())
+    irq = doc["irq"]
+    assert irq["interrupts"] == 200 and irq["delay_us"] == 200 and irq["from_arrival"] is False
+    assert doc["exits"] == 400  # the FIRE that asks and the handler's ACK, per interrupt
+    for key in ("ack_us", "eoi_us"):
+        lat = irq[key]
+        assert 0 < lat["p50"] <= lat["p99"] <= lat["max"]
+    assert irq["eoi_us"]["p50"] >= irq["ack_us"]["p50"]  # the EOI comes after the handler's ACK exit
+    assert irq["floor_local"]["ack_us"]["p50"] > 0 and set(irq["overhead_us"]) >= {"ack_p50", "eoi_p50"}
+    assert doc["config"]["irq"] is True and doc["config"]["mix"] == "irq"
+    assert "interrupt latency" in proc.stdout and "raised -> handler" in proc.stdout
+    rows = [r["name"] for r in csv.DictReader((tmp_path / "i.csv").open())]
+    assert "run irq raised->handler" in rows and "local irq raised->eoi" in rows
+
+
 @pytest.mark.parametrize(("args", "named"), [
+    (["--irq", "--vcpus", "2"], "--vcpus"),
+    (["--irq", "--posted"], "--posted"),
+    (["--irq-delay", "5"], "--irq-delay"),
+    (["--irq", "--irq-delay", "2000000"], "--irq-delay"),
     (["--vcpus", "0"], "--vcpus"),
     (["--mix", "3x"], "--mix"),
     (["--size", "3"], "--size"),

@@ -56,8 +56,8 @@ def test_decimal_address() -> None:
         ("pl011", "expected TYPE@ADDRESS"),
         ("@0x1000", "expected TYPE@ADDRESS"),
         ("pl011@", "expected TYPE@ADDRESS"),
-        ("uart@0x09000000", "unknown device type 'uart'; known types: dma-probe, fw_cfg, ones, pcie, pflash, pl011, "
-                            "pl031, pl061, scratch, virtio-blk-mmio, virtio-mmio, zero"),
+        ("uart@0x09000000", "unknown device type 'uart'; known types: dma-probe, fw_cfg, irq-probe, ones, pcie, "
+                            "pflash, pl011, pl031, pl061, scratch, virtio-blk-mmio, virtio-mmio, zero"),
         ("pl011@0x0900zz00", "not an address: '0x0900zz00'"),
         ("pl011@09000000", "leading zero"),
         ("scratch@0x0,size", "option 'size' is not KEY=VALUE"),
@@ -101,7 +101,8 @@ def test_create_device_passes_parsed_options() -> None:
 
 def test_create_device_refuses_unknown_type_and_bad_option() -> None:
     with pytest.raises(ConfigError,
-                       match="device 'x': unknown device type 'nope'; known types: dma-probe, fw_cfg, ones, pcie"):
+                       match="device 'x': unknown device type 'nope'; known types: dma-probe, fw_cfg, irq-probe, "
+                             "ones, pcie"):
         create_device(DeviceSpec("nope", 0, "x"))
     with pytest.raises(ConfigError, match="s0: option 'posted' must be on or off, got 'sometimes'"):
         create_device(DeviceSpec("scratch", 0, "s0", {"posted": "sometimes"}))

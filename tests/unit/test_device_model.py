@@ -19,6 +19,7 @@ from device_service.models import (
     DEVICE_TYPES,
     DmaProbe,
     FwCfg,
+    IrqProbe,
     PcieHost,
     PFlashCfi01,
     Pl011,
@@ -119,7 +120,7 @@ def test_check_span() -> None:
 def test_registry_holds_every_builtin_under_its_type_name() -> None:
     expected = {"pl011": Pl011, "pl031": Pl031, "pl061": Pl061, "scratch": Scratch, "zero": ReadAsZero,
                 "ones": ReadAsOnes, "pflash": PFlashCfi01, "fw_cfg": FwCfg, "virtio-mmio": VirtioMmio, "pcie": PcieHost,
-                "virtio-blk-mmio": VirtioBlkMmio, "dma-probe": DmaProbe}
+                "virtio-blk-mmio": VirtioBlkMmio, "dma-probe": DmaProbe, "irq-probe": IrqProbe}
     assert dict(DEVICE_TYPES) == expected
     for type_name, cls in DEVICE_TYPES.items():
         assert cls.type_name == type_name

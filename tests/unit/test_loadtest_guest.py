@@ -19,6 +19,7 @@ from mmiosplit_cli.loadtest.guest import (
     RAM_SIZE,
     GuestError,
     GuestProgram,
+    IrqTarget,
     build_compute_program,
     build_program,
     iterations_for,
@@ -112,6 +113,34 @@ def test_vcpu_0_starts_the_others_with_cpu_on(arch: str, function: int) -> None:
     width = 8 if arch == "aarch64" else 4
     table = program.image[0x800:0x800 + 3 * width]
     assert struct.unpack(f"<3{'Q' if width == 8 else 'I'}", table) == (DEVICE, DEVICE + 0x40, DEVICE + 0x80)
+
+
+@pytest.mark.parametrize(("arch", "handler_at", "eret"), [("aarch64", 0x280, "eret"), ("arm", 0x18, "subs")])
+def test_the_irq_guest_sleeps_masked_and_its_handler_acknowledges_and_ends_the_interrupt(
+        arch: str, handler_at: int, eret: str) -> None:
+    irq = IrqTarget(0x0800_0000, 0x0801_0000, 12, fire=0x0, ack=0x4, delay=0x8, delay_us=250)
+    program = build_program(arch, parse_mix("1r"), 4, [DEVICE], 3, 5, irq)
+    body = [i.mnemonic for i in loop(arch, program, program.main_loop)]
+    if arch == "aarch64":
+        assert body[:8] == ["add", "str", "wfi", "msr", "isb", "msr", "cmp", "b.ne"]
+    else:
+        assert body[:8] == ["add", "str", "wfi", "cpsie", "isb", "cpsid", "cmp", "bne"]
+    whole = disasm(arch, program.code, program.code_address)
+    by_address = {i.address: i for i in whole}
+    vbar = next(i for i in whole if "vbar" in i.op_str or "c12, c0, #0" in i.op_str)
+    assert vbar is not None
+    vectors = next(a for a in sorted(by_address) if by_address[a].mnemonic == "udf"
+                   and a % (0x800 if arch == "aarch64" else 0x20) == 0 and a > program.main_loop[1])
+    branch = by_address[vectors + handler_at]
+    assert branch.mnemonic == "b"
+    target = int(branch.op_str.lstrip("#"), 0)
+    handler = [by_address[target + 4 * k] for k in range(5)]
+    assert [i.mnemonic for i in handler] == ["ldr", "str", "str", "add", eret]
+    assert "#0xc" in handler[0].op_str and "#4" in handler[1].op_str and "#0x10" in handler[2].op_str
+    text = " ; ".join(f"{i.mnemonic} {i.op_str}" for i in whole)
+    assert "#0xfa" in text  # DELAY = 250 us, written before the loop
+    with pytest.raises(GuestError, match="--vcpus 1"):
+        build_program(arch, parse_mix("1r"), 4, [DEVICE, DEVICE], 0, 1, irq)
 
 
 def test_bad_guests_are_refused_by_name() -> None:
