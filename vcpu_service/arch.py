@@ -271,8 +271,8 @@ class AArch64(Arch):
             raise ArchError(f"unknown aarch64 register {name!r}; known: {', '.join(self._names)}") from None
 
     def is_wfi_before(self, uc: Uc, pc: int) -> bool:
-        try:
-            return int.from_bytes(uc.mem_read(pc - 4, 4), "little") == _A64_WFI
+        try:  # asked after every slice that ends without a cause: fastreg's read costs a third of Uc.mem_read's
+            return fastreg.mem_read_le(uc, pc - 4, 4) == _A64_WFI
         except Exception:
             return False
 
@@ -402,11 +402,11 @@ class AArch32(Arch):
     def is_wfi_before(self, uc: Uc, pc: int) -> bool:
         try:
             if self._thumb(uc):
-                if int.from_bytes(uc.mem_read(pc - 2, 2), "little") == _T16_WFI:
+                if fastreg.mem_read_le(uc, pc - 2, 2) == _T16_WFI:
                     return True
-                hw = uc.mem_read(pc - 4, 4)
-                return (int.from_bytes(hw[0:2], "little"), int.from_bytes(hw[2:4], "little")) == _T32_WFI
-            return (int.from_bytes(uc.mem_read(pc - 4, 4), "little") & 0x0FFFFFFF) == _A32_WFI
+                word = fastreg.mem_read_le(uc, pc - 4, 4)
+                return (word & 0xFFFF, word >> 16) == _T32_WFI
+            return (fastreg.mem_read_le(uc, pc - 4, 4) & 0x0FFFFFFF) == _A32_WFI
         except Exception:
             return False
 
