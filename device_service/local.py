@@ -113,6 +113,7 @@ class LocalEndpoint:
         self.host = DeviceHost(bus, name, shadows=shadows)
         self.leaving: GoingAway | None = None
         self.same_clock = True  # the same process
+        self.instance_id = ""  # it cannot restart without this process
 
     def describe(self) -> list[RemoteRegion]:
         return [region for device in self.host.describe() for region in device.regions]

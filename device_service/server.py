@@ -27,6 +27,7 @@ import logging
 import signal
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from grpc_reflection.v1alpha import reflection
 from device_service.bus import DeviceBus
 from device_service.host import DescribedDevice, DeviceHost, WatchEvent
 from device_service.model import Trigger
+from device_service.sessions import ExitSession, SessionTable
 from device_service.shadows import ShadowFailure
 from mmiosplit.address import parse_address
 from mmiosplit.health import DrainingAsyncHealth
@@ -258,6 +260,9 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                  console_log: str | None = None, shadows: bool = True) -> None:
         self.host = DeviceHost(bus, service_name, console_log, shadows)
         self._workers = ThreadPoolExecutor(HOST_WORKERS, thread_name_prefix="device-host")
+        #: Random per start: a client that sees another one knows this service restarted and its state is gone.
+        self.instance_id = uuid.uuid4().hex
+        self.sessions = SessionTable(self.host.session)
 
     async def _run(self, fn: Callable[..., T], *args: Any, on_worker: bool = False) -> T:
         """Call into the host: on the loop when the host's lock is free now (and ``on_worker`` is not asked),
@@ -285,7 +290,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                        context: grpc.aio.ServicerContext) -> device_pb2.DescribeResponse:
         return device_pb2.DescribeResponse(service_name=self.host.service_name, protocol_version=PROTOCOL_VERSION,
                                            devices=[_device_pb(d) for d in self.host.describe()],
-                                           clock_id=clock_id())
+                                           clock_id=clock_id(), instance_id=self.instance_id)
 
     async def ReadMirror(self, request: device_pb2.ReadMirrorRequest,
                          context: grpc.aio.ServicerContext) -> AsyncIterator[device_pb2.ReadMirrorResponse]:
@@ -362,45 +367,73 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"protocol version {first.hello.protocol_version} is not supported; "
                                 f"this device service speaks {PROTOCOL_VERSION}")
-        peer = f"VM {first.hello.vm_id} vCPU {first.hello.vcpu_id}"
-        log.debug("exit stream opened by %s", peer)
-        self.host.bus.stats.stream_opened(context)
-        yield device_pb2.ExitStreamResponse(
-            seq=first.seq,
-            welcome=device_pb2.StreamWelcome(protocol_version=PROTOCOL_VERSION, service_name=self.host.service_name))
-        session = self.host.session()
-        expected = first.seq + 1
-        async for req in requests:
-            kind = req.WhichOneof("body")
-            done: Completion
-            if req.seq != expected:
-                done = await self._run(session.bad_request,
-                                       f"sequence number {req.seq} from {peer}, expected {expected}")
-            elif kind == "exit":
-                ex = req.exit
-                try:
-                    posted = _posted_from_pb(ex.posted) if ex.HasField("posted") else None
-                except ValueError as exc:
-                    done = await self._run(session.bad_request, f"malformed posted batch: {exc}")
-                else:
-                    done = await self._run(session.exit, _exit_from_pb(ex), posted,
-                                           on_worker=self._may_dma(ex.address))
-            elif kind == "flush":
-                try:
-                    writes = _posted_from_pb(req.flush)
-                except ValueError as exc:
-                    done = await self._run(session.bad_request, f"malformed posted batch: {exc}")
-                else:
-                    done = await self._run(session.flush, writes,
-                                           on_worker=any(self._may_dma(address) for address, _ in writes))
+        hello = first.hello
+        peer = f"VM {hello.vm_id} vCPU {hello.vcpu_id}"
+        exit_session, resumed = self.sessions.attach(hello.session_id)
+        try:
+            exit_session.acknowledge(hello.last_acked)
+            log.debug("exit stream opened by %s (session %s%s)", peer, hello.session_id or "none",
+                      ", resumed" if resumed else "")
+            self.host.bus.stats.stream_opened(context)
+            yield device_pb2.ExitStreamResponse(
+                seq=first.seq,
+                welcome=device_pb2.StreamWelcome(protocol_version=PROTOCOL_VERSION,
+                                                 service_name=self.host.service_name,
+                                                 instance_id=self.instance_id, resumed=resumed,
+                                                 applied=exit_session.applied))
+            keep = bool(hello.session_id)
+            async for req in requests:
+                exit_session.acknowledge(req.ack)
+                async with exit_session.lock:
+                    if req.seq <= exit_session.applied:
+                        # A repeat after a resume: answered from memory, never applied twice.
+                        response = exit_session.responses.get(req.seq)
+                        if response is None:
+                            response = _response_pb(req.seq, await self._run(
+                                exit_session.host_session.bad_request,
+                                f"sequence number {req.seq} from {peer}, expected {exit_session.applied + 1}: "
+                                f"{req.seq} was applied already" + (" and its response acknowledged" if keep else "")))
+                    else:
+                        response = await self._answer(exit_session, req, peer)
+                        exit_session.record(req.seq, response, keep)
+                yield response
+        finally:
+            self.sessions.detach(exit_session)
+
+    async def _answer(self, exit_session: ExitSession, req: device_pb2.ExitStreamRequest,
+                      peer: str) -> device_pb2.ExitStreamResponse:
+        """Apply request ``req`` (the next of its session, or refuse it) and build its response."""
+        session = exit_session.host_session
+        kind = req.WhichOneof("body")
+        done: Completion
+        expected = exit_session.applied + 1
+        if req.seq != expected:
+            done = await self._run(session.bad_request,
+                                   f"sequence number {req.seq} from {peer}, expected {expected}")
+        elif kind == "exit":
+            ex = req.exit
+            try:
+                posted = _posted_from_pb(ex.posted) if ex.HasField("posted") else None
+            except ValueError as exc:
+                done = await self._run(session.bad_request, f"malformed posted batch: {exc}")
             else:
-                done = await self._run(session.bad_request, f"unexpected {kind!r} from {peer} after the handshake")
-            expected = req.seq + 1
-            response = _response_pb(req.seq, done)
-            going = self.host.going_away
-            if going is not None:  # completed all the same; the client learns it should send no more
-                response.going_away.CopyFrom(_going_away_pb(going))
-            yield response
+                done = await self._run(session.exit, _exit_from_pb(ex), posted,
+                                       on_worker=self._may_dma(ex.address))
+        elif kind == "flush":
+            try:
+                writes = _posted_from_pb(req.flush)
+            except ValueError as exc:
+                done = await self._run(session.bad_request, f"malformed posted batch: {exc}")
+            else:
+                done = await self._run(session.flush, writes,
+                                       on_worker=any(self._may_dma(address) for address, _ in writes))
+        else:
+            done = await self._run(session.bad_request, f"unexpected {kind!r} from {peer} after the handshake")
+        response = _response_pb(req.seq, done)
+        going = self.host.going_away
+        if going is not None:  # completed all the same; the client learns it should send no more
+            response.going_away.CopyFrom(_going_away_pb(going))
+        return response
 
     async def Console(self, request_iterator: AsyncIterator[device_pb2.ConsoleRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[device_pb2.ConsoleResponse]:

@@ -29,6 +29,22 @@ class DeadlineExceeded(TransportError):
     """No completion arrived before the exit deadline."""
 
 
+class ServiceLost(TransportError):
+    """A device service's exit stream broke and could not be resumed within the exit deadline: the access in flight
+    may or may not have been performed, and nothing more can be sent."""
+
+
+class DeviceRestarted(TransportError):
+    """The device service answering now is another instance than the one this session began with: it restarted,
+    its devices' state and the session are gone, so whether the access in flight was performed is unknown."""
+
+    def __init__(self, message: str, service: str, old_instance: str, new_instance: str) -> None:
+        super().__init__(message)
+        self.service = service
+        self.old_instance = old_instance
+        self.new_instance = new_instance
+
+
 class DmaError(Exception):
     """A DMA the VM refused or could not carry out; the message names the device, the address and the window(s).
 
@@ -351,6 +367,8 @@ class DeviceEndpoint(Protocol):
     #: The service reads this process's CLOCK_MONOTONIC (known after ``describe``), so its line changes carry
     #: the device's own raise time; otherwise they are stamped on arrival.
     same_clock: bool
+    #: The service's instance ("" when it does not say): another one later means it restarted.
+    instance_id: str
 
     def describe(self) -> list[RemoteRegion]: ...
 

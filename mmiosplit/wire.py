@@ -10,6 +10,11 @@ GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
     ("grpc.enable_retries", 0),
     ("grpc.optimization_target", "latency"),
+    # A broken exit stream is resumed within the exit deadline (5 s by default): the channel must try the
+    # service again within milliseconds, not after gRPC's default first backoff of a second.
+    ("grpc.initial_reconnect_backoff_ms", 20),
+    ("grpc.min_reconnect_backoff_ms", 20),
+    ("grpc.max_reconnect_backoff_ms", 500),
 ]
 
 

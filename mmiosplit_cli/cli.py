@@ -227,6 +227,8 @@ def build_config(args: argparse.Namespace, image: bytes, image_name: str, device
     cfg.policies.nisv = fault[args.on_nisv]
     cfg.policies.device_error = fault[args.on_device_error]
     cfg.policies.deadline = fault[args.on_deadline]
+    cfg.policies.device_restart = (vcpu_pb2.DEVICE_RESTART_POLICY_CONTINUE if args.on_device_restart == "continue"
+                                   else vcpu_pb2.DEVICE_RESTART_POLICY_FAIL)
     cfg.strict_kvm = args.strict_kvm
     cfg.trace_exits = _tracing(args)
     for device, line, spi in getattr(args, "irq", None) or []:
@@ -570,6 +572,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a device refuses an access or cannot be reached (default abort)")
     pol.add_argument("--on-deadline", choices=["abort", "stop"], default="abort",
                      help="no completion within --deadline-ms (default abort)")
+    pol.add_argument("--on-device-restart", choices=["fail", "continue"], default="fail",
+                     help="a device service restarted (its state is gone): end the run naming the device and the "
+                     "access in flight (default), or say so in an event, re-read its mirrors and shadow registers "
+                     "and go on with the new instance, sending it the access in flight")
     pol.add_argument("--strict-kvm", action="store_true",
                      help="refuse the writeback forms (ISV=0) that mmiosplit decodes by hand, as upstream KVM/ARM "
                      "does; --on-nisv then applies to them")

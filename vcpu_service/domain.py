@@ -24,6 +24,8 @@ class EventKind(enum.Enum):
     EXTERNAL_ABORT = "external_abort"
     #: A device service is going away (draining) or its watch stream broke; the run goes on.
     DEVICE_SERVICE_LEFT = "device_service_left"
+    #: A device service restarted and the VM goes on with its new instance (policy continue).
+    DEVICE_SERVICE_RESTARTED = "device_service_restarted"
     # Final kinds: the run is over after one of these.
     HALTED = "halted"
     POWERED_OFF = "powered_off"
@@ -80,6 +82,8 @@ class Policies:
     device_error: FaultPolicy = FaultPolicy.ABORT
     deadline: FaultPolicy = FaultPolicy.ABORT
     nisv: FaultPolicy = FaultPolicy.ABORT
+    #: A device service restarted: end the run (False, the default) or go on with the new instance (True).
+    continue_on_device_restart: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,10 +28,12 @@ from mmiosplit.mmio import (
     Completion,
     CompletionStatus,
     DeadlineExceeded,
+    DeviceRestarted,
     LineChange,
     MirrorChange,
     MmioExit,
     RemoteRegion,
+    ServiceLost,
     TransportError,
 )
 from vcpu_service import exceptions
@@ -384,6 +386,11 @@ class ExitPath:
         (sign, width, byte order), base writeback and PC, exactly once. A failure applies its fault policy.
         """
         syn = pending.syn
+        if isinstance(result, (ServiceLost, DeviceRestarted)):
+            # The service is gone (or came back without its state): the run cannot go on as if it were a bus error.
+            self._refuse_pending(pending, FaultPolicy.STOP, ErrorKind.DEVICE_SERVICE,
+                                 f"{self._who}: {self._access_name(pending)}: {result}")
+            return
         if isinstance(result, TransportError):
             deadline = isinstance(result, DeadlineExceeded)
             self._refuse_pending(pending, self.vm.policies.deadline if deadline else self.vm.policies.device_error,

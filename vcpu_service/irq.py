@@ -109,6 +109,15 @@ class IrqRouter:
         if bool(high) != was and gic is not None:
             gic.set_spi(route.spi, bool(high), since_ns)
 
+    def forget(self, service: str) -> None:
+        """``service`` restarted: its lines drop (as the device's reset would lower them) and the generations held
+        for them go, since the new instance counts from the start; its watch snapshot raises what is high."""
+        with self._lock:
+            for key in [k for k in self._held if k[0] == service]:
+                _, level = self._held.pop(key)
+                if level:
+                    self._drive(key, False)
+
     def resync(self) -> None:
         """Drive every SPI a high level line holds again (after the GIC was reset)."""
         with self._lock:

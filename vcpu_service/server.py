@@ -79,6 +79,8 @@ def spec_from_proto(cfg: vcpu_pb2.VmConfig) -> VmSpec:
         if fault is None:
             raise VmConfigError(f"policy {name}={value} is not a known FaultPolicy")
         faults[name] = fault
+    if pol.device_restart not in (vcpu_pb2.DEVICE_RESTART_POLICY_FAIL, vcpu_pb2.DEVICE_RESTART_POLICY_CONTINUE):
+        raise VmConfigError(f"policy device_restart={pol.device_restart} is not a known DeviceRestartPolicy")
     if cfg.machine not in ("", "virt"):
         raise VmConfigError(f"unknown machine profile {cfg.machine!r}; known: virt")
     if cfg.limits.wall_clock_seconds < 0:
@@ -90,7 +92,8 @@ def spec_from_proto(cfg: vcpu_pb2.VmConfig) -> VmSpec:
         ram=[(r.base, r.size) for r in cfg.ram],
         images=[ImageSpec(i.name or f"image{n}", bytes(i.data), i.load_address) for n, i in enumerate(cfg.images)],
         entry_point=cfg.entry_point,
-        policies=Policies(unmapped, **faults),
+        policies=Policies(unmapped, **faults,
+                          continue_on_device_restart=pol.device_restart == vcpu_pb2.DEVICE_RESTART_POLICY_CONTINUE),
         instruction_budget=cfg.limits.instruction_budget,
         wall_clock_seconds=cfg.limits.wall_clock_seconds,
         exit_deadline_ms=cfg.exit_deadline_ms,

@@ -79,6 +79,13 @@ class ShadowTable:
                 if held is None or generation >= held[2]:
                     self._values[address] = (size, data, generation)
 
+    def reset(self, service: str) -> None:
+        """``service`` restarted: forget its values and their generations (the new instance counts from the
+        start) and take its updates again."""
+        with self._lock:
+            self._disable(service)
+            self._disabled.discard(service)
+
     def disable(self, service: str) -> None:
         """Stop answering reads of ``service``'s registers from here (its updates can no longer be trusted)."""
         with self._lock:

@@ -12,6 +12,7 @@ import collections
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Iterable
 
 import grpc
@@ -23,6 +24,7 @@ from mmiosplit.mmio import (
     Completion,
     CompletionStatus,
     DeadlineExceeded,
+    DeviceRestarted,
     DmaError,
     DmaTarget,
     ExitChannel,
@@ -34,6 +36,7 @@ from mmiosplit.mmio import (
     PostedQueue,
     RemoteLine,
     RemoteRegion,
+    ServiceLost,
     ServiceWatch,
     ShadowChange,
     TransportError,
@@ -161,11 +164,24 @@ def _what(what: str | int) -> str:
     return f"access at 0x{what:x}" if isinstance(what, int) else what
 
 
+#: gRPC codes after which a broken exit stream is resumed: the connection or the stream failed, not the request.
+_RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
+                        grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED})
+#: First and longest wait between attempts to resume a broken exit stream (within the exit deadline).
+RESUME_BACKOFF_S = (0.005, 0.2)
+
+
 class GrpcExitChannel:
-    """A synchronous bidi stream: put the request on the queue gRPC reads from, block on the reply.
+    """One vCPU's session with a device service, over one synchronous bidi stream at a time: put the request on
+    the queue gRPC reads from, block on the reply.
 
     The vCPU thread stays synchronous on purpose: an asyncio hop costs about 60 us per exit
     (latency.md section 1).
+
+    Exactly once: requests are numbered per session and kept until their response arrives. When the stream
+    breaks, a new one resumes the session (with backoff, within the exit deadline) and the unanswered requests
+    are sent again with their numbers; the service answers one it already applied from memory. A service that
+    answers with another instance id restarted: ``DeviceRestarted``.
     """
 
     def __init__(self, endpoint: GrpcEndpoint, vm_id: str, vcpu_id: int, architecture: str,
@@ -174,6 +190,15 @@ class GrpcExitChannel:
         self._endpoint = endpoint
         self._requests: queue.SimpleQueue[device_pb2.ExitStreamRequest | None] = queue.SimpleQueue()
         self._seq = 0
+        self._session_id = uuid.uuid4().hex
+        self._acked = 0  # the highest seq whose response arrived
+        self._unacked: dict[int, device_pb2.ExitStreamRequest] = {}
+        self._hello = device_pb2.StreamHello(protocol_version=PROTOCOL_VERSION, vm_id=vm_id, vcpu_id=vcpu_id,
+                                             architecture=_ARCHITECTURE[architecture], session_id=self._session_id)
+        #: The service's instance this session began with (Describe's, else the first welcome's).
+        self.instance_id = endpoint.instance_id
+        #: Streams resumed after a break (for tests and metrics).
+        self.resumes = 0
         self._posted = PostedQueue()
         # Posted-write flushes sent but not yet answered, and the completions of answered ones whose side
         # effects have not reached the vCPU yet (they ride on the next completion it sees).
@@ -185,22 +210,77 @@ class GrpcExitChannel:
         self.deadline_s = deadline_s
         self.waiting_since: float | None = None
         self._call = endpoint.stub.ExitStream(iter(self._requests.get, None))
-        hello = device_pb2.StreamHello(protocol_version=PROTOCOL_VERSION, vm_id=vm_id, vcpu_id=vcpu_id,
-                                       architecture=_ARCHITECTURE[architecture])
         _WATCHDOG.add(self)
-        reply = self._round_trip(device_pb2.ExitStreamRequest(seq=0, hello=hello), what="handshake")
+        reply = self._round_trip(device_pb2.ExitStreamRequest(seq=0, hello=self._hello), what="handshake")
+        self._welcome(reply)
+
+    def _welcome(self, reply: device_pb2.ExitStreamResponse) -> bool:
+        """Check the answer to a handshake; whether the service resumed the session."""
         if reply.WhichOneof("body") != "welcome":
             self.close()
             raise TransportError(f"device service {self._name}: expected a welcome to the handshake, "
                                  f"got {reply.WhichOneof('body')}")
-        if reply.welcome.protocol_version != PROTOCOL_VERSION:
+        welcome = reply.welcome
+        if welcome.protocol_version != PROTOCOL_VERSION:
             self.close()
-            raise TransportError(f"device service {self._name} speaks protocol {reply.welcome.protocol_version}, "
+            raise TransportError(f"device service {self._name} speaks protocol {welcome.protocol_version}, "
                                  f"this vcpu service speaks {PROTOCOL_VERSION}")
+        if self.instance_id and welcome.instance_id and welcome.instance_id != self.instance_id:
+            self.close()
+            raise DeviceRestarted(
+                f"device service {self._name} restarted (instance {self.instance_id[:8]} is now "
+                f"{welcome.instance_id[:8]}): the state of its devices is gone", self._name, self.instance_id,
+                welcome.instance_id)
+        self.instance_id = self.instance_id or welcome.instance_id
+        return welcome.resumed
 
     def expire(self) -> None:
         self._expired = True
         self._call.cancel()
+
+    def _resume(self, what: str | int, failure: str) -> None:
+        """The stream broke while waiting for the response to the ``what``: open another one on the same session,
+        within the exit deadline, and send the unanswered requests again. Raises TransportError (the access's
+        fate unknown) when it cannot, DeviceRestarted when the service came back as another instance."""
+        started = self.waiting_since or time.monotonic()
+        give_up = started + self.deadline_s
+        delay, longest = RESUME_BACKOFF_S
+        last = failure
+        while True:
+            # The deadline watchdog cancels an attempt that hangs (a connection to an address that vanished).
+            if self._expired or self._endpoint.leaving is not None or time.monotonic() >= give_up:
+                self._closed = True
+                raise ServiceLost(
+                    f"device service {self._name}: exit stream failed during the {_what(what)} ({failure}) and "
+                    f"could not be resumed within {self.deadline_s * 1000:.0f} ms ({last}): whether the device "
+                    "performed it is unknown")
+            old_requests, old_call = self._requests, self._call
+            old_requests.put(None)
+            old_call.cancel()
+            self._requests = queue.SimpleQueue()
+            self._call = self._endpoint.stub.ExitStream(iter(self._requests.get, None))
+            hello = device_pb2.StreamHello()
+            hello.CopyFrom(self._hello)
+            hello.last_acked = self._acked
+            self._requests.put(device_pb2.ExitStreamRequest(seq=0, hello=hello))
+            try:
+                reply = next(self._call)
+            except (grpc.RpcError, StopIteration) as exc:
+                last = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else "stream ended"
+                time.sleep(max(0.0, min(delay, give_up - time.monotonic())))
+                delay = min(delay * 2, longest)
+                continue
+            if not self._welcome(reply):
+                self._closed = True
+                raise ServiceLost(
+                    f"device service {self._name} no longer knows this vCPU's session after the stream broke during "
+                    f"the {_what(what)} ({failure}): whether the device performed it is unknown")
+            self.resumes += 1
+            for seq in sorted(self._unacked):
+                request = self._unacked[seq]
+                request.ack = self._acked
+                self._requests.put(request)
+            return
 
     def _round_trip(self, request: device_pb2.ExitStreamRequest, what: str) -> device_pb2.ExitStreamResponse:
         self._send(request)
@@ -209,6 +289,9 @@ class GrpcExitChannel:
     def _send(self, request: device_pb2.ExitStreamRequest) -> None:
         if self._closed:
             raise TransportError(f"device service {self._name}: exit stream is closed")
+        if request.seq:
+            request.ack = self._acked
+            self._unacked[request.seq] = request
         self._requests.put(request)
 
     def _receive(self, seq: int, what: str | int) -> device_pb2.ExitStreamResponse:
@@ -216,25 +299,32 @@ class GrpcExitChannel:
         only if something goes wrong)."""
         self.waiting_since = time.monotonic()
         try:
-            reply: device_pb2.ExitStreamResponse = next(self._call)
-        except StopIteration:
-            self._closed = True
-            ended = f"device service {self._name} ended the exit stream during the {_what(what)}"
-            raise TransportError(self._gone(what) or ended) from None
-        except grpc.RpcError as exc:
-            self._closed = True
-            gone = self._gone(what, f"{exc.code().name}: {exc.details()}")
-            if gone:
-                raise TransportError(gone) from None
-            if self._expired:
-                raise DeadlineExceeded(
-                    f"device service {self._name}: no completion for the {_what(what)} within "
-                    f"{self.deadline_s * 1000:.0f} ms"
-                ) from None
-            raise TransportError(
-                f"device service {self._name}: exit stream failed during the {_what(what)}: "
-                f"{exc.code().name}: {exc.details()}"
-            ) from None
+            while True:
+                try:
+                    reply: device_pb2.ExitStreamResponse = next(self._call)
+                    break
+                except StopIteration:
+                    self._closed = True
+                    ended = f"device service {self._name} ended the exit stream during the {_what(what)}"
+                    raise TransportError(self._gone(what) or ended) from None
+                except grpc.RpcError as exc:
+                    gone = self._gone(what, f"{exc.code().name}: {exc.details()}")
+                    if gone:
+                        self._closed = True
+                        raise TransportError(gone) from None
+                    if self._expired:
+                        self._closed = True
+                        raise DeadlineExceeded(
+                            f"device service {self._name}: no completion for the {_what(what)} within "
+                            f"{self.deadline_s * 1000:.0f} ms"
+                        ) from None
+                    if seq == 0 or self._closed or exc.code() not in _RESUMABLE:
+                        self._closed = True
+                        raise TransportError(
+                            f"device service {self._name}: exit stream failed during the {_what(what)}: "
+                            f"{exc.code().name}: {exc.details()}"
+                        ) from None
+                    self._resume(what, f"{exc.code().name}: {exc.details()}")
         finally:
             self.waiting_since = None
         if reply.seq != seq:
@@ -243,6 +333,9 @@ class GrpcExitChannel:
                 f"device service {self._name} answered sequence number {reply.seq} to request {seq} "
                 f"({_what(what)}); the stream is out of step and was closed"
             )
+        if seq:
+            self._acked = seq  # responses come in order
+            self._unacked.pop(seq, None)
         return reply
 
     def _gone(self, what: str | int, how: str = "it ended the stream") -> str | None:
@@ -352,6 +445,8 @@ class GrpcEndpoint:
         self._lines: list[RemoteLine] | None = None  # from the last Describe
         #: The service said (Describe) that it reads the same CLOCK_MONOTONIC as this process.
         self.same_clock = False
+        #: The service's instance, from Describe ("" before, or from a service that does not say).
+        self.instance_id = ""
         self.channel = grpc.insecure_channel(self._target, options=GRPC_OPTIONS)
         self.stub = device_pb2_grpc.DeviceServiceStub(self.channel)
         try:
@@ -374,6 +469,7 @@ class GrpcEndpoint:
             raise TransportError(f"device service {self.name} speaks protocol {resp.protocol_version}, "
                                  f"this vcpu service speaks {PROTOCOL_VERSION}")
         self.same_clock = bool(resp.clock_id) and resp.clock_id == clock_id()
+        self.instance_id = self.instance_id or resp.instance_id
         regions = []
         lines: list[RemoteLine] = []
         for dev in resp.devices:

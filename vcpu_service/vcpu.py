@@ -46,7 +46,15 @@ from unicorn import (
     arm64_const,
 )
 
-from mmiosplit.mmio import Completion, DeviceEndpoint, ExitChannel, RemoteRegion, TransportError
+from mmiosplit.mmio import (
+    Completion,
+    DeviceEndpoint,
+    DeviceRestarted,
+    ExitChannel,
+    RemoteRegion,
+    ServiceLost,
+    TransportError,
+)
 from vcpu_service import exceptions, fastreg, gentimer, psci
 from vcpu_service.arch import EXCEPTION_NAMES, EXCP_HVC, SCTLR_EE_E0E, AArch64, Arch, ArchError, close_uc
 from vcpu_service.cp15trap import TimerTrap
@@ -128,6 +136,7 @@ class VmLink(VmView, Protocol):
     def psci_affinity_info(self, target_mpidr: int) -> int: ...
     def request_reset(self, caller: int, pc: int) -> None: ...
     def check_idle(self) -> None: ...
+    def device_restarted(self, service: str, restart: DeviceRestarted, vcpu_id: int) -> None: ...
     def fail(self, error_kind: ErrorKind, reason: str, **fields: object) -> None: ...
     def finish(self, kind: EventKind, **fields: object) -> None: ...
 
@@ -924,7 +933,12 @@ class Vcpu:
         result: Completion | TransportError | None = None
         try:
             pending.sent_ns = time.perf_counter_ns()
-            result = channel.access(pending.exit)
+            try:
+                result = channel.access(pending.exit)
+            except DeviceRestarted as restart:
+                if not self.vm.policies.continue_on_device_restart:
+                    raise
+                result = self._after_restart(pending, restart)
         except TransportError as exc:
             result = exc
         finally:
@@ -933,6 +947,17 @@ class Vcpu:
                     result = None
                 self.state = VcpuState.RUNNING
         return result
+
+    def _after_restart(self, pending: PendingAccess, restart: DeviceRestarted) -> Completion:
+        """Policy continue: the VM takes the new instance on, then the access goes to it on a new session."""
+        assert pending.exit is not None and pending.region is not None
+        try:
+            self.vm.device_restarted(restart.service, restart, self.index)
+            return self.channel(pending.region.service).access(pending.exit)
+        except DeviceRestarted:
+            raise
+        except (TransportError, VcpuFault) as exc:
+            raise ServiceLost(f"{restart}, and the new instance could not be used: {exc}") from None
 
     def latency_snapshot(self) -> HdrHistogram:
         return self.exits.latency_snapshot()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from mmiosplit.mmio import (
     DeviceEndpoint,
+    DeviceRestarted,
     DmaWindow,
     GoingAway,
     LineChange,
@@ -149,6 +150,7 @@ class Vm:
         # One watch per device service (shadow values, going away), each read by its own thread.
         self._watches: list[tuple[ServiceWatch, threading.Thread]] = []
         self._watches_closing = False
+        self._restart_lock = threading.Lock()
         self._validate_basic(spec, ram_cap)
         self.regions: list[RemoteRegion] = []
         # The address map: device regions and the in-process handlers tried before an exit (filled in
@@ -454,20 +456,49 @@ class Vm:
         shadow registers, and keep it current, with one thread per service. Completions update it too
         (``ExitPath.apply_effects``)."""
         for endpoint in self.endpoints:
-            watch = endpoint.watch(self.vm_id, self.dma.get(endpoint.name))
-            thread = threading.Thread(target=self._watch, args=(endpoint, watch), name=f"watch-{self.vm_id}",
-                                      daemon=True)
-            self._watches.append((watch, thread))
-            if endpoint.name in self.shadows.services:
-                try:
-                    first = self._shadow_snapshot(watch)
-                    if isinstance(first, GoingAway):
-                        self._service_leaving(endpoint, first)
-                    elif first is not None:
-                        self.shadows.apply(first)
-                except TransportError as exc:
-                    raise VmConfigError(str(exc)) from None
-            thread.start()
+            try:
+                self._start_watch(endpoint)
+            except TransportError as exc:
+                raise VmConfigError(str(exc)) from None
+
+    def _start_watch(self, endpoint: DeviceEndpoint) -> None:
+        """Watch one device service (TransportError when its shadow snapshot is bad)."""
+        watch = endpoint.watch(self.vm_id, self.dma.get(endpoint.name))
+        thread = threading.Thread(target=self._watch, args=(endpoint, watch), name=f"watch-{self.vm_id}",
+                                  daemon=True)
+        self._watches.append((watch, thread))
+        if endpoint.name in self.shadows.services:
+            first = self._shadow_snapshot(watch)
+            if isinstance(first, GoingAway):
+                self._service_leaving(endpoint, first)
+            elif first is not None:
+                self.shadows.apply(first)
+        thread.start()
+
+    def device_restarted(self, service: str, restart: DeviceRestarted, vcpu_id: int) -> None:
+        """``service`` came back as another instance and the policy is to go on (any vCPU; the first one does
+        the work). The VM says so in an event, then trusts nothing it held from the old instance: shadow values,
+        line levels and their generations go, ROMD mirrors are read again, and the service is watched again
+        (its snapshot brings shadows and lines back). TransportError when the new instance cannot be read."""
+        endpoint = next(e for e in self.endpoints if e.name == service)
+        with self._restart_lock:
+            if endpoint.instance_id == restart.new_instance:
+                return
+            endpoint.instance_id = restart.new_instance
+            log.warning("VM %s: %s; going on with the new instance (--on-device-restart continue)", self.vm_id,
+                        restart)
+            self.events.emit(EventKind.DEVICE_SERVICE_RESTARTED, vcpu_id=vcpu_id, device=service,
+                             reason=f"{restart}; going on with the new instance: its mirrors and shadow registers "
+                             "are read again, and the access in flight is sent to it")
+            self.shadows.reset(service)
+            self.irqs.forget(service)
+            changes = []
+            for (owner, device, region), _mirror in list(self.mirrors.items()):
+                if owner == service:
+                    chunks, enabled = endpoint.read_mirror(device, region)
+                    changes.append(MirrorChange(service, device, region, enabled, tuple(chunks)))
+            self.apply_mirror_changes(changes)
+            self._start_watch(endpoint)
 
     def _shadow_snapshot(self, watch: ServiceWatch) -> ShadowChange | GoingAway | None:
         """The first shadow event of a watch (its snapshot), applying the line levels that come before it."""

@@ -151,9 +151,12 @@ class DescribeResponse(_message.Message):
     SERVICE_NAME_FIELD_NUMBER: _builtins.int
     PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
     DEVICES_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
     CLOCK_ID_FIELD_NUMBER: _builtins.int
     service_name: _builtins.str
     protocol_version: _builtins.int
+    instance_id: _builtins.str
+    """Random per start of the service, as in StreamWelcome."""
     clock_id: _builtins.str
     """Names the service's monotonic clock (on Linux, the kernel's boot id): a vcpu service that reports the same
     id shares CLOCK_MONOTONIC with it, so LineUpdate.raised_ns can be compared with its own clock. Empty: unknown.
@@ -166,11 +169,12 @@ class DescribeResponse(_message.Message):
         service_name: _builtins.str = ...,
         protocol_version: _builtins.int = ...,
         devices: _abc.Iterable[Global___Device] | None = ...,
+        instance_id: _builtins.str = ...,
         clock_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clock_id", b"clock_id", "devices", b"devices", "protocol_version", b"protocol_version", "service_name", b"service_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clock_id", b"clock_id", "devices", b"devices", "instance_id", b"instance_id", "protocol_version", b"protocol_version", "service_name", b"service_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -349,8 +353,14 @@ class ExitStreamRequest(_message.Message):
     HELLO_FIELD_NUMBER: _builtins.int
     EXIT_FIELD_NUMBER: _builtins.int
     FLUSH_FIELD_NUMBER: _builtins.int
+    ACK_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
-    """Starts at 1 on each stream and increases by one per request; the handshake is 0."""
+    """The handshake is 0 on every stream. Requests count per session (StreamHello.session_id), from 1, one up per
+    request, across the streams of that session: after a resume the client re-sends, with their numbers, the
+    requests whose responses it had not received, then goes on. Without a session id they count per stream.
+    """
+    ack: _builtins.int
+    """The highest seq whose response the client has received: the service may forget the responses up to it."""
     @_builtins.property
     def hello(self) -> Global___StreamHello: ...
     @_builtins.property
@@ -364,10 +374,11 @@ class ExitStreamRequest(_message.Message):
         hello: Global___StreamHello | None = ...,
         exit: Global___MmioExit | None = ...,
         flush: Global___PostedWrites | None = ...,
+        ack: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "exit", b"exit", "flush", b"flush", "hello", b"hello"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "exit", b"exit", "flush", b"flush", "hello", b"hello", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "exit", b"exit", "flush", b"flush", "hello", b"hello", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "exit", "flush"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
@@ -383,10 +394,18 @@ class StreamHello(_message.Message):
     VM_ID_FIELD_NUMBER: _builtins.int
     VCPU_ID_FIELD_NUMBER: _builtins.int
     ARCHITECTURE_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    LAST_ACKED_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     vm_id: _builtins.str
     vcpu_id: _builtins.int
     architecture: _common_pb2.Architecture.ValueType
+    session_id: _builtins.str
+    """Chosen by the client, the same on every stream of one vCPU's session with this service; empty: no session
+    (nothing is resumed, nothing is kept).
+    """
+    last_acked: _builtins.int
+    """The highest seq whose response the client received before this stream (0 on the first)."""
     def __init__(
         self,
         *,
@@ -394,10 +413,12 @@ class StreamHello(_message.Message):
         vm_id: _builtins.str = ...,
         vcpu_id: _builtins.int = ...,
         architecture: _common_pb2.Architecture.ValueType = ...,
+        session_id: _builtins.str = ...,
+        last_acked: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "protocol_version", b"protocol_version", "vcpu_id", b"vcpu_id", "vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "last_acked", b"last_acked", "protocol_version", b"protocol_version", "session_id", b"session_id", "vcpu_id", b"vcpu_id", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -539,17 +560,29 @@ class StreamWelcome(_message.Message):
 
     PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
     SERVICE_NAME_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    RESUMED_FIELD_NUMBER: _builtins.int
+    APPLIED_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     service_name: _builtins.str
+    instance_id: _builtins.str
+    """Random per start of the device service: a different one means the service restarted and its state is gone."""
+    resumed: _builtins.bool
+    """The service knew the session: a request it already applied is answered from memory, never applied again."""
+    applied: _builtins.int
+    """The highest seq of this session the service has applied (0: none)."""
     def __init__(
         self,
         *,
         protocol_version: _builtins.int = ...,
         service_name: _builtins.str = ...,
+        instance_id: _builtins.str = ...,
+        resumed: _builtins.bool = ...,
+        applied: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["protocol_version", b"protocol_version", "service_name", b"service_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "instance_id", b"instance_id", "protocol_version", b"protocol_version", "resumed", b"resumed", "service_name", b"service_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -64,6 +64,29 @@ FAULT_POLICY_STOP: FaultPolicy.ValueType  # 2
 """End the run with an error event."""
 Global___FaultPolicy: _TypeAlias = FaultPolicy  # noqa: Y015
 
+class _DeviceRestartPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DeviceRestartPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeviceRestartPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DEVICE_RESTART_POLICY_FAIL: _DeviceRestartPolicy.ValueType  # 0
+    """The run ends with an error naming the service, the device and the access in flight (the default)."""
+    DEVICE_RESTART_POLICY_CONTINUE: _DeviceRestartPolicy.ValueType  # 1
+    """The VM says so in an event, re-reads the service's ROMD mirrors and shadow registers, watches it again and
+    sends the access in flight to the new instance (which may then see it twice: the old one may have done it).
+    """
+
+class DeviceRestartPolicy(_DeviceRestartPolicy, metaclass=_DeviceRestartPolicyEnumTypeWrapper): ...
+
+DEVICE_RESTART_POLICY_FAIL: DeviceRestartPolicy.ValueType  # 0
+"""The run ends with an error naming the service, the device and the access in flight (the default)."""
+DEVICE_RESTART_POLICY_CONTINUE: DeviceRestartPolicy.ValueType  # 1
+"""The VM says so in an event, re-reads the service's ROMD mirrors and shadow registers, watches it again and
+sends the access in flight to the new instance (which may then see it twice: the old one may have done it).
+"""
+Global___DeviceRestartPolicy: _TypeAlias = DeviceRestartPolicy  # noqa: Y015
+
 class _VmEventKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -81,6 +104,10 @@ class _VmEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VmEventKi
     VM_EVENT_KIND_DEVICE_SERVICE_LEFT: _VmEventKind.ValueType  # 7
     """A device service said it is going away (it is draining) or its Watch stream broke; `device` names the
     service's address. The run goes on; exits to that service now get the device-error policy.
+    """
+    VM_EVENT_KIND_DEVICE_SERVICE_RESTARTED: _VmEventKind.ValueType  # 8
+    """A device service restarted (another instance id) and the VM goes on with it (--on-device-restart continue);
+    `device` names the service's address.
     """
     VM_EVENT_KIND_HALTED: _VmEventKind.ValueType  # 10
     """Final events: the run is over after one of these.
@@ -107,6 +134,10 @@ VM_EVENT_KIND_EXTERNAL_ABORT: VmEventKind.ValueType  # 6
 VM_EVENT_KIND_DEVICE_SERVICE_LEFT: VmEventKind.ValueType  # 7
 """A device service said it is going away (it is draining) or its Watch stream broke; `device` names the
 service's address. The run goes on; exits to that service now get the device-error policy.
+"""
+VM_EVENT_KIND_DEVICE_SERVICE_RESTARTED: VmEventKind.ValueType  # 8
+"""A device service restarted (another instance id) and the VM goes on with it (--on-device-restart continue);
+`device` names the service's address.
 """
 VM_EVENT_KIND_HALTED: VmEventKind.ValueType  # 10
 """Final events: the run is over after one of these.
@@ -206,6 +237,7 @@ class Policies(_message.Message):
     DEVICE_ERROR_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
     NISV_FIELD_NUMBER: _builtins.int
+    DEVICE_RESTART_FIELD_NUMBER: _builtins.int
     unmapped_access: Global___UnmappedAccessPolicy.ValueType
     device_error: Global___FaultPolicy.ValueType
     """A device reports an error."""
@@ -213,6 +245,8 @@ class Policies(_message.Message):
     """No completion before the exit deadline."""
     nisv: Global___FaultPolicy.ValueType
     """An access whose instruction has no usable syndrome (KVM_EXIT_ARM_NISV)."""
+    device_restart: Global___DeviceRestartPolicy.ValueType
+    """A device service came back as another instance (it restarted; its state is gone)."""
     def __init__(
         self,
         *,
@@ -220,10 +254,11 @@ class Policies(_message.Message):
         device_error: Global___FaultPolicy.ValueType = ...,
         deadline: Global___FaultPolicy.ValueType = ...,
         nisv: Global___FaultPolicy.ValueType = ...,
+        device_restart: Global___DeviceRestartPolicy.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "device_error", b"device_error", "nisv", b"nisv", "unmapped_access", b"unmapped_access"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "device_error", b"device_error", "device_restart", b"device_restart", "nisv", b"nisv", "unmapped_access", b"unmapped_access"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

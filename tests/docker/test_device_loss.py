@@ -95,9 +95,10 @@ def test_docker_kill_of_the_scratch_container_ends_the_run_naming_the_access(com
         result = compose_stack.finish_client(client)
     finally:
         _restore(compose_stack, scratch)
-    # Measured from outside, so with the client's own exit and Docker's report: an upper bound.
+    # The vCPU tries to resume its session until the exit deadline (the service might come back), then the run
+    # ends. Measured from outside, so with the client's own exit and Docker's report: an upper bound.
     print(f"docker kill -> the run's end: {ended:.2f} s (deadline {DEADLINE_MS} ms)")
-    assert ended < DEADLINE_MS / 1000 + 0.1, (ended, result.stderr)
+    assert ended < DEADLINE_MS / 1000 + 1.0, (ended, result.stderr)
     assert result.exit_code == 1, result
     final = result.stderr.strip().splitlines()[-1]
     assert final.startswith("mmiosplit: error: "), result.stderr

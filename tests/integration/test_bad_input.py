@@ -158,7 +158,24 @@ def test_misbehaving_device_service(unix_services: Services, tmp_path: Path, mod
     _assert_alive(unix_services)
 
 
-@pytest.mark.parametrize("mode", ["error", "hang", "short", "die"])
+def test_a_device_service_that_aborts_its_stream_ends_the_run_by_default(unix_services: Services,
+                                                                         tmp_path: Path) -> None:
+    # A stream that breaks is resumed; a service that does not know the session then (this one keeps none) is
+    # lost: whether the access was performed is unknown, so the run ends instead of faking a bus error.
+    rogue = RogueServer("die", tmp_path)
+    try:
+        cfg = unix_services.config(a64_with_vectors(0xD2A14000, 0xD2800EE1, 0xB9400001), exit_deadline_ms=300)
+        cfg.device_services[:] = [rogue.address]
+        vm_id, final = unix_services.run(cfg, timeout=30)
+        unix_services.delete(vm_id)
+    finally:
+        rogue.stop()
+    assert final.kind == vcpu_pb2.VM_EVENT_KIND_ERROR and final.error_kind == vcpu_pb2.VM_ERROR_KIND_DEVICE_SERVICE
+    assert "rogue device crashed" in final.reason and "session" in final.reason and "0xa000000" in final.reason
+    _assert_alive(unix_services)
+
+
+@pytest.mark.parametrize("mode", ["error", "hang", "short"])
 def test_misbehaving_device_service_gets_a_precise_external_abort_by_default(
         unix_services: Services, tmp_path: Path, mode: str) -> None:
     rogue = RogueServer(mode, tmp_path)

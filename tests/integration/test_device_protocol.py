@@ -106,6 +106,39 @@ def test_bad_requests_get_bad_request_completions(unix_services: Services) -> No
     assert check_health(unix_services.devices) == "SERVING"
 
 
+def _session_hello(stream: RawStream, session: str, last_acked: int = 0) -> device_pb2.StreamWelcome:
+    reply = stream.send(device_pb2.ExitStreamRequest(seq=0, hello=device_pb2.StreamHello(
+        protocol_version=PROTOCOL_VERSION, vm_id="test", vcpu_id=0, session_id=session, last_acked=last_acked)))
+    return reply.welcome
+
+
+def test_a_resumed_session_answers_repeats_from_memory_and_never_applies_them_twice(
+        unix_services: Services) -> None:
+    session = f"resume-{id(unix_services)}"
+    first = RawStream(unix_services.devices)
+    welcome = _session_hello(first, session)
+    assert not welcome.resumed and welcome.instance_id and welcome.applied == 0
+    a = first.send(device_pb2.ExitStreamRequest(seq=1, exit=_exit(SCRATCH + 0x40, 4, True, b"AAAA")))
+    b = first.send(device_pb2.ExitStreamRequest(seq=2, ack=1, exit=_exit(SCRATCH + 0x40, 4, True, b"BBBB")))
+    assert a.completion.status == OK and b.completion.status == OK
+    first.close()  # the stream breaks; the client never saw response 2, it says it has 1
+    again = RawStream(unix_services.devices)
+    welcome = _session_hello(again, session, last_acked=1)
+    assert welcome.resumed and welcome.applied == 2
+    repeat = again.send(device_pb2.ExitStreamRequest(seq=2, ack=1, exit=_exit(SCRATCH + 0x40, 4, True, b"BBBB")))
+    assert repeat == b  # the response kept, not a second write
+    stale = again.send(device_pb2.ExitStreamRequest(seq=1, ack=2, exit=_exit(SCRATCH + 0x40, 4, True, b"AAAA")))
+    assert stale.completion.status == BAD and "applied already and its response acknowledged" in stale.completion.error
+    read = again.send(device_pb2.ExitStreamRequest(seq=3, ack=2, exit=_exit(SCRATCH + 0x40, 4)))
+    assert read.completion.data == b"BBBB"  # the repeat of 1 after 2 did not write AAAA again
+    again.close()
+    # Another session, or none, starts from 1 and resumes nothing.
+    other = RawStream(unix_services.devices)
+    assert not _session_hello(other, session + "-other").resumed
+    assert other.send(device_pb2.ExitStreamRequest(seq=1, exit=_exit(SCRATCH + 0x40, 4))).completion.data == b"BBBB"
+    other.close()
+
+
 def test_console_of_an_unknown_uart(unix_services: Services) -> None:
     with channel(unix_services.devices) as ch:
         call = device_pb2_grpc.DeviceServiceStub(ch).Console(iter([device_pb2.ConsoleRequest(device="uart9")]))
