@@ -197,8 +197,9 @@ class GrpcExitChannel:
                                              architecture=_ARCHITECTURE[architecture], session_id=self._session_id)
         #: The service's instance this session began with (Describe's, else the first welcome's).
         self.instance_id = endpoint.instance_id
-        #: Streams resumed after a break (for tests and metrics).
+        #: Streams resumed after a break, and responses dropped because they came twice (for tests and metrics).
         self.resumes = 0
+        self.duplicates = 0
         self._posted = PostedQueue()
         # Posted-write flushes sent but not yet answered, and the completions of answered ones whose side
         # effects have not reached the vCPU yet (they ride on the next completion it sees).
@@ -302,6 +303,11 @@ class GrpcExitChannel:
             while True:
                 try:
                     reply: device_pb2.ExitStreamResponse = next(self._call)
+                    if reply.seq <= self._acked < seq:
+                        # A response that came twice (a repeat answered from memory, or a duplicated message):
+                        # this request was completed once already, so the copy is dropped.
+                        self.duplicates += 1
+                        continue
                     break
                 except StopIteration:
                     self._closed = True
