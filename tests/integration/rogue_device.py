@@ -57,6 +57,11 @@ class RogueDevice(device_pb2_grpc.DeviceServiceServicer):
                 yield device_pb2.ExitStreamResponse(seq=req.seq, completion=device_pb2.Completion(status=99))
             elif self.mode == "die":
                 context.abort(grpc.StatusCode.INTERNAL, "rogue device crashed")
+            elif self.mode == "twice":  # every reply comes twice (a duplicated message)
+                reply = device_pb2.ExitStreamResponse(seq=req.seq, completion=device_pb2.Completion(
+                    status=ok, data=(0x5A).to_bytes(req.exit.length or 4, "little")))
+                yield reply
+                yield reply
 
     def Reset(self, request: device_pb2.ResetRequest, context: grpc.ServicerContext) -> device_pb2.ResetResponse:
         return device_pb2.ResetResponse()

@@ -158,6 +158,23 @@ def test_misbehaving_device_service(unix_services: Services, tmp_path: Path, mod
     _assert_alive(unix_services)
 
 
+def test_replies_that_come_twice_complete_each_access_once(unix_services: Services, tmp_path: Path) -> None:
+    rogue = RogueServer("twice", tmp_path)
+    # x0 = 0x0a000000; x1 = 0; ldr w2, [x0]; add x1, x1, x2; ldr w2, [x0]; add x1, x1, x2; PSCI SYSTEM_OFF
+    body = [0xD2A14000, 0xD2800001, 0xB9400002, 0x8B020021, 0xB9400002, 0x8B020021, 0xD2800100, 0xF2B08000,
+            0xD4000002]
+    try:
+        cfg = unix_services.config(a64(*body), exit_deadline_ms=2000)
+        cfg.device_services[:] = [rogue.address]
+        vm_id, final = unix_services.run(cfg, timeout=30)
+        regs = unix_services.registers(vm_id, 0, "x1")
+        unix_services.delete(vm_id)
+    finally:
+        rogue.stop()
+    assert final.kind == vcpu_pb2.VM_EVENT_KIND_POWERED_OFF, final
+    assert regs["x1"] == 2 * 0x5A  # two loads, each completed once by its own reply; the copies were dropped
+
+
 def test_a_device_service_that_aborts_its_stream_ends_the_run_by_default(unix_services: Services,
                                                                          tmp_path: Path) -> None:
     # A stream that breaks is resumed; a service that does not know the session then (this one keeps none) is
