@@ -150,8 +150,9 @@ class DeviceHost:
         self.lines = LineTracker(bus, service_name)
         # Where the models' DMA goes: the target of the watch that granted windows, if one is open.
         self.dma_target: DmaTarget | None = None
-        #: Devices whose accesses may DMA (``DeviceModel.does_dma``), for a transport that must not wait on them.
-        self.does_dma = frozenset(dev.name for dev in bus.devices if dev.does_dma)
+        #: Devices whose accesses may DMA or take long (``DeviceModel.does_dma``, ``slow``), for a transport that
+        #: must not wait on them.
+        self.off_loop = frozenset(dev.name for dev in bus.devices if dev.does_dma or dev.slow)
         self.consoles: dict[str, ConsoleHub] = {}
         for dev in bus.devices:
             console = supports_console(dev)
@@ -189,7 +190,7 @@ class DeviceHost:
                     base=dev.base + spec.offset, size=spec.size, romd=spec.kind is RegionKind.ROMD,
                     posted=spec.posted, access_sizes=tuple(spec.access_sizes), has_console=has_console,
                     compatible=tuple(dev.compatible),
-                    shadows=frozenset(self.shadows.windows(dev.name, spec.name)),
+                    shadows=frozenset(self.shadows.windows(dev.name, spec.name)), deadline_ms=spec.deadline_ms,
                 )
                 for spec in dev.regions()
             )
@@ -373,15 +374,23 @@ class HostSession:
         self.shadows_seen = 0  # the shadow generation this stream's vCPU has been sent up to
         self._touched: set[DeviceModel] = set()
 
-    def exit(self, exit: MmioExit, posted: Sequence[tuple[int, bytes]] | None = None) -> Completion:
-        """Apply the posted writes queued before the exit (``posted``, in order), then the access."""
+    def exit(self, exit: MmioExit, posted: Sequence[tuple[int, bytes]] | None = None,
+             cancelled: Callable[[], bool] | None = None) -> Completion:
+        """Apply the posted writes queued before the exit (``posted``, in order), then the access, unless
+        ``cancelled()`` says, once the host is free for it, that its client gave up on it (then it is never
+        performed and the completion says CANCELLED; posted writes are never cancelled)."""
         host = self.host
         lines = host.lines
         with host.lock:
             lines.begin()
             try:
                 errors = host._apply_posted(posted, self._touched) if posted is not None else ()
-                done = host._access(exit, self._touched)
+                if cancelled is not None and cancelled():
+                    done = Completion(CompletionStatus.CANCELLED, error=f"the {exit.length}-byte "
+                                      f"{'write' if exit.is_write else 'read'} at 0x{exit.address:x} was cancelled "
+                                      "before it started: never performed")
+                else:
+                    done = host._access(exit, self._touched)
             finally:
                 changed = lines.end()
             return self._finish(done, errors, changed)

@@ -91,6 +91,9 @@ class RegionSpec:
     #: effects, so the vCPU process may answer reads of exactly that offset and size from a copy the
     #: host keeps current with ``DeviceModel.peek`` (no exit). Other sizes and offsets exit as usual.
     shadows: tuple[tuple[int, int], ...] = ()
+    #: How long an access here may take before the vCPU cancels it (0: the VM's deadline). Say so for a region
+    #: that is slow on purpose (a flash erase) or must answer fast.
+    deadline_ms: int = 0
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -234,6 +237,9 @@ class DeviceModel(abc.ABC):
         self.name = name
         self.base = base
         self.lock = threading.RLock()
+        #: Its accesses may take long (a model that sleeps or waits on something): the gRPC device service serves
+        #: them off its event loop, which then stays free for other vCPUs' exits and for cancels.
+        self.slow = False
         self._shadow_listener: Callable[[DeviceModel], None] | None = None
         self._irq_lines: tuple[IrqLine, ...] | None = None
         #: Guest memory as this device may reach it; the host replaces it once a VM grants windows.

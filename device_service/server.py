@@ -9,7 +9,8 @@ synchronous and never see gRPC.
 DMA and the event loop. A model's DMA travels on the VM's Watch stream (``StreamDma``), and its answer comes
 back on that stream, through this loop. So the loop must never wait for anything a DMA may hold up:
 
-* accesses to a device that may DMA inside them (``DeviceModel.does_dma``) run on a worker thread;
+* accesses to a device that may DMA inside them or take long (``DeviceModel.does_dma``, ``slow``) run on a worker
+  thread;
 * every other call into the host runs on the loop only when the host's lock is free at that instant
   (``DeviceServicer._run``); otherwise it too goes to a worker, so a vCPU's UART access arriving while
   another's doorbell write waits for its DMA never blocks the loop;
@@ -78,6 +79,7 @@ _STATUS = {
     CompletionStatus.DEVICE_ERROR: device_pb2.COMPLETION_STATUS_DEVICE_ERROR,
     CompletionStatus.NO_DEVICE: device_pb2.COMPLETION_STATUS_NO_DEVICE,
     CompletionStatus.BAD_REQUEST: device_pb2.COMPLETION_STATUS_BAD_REQUEST,
+    CompletionStatus.CANCELLED: device_pb2.COMPLETION_STATUS_CANCELLED,
 }
 
 
@@ -147,6 +149,7 @@ def _device_pb(dev: DescribedDevice) -> device_pb2.Device:
             kind=device_pb2.REGION_KIND_ROMD if r.romd else device_pb2.REGION_KIND_MMIO,
             posted=r.posted, access_sizes=list(r.access_sizes),
             shadows=[device_pb2.ShadowWindow(offset=o, size=n) for o, n in sorted(r.shadows)],
+            deadline_ms=r.deadline_ms,
         ) for r in dev.regions],
         lines=[device_pb2.InterruptLine(index=line.index, name=line.name, trigger=_TRIGGER[line.trigger])
                for line in dev.lines],
@@ -279,12 +282,13 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         """Run ``fn`` (a detach, an unsubscribe) on a worker without waiting for it."""
         self._workers.submit(fn)
 
-    def _may_dma(self, address: int) -> bool:
-        """Whether the device at ``address`` may DMA inside the access (then the access runs on a worker)."""
-        if not self.host.does_dma:
+    def _off_loop(self, address: int) -> bool:
+        """Whether the device at ``address`` may DMA inside the access or take long (then the access runs on a
+        worker, and the loop stays free for DMA answers, other streams and cancels)."""
+        if not self.host.off_loop:
             return False
         region = self.host.bus.find(address)
-        return region is not None and region.device.does_dma
+        return region is not None and region.device.name in self.host.off_loop
 
     async def Describe(self, request: device_pb2.DescribeRequest,
                        context: grpc.aio.ServicerContext) -> device_pb2.DescribeResponse:
@@ -382,21 +386,41 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                                                  instance_id=self.instance_id, resumed=resumed,
                                                  applied=exit_session.applied))
             keep = bool(hello.session_id)
-            async for req in requests:
-                exit_session.acknowledge(req.ack)
-                async with exit_session.lock:
-                    if req.seq <= exit_session.applied:
-                        # A repeat after a resume: answered from memory, never applied twice.
-                        response = exit_session.responses.get(req.seq)
-                        if response is None:
-                            response = _response_pb(req.seq, await self._run(
-                                exit_session.host_session.bad_request,
-                                f"sequence number {req.seq} from {peer}, expected {exit_session.applied + 1}: "
-                                f"{req.seq} was applied already" + (" and its response acknowledged" if keep else "")))
-                    else:
-                        response = await self._answer(exit_session, req, peer)
-                        exit_session.record(req.seq, response, keep)
-                yield response
+            # Requests are read ahead of the one being answered, so a Cancel for it is seen while it still waits
+            # for the host (behind another vCPU's access or a DMA): it is then never performed.
+            pending: asyncio.Queue[device_pb2.ExitStreamRequest | None] = asyncio.Queue()
+
+            async def read_ahead() -> None:
+                try:
+                    async for ahead in requests:
+                        if ahead.WhichOneof("body") == "cancel":
+                            if ahead.seq > exit_session.applied:
+                                exit_session.cancelled.add(ahead.seq)
+                            continue
+                        pending.put_nowait(ahead)
+                finally:
+                    pending.put_nowait(None)
+
+            reader = asyncio.ensure_future(read_ahead())
+            try:
+                while (req := await pending.get()) is not None:
+                    exit_session.acknowledge(req.ack)
+                    async with exit_session.lock:
+                        if req.seq <= exit_session.applied:
+                            # A repeat after a resume: answered from memory, never applied twice.
+                            response = exit_session.responses.get(req.seq)
+                            if response is None:
+                                response = _response_pb(req.seq, await self._run(
+                                    exit_session.host_session.bad_request,
+                                    f"sequence number {req.seq} from {peer}, expected {exit_session.applied + 1}: "
+                                    f"{req.seq} was applied already"
+                                    + (" and its response acknowledged" if keep else "")))
+                        else:
+                            response = await self._answer(exit_session, req, peer)
+                            exit_session.record(req.seq, response, keep)
+                    yield response
+            finally:
+                reader.cancel()
         finally:
             self.sessions.detach(exit_session)
 
@@ -417,8 +441,9 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             except ValueError as exc:
                 done = await self._run(session.bad_request, f"malformed posted batch: {exc}")
             else:
-                done = await self._run(session.exit, _exit_from_pb(ex), posted,
-                                       on_worker=self._may_dma(ex.address))
+                cancelled, seq = exit_session.cancelled, req.seq
+                done = await self._run(session.exit, _exit_from_pb(ex), posted, lambda: seq in cancelled,
+                                       on_worker=self._off_loop(ex.address))
         elif kind == "flush":
             try:
                 writes = _posted_from_pb(req.flush)
@@ -426,7 +451,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                 done = await self._run(session.bad_request, f"malformed posted batch: {exc}")
             else:
                 done = await self._run(session.flush, writes,
-                                       on_worker=any(self._may_dma(address) for address, _ in writes))
+                                       on_worker=any(self._off_loop(address) for address, _ in writes))
         else:
             done = await self._run(session.bad_request, f"unexpected {kind!r} from {peer} after the handshake")
         response = _response_pb(req.seq, done)

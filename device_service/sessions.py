@@ -39,6 +39,8 @@ class ExitSession:
         self.lock = asyncio.Lock()
         self.streams = 0
         self.idle_since = time.monotonic()
+        #: Requests the client cancelled before they were answered (a Cancel is read ahead of them).
+        self.cancelled: set[int] = set()
 
     def acknowledge(self, ack: int) -> None:
         """The client received every response up to ``ack``: forget them."""
@@ -49,6 +51,7 @@ class ExitSession:
     def record(self, seq: int, response: Any, keep: bool) -> None:
         """``seq`` was applied (or refused) and answered with ``response``; ``keep`` it for a repeat."""
         self.applied = max(self.applied, seq)
+        self.cancelled.discard(seq)
         if keep:
             self.responses[seq] = response
             if len(self.responses) > MAX_UNACKED:

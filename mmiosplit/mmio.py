@@ -26,7 +26,12 @@ class TransportError(Exception):
 
 
 class DeadlineExceeded(TransportError):
-    """No completion arrived before the exit deadline."""
+    """No completion arrived before the exit deadline. ``performed``: False when the service said it never started
+    the access (it was cancelled), True when it performed it after the deadline, None when nobody knows."""
+
+    def __init__(self, message: str, performed: bool | None = None) -> None:
+        super().__init__(message)
+        self.performed = performed
 
 
 class ServiceLost(TransportError):
@@ -58,6 +63,8 @@ class CompletionStatus(enum.Enum):
     DEVICE_ERROR = "device error"
     NO_DEVICE = "no device"
     BAD_REQUEST = "bad request"
+    #: The client cancelled it (its deadline passed) before the service started it: never performed.
+    CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +85,8 @@ class RemoteRegion:
     #: Shadow registers, as (offset inside the region, size): reads of exactly these are answered from the
     #: VM's shadow table when it holds a value, without an exit.
     shadows: frozenset[tuple[int, int]] = frozenset()
+    #: How long an access may take before the vCPU cancels it (0: the VM's default); the VM may override it.
+    deadline_ms: int = 0
 
     @property
     def end(self) -> int:
@@ -124,6 +133,8 @@ class MmioExit:
     syndrome: int = 0
     pc: int = 0
     instruction: int = 0
+    #: How long the vCPU waits for the completion before it cancels the access (0: the transport's default).
+    deadline_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)

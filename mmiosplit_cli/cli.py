@@ -77,6 +77,20 @@ def _irq_route(text: str) -> tuple[str, str, int]:
     return device, line, spi
 
 
+def _region_deadline(text: str) -> tuple[str, str, int]:
+    """``DEVICE[/REGION]=MS``: the exit deadline of a device's regions (or one of them)."""
+    target, sep, ms_text = text.partition("=")
+    device, _, region = target.partition("/")
+    try:
+        ms = int(ms_text, 0)
+    except ValueError:
+        ms = 0
+    if not sep or not device or not 1 <= ms <= 3_600_000:
+        raise argparse.ArgumentTypeError(f"--region-deadline {text!r}: expected DEVICE[/REGION]=MS with MS 1 to "
+                                         "3600000, e.g. flash0=2000 or uart0/regs=50")
+    return device, region, ms
+
+
 def _dma_window(text: str) -> tuple[str, str, int, int]:
     """``SERVICE=NAME:BASE:SIZE`` (SERVICE: an address given with --device-service, or "embedded")."""
     service, sep, window = text.partition("=")
@@ -233,6 +247,8 @@ def build_config(args: argparse.Namespace, image: bytes, image_name: str, device
     cfg.trace_exits = _tracing(args)
     for device, line, spi in getattr(args, "irq", None) or []:
         cfg.irq_routes.add(device=device, line=line, spi=spi)
+    for device, region, ms in getattr(args, "region_deadline", None) or []:
+        cfg.region_deadlines.add(device=device, region=region, deadline_ms=ms)
     for service, name, base, size in getattr(args, "dma_window", None) or []:
         if service == EMBEDDED_SERVICE:
             if embedded is None:
@@ -542,6 +558,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--irq", type=_irq_route, action="append", metavar="DEVICE[.LINE]=SPI",
                    help="wire a device's interrupt line (name or index; default line 0) to GIC SPI n (interrupt "
                         "32+n), with --machine virt; repeatable. The board's own devices are wired as QEMU wires them")
+    r.add_argument("--region-deadline", type=_region_deadline, action="append", metavar="DEVICE[/REGION]=MS",
+                   help="how long an access to the device's regions (or one region) may take before the vCPU "
+                        "cancels it, over --deadline-ms and what the device declares; repeatable. The device is told "
+                        "each access's deadline; one it had not started when cancelled is never performed")
     r.add_argument("--dma-window", type=_dma_window, action="append", metavar="SERVICE=NAME:BASE:SIZE",
                    help=f"let the devices of SERVICE (an address given with --device-service, or "
                         f"{EMBEDDED_SERVICE!r}) read and write guest RAM in BASE..BASE+SIZE by DMA; repeatable. With "

@@ -320,7 +320,7 @@ class ExitPath:
             raise VcpuFault(ErrorKind.INTERNAL, f"{self._who}: no handler answered the access to "
                             f"{describe_access(pc, address, insn)}, which no device service owns", pc=pc)
         pending.exit = MmioExit(self.vcpu.index, address, size, is_write, data, region.device, region.name,
-                                address - region.base, syndrome, pc, insn.word)
+                                address - region.base, syndrome, pc, insn.word, region.deadline_ms)
         return Forward(pending)
 
     def _not_forwardable(self, pc: int, address: int, fault_is_write: bool, insn: FetchedInsn,

@@ -38,7 +38,7 @@ from vcpu_service.leases import DEFAULT_LEASE_S, VmLeases
 from vcpu_service.totals import MetricsSnapshot, VmTotals, vcpu_state_name, vm_totals
 from vcpu_service.tracelog import ExitRecord
 from vcpu_service.transport import POSTED_BATCH_SIZES, GrpcEndpoint
-from vcpu_service.vm import ImageSpec, IrqRouteSpec, Vm, VmConfigError, VmSpec, VmStateError
+from vcpu_service.vm import ImageSpec, IrqRouteSpec, RegionDeadlineSpec, Vm, VmConfigError, VmSpec, VmStateError
 
 log = logging.getLogger("mmiosplit.vcpu")
 
@@ -102,6 +102,8 @@ def spec_from_proto(cfg: vcpu_pb2.VmConfig) -> VmSpec:
         machine=cfg.machine,
         trace_exits=cfg.trace_exits,
         irq_routes=[IrqRouteSpec(r.device, r.spi, r.line, r.device_service) for r in cfg.irq_routes],
+        region_deadlines=[RegionDeadlineSpec(d.device, d.deadline_ms, d.region, d.device_service)
+                          for d in cfg.region_deadlines],
         dma_grants=[(g.device_service, DmaWindow(g.name, g.base, g.size)) for g in cfg.dma_grants],
     )
 

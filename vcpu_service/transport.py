@@ -56,6 +56,7 @@ _STATUS = {
     device_pb2.COMPLETION_STATUS_DEVICE_ERROR: CompletionStatus.DEVICE_ERROR,
     device_pb2.COMPLETION_STATUS_NO_DEVICE: CompletionStatus.NO_DEVICE,
     device_pb2.COMPLETION_STATUS_BAD_REQUEST: CompletionStatus.BAD_REQUEST,
+    device_pb2.COMPLETION_STATUS_CANCELLED: CompletionStatus.CANCELLED,
 }
 
 
@@ -152,8 +153,8 @@ class _Watchdog:
             with self._lock:
                 channels = list(self._channels)
             for ch in channels:
-                since = ch.waiting_since
-                if since is not None and now - since > ch.deadline_s:
+                until = ch.wait_until
+                if until is not None and now > until:
                     ch.expire()
 
 
@@ -169,6 +170,8 @@ _RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, gr
                         grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED})
 #: First and longest wait between attempts to resume a broken exit stream (within the exit deadline).
 RESUME_BACKOFF_S = (0.005, 0.2)
+#: How long an exit whose deadline passed waits for the answer to its Cancel before its stream is abandoned.
+CANCEL_GRACE_S = 0.5
 
 
 class GrpcExitChannel:
@@ -210,6 +213,12 @@ class GrpcExitChannel:
         self._expired = False
         self.deadline_s = deadline_s
         self.waiting_since: float | None = None
+        #: When the current wait runs out (the watchdog then cancels the access, and later the stream).
+        self.wait_until: float | None = None
+        self._wait_s = deadline_s
+        self._waiting_seq = 0
+        self._cancellable = 0  # the exit whose completion is awaited: it may be cancelled, a flush may not
+        self._cancel_sent = 0
         self._call = endpoint.stub.ExitStream(iter(self._requests.get, None))
         _WATCHDOG.add(self)
         reply = self._round_trip(device_pb2.ExitStreamRequest(seq=0, hello=self._hello), what="handshake")
@@ -236,6 +245,15 @@ class GrpcExitChannel:
         return welcome.resumed
 
     def expire(self) -> None:
+        """The watchdog's thread: the wait ran out. An exit's first expiry sends a Cancel for it on the stream
+        and waits CANCEL_GRACE_S more for its answer (CANCELLED: never performed; a completion: performed late);
+        any other expiry ends the stream, and whether the request was performed is unknown."""
+        seq = self._waiting_seq
+        if seq and seq == self._cancellable and self._cancel_sent != seq and not self._closed:
+            self._cancel_sent = seq
+            self.wait_until = time.monotonic() + CANCEL_GRACE_S
+            self._requests.put(device_pb2.ExitStreamRequest(seq=seq, cancel=device_pb2.Cancel()))
+            return
         self._expired = True
         self._call.cancel()
 
@@ -244,7 +262,7 @@ class GrpcExitChannel:
         within the exit deadline, and send the unanswered requests again. Raises TransportError (the access's
         fate unknown) when it cannot, DeviceRestarted when the service came back as another instance."""
         started = self.waiting_since or time.monotonic()
-        give_up = started + self.deadline_s
+        give_up = started + self._wait_s
         delay, longest = RESUME_BACKOFF_S
         last = failure
         while True:
@@ -253,7 +271,7 @@ class GrpcExitChannel:
                 self._closed = True
                 raise ServiceLost(
                     f"device service {self._name}: exit stream failed during the {_what(what)} ({failure}) and "
-                    f"could not be resumed within {self.deadline_s * 1000:.0f} ms ({last}): whether the device "
+                    f"could not be resumed within {self._wait_s * 1000:.0f} ms ({last}): whether the device "
                     "performed it is unknown")
             old_requests, old_call = self._requests, self._call
             old_requests.put(None)
@@ -295,10 +313,14 @@ class GrpcExitChannel:
             self._unacked[request.seq] = request
         self._requests.put(request)
 
-    def _receive(self, seq: int, what: str | int) -> device_pb2.ExitStreamResponse:
-        """The response to request ``seq``; ``what`` names it in errors (an int: the address of an access, formatted
-        only if something goes wrong)."""
-        self.waiting_since = time.monotonic()
+    def _receive(self, seq: int, what: str | int, wait_s: float = 0.0) -> device_pb2.ExitStreamResponse:
+        """The response to request ``seq``, waiting at most ``wait_s`` (default: the channel's deadline); ``what``
+        names it in errors (an int: the address of an access, formatted only if something goes wrong)."""
+        now = time.monotonic()
+        self._wait_s = wait_s or self.deadline_s
+        self._waiting_seq = seq
+        self.waiting_since = now
+        self.wait_until = now + self._wait_s
         try:
             while True:
                 try:
@@ -320,9 +342,11 @@ class GrpcExitChannel:
                         raise TransportError(gone) from None
                     if self._expired:
                         self._closed = True
+                        cancel = (f"; its cancel was not answered within {CANCEL_GRACE_S * 1000:.0f} ms either"
+                                  if self._cancel_sent == seq else "")
                         raise DeadlineExceeded(
                             f"device service {self._name}: no completion for the {_what(what)} within "
-                            f"{self.deadline_s * 1000:.0f} ms"
+                            f"{self._wait_s * 1000:.0f} ms{cancel}: whether the device performed it is unknown"
                         ) from None
                     if seq == 0 or self._closed or exc.code() not in _RESUMABLE:
                         self._closed = True
@@ -332,7 +356,8 @@ class GrpcExitChannel:
                         ) from None
                     self._resume(what, f"{exc.code().name}: {exc.details()}")
         finally:
-            self.waiting_since = None
+            self.waiting_since = self.wait_until = None
+            self._waiting_seq = 0
         if reply.seq != seq:
             self._closed = True
             raise TransportError(
@@ -383,12 +408,32 @@ class GrpcExitChannel:
                                  f"{exit.length}-byte {'write' if exit.is_write else 'read'} was not sent")
         seq = self._next_seq()
         request = to_wire_exit(exit, seq, self._templates)
+        wait_s = exit.deadline_ms / 1000 if exit.deadline_ms else self.deadline_s
+        request.exit.deadline_ms = round(wait_s * 1000)
         if len(self._posted):
             request.exit.posted.CopyFrom(self._take_posted())
         self._send(request)
         if self._inflight:
             self._drain(0)  # flushes sent earlier are answered first, in order
-        completion = self._completion(self._receive(seq, exit.address))
+        self._cancellable = seq
+        sent = time.monotonic()
+        try:
+            completion = self._completion(self._receive(seq, exit.address, wait_s))
+        finally:
+            self._cancellable = 0
+        if self._cancel_sent == seq:
+            self._cancel_sent = 0
+            if completion.has_effects:  # what rode on it (posted-write errors, shadows, lines) is not lost
+                self._carried.append(completion)
+            what = f"{exit.length}-byte {'write' if exit.is_write else 'read'} of {exit.device} at 0x{exit.address:x}"
+            if completion.status is CompletionStatus.CANCELLED:
+                raise DeadlineExceeded(f"device service {self._name}: no completion for the {what} within "
+                                       f"{wait_s * 1000:.0f} ms; cancelled before the device started it: never "
+                                       "performed", performed=False)
+            raise DeadlineExceeded(f"device service {self._name}: the {what} completed "
+                                   f"{(time.monotonic() - sent) * 1000:.0f} ms after it was sent, past its "
+                                   f"{wait_s * 1000:.0f} ms deadline: performed late ({completion.status.value})",
+                                   performed=True)
         if completion.status is CompletionStatus.OK and not exit.is_write and len(completion.data) != exit.length:
             raise TransportError(
                 f"device service {self._name} completed a {exit.length}-byte read of "
@@ -501,7 +546,7 @@ class GrpcEndpoint:
                     service=self.name, device=dev.name, device_type=dev.type, name=r.name, base=r.base,
                     size=r.size, romd=r.kind == device_pb2.REGION_KIND_ROMD, posted=r.posted,
                     access_sizes=access_sizes, has_console=dev.has_console,
-                    compatible=tuple(dev.compatible), shadows=shadows,
+                    compatible=tuple(dev.compatible), shadows=shadows, deadline_ms=r.deadline_ms,
                 ))
         self._lines = lines
         return regions

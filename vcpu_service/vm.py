@@ -7,6 +7,7 @@ overlapping regions, images that do not fit, RAM over the cap, unreachable devic
 from __future__ import annotations
 
 import collections
+import dataclasses
 import enum
 import itertools
 import logging
@@ -89,6 +90,20 @@ class IrqRouteSpec:
         return f"{self.device}{'.' + self.line if self.line else ''}={self.spi}"
 
 
+@dataclass(frozen=True, slots=True)
+class RegionDeadlineSpec:
+    """An exit deadline for one device's region (``region`` "": all its regions) on ``service`` ("": whichever
+    device service has the device)."""
+
+    device: str
+    deadline_ms: int
+    region: str = ""
+    service: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.device}{'/' + self.region if self.region else ''}={self.deadline_ms}ms"
+
+
 @dataclass(slots=True)
 class VmSpec:
     """A VM configuration in Python terms (the proto is parsed once, at the edge)."""
@@ -109,6 +124,8 @@ class VmSpec:
     trace_exits: bool = False
     #: Device lines wired to SPIs, on top of the machine profile's wiring (``--irq``).
     irq_routes: list[IrqRouteSpec] = field(default_factory=list)
+    #: Exit deadlines per region, over what the device services declare (``--region-deadline``).
+    region_deadlines: list[RegionDeadlineSpec] = field(default_factory=list)
     #: (device service, window) of guest RAM its devices may reach by DMA (``--dma-window``).
     dma_grants: list[tuple[str, DmaWindow]] = field(default_factory=list)
 
@@ -269,6 +286,24 @@ class Vm:
         if self._ram_block(entry, 2) is None and (rom is None or not rom.romd):
             raise VmConfigError(f"entry point 0x{self.spec.entry_point:x} is not in RAM or flash")
 
+    def _with_deadlines(self, regions: list[RemoteRegion]) -> list[RemoteRegion]:
+        """The regions with the configured exit deadlines over the declared ones; a deadline naming no region is
+        refused, saying which devices there are."""
+        for spec in self.spec.region_deadlines:
+            if not 1 <= spec.deadline_ms <= 3_600_000:
+                raise VmConfigError(f"region deadline {spec}: must be 1 to 3600000 ms")
+            hits = [i for i, r in enumerate(regions) if r.device == spec.device and (not spec.region or
+                    r.name == spec.region) and (not spec.service or r.service == spec.service)]
+            if not hits:
+                names = ", ".join(sorted({f"{r.device}/{r.name}" for r in regions})) or "none"
+                raise VmConfigError(f"region deadline {spec}: no such device region (regions: {names})")
+            if not spec.service and len({regions[i].service for i in hits}) > 1:
+                raise VmConfigError(f"region deadline {spec}: device {spec.device} is on several device services; "
+                                    "name the service")
+            for i in hits:
+                regions[i] = dataclasses.replace(regions[i], deadline_ms=spec.deadline_ms)
+        return regions
+
     def _build_device_map(self) -> None:
         regions: list[RemoteRegion] = []
         for endpoint in self.endpoints:
@@ -276,6 +311,7 @@ class Vm:
                 regions.extend(endpoint.describe())
             except TransportError as exc:
                 raise VmConfigError(str(exc)) from None
+        regions = self._with_deadlines(regions)
         regions.sort(key=lambda r: r.base)
         for a, b in itertools.pairwise(regions):
             if b.base < a.end:

@@ -95,6 +95,8 @@ class _CompletionStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Comp
     """No device at that address on this service."""
     COMPLETION_STATUS_BAD_REQUEST: _CompletionStatus.ValueType  # 4
     """The request itself was malformed (bad length, sequence, missing handshake)."""
+    COMPLETION_STATUS_CANCELLED: _CompletionStatus.ValueType  # 5
+    """The client cancelled the request (its deadline passed) before the service started it: never performed."""
 
 class CompletionStatus(_CompletionStatus, metaclass=_CompletionStatusEnumTypeWrapper): ...
 
@@ -106,6 +108,8 @@ COMPLETION_STATUS_NO_DEVICE: CompletionStatus.ValueType  # 3
 """No device at that address on this service."""
 COMPLETION_STATUS_BAD_REQUEST: CompletionStatus.ValueType  # 4
 """The request itself was malformed (bad length, sequence, missing handshake)."""
+COMPLETION_STATUS_CANCELLED: CompletionStatus.ValueType  # 5
+"""The client cancelled the request (its deadline passed) before the service started it: never performed."""
 Global___CompletionStatus: _TypeAlias = CompletionStatus  # noqa: Y015
 
 class _DmaDirection:
@@ -286,6 +290,7 @@ class Region(_message.Message):
     POSTED_FIELD_NUMBER: _builtins.int
     ACCESS_SIZES_FIELD_NUMBER: _builtins.int
     SHADOWS_FIELD_NUMBER: _builtins.int
+    DEADLINE_MS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     base: _builtins.int
     """Absolute guest-physical base address and size in bytes."""
@@ -293,6 +298,10 @@ class Region(_message.Message):
     kind: Global___RegionKind.ValueType
     posted: _builtins.bool
     """Writes may be queued in the vCPU and delivered in batches; reads never are."""
+    deadline_ms: _builtins.int
+    """How long an access to this region may take before the vCPU gives up on it (0: the VM's deadline). The VM's
+    configuration may override it (VmConfig.region_deadlines).
+    """
     @_builtins.property
     def access_sizes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Access sizes in bytes the region accepts (1, 2, 4, 8)."""
@@ -313,10 +322,11 @@ class Region(_message.Message):
         posted: _builtins.bool = ...,
         access_sizes: _abc.Iterable[_builtins.int] | None = ...,
         shadows: _abc.Iterable[Global___ShadowWindow] | None = ...,
+        deadline_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_sizes", b"access_sizes", "base", b"base", "kind", b"kind", "name", b"name", "posted", b"posted", "shadows", b"shadows", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_sizes", b"access_sizes", "base", b"base", "deadline_ms", b"deadline_ms", "kind", b"kind", "name", b"name", "posted", b"posted", "shadows", b"shadows", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -353,6 +363,7 @@ class ExitStreamRequest(_message.Message):
     HELLO_FIELD_NUMBER: _builtins.int
     EXIT_FIELD_NUMBER: _builtins.int
     FLUSH_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """The handshake is 0 on every stream. Requests count per session (StreamHello.session_id), from 1, one up per
@@ -367,6 +378,8 @@ class ExitStreamRequest(_message.Message):
     def exit(self) -> Global___MmioExit: ...
     @_builtins.property
     def flush(self) -> Global___PostedWrites: ...
+    @_builtins.property
+    def cancel(self) -> Global___Cancel: ...
     def __init__(
         self,
         *,
@@ -374,13 +387,14 @@ class ExitStreamRequest(_message.Message):
         hello: Global___StreamHello | None = ...,
         exit: Global___MmioExit | None = ...,
         flush: Global___PostedWrites | None = ...,
+        cancel: Global___Cancel | None = ...,
         ack: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "exit", b"exit", "flush", b"flush", "hello", b"hello"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cancel", b"cancel", "exit", b"exit", "flush", b"flush", "hello", b"hello"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "exit", b"exit", "flush", b"flush", "hello", b"hello", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "cancel", b"cancel", "exit", b"exit", "flush", b"flush", "hello", b"hello", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "exit", "flush"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "exit", "flush", "cancel"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -442,6 +456,7 @@ class MmioExit(_message.Message):
     SYNDROME_FIELD_NUMBER: _builtins.int
     PC_FIELD_NUMBER: _builtins.int
     INSTRUCTION_FIELD_NUMBER: _builtins.int
+    DEADLINE_MS_FIELD_NUMBER: _builtins.int
     vcpu_id: _builtins.int
     address: _builtins.int
     region_offset: _builtins.int
@@ -457,6 +472,8 @@ class MmioExit(_message.Message):
     """Observability only: the syndrome (ISS), PC and instruction of the faulting access."""
     pc: _builtins.int
     instruction: _builtins.int
+    deadline_ms: _builtins.int
+    """How long the vCPU waits for this access's completion before it sends a Cancel for it."""
     @_builtins.property
     def posted(self) -> Global___PostedWrites:
         """Writes queued earlier for this device service; applied, in order, before this access."""
@@ -476,14 +493,35 @@ class MmioExit(_message.Message):
         syndrome: _builtins.int = ...,
         pc: _builtins.int = ...,
         instruction: _builtins.int = ...,
+        deadline_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["posted", b"posted"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "data", b"data", "device", b"device", "direction", b"direction", "instruction", b"instruction", "length", b"length", "pc", b"pc", "posted", b"posted", "region", b"region", "region_offset", b"region_offset", "syndrome", b"syndrome", "vcpu_id", b"vcpu_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "data", b"data", "deadline_ms", b"deadline_ms", "device", b"device", "direction", b"direction", "instruction", b"instruction", "length", b"length", "pc", b"pc", "posted", b"posted", "region", b"region", "region_offset", b"region_offset", "syndrome", b"syndrome", "vcpu_id", b"vcpu_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MmioExit: _TypeAlias = MmioExit  # noqa: Y015
+
+@_typing.final
+class Cancel(_message.Message):
+    """Sent, with the `seq` of an earlier request, when that request's deadline passed. It takes no number of its
+    own and gets no response of its own: the request's response comes as always, with status CANCELLED when the
+    service had not started it (it never will), or with its real completion when it had ("performed late").
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Cancel: _TypeAlias = Cancel  # noqa: Y015
 
 @_typing.final
 class PostedWrites(_message.Message):

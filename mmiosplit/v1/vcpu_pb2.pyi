@@ -308,6 +308,7 @@ class VmConfig(_message.Message):
     MACHINE_FIELD_NUMBER: _builtins.int
     IRQ_ROUTES_FIELD_NUMBER: _builtins.int
     DMA_GRANTS_FIELD_NUMBER: _builtins.int
+    REGION_DEADLINES_FIELD_NUMBER: _builtins.int
     architecture: _common_pb2.Architecture.ValueType
     cpu_model: _builtins.str
     """"cortex-a57", "cortex-a53", "cortex-a72", "max" (aarch64); "cortex-a15", "cortex-a7" (arm)."""
@@ -352,6 +353,10 @@ class VmConfig(_message.Message):
         all RAM).
         """
 
+    @_builtins.property
+    def region_deadlines(self) -> _containers.RepeatedCompositeFieldContainer[Global___RegionDeadline]:
+        """Per-region exit deadlines, over what the device service declares for the region and exit_deadline_ms."""
+
     def __init__(
         self,
         *,
@@ -371,14 +376,45 @@ class VmConfig(_message.Message):
         machine: _builtins.str = ...,
         irq_routes: _abc.Iterable[Global___IrqRoute] | None = ...,
         dma_grants: _abc.Iterable[Global___DmaGrant] | None = ...,
+        region_deadlines: _abc.Iterable[Global___RegionDeadline] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "policies", b"policies"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "cpu_model", b"cpu_model", "device_services", b"device_services", "dma_grants", b"dma_grants", "entry_point", b"entry_point", "exit_deadline_ms", b"exit_deadline_ms", "images", b"images", "irq_routes", b"irq_routes", "limits", b"limits", "machine", b"machine", "name", b"name", "policies", b"policies", "ram", b"ram", "strict_kvm", b"strict_kvm", "trace_exits", b"trace_exits", "vcpu_count", b"vcpu_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "cpu_model", b"cpu_model", "device_services", b"device_services", "dma_grants", b"dma_grants", "entry_point", b"entry_point", "exit_deadline_ms", b"exit_deadline_ms", "images", b"images", "irq_routes", b"irq_routes", "limits", b"limits", "machine", b"machine", "name", b"name", "policies", b"policies", "ram", b"ram", "region_deadlines", b"region_deadlines", "strict_kvm", b"strict_kvm", "trace_exits", b"trace_exits", "vcpu_count", b"vcpu_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VmConfig: _TypeAlias = VmConfig  # noqa: Y015
+
+@_typing.final
+class RegionDeadline(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_SERVICE_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    DEADLINE_MS_FIELD_NUMBER: _builtins.int
+    device_service: _builtins.str
+    """As in IrqRoute: empty device_service means whichever service has the device (it must be unique)."""
+    device: _builtins.str
+    region: _builtins.str
+    """The region's name; empty: every region of the device."""
+    deadline_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        device_service: _builtins.str = ...,
+        device: _builtins.str = ...,
+        region: _builtins.str = ...,
+        deadline_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_ms", b"deadline_ms", "device", b"device", "device_service", b"device_service", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegionDeadline: _TypeAlias = RegionDeadline  # noqa: Y015
 
 @_typing.final
 class IrqRoute(_message.Message):
