@@ -49,6 +49,7 @@ from vcpu_service.handlers import (
     HandlerRegistry,
     PostedWriteLost,
     PostedWrites,
+    Slot,
     VcpuLink,
 )
 from vcpu_service.shadows import ShadowTable
@@ -420,11 +421,11 @@ class ExitPath:
             # A store-exclusive with no monitor for this address fails: status 1, no access.
             return Split(pc, insn, t, (), start, None, False)
         mmu = exceptions.mmu_enabled(arch, uc)
-        align = t.size if t.exclusive else 0
         vas = [start + part.offset for part in t.parts]
-        for part, va in zip(t.parts, vas, strict=True):
-            if not mmu and va % (align or part.size):
-                return GuestFault(pc, va, t.wnr, insn, alignment=True)
+        if not mmu:  # Device memory: every part aligned to its size, an exclusive to its whole size
+            for part, va in zip(t.parts, vas, strict=True):
+                if va % part.size or (t.exclusive and start % t.size):
+                    return GuestFault(pc, va, t.wnr, insn, alignment=True)
         faulting = next((va for va in vas if va & 0xFFF == address & 0xFFF), None)
         if faulting is None and mmu:
             return Refuse(self.vm.policies.nisv, ErrorKind.NISV,
@@ -435,6 +436,7 @@ class ExitPath:
         big_endian = self.vcpu.big_endian_data()
         data = self._split_store_data(pc, t, big_endian) if t.wnr else b""
         parts = []
+        first = self.vm.handlers.lookup(vas[0] + delta)
         for part, va in zip(t.parts, vas, strict=True):
             pa = va + delta
             problem = ""
@@ -442,6 +444,11 @@ class ExitPath:
             region = slot.region if slot is not None else None
             if mmu and faulting is not None and va >> 12 != faulting >> 12:
                 problem = "it crosses a page boundary with the MMU on, where the next page may map anywhere"
+            elif slot is not first:
+                # As a single access that straddles the end of a device: the instruction is one access to the
+                # architecture, so it is refused whole rather than half-done.
+                problem = (f"the instruction straddles the end of {self._slot_name(first)} into "
+                           f"{self._slot_name(slot)}; a bus error, like an access that no single device can answer")
             elif region is not None:
                 problem = region_problem(region, pa, part.size)
             elif slot is None and self._is_ram(pa):
@@ -474,6 +481,12 @@ class ExitPath:
             value &= (1 << (8 * t.reg_size)) - 1
             out += value.to_bytes(t.reg_size, "big" if big_endian else "little")
         return bytes(out)
+
+    @staticmethod
+    def _slot_name(slot: Slot | None) -> str:
+        if slot is None:
+            return "unmapped space"
+        return slot.region.device if slot.region is not None else f"the in-process device at 0x{slot.base:x}"
 
     def _is_ram(self, address: int) -> bool:
         try:
@@ -637,8 +650,12 @@ class ExitPath:
         executed = self.vcpu.executed
         try:
             uc.mem_write(first, loaded)
-            uc.emu_start(self.arch.start_address(uc, split.pc), self.arch.never_pc, count=1)
-            return self.arch.pc(uc) != split.pc
+            # A block translated earlier would run on past the instruction: translate it afresh, alone.
+            end = split.pc + split.transfer.insn_len
+            uc.ctl_remove_cache(split.pc, end)
+            uc.emu_start(self.arch.start_address(uc, split.pc), end, count=1)
+            uc.ctl_remove_cache(split.pc, end)
+            return self.arch.pc(uc) == end
         except UcError:
             return False
         finally:
