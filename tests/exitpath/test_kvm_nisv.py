@@ -301,14 +301,15 @@ A64_STRICT = [
 ]
 
 
-@pytest.mark.parametrize("strict", [False, True], ids=["default", "strict-kvm"])
-@pytest.mark.parametrize(("insn", "write", "cpu", "what"),
-                         [n[1:] for n in A64_STILL_REFUSED + A64_STRICT],
-                         ids=[n[0] for n in A64_STILL_REFUSED + A64_STRICT])
+A64_REFUSED = [(*n[1:], False) for n in A64_STILL_REFUSED] + [(*n[1:], True) for n in A64_STILL_REFUSED + A64_STRICT]
+
+
+@pytest.mark.parametrize(("insn", "write", "cpu", "what", "strict"), A64_REFUSED,
+                         ids=[f"{n[0]}-{'strict' if strict else 'default'}"
+                              for n, strict in [(n, False) for n in A64_STILL_REFUSED]
+                              + [(n, True) for n in A64_STILL_REFUSED + A64_STRICT]])
 def test_case17_a64_refused_gets_a_precise_abort_and_no_access(insn: int, write: bool, cpu: str, what: str,
                                                               strict: bool) -> None:
-    if not strict and insn in {n[1] for n in A64_STRICT}:
-        pytest.skip("emulated by default (test_case17_a64_no_syndrome_is_emulated_as_single_accesses_in_order)")
     probe = Probe()
     probe.memory[:16] = bytes(range(16))
     res = run(A64, words(*A64_ENABLE_FP, insn, MARK[A64]), regs={"x0": DEV, "x1": 0x11, "x2": 0x22, "x3": 0x33},
@@ -537,14 +538,15 @@ AARCH32_REFUSED = [
 ]
 
 
-@pytest.mark.parametrize("strict", [False, True], ids=["default", "strict-kvm"])
-@pytest.mark.parametrize(("isa", "insn", "write", "offset", "what", "always"), [n[1:] for n in AARCH32_REFUSED],
-                         ids=[n[0] for n in AARCH32_REFUSED])
+AARCH32_CASES = [(n, strict) for n in AARCH32_REFUSED for strict in (False, True) if strict or n[6]]
+
+
+@pytest.mark.parametrize(("isa", "insn", "write", "offset", "what", "always", "strict"),
+                         [(*n[1:], strict) for n, strict in AARCH32_CASES],
+                         ids=[f"{n[0]}-{'strict' if strict else 'default'}" for n, strict in AARCH32_CASES])
 def test_case18_aarch32_refused_gets_a_precise_abort_and_no_access(isa: str, insn: tuple[int, ...], write: bool,
                                                                   offset: int, what: str, always: bool,
                                                                   strict: bool) -> None:
-    if not strict and not always:
-        pytest.skip("emulated by default (test_case18_aarch32_no_syndrome_is_emulated_as_single_accesses_in_order)")
     probe = Probe()
     res = run(isa, code(isa, *insn, MARK[isa]), regs={"r0": DEV, "r1": 0x11, "r2": 0x22, "r3": 0x33,
                                                       "sp": DEV + 0x100}, devices=[probe], strict_kvm=strict)
