@@ -7,7 +7,17 @@ policy, later the GIC), and return an action. It never blocks and never calls ba
 ``complete`` is ``kvm_handle_mmio_return``: apply a completion (Rt with its sign and width, base writeback, PC,
 and everything the completion carries: interrupt levels, ROMD mirror changes, shadow values, failed posted
 writes). It is the one place those side effects happen. What cannot be handled gets QEMU's answer by policy:
-a precise synchronous external abort, or a stop. The arithmetic lives in the pure modules ``decode`` and ``completion``.
+a precise synchronous external abort, or a stop. The arithmetic lives in the pure modules ``decode``, ``split``
+and ``completion``.
+
+Instructions with no syndrome that the architecture performs and KVM refuses (pairs, duals, multiples,
+exclusives, SIMD&FP: ``split.decode_split``) become a ``Split`` unless the VM is strict: one single access per
+part in QEMU's TCG order, all checked against their regions before the first is sent, then
+``perform_split`` sends them one by one (each waiting for its completion, or answered by an in-process handler)
+and writes registers, base and PC once, after the last. A failing part gets the single access's policy at the
+instruction's PC with FAR = the part's address and no register written; the parts of a store already
+performed stay performed, as under QEMU (the architecture does not make these accesses single-copy atomic).
+Only ISV=0 instructions reach that code: the single-access path is unchanged.
 """
 
 from __future__ import annotations
