@@ -11,8 +11,8 @@ a precise synchronous external abort, or a stop. The arithmetic lives in the pur
 and ``completion``.
 
 Instructions with no syndrome that the architecture performs and KVM refuses (pairs, duals, multiples,
-exclusives, SIMD&FP: ``split.decode_split``) become a ``Split`` unless the VM is strict: one single access per
-part in QEMU's TCG order, all checked against their regions before the first is sent, then
+exclusives, SIMD&FP, loads to PC: ``split.decode_split``) become a ``Split`` unless the VM is strict: one
+single access per part in QEMU's TCG order, all checked against their regions before the first is sent, then
 ``perform_split`` sends them one by one (each waiting for its completion, or answered by an in-process handler)
 and writes registers, base and PC once, after the last. A failing part gets the single access's policy at the
 instruction's PC with FAR = the part's address and no register written; the parts of a store already
@@ -423,7 +423,8 @@ class ExitPath:
         arch = self.arch
         mask = _MASK64 if t.a64 else _MASK32
         base = arch.read_base(uc, t.rn)
-        amount = offset_amount(t, arch.read_gpr(uc, t.offset_reg) if t.offset_reg is not None else 0, False)
+        amount = t.offset if t.offset_reg is None else offset_amount(t, arch.read_gpr(uc, t.offset_reg),
+                                                                     arch.carry_flag(uc))
         start = (base + t.bias + (0 if t.post_index else amount)) & mask
         new_base = (base + (amount if t.wb_offset is None else t.wb_offset)) & mask if t.writeback else None
         nisv = (EC_DABT_LOW << 26) | (1 << 25) | (int(t.wnr) << 6) | DFSC_TRANSLATION_L3

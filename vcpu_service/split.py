@@ -12,6 +12,7 @@ registers out in memory in the order QEMU issues the accesses:
 * A32/T32 LDRD/STRD: two 4-byte accesses, Rt at the address, Rt2 at address + 4.
 * A32/T32 LDM/STM/PUSH/POP (IA/IB/DA/DB, T16 and T32): ascending addresses, lowest register first, 4 bytes each.
 * A32/T32 LDREX/STREX (word, byte, halfword; LDREXD/STREXD as a dual).
+* A32/T32 LDR PC (POP {pc} included): one 4-byte load, then an interworking branch (as an LDM loading PC).
 
 Pure functions over integers, like ``decode``: no Unicorn, no guest state. ``None`` means "not a class this
 module emulates" (the caller keeps the NISV refusal). UNPREDICTABLE and CONSTRAINED UNPREDICTABLE forms (writeback
@@ -24,7 +25,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, replace
 
-from vcpu_service.decode import Isa, ShiftType, a32_shift, thumb_insn_len
+from vcpu_service.decode import Isa, ShiftType, a32_shift, decode_imm_shift, thumb_insn_len
 
 __all__ = ["Part", "Transfer", "decode_split", "offset_amount"]
 
@@ -55,7 +56,7 @@ class Transfer:
     ``status`` is a store-exclusive's status register; ``exclusive`` marks LDXR/STXR-style transfers.
     """
 
-    kind: str  # the class named in the KVM report: "pair", "dual", "multiple", "exclusive", "SIMD"
+    kind: str  # the class named in the KVM report: "pair", "dual", "multiple", "exclusive", "SIMD", "PC as Rt"
     name: str  # the mnemonic, for messages
     wnr: bool
     rn: int
@@ -87,11 +88,6 @@ class Transfer:
     def size(self) -> int:
         """Bytes transferred in all."""
         return self.reg_size * len(self.regs)
-
-    @property
-    def loads_pc(self) -> bool:
-        """An AArch32 load that writes PC: an interworking branch once every part has completed."""
-        return not self.a64 and not self.wnr and PC in self.regs
 
     @property
     def parts(self) -> tuple[Part, ...]:
@@ -241,6 +237,8 @@ def _a32(insn: int) -> Transfer | None:
     op1 = _bits(insn, 27, 25)
     if op1 == 0b100:
         return _a32_multiple(insn)
+    if op1 in (0b010, 0b011) and not (op1 == 0b011 and _bit(insn, 4)):
+        return _a32_load_pc(insn)
     if op1 == 0b000 and _bit(insn, 7) and _bit(insn, 4):
         if _bits(insn, 6, 5) == 0b00:
             return _a32_exclusive(insn)
@@ -271,6 +269,25 @@ def _a32_multiple(insn: int) -> Transfer | None:
     name = ("POP" if load else "PUSH") if rn == 13 and w and mode == ("IA" if load else "DB") else \
         ("LDM" if load else "STM") + mode
     return _multiple(name, load, rn, _bits(insn, 15, 0), u, p, w)
+
+
+def _a32_load_pc(insn: int) -> Transfer | None:
+    """`cond 01IP U0W1 Rn 1111 ...`: LDR PC (POP {pc} included), a load then an interworking branch."""
+    p, u, byte, w, load = _bit(insn, 24), _bit(insn, 23), _bit(insn, 22), _bit(insn, 21), _bit(insn, 20)
+    rn, rt = _bits(insn, 19, 16), _bits(insn, 15, 12)
+    if rt != PC or not load or byte or rn == PC or (not p and w):
+        return None  # not LDR PC, a literal, or LDRT
+    writeback = not p or w
+    if not _bit(insn, 25):
+        offset = _bits(insn, 11, 0)
+        return Transfer("PC as Rt", "LDR", False, rn, (PC,), 4, offset=offset if u else -offset, post_index=not p,
+                        writeback=writeback)
+    rm = _bits(insn, 3, 0)
+    if rm == PC or (writeback and rm == rn):
+        return None
+    shift_type, amount = decode_imm_shift(_bits(insn, 6, 5), _bits(insn, 11, 7))
+    return Transfer("PC as Rt", "LDR", False, rn, (PC,), 4, offset_reg=rm, shift_type=shift_type,
+                    shift_amount=amount, subtract=not u, post_index=not p, writeback=writeback)
 
 
 def _a32_dual(insn: int) -> Transfer | None:
@@ -338,6 +355,8 @@ def _t32(insn: int) -> Transfer | None:
         return None
     if hw1 & 0xFE40 == 0xE800:
         return _t32_multiple(hw1, hw2)
+    if hw1 & 0xFF70 == 0xF850 and _bits(hw2, 15, 12) == PC:
+        return _t32_load_pc(hw1, hw2)
     if hw1 & 0xFE40 == 0xE840:
         return _t32_dual_exclusive(hw1, hw2)
     return None
@@ -369,6 +388,25 @@ def _t32_multiple(hw1: int, hw2: int) -> Transfer | None:
     name = ("POP.W" if load else "PUSH.W") if rn == 13 and w and increment == load else \
         ("LDM" if load else "STM") + ("IA" if increment else "DB") + ".W"
     return _multiple(name, load, rn, hw2, increment, not increment, w)
+
+
+def _t32_load_pc(hw1: int, hw2: int) -> Transfer | None:
+    """`1111 1000 U101 Rn | 1111 ...`: LDR.W PC (imm12, imm8 with P/U/W, register with LSL #0-3)."""
+    rn = _bits(hw1, 3, 0)
+    if rn == PC:
+        return None  # literal
+    if _bit(hw1, 7):
+        return Transfer("PC as Rt", "LDR.W", False, rn, (PC,), 4, offset=_bits(hw2, 11, 0))
+    if _bit(hw2, 11):
+        p, u, w, imm8 = _bit(hw2, 10), _bit(hw2, 9), _bit(hw2, 8), _bits(hw2, 7, 0)
+        if (not p and not w) or (p and u and not w):
+            return None  # unallocated, or LDRT
+        return Transfer("PC as Rt", "LDR", False, rn, (PC,), 4, offset=imm8 if u else -imm8, post_index=not p,
+                        writeback=w)
+    rm = _bits(hw2, 3, 0)
+    if _bits(hw2, 11, 6) or rm in (13, PC):
+        return None
+    return Transfer("PC as Rt", "LDR.W", False, rn, (PC,), 4, offset_reg=rm, shift_amount=_bits(hw2, 5, 4))
 
 
 def _t32_dual_exclusive(hw1: int, hw2: int) -> Transfer | None:

@@ -213,7 +213,7 @@ class Policies(_message.Message):
     """No completion before the exit deadline."""
     nisv: Global___FaultPolicy.ValueType
     """An access whose instruction has no usable syndrome (KVM_EXIT_ARM_NISV) and that mmiosplit does not
-    emulate (atomics, LD1/ST1, PC as Rt; with strict_kvm every ISV=0 form).
+    emulate (atomics, LD1/ST1; with strict_kvm every ISV=0 form).
     """
     def __init__(
         self,
@@ -285,8 +285,8 @@ class VmConfig(_message.Message):
     """How long a vCPU waits for a completion; 0 = the service default."""
     name: _builtins.str
     strict_kvm: _builtins.bool
-    """Refuse the ISV=0 forms that mmiosplit emulates (writeback, pairs, duals, multiples, exclusives, SIMD&FP),
-    as upstream KVM does (NISV policy applies).
+    """Refuse the ISV=0 forms that mmiosplit emulates (writeback, pairs, duals, multiples, exclusives, SIMD&FP,
+    loads to PC), as upstream KVM does (NISV policy applies).
     """
     trace_exits: _builtins.bool
     """Record every exit for StreamExitTrace."""

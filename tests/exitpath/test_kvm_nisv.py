@@ -2,11 +2,11 @@
 
 Writeback forms (14-16) are hand-decoded and emulated completely by default (the base register is
 updated once, at completion), or refused like upstream KVM in strict mode. Pairs, duals, multiples,
-exclusives and SIMD&FP loads/stores (17, 18) are emulated the same way, as a sequence of single accesses
-in QEMU's order, with registers written only after the last one; strict mode refuses them by the NISV
-policy. Atomics, LD1/ST1 and PC as Rt follow the NISV policy always: a precise external abort with no
-device access (default) or a stop. Cache maintenance on a device (19) is a NOP. A page-table walk into
-device memory (20) never reaches a device.
+exclusives, SIMD&FP loads/stores and loads to PC (17, 18) are emulated the same way, as a sequence of
+single accesses in QEMU's order, with registers written only after the last one (a load to PC is an
+interworking branch); strict mode refuses them by the NISV policy. Atomics, SWP and LD1/ST1 follow the
+NISV policy always: a precise external abort with no device access (default) or a stop. Cache
+maintenance on a device (19) is a NOP. A page-table walk into device memory (20) never reaches a device.
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def test_case16_a32_register_offset_writeback_uses_the_full_shift(body: tuple[in
 # Pairs, duals, multiples, exclusives and SIMD&FP loads/stores are performed as QEMU's TCG performs them: one
 # exit per part, in QEMU's order (first register / lowest address first, a Q register as two 8-byte halves), and
 # the registers, the base and PC change only after the last part. Strict KVM refuses them all, as upstream KVM
-# does. Atomics, LD1/ST1 and PC as Rt stay refused.
+# does. Atomics and LD1/ST1 stay refused.
 
 A64_ENABLE_FP = [
     0xD2A00609,  # mov x9, #0x300000
@@ -487,7 +487,10 @@ def test_case18_aarch32_no_syndrome_is_emulated_as_single_accesses_in_order(
     (A32, (0xE8900030,), body_addr(A32, 8)),  # ldm r0, {r4, r5}: no PC (the control: both adds run)
     (A32, (0xE8908010,), body_addr(A32, 8)),  # ldm r0, {r4, pc}: to the second add, ARM state
     (T32, (0xBD10,), body_addr(T32, 4) | 1),  # pop {r4, pc}: to the second adds, Thumb state
-], ids=["a32-ldm-control", "a32-ldm-pc", "t16-pop-pc"])
+    (A32, (0xE590F004,), body_addr(A32, 8)),  # ldr pc, [r0, #4]
+    (A32, (0xE49DF004,), body_addr(A32, 8)),  # pop {pc}  (ldr pc, [sp], #4)
+    (T32, (0xF8D0, 0xF004), body_addr(T32, 6) | 1),  # ldr.w pc, [r0, #4]
+], ids=["a32-ldm-control", "a32-ldm-pc", "t16-pop-pc", "a32-ldr-pc", "a32-pop-pc", "t32-ldr-pc"])
 def test_case18_ldm_with_pc_loads_pc_after_every_part_as_an_interworking_branch(isa: str, insn: tuple[int, ...],
                                                                              target: int) -> None:
     probe = Probe()
@@ -495,10 +498,25 @@ def test_case18_ldm_with_pc_loads_pc_after_every_part_as_an_interworking_branch(
     probe.load(4, target, 4)
     probe.load(0x100, 0x4444, 4)
     probe.load(0x104, target, 4)
-    res = run(isa, code(isa, *insn, MARK[isa], MARK[isa]), regs={"r0": DEV, "sp": DEV + 0x100}, devices=[probe])
+    sp = DEV + (0x104 if insn == (0xE49DF004,) else 0x100)  # pop {pc} reads the target alone
+    res = run(isa, code(isa, *insn, MARK[isa], MARK[isa]), regs={"r0": DEV, "sp": sp}, devices=[probe])
     assert res.finished_body, (res.final, res.abort)
-    assert res.regs["r4"] == 0x4444
+    if insn[0] in (0xE8900030, 0xE8908010, 0xBD10):
+        assert res.regs["r4"] == 0x4444
     assert res.regs["r2"] == (2 if insn == (0xE8900030,) else 1)  # the branch skipped the first add
+    if insn == (0xE49DF004,):
+        assert res.regs["sp"] == DEV + 0x108  # sp += 4 (the pop read the word at DEV + 0x104)
+    assert all(e.handled for e in res.vcpu_stats.kvm_report.values())
+
+
+def test_case18_ldr_pc_to_a_thumb_address_switches_to_thumb() -> None:
+    probe = Probe()
+    probe.load(0, body_addr(A32, 8) | 1, 4)
+    # ldr pc, [r0]; add r2, r2, #1 (skipped); Thumb: adds r2, #1; nop; bx pc (word-aligned: back to ARM 4 bytes
+    # on, at the epilogue); nop
+    res = run(A32, words(0xE590F000, 0xE2822001, 0xBF00_3201, 0xBF00_4778), regs={"r0": DEV}, devices=[probe])
+    assert res.finished_body, (res.final, res.abort)
+    assert res.regs["r2"] == 1 and probe.log == [R(0, 4)]
 
 
 def test_case18_strd_whose_second_half_fails_leaves_the_first_half_performed() -> None:
@@ -528,13 +546,14 @@ AARCH32_REFUSED = [
     ("a32-push", A32, (0xE92D0006,), True, 0xF8, "multiple", False),  # push {r1, r2}          (sp = DEV + 0x100)
     ("a32-ldrd", A32, (0xE1C020D0,), False, 0x0, "dual", False),  # ldrd r2, r3, [r0]
     ("a32-ldrex", A32, (0xE1901F9F,), False, 0x0, "exclusive", False),  # ldrex r1, [r0]
-    ("a32-ldr-pc", A32, (0xE590F000,), False, 0x0, "PC as Rt", True),  # ldr pc, [r0]
+    ("a32-ldr-pc", A32, (0xE590F000,), False, 0x0, "PC as Rt", False),  # ldr pc, [r0]
     ("t16-ldm-wb", T32, (0xC806,), False, 0x0, "multiple", False),  # ldmia r0!, {r1, r2}
     ("t16-push", T32, (0xB406,), True, 0xF8, "multiple", False),  # push {r1, r2}
     ("t32-ldm", T32, (0xE890, 0x0006), False, 0x0, "multiple", False),  # ldmia.w r0, {r1, r2}
     ("t32-ldrd", T32, (0xE9D0, 0x2300), False, 0x0, "dual", False),  # ldrd r2, r3, [r0]
     ("t32-ldrex", T32, (0xE850, 0x1F00), False, 0x0, "exclusive", False),  # ldrex r1, [r0]
-    ("t32-ldr-pc", T32, (0xF8D0, 0xF000), False, 0x0, "PC as Rt", True),  # ldr.w pc, [r0]
+    ("t32-ldr-pc", T32, (0xF8D0, 0xF000), False, 0x0, "PC as Rt", False),  # ldr.w pc, [r0]
+    ("a32-swp", A32, (0xE1001092,), False, 0x0, "swap", True),  # swp r1, r2, [r0]
 ]
 
 

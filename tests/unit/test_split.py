@@ -59,6 +59,11 @@ PLANS = [
     (Isa.T32, 0xE9E02302, "strd r2, r3, [r0, #8]!", "dual", "STRD", (2, 3), 4, 8, 8, True),
     (Isa.T32, 0xE8702302, "ldrd r2, r3, [r0], #-8", "dual", "LDRD", (2, 3), 4, 0, -8, False),
     (Isa.T32, 0xE8401300, "strex r3, r1, [r0]", "exclusive", "STREX", (1,), 4, 0, None, True),
+    (Isa.A32, 0xE590F000, "ldr pc, [r0]", "PC as Rt", "LDR", (15,), 4, 0, None, False),
+    (Isa.A32, 0xE49DF004, "pop {pc}", "PC as Rt", "LDR", (15,), 4, 0, 4, False),
+    (Isa.A32, 0xE790F101, "ldr pc, [r0, r1, lsl #2]", "PC as Rt", "LDR", (15,), 4, 0x40, None, False),
+    (Isa.T32, 0xF8D0F004, "ldr.w pc, [r0, #4]", "PC as Rt", "LDR.W", (15,), 4, 4, None, False),
+    (Isa.T32, 0xF85DFB04, "ldr pc, [sp], #4", "PC as Rt", "LDR", (15,), 4, 0, 4, False),
     (Isa.T32, 0xE8D01F5F, "ldrexh r1, [r0]", "exclusive", "LDREXH", (1,), 2, 0, None, False),
 ]
 
@@ -89,12 +94,13 @@ def test_plans(isa: Isa, insn: int, kind: str, name: str, regs: tuple[int, ...],
     (Isa.A64, 0xC8E1FC02, "casal x1, x2, [x0]: compare-and-swap"),
     (Isa.A64, 0xA9C10401, "ldp x1, x1, [x0, #16]!: Rt == Rt2 (CONSTRAINED UNPREDICTABLE)"),
     (Isa.A64, 0xA9C10800, "ldp x0, x2, [x0, #16]!: writeback onto Rt"),
-    (Isa.A32, 0xE590F000, "ldr pc, [r0]: PC as Rt"),
+    (Isa.A32, 0xE1001092, "swp r1, r2, [r0]: swap"),
+    (Isa.A32, 0xE59FF000, "ldr pc, [pc]: literal"),
     (Isa.A32, 0xE8B00003, "ldm r0!, {r0, r1}: writeback onto a loaded register"),
     (Isa.A32, 0xE8D00006, "ldm r0, {r1, r2}^: user registers"),
     (Isa.A32, 0xE1C030D0, "ldrd r3, r4, [r0]: odd Rt"),
     (Isa.A32, 0xE8900000, "ldm r0, {}: empty list"),
-    (Isa.T32, 0xF8D0F000, "ldr.w pc, [r0]: PC as Rt"),
+    (Isa.T32, 0xF8DFF000, "ldr.w pc, [pc]: literal"),
     (Isa.T32, 0xE8BDC000, "pop.w {lr, pc}: UNPREDICTABLE"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_left_refused(isa: Isa, insn: int, why: str) -> None:
