@@ -659,3 +659,40 @@ def test_case20_the_same_tables_in_ram_work() -> None:
                                                          "x4": TABLES}, devices=[probe], ram={TABLES: tables})
     assert res.finished_body
     assert probe.log == [Access(0x10, 4, False, 0)] and res.regs["x1"] == 0x600D
+
+
+# ----- cases 17 and 18 against Unicorn itself: the same instruction on RAM, where QEMU's TCG performs it --------
+
+def _to_ram(value: int) -> int:
+    return DATA + value - DEV if DEV <= value < DEV + DEV_SIZE else value
+
+
+def _same(ram_value: int, dev_value: int) -> bool:
+    """Equal, or the same offset into the RAM copy and the device (a base register)."""
+    return ram_value == dev_value or (DATA <= ram_value < DATA + DEV_SIZE and ram_value - DATA == dev_value - DEV)
+
+
+DIFFERENTIAL = [(A64, words(*A64_ENABLE_FP, *n[1]), {"x0": DEV, "x1": X1, "x2": X2, "x3": 0x33, "x4": 0x44} | n[2],
+                 n[0]) for n in A64_SPLIT] + [
+    (n[1], code(n[1], *n[2]), A32_REGS | n[3], n[0]) for n in AARCH32_SPLIT] + [
+    (A64, words(*A64_ENABLE_FP, *A64_BIG_ENDIAN, 0xA9400801, 0x3CC10000, 0x9E660005, 0x4E183C06, 0xA9020801),
+     {"x0": DEV}, "a64-big-endian"),
+    (A32, words(0xF1010200, 0xE1C021F0, 0xE8900030, 0xE92D001E, 0xE8BD00F0, 0xF1010000), A32_REGS, "a32-big-endian"),
+]
+
+
+@pytest.mark.parametrize(("isa", "body", "regs"), [d[:3] for d in DIFFERENTIAL], ids=[d[3] for d in DIFFERENTIAL])
+def test_case17_18_split_leaves_what_unicorn_leaves_on_ram(isa: str, body: bytes, regs: dict[str, int]) -> None:
+    """The split emulation against QEMU's TCG (Unicorn) running the same code on RAM: every register and every
+    byte of memory agree, base registers as offsets."""
+    on_ram = run(isa, body, regs={k: _to_ram(v) for k, v in regs.items()}, ram={DATA: PATTERN},
+                 read=[(DATA, len(PATTERN))])
+    probe = Probe()
+    probe.memory[:len(PATTERN)] = PATTERN
+    on_dev = run(isa, body, regs=regs, devices=[probe])
+    assert on_ram.finished_body and on_dev.finished_body, (on_ram.final, on_ram.abort, on_dev.final, on_dev.abort)
+    assert on_dev.vcpu_stats.hand_decoded > 0 and on_ram.vcpu_stats.hand_decoded == 0
+    differ = {r: (hex(on_ram.regs[r]), hex(on_dev.regs[r])) for r in on_ram.regs
+              if r != "pc" and not _same(on_ram.regs[r], on_dev.regs[r])}
+    assert not differ
+    assert on_ram.ram[DATA] == bytes(probe.memory[:len(PATTERN)])
