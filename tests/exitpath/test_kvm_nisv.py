@@ -696,3 +696,18 @@ def test_case17_18_split_leaves_what_unicorn_leaves_on_ram(isa: str, body: bytes
               if r != "pc" and not _same(on_ram.regs[r], on_dev.regs[r])}
     assert not differ
     assert on_ram.ram[DATA] == bytes(probe.memory[:len(PATTERN)])
+
+
+@pytest.mark.parametrize(("isa", "insn", "base", "far", "write"), [
+    (A64, (0xA9400801,), DEV + 4, DEV + 4, False),  # ldp x1, x2, [x0]: 8-byte registers at a 4-byte boundary
+    (A32, (0xE8800006,), DEV + 2, DEV + 2, True),  # stm r0, {r1, r2}
+    (T32, (0xE9D0, 0x2300), DEV + 1, DEV + 1, False),  # ldrd r2, r3, [r0]
+], ids=["a64-ldp", "a32-stm", "t32-ldrd"])
+def test_case17_18_unaligned_split_with_the_mmu_off_is_an_alignment_fault(isa: str, insn: tuple[int, ...], base: int,
+                                                                         far: int, write: bool) -> None:
+    from tests.exitpath.test_kvm_faults import expect_alignment_fault  # (it imports this module)
+
+    probe = Probe()
+    res = run(isa, code(isa, *insn, MARK[isa]), regs={"x0" if isa == A64 else "r0": base}, devices=[probe])
+    expect_alignment_fault(res, pc=body_addr(isa), far=far, write=write)
+    assert probe.log == []
