@@ -711,3 +711,19 @@ def test_case17_18_unaligned_split_with_the_mmu_off_is_an_alignment_fault(isa: s
     res = run(isa, code(isa, *insn, MARK[isa]), regs={"x0" if isa == A64 else "r0": base}, devices=[probe])
     expect_alignment_fault(res, pc=body_addr(isa), far=far, write=write)
     assert probe.log == []
+
+
+def test_case17_split_with_the_mmu_on_uses_physical_addresses_and_reports_virtual_ones() -> None:
+    # VA 0x8000_0000 + x maps to PA x (device memory): the parts reach the device at its physical address, and a
+    # failing part is reported at its virtual address (FAR).
+    alias = 0x8000_0000
+    tables = block(0, 0) + block(0x4000_0000, 1) + block(0, 0)
+    probe = Probe(fail=refuse_from(0x18))
+    probe.memory[:len(PATTERN)] = PATTERN
+    # ...MMU on; ldp x1, x2, [x0]; ldp x3, x4, [x0, #16]  (the second one's second register fails)
+    res = run(A64, words(*A64_MMU_ON, 0xA9400801, 0xA9411003, MARK[A64]),
+              regs={"x0": alias + DEV, "x2": MAIR, "x3": TCR, "x4": TABLES}, devices=[probe], ram={TABLES: tables})
+    expect_sea(res, pc=body_addr(A64, 4 * len(A64_MMU_ON) + 4), far=alias + DEV + 0x18)
+    assert probe.log == [R(0, 8), R(8, 8), R(0x10, 8), R(0x18, 8)]
+    assert (res.regs["x1"], res.regs["x2"]) == (v(0, 8), v(8, 8))
+    assert (res.regs["x3"], res.regs["x4"]) == (TCR, TABLES)  # untouched by the failed pair
