@@ -586,8 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="access to an address no device or RAM owns: read as zero/ignore writes (default, as "
                      "QEMU+KVM), abort, or stop")
     pol.add_argument("--on-nisv", choices=["abort", "stop"], default="abort",
-                     help="a device access by an instruction with no usable syndrome (ISV=0: pairs, multiples, "
-                     "exclusives, SIMD; writeback forms with --strict-kvm) (default abort)")
+                     help="a device access by an instruction with no usable syndrome that mmiosplit does not "
+                     "emulate (ISV=0: atomics, LD1/ST1; with --strict-kvm also writeback forms, pairs, duals, "
+                     "multiples, exclusives, SIMD&FP and loads to PC) (default abort)")
     pol.add_argument("--on-device-error", choices=["abort", "stop"], default="abort",
                      help="a device refuses an access or cannot be reached (default abort)")
     pol.add_argument("--on-deadline", choices=["abort", "stop"], default="abort",
@@ -597,8 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "access in flight (default), or say so in an event, re-read its mirrors and shadow registers "
                      "and go on with the new instance, sending it the access in flight")
     pol.add_argument("--strict-kvm", action="store_true",
-                     help="refuse the writeback forms (ISV=0) that mmiosplit decodes by hand, as upstream KVM/ARM "
-                     "does; --on-nisv then applies to them")
+                     help="refuse the instructions with no syndrome (ISV=0) that mmiosplit emulates (writeback "
+                     "forms, pairs, duals, multiples, exclusives, SIMD&FP, loads to PC), as upstream KVM/ARM does; "
+                     "--on-nisv then applies to them")
     tr = r.add_argument_group(
         "exit trace and KVM report", "stdout carries the guest console, so the human-readable trace and the "
         "report go to stderr (or to the files named below)")

@@ -164,6 +164,10 @@ class Arch(abc.ABC):
     def write_base(self, uc: Uc, n: int, value: int) -> None:
         """Write back a base register Rn (A64: 31 is SP)."""
 
+    def load_write_pc(self, uc: Uc, value: int) -> None:
+        """AArch32 ``LoadWritePC``: a load to PC is an interworking branch (bit 0 selects Thumb)."""
+        raise ArchError(f"{self.name} has no load to PC")
+
     @abc.abstractmethod
     def carry_flag(self, uc: Uc) -> bool:
         """PSTATE.C, for the RRX shift of an AArch32 register offset."""
@@ -422,6 +426,10 @@ class AArch32(Arch):
 
     def write_base(self, uc: Uc, n: int, value: int) -> None:
         self.write_gpr(uc, n, value)
+
+    def load_write_pc(self, uc: Uc, value: int) -> None:
+        # Unicorn takes the Thumb state from bit 0 of a PC write; ARM state needs a word-aligned address.
+        fastreg.reg_write(uc, a32.UC_ARM_REG_PC, value if value & 1 else value & ~3)
 
     def carry_flag(self, uc: Uc) -> bool:
         return bool(int(uc.reg_read(a32.UC_ARM_REG_CPSR)) & (1 << 29))

@@ -17,7 +17,8 @@ Rules followed (see `shared/reference/kvm-mmio.md`, section 1.3):
   KVM retires these as a NOP (`kvm-mmio.md` 2.1). Its `sas`/`srt` carry no access: check `cm` first.
 * Everything else (multiple, dual, pair, exclusive, SIMD/FP/SVE, LSE atomics, prefetch, literal/PC
   as Rt or Rn, UNPREDICTABLE or should-be-zero/one violations, non-memory instructions) is a
-  `Refused` whose reason names the class.
+  `Refused` whose reason names the class: none of them has a syndrome. The exit path emulates some of
+  them anyway, planned by `split.decode_split`.
 
 `decode()` never raises. The A32 condition field is ignored here; callers check it with
 `a32_condition()` and `condition_passed()` (a conditional instruction may trap even if it would not

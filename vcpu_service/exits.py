@@ -7,7 +7,17 @@ policy, later the GIC), and return an action. It never blocks and never calls ba
 ``complete`` is ``kvm_handle_mmio_return``: apply a completion (Rt with its sign and width, base writeback, PC,
 and everything the completion carries: interrupt levels, ROMD mirror changes, shadow values, failed posted
 writes). It is the one place those side effects happen. What cannot be handled gets QEMU's answer by policy:
-a precise synchronous external abort, or a stop. The arithmetic lives in the pure modules ``decode`` and ``completion``.
+a precise synchronous external abort, or a stop. The arithmetic lives in the pure modules ``decode``, ``split``
+and ``completion``.
+
+Instructions with no syndrome that the architecture performs and KVM refuses (pairs, duals, multiples,
+exclusives, SIMD&FP, loads to PC: ``split.decode_split``) become a ``Split`` unless the VM is strict: one
+single access per part in QEMU's TCG order, all checked against their regions before the first is sent, then
+``perform_split`` sends them one by one (each waiting for its completion, or answered by an in-process handler)
+and writes registers, base and PC once, after the last. A failing part gets the single access's policy at the
+instruction's PC with FAR = the part's address and no register written; the parts of a store already
+performed stay performed, as under QEMU (the architecture does not make these accesses single-copy atomic).
+Only ISV=0 instructions reach that code: the single-access path is unchanged.
 """
 
 from __future__ import annotations
@@ -17,12 +27,13 @@ import functools
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from hdrh.histogram import HdrHistogram
 from unicorn import UC_HOOK_MEM_READ, Uc, UcError
+from unicorn import arm64_const as a64_const
 
 from mmiosplit.mmio import (
     Completion,
@@ -50,9 +61,11 @@ from vcpu_service.handlers import (
     HandlerRegistry,
     PostedWriteLost,
     PostedWrites,
+    Slot,
     VcpuLink,
 )
 from vcpu_service.shadows import ShadowTable
+from vcpu_service.split import Transfer, decode_split, offset_amount
 from vcpu_service.tracelog import ExitRecord, TraceLog
 
 # Exit latencies buffered before the vCPU folds them into its histogram itself (8 MiB).
@@ -70,6 +83,10 @@ def decode_cached(isa: Isa, word: int) -> tuple[Decoded, int]:
     if isinstance(decoded, Refused) or decoded.cm:
         return decoded, -1
     return decoded, decoded.esr(EC_DABT_LOW, DFSC_TRANSLATION_L3)
+
+
+#: The plan of an ISV=0 instruction (``split.decode_split``), cached like ``decode_cached``.
+split_cached = functools.lru_cache(maxsize=1024)(decode_split)
 
 
 def describe_access(pc: int, address: int, insn: FetchedInsn) -> str:
@@ -234,7 +251,32 @@ class GuestFault(NamedTuple):
     alignment: bool = True
 
 
-Action = Skip | Refuse | CompleteNow | Forward | GuestFault
+class SplitPart(NamedTuple):
+    """One single access of a split instruction: its pending access (physical address), the address the guest
+    used (the FAR if it fails) and the in-process handlers of its slot."""
+
+    pending: PendingAccess
+    va: int
+    handlers: tuple[Handler, ...]
+
+
+class Split(NamedTuple):
+    """An instruction with no syndrome emulated as a sequence of single accesses (``perform_split``): each part
+    is its own exit, in order; registers, writeback and PC change only once every part has completed."""
+
+    pc: int
+    insn: FetchedInsn
+    transfer: Transfer
+    parts: tuple[SplitPart, ...]
+    start: int  # the first address, as the guest computed it
+    new_base: int | None
+    big_endian: bool
+
+
+Action = Skip | Refuse | CompleteNow | Forward | GuestFault | Split
+
+_MASK32 = 0xFFFF_FFFF
+_MASK64 = 0xFFFF_FFFF_FFFF_FFFF
 
 
 class ExitPath:
@@ -252,6 +294,8 @@ class ExitPath:
         # not thread-safe either: both sides hold latency_lock.
         self._latencies = array.array("q")
         self.latency_lock = threading.Lock()
+        # The exclusive monitor of emulated LDXR/LDREX on device memory: (address, size), or None when open.
+        self.monitor: tuple[int, int] | None = None
 
     # ----- begin --------------------------------------------------------------------------------------------
     def begin(self, pc: int, address: int, fault_is_write: bool, fault_size: int = 0) -> Action:
@@ -337,6 +381,12 @@ class ExitPath:
         if isinstance(decoded, Syndrome):
             return None
         reason = decoded.reason
+        if not self.vm.strict_kvm:
+            transfer = split_cached(insn.isa, insn.word)
+            if transfer is not None:
+                self._kvm_note(pc, insn, reason, handled=True)
+                self.stats.hand_decoded += 1
+                return self._begin_split(pc, address, insn, transfer)
         self._kvm_note(pc, insn, reason, handled=False)
         return Refuse(self.vm.policies.nisv, ErrorKind.NISV,
                       f"{self._who}: NISV: access to {describe_access(pc, address, insn)} has no usable instruction "
@@ -362,6 +412,270 @@ class ExitPath:
                               pending.syn.wnr, pending.insn, answer.device, syndrome)
             return CompleteNow(pending, answer, handler.kind)
         return None
+
+    # ----- instructions with no syndrome, split into single accesses -----------------------------------------
+    def _begin_split(self, pc: int, address: int, insn: FetchedInsn, t: Transfer) -> Action:
+        """Plan an ISV=0 instruction as single accesses and check every part against its region before the
+        first one is sent, so that a part no device can take refuses the whole instruction with no access.
+
+        ``address`` is where Unicorn faulted (a physical address): the parts are laid out from the registers
+        (virtual addresses) and moved by the same distance, which holds within the faulting page.
+        """
+        uc = self.vcpu.uc
+        arch = self.arch
+        mask = _MASK64 if t.a64 else _MASK32
+        base = arch.read_base(uc, t.rn)
+        amount = t.offset if t.offset_reg is None else offset_amount(t, arch.read_gpr(uc, t.offset_reg),
+                                                                     arch.carry_flag(uc))
+        start = (base + t.bias + (0 if t.post_index else amount)) & mask
+        new_base = (base + (amount if t.wb_offset is None else t.wb_offset)) & mask if t.writeback else None
+        nisv = (EC_DABT_LOW << 26) | (1 << 25) | (int(t.wnr) << 6) | DFSC_TRANSLATION_L3
+        if t.status is not None and self.monitor != (start, t.size):
+            # A store-exclusive with no monitor for this address fails: status 1, no access.
+            return Split(pc, insn, t, (), start, None, False)
+        mmu = exceptions.mmu_enabled(arch, uc)
+        vas = [start + part.offset for part in t.parts]
+        if not mmu:  # Device memory: every part aligned to its size, an exclusive to its whole size
+            for part, va in zip(t.parts, vas, strict=True):
+                if va % part.size or (t.exclusive and start % t.size):
+                    return GuestFault(pc, va, t.wnr, insn, alignment=True)
+        faulting = next((va for va in vas if va & 0xFFF == address & 0xFFF), None)
+        if faulting is None and mmu:
+            return Refuse(self.vm.policies.nisv, ErrorKind.NISV,
+                          f"{self._who}: NISV: {t.name} at pc 0x{pc:x}: the fault at 0x{address:x} is none of its "
+                          f"accesses (from 0x{start:x}), so they cannot be placed", pc, start, t.wnr, insn,
+                          syndrome=nisv)
+        delta = 0 if faulting is None else address - faulting
+        big_endian = self.vcpu.big_endian_data()
+        data = self._split_store_data(pc, t, big_endian) if t.wnr else b""
+        parts = []
+        first = self.vm.handlers.lookup(vas[0] + delta)
+        for part, va in zip(t.parts, vas, strict=True):
+            pa = va + delta
+            problem = ""
+            slot = self.vm.handlers.lookup(pa)
+            region = slot.region if slot is not None else None
+            if mmu and faulting is not None and va >> 12 != faulting >> 12:
+                problem = "it crosses a page boundary with the MMU on, where the next page may map anywhere"
+            elif slot is not first:
+                # As a single access that straddles the end of a device: the instruction is one access to the
+                # architecture, so it is refused whole rather than half-done.
+                problem = (f"the instruction straddles the end of {self._slot_name(first)} into "
+                           f"{self._slot_name(slot)}; a bus error, like an access that no single device can answer")
+            elif region is not None:
+                problem = region_problem(region, pa, part.size)
+            elif slot is None and self._is_ram(pa):
+                problem = "it straddles RAM and device space; a bus error, like an access no single device answers"
+            if problem:
+                return Refuse(self.vm.policies.device_error, ErrorKind.DEVICE_ERROR,
+                              f"{self._who}: {t.name} at pc 0x{pc:x} ({t.kind}, {len(t.parts)} accesses from "
+                              f"0x{start:x}): its {part.size}-byte access to 0x{va:x}: {problem}; refused before "
+                              "any access", pc, va, t.wnr, insn, region.device if region is not None else "",
+                              nisv)
+            syn = Syndrome(isv=False, sas=part.size.bit_length() - 1, sse=False, srt=t.regs[part.element] & 31,
+                           sf=t.sf, ar=False, wnr=t.wnr, il=t.il, rn=t.rn)
+            chunk = data[part.offset:part.offset + part.size]
+            pending = PendingAccess(pc, insn, syn, pa, region, chunk, big_endian, None, time.perf_counter_ns())
+            handlers = slot.handlers if slot is not None else (self.vm.handlers.unmapped,)
+            parts.append(SplitPart(pending, va, handlers))
+        return Split(pc, insn, t, tuple(parts), start, new_base, big_endian)
+
+    def _split_store_data(self, pc: int, t: Transfer, big_endian: bool) -> bytes:
+        """The bytes a split store writes, in guest-memory order: each register in its own byte order."""
+        uc = self.vcpu.uc
+        out = bytearray()
+        for reg in t.regs:
+            if t.simd:
+                value = int(uc.reg_read(a64_const.UC_ARM64_REG_Q0 + reg))
+            elif reg == 15 and not t.a64:
+                value = pc + 8  # STM with PC in the list (A32 only) stores the instruction's address + 8
+            else:
+                value = self.arch.read_gpr(uc, reg)
+            value &= (1 << (8 * t.reg_size)) - 1
+            out += value.to_bytes(t.reg_size, "big" if big_endian else "little")
+        return bytes(out)
+
+    @staticmethod
+    def _slot_name(slot: Slot | None) -> str:
+        if slot is None:
+            return "unmapped space"
+        return slot.region.device if slot.region is not None else f"the in-process device at 0x{slot.base:x}"
+
+    def _is_ram(self, address: int) -> bool:
+        try:
+            self.vcpu.uc.mem_read(address, 1)
+        except UcError:
+            return False
+        return True
+
+    def perform_split(self, split: Split,
+                      exchange: Callable[[PendingAccess], Completion | TransportError | None]) -> None:
+        """Carry out a split instruction: each part in order, each its own exit waiting for its completion (or an
+        in-process handler's answer). A failing part applies the policy the single access would get, at the
+        instruction's PC with FAR = that part's address, and no register changes; stores already performed stay
+        performed, as under QEMU. Registers, writeback and PC change once, after the last part."""
+        loaded: list[bytes] = []
+        insn = split.insn
+        for pending, va, handlers in split.parts:
+            result: Completion | TransportError | None = None
+            kind = "exit"
+            if handlers:
+                action = self._try_handlers(handlers, pending, 0)
+                if isinstance(action, Refuse):
+                    self.refuse(action._replace(address=va, syndrome=self._split_esr(pending)))
+                    return
+                if isinstance(action, CompleteNow):
+                    result, kind = action.completion, action.kind
+            if result is None:
+                region = pending.region
+                if region is None:
+                    raise VcpuFault(ErrorKind.INTERNAL, f"{self._who}: no handler answered the access to "
+                                    f"{pending.where}, which no device service owns", pc=split.pc)
+                pending.exit = MmioExit(self.vcpu.index, pending.address, pending.syn.size, pending.syn.wnr,
+                                        pending.data, region.device, region.name, pending.address - region.base, 0,
+                                        split.pc, insn.word, region.deadline_ms)
+                result = exchange(pending)
+                if result is None:
+                    return  # the vCPU stops: the instruction has not retired
+            data = self._settle_part(pending, va, result, kind)
+            if data is None:
+                return
+            loaded.append(data)
+        self._retire_split(split, b"".join(loaded))
+
+    @staticmethod
+    def _split_esr(pending: PendingAccess) -> int:
+        return pending.syn.esr(EC_DABT_LOW, DFSC_TRANSLATION_L3)
+
+    def _refuse_part(self, pending: PendingAccess, va: int, policy: FaultPolicy, kind: ErrorKind,
+                     reason: str) -> None:
+        region = pending.region
+        self.refuse(Refuse(policy, kind, reason, pending.pc, va, pending.syn.wnr, pending.insn,
+                           region.device if region is not None else "", self._split_esr(pending)))
+
+    def _settle_part(self, pending: PendingAccess, va: int, result: Completion | TransportError,
+                     kind: str) -> bytes | None:
+        """Check and count one completed part (as ``complete`` does for a single access, without touching
+        registers); its data (b"" for a store), or None when it failed and its policy was applied."""
+        region = pending.region
+        syn = pending.syn
+        if isinstance(result, TransportError):
+            deadline = isinstance(result, DeadlineExceeded)
+            lost = isinstance(result, (ServiceLost, DeviceRestarted))  # the run cannot go on (see complete)
+            self._refuse_part(pending, va, FaultPolicy.STOP if lost else self.vm.policies.deadline if deadline
+                              else self.vm.policies.device_error, ErrorKind.DEADLINE if deadline
+                              else ErrorKind.DEVICE_SERVICE,
+                              f"{self._who}: {self._access_name(pending)} (one part of a split access): {result}")
+            return None
+        if result.posted_errors or result.mirror_changes or result.shadows or result.lines:
+            try:
+                self.apply_effects(result, region.device if region is not None else "", pc=pending.pc)
+            except TransportError as exc:
+                self._refuse_part(pending, va, self.vm.policies.device_error, ErrorKind.DEVICE_SERVICE,
+                                  f"{self._who}: {self._access_name(pending)}: {exc}")
+                return None
+        if result.status is not CompletionStatus.OK:
+            self._refuse_part(pending, va, self.vm.policies.device_error, ErrorKind.DEVICE_ERROR,
+                              f"{self._who}: {region.device if region is not None else ''} refused the "
+                              f"{syn.size}-byte {'write' if syn.wnr else 'read'} of {pending.where} (one part of a "
+                              f"split access): {result.status.value}: {result.error}")
+            return None
+        data = b"" if syn.wnr else result.data
+        if len(data) != (0 if syn.wnr else syn.size):
+            self._refuse_part(pending, va, self.vm.policies.device_error, ErrorKind.DEVICE_SERVICE,
+                              f"{self._who}: completion for {pending.where}: {syn.size} data bytes expected, got "
+                              f"{len(data)}")
+            return None
+        stats = self.stats
+        now = time.perf_counter_ns()
+        t0 = pending.started_ns
+        if kind == "exit":
+            assert region is not None
+            t0 = pending.sent_ns
+            with self.latency_lock:
+                self._latencies.append(now - t0)
+                if len(self._latencies) >= LATENCY_BUFFER:
+                    self._fold_latencies()
+            stats.exits += 1
+            op = "write" if syn.wnr else "read"
+            if syn.wnr:
+                stats.writes += 1
+            else:
+                stats.reads += 1
+            stats.by_region[region.device, region.name, op] += 1
+            kind = "ok"
+        elif kind == "posted" and region is not None:
+            if result is not QUEUED:
+                stats.posted_batches += 1
+            stats.posted_writes += 1
+            stats.by_region[region.device, region.name, "posted_write"] += 1
+        elif kind == "shadow" and region is not None:
+            stats.shadow_reads += 1
+            stats.by_region[region.device, region.name, "shadow_read"] += 1
+        if self.vm.trace is not None:
+            self._trace(pending, int.from_bytes(data or pending.data, "little"), kind, t0, now)
+        return data
+
+    def _retire_split(self, split: Split, loaded: bytes) -> None:
+        """Every part completed: write the loaded registers, the base and PC (or branch), once."""
+        t = split.transfer
+        uc = self.vcpu.uc
+        arch = self.arch
+        if t.status is not None:
+            arch.write_gpr(uc, t.status, 0 if split.parts else 1)
+            self.monitor = None
+        elif t.exclusive:
+            self.monitor = (split.start, t.size)
+            if self._arm_unicorn_monitor(split, loaded):
+                return  # Unicorn ran the load itself, from the device's bytes: registers and PC are done
+        branch = None
+        if not t.wnr:
+            for i, reg in enumerate(t.regs):
+                value = int.from_bytes(loaded[i * t.reg_size:(i + 1) * t.reg_size],
+                                       "big" if split.big_endian else "little")
+                if t.sse:
+                    sign = 1 << (8 * t.reg_size - 1)
+                    value = (value ^ sign) - sign
+                if t.simd:
+                    uc.reg_write(a64_const.UC_ARM64_REG_Q0 + reg, value)
+                elif reg == 15 and not t.a64:
+                    branch = value
+                else:
+                    arch.write_gpr(uc, reg, value & (_MASK64 if t.sf else _MASK32))
+        if split.new_base is not None:
+            arch.write_base(uc, t.rn, split.new_base)
+        arch.advance(uc, split.pc, t.insn_len)
+        if branch is not None:
+            arch.load_write_pc(uc, branch)
+
+    def _arm_unicorn_monitor(self, split: Split, loaded: bytes) -> bool:
+        """Run a load-exclusive once more in Unicorn, over a scratch page holding the bytes the device returned,
+        so that Unicorn's own exclusive monitor is set: only then does its store-exclusive to the same address
+        trap (instead of failing at once) and come here to be checked against ``monitor``. False if the page
+        cannot be mapped (the caller writes the registers; the store-exclusive will then fail)."""
+        uc = self.vcpu.uc
+        first = split.parts[0].pending.address
+        page = first & ~0xFFF
+        if (first + split.transfer.size - 1) & ~0xFFF != page:
+            return False
+        try:
+            uc.mem_map(page, 0x1000)
+        except UcError:
+            return False
+        executed = self.vcpu.executed
+        try:
+            uc.mem_write(first, loaded)
+            # A block translated earlier would run on past the instruction: translate it afresh, alone.
+            end = split.pc + split.transfer.insn_len
+            uc.ctl_remove_cache(split.pc, end)
+            uc.emu_start(self.arch.start_address(uc, split.pc), end, count=1)
+            uc.ctl_remove_cache(split.pc, end)
+            return self.arch.pc(uc) == end
+        except UcError:
+            return False
+        finally:
+            self.vcpu.executed = executed
+            uc.mem_unmap(page, 0x1000)
 
     # ----- complete -----------------------------------------------------------------------------------------
     def settle(self, action: Skip | Refuse | CompleteNow | GuestFault) -> None:

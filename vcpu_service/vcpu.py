@@ -60,7 +60,7 @@ from vcpu_service.arch import EXCEPTION_NAMES, EXCP_HVC, SCTLR_EE_E0E, AArch64, 
 from vcpu_service.cp15trap import TimerTrap
 from vcpu_service.domain import ErrorKind, EventKind
 from vcpu_service.exceptions import irq_masked, take_irq
-from vcpu_service.exits import ExitPath, Forward, PendingAccess, VcpuFault, VmView
+from vcpu_service.exits import ExitPath, Forward, PendingAccess, Split, VcpuFault, VmView
 from vcpu_service.gentimer import GenericTimer
 from vcpu_service.interrupts import Ticker, VcpuTimer
 from vcpu_service.memory import Mirror, RamBlock
@@ -860,6 +860,8 @@ class Vcpu:
             result = self.exchange(action.pending)
             if result is not None:
                 self.exits.complete(action.pending, result)
+        elif isinstance(action, Split):
+            self.exits.perform_split(action, self.exchange)
         else:
             self.exits.settle(action)
 

@@ -244,7 +244,9 @@ class Policies(_message.Message):
     deadline: Global___FaultPolicy.ValueType
     """No completion before the exit deadline."""
     nisv: Global___FaultPolicy.ValueType
-    """An access whose instruction has no usable syndrome (KVM_EXIT_ARM_NISV)."""
+    """An access whose instruction has no usable syndrome (KVM_EXIT_ARM_NISV) and that mmiosplit does not
+    emulate (atomics, LD1/ST1; with strict_kvm every ISV=0 form).
+    """
     device_restart: Global___DeviceRestartPolicy.ValueType
     """A device service came back as another instance (it restarted; its state is gone)."""
     def __init__(
@@ -319,7 +321,9 @@ class VmConfig(_message.Message):
     """How long a vCPU waits for a completion; 0 = the service default."""
     name: _builtins.str
     strict_kvm: _builtins.bool
-    """Refuse the writeback forms that mmiosplit decodes by hand, as upstream KVM does (NISV policy applies)."""
+    """Refuse the ISV=0 forms that mmiosplit emulates (writeback, pairs, duals, multiples, exclusives, SIMD&FP,
+    loads to PC), as upstream KVM does (NISV policy applies).
+    """
     trace_exits: _builtins.bool
     """Record every exit for StreamExitTrace."""
     machine: _builtins.str
@@ -1191,7 +1195,9 @@ class KvmReportEntry(_message.Message):
     instruction: _builtins.int
     reason: _builtins.str
     handled: _builtins.bool
-    """True when mmiosplit decoded it by hand; false when it was refused (NISV policy)."""
+    """True when mmiosplit emulated it (hand-decoded writeback, or split into single accesses); false when it
+    was refused (NISV policy).
+    """
     count: _builtins.int
     def __init__(
         self,

@@ -164,7 +164,7 @@ def _check(args: argparse.Namespace) -> str | None:
         return "argument --target: only with --device-service (otherwise the target is --device)"
     if args.arch == "arm" and args.size == 8:
         return "argument --size: 8 needs --arch aarch64 (A32 has no single-register 64-bit load/store; LDRD/STRD " \
-               "carry no syndrome)"
+               "carry no syndrome and would be two 4-byte exits)"
     for option in ("json", "csv", "hgrm", "plot"):
         path = getattr(args, option)
         if path is None:

@@ -40,3 +40,16 @@ def test_a_virt_vm_with_more_vcpus_than_a_gicv2_takes_is_refused(unix_services: 
         unix_services.create(cfg)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "GICv2" in info.value.details() and "8" in info.value.details()
+
+
+def test_a_register_pair_is_split_into_two_in_process_gic_accesses(unix_services: Services) -> None:
+    # x0 = GICD; ldp w1, w2, [x0]: GICD_CTLR then GICD_TYPER, no syndrome, two 4-byte accesses the GIC answers.
+    cfg = unix_services.config(a64(0xD2A10000, 0x29400801, *SYSTEM_OFF), machine="virt", stop_on=("device_error",))
+    cfg.images[0].load_address = cfg.entry_point = LOAD
+    vm_id, final = unix_services.run(cfg, timeout=30)
+    regs = unix_services.registers(vm_id, 0, "x1", "x2")
+    stats = unix_services.stats(vm_id)
+    unix_services.delete(vm_id)
+    assert final.kind == vcpu_pb2.VM_EVENT_KIND_POWERED_OFF, final
+    assert regs["x1"] == 0 and regs["x2"] == (288 // 32 - 1)  # GICD_CTLR, GICD_TYPER (one CPU)
+    assert stats.exits == 0

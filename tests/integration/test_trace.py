@@ -60,8 +60,12 @@ TRACE_T32 = struct.pack(
 LDP_A64 = a64(
     0xD2A14000,  # +0x00 mov x0, #0x0a000000
     0xB8404401,  # +0x04 ldr w1, [x0], #4   (writeback: decoded by mmiosplit unless --strict-kvm)
-    0xA9400801,  # +0x08 ldp x1, x2, [x0]   (pair: no syndrome, refused)
-    0x14000000,  # +0x0c b .
+    0x29400801,  # +0x08 ldp w1, w2, [x0]   (pair: no syndrome, split into two exits unless --strict-kvm)
+    0xD2A00609,  # +0x0c mov x9, #0x300000
+    0xD5181049,  # +0x10 msr cpacr_el1, x9  (FPEN)
+    0xD5033FDF,  # +0x14 isb
+    0x4C407000,  # +0x18 ld1 {v0.16b}, [x0] (multiple structures: no syndrome, refused)
+    0x14000000,  # +0x1c b .
 )
 
 
@@ -149,14 +153,27 @@ def test_kvm_report_counts_the_hand_decoded_writeback(tmp_path: Path) -> None:
     }]
 
 
-def test_kvm_report_lists_a_refused_pair(tmp_path: Path) -> None:
+def test_kvm_report_lists_a_split_pair_and_a_refused_ld1(tmp_path: Path) -> None:
     proc = mmiosplit_run(tmp_path, LDP_A64, *DEVICES, "--kvm-report", "--on-nisv", "stop")
     assert proc.returncode == 1, proc.stderr
-    assert "NISV" in proc.stderr and "0xa9400801" in proc.stderr
-    assert "KVM report: 2 PCs (2 accesses)" in proc.stderr
+    assert "NISV" in proc.stderr and "0x4c407000" in proc.stderr
+    assert "KVM report: 3 PCs (3 accesses)" in proc.stderr
     rows = {row.split()[0]: row for row in report_rows(proc.stderr)}
     assert rows[f"0x{LOAD + 4:08x}"].endswith("decoded by mmiosplit")
     ldp = rows[f"0x{LOAD + 8:08x}"]
+    assert "29400801     ldp w1, w2, [x0]" in ldp and " 1  load/store pair" in ldp
+    assert ldp.endswith("decoded by mmiosplit")
+    ld1 = rows[f"0x{LOAD + 0x18:08x}"]
+    assert "4c407000" in ld1 and "SIMD" in ld1 and ld1.endswith("refused")
+
+
+def test_kvm_report_lists_a_pair_refused_in_strict_kvm_mode(tmp_path: Path) -> None:
+    pair = a64(0xD2A14000, 0xA9400801, 0x14000000)  # mov x0, #0x0a000000; ldp x1, x2, [x0]; b .
+    proc = mmiosplit_run(tmp_path, pair, *DEVICES, "--kvm-report", "--on-nisv", "stop", "--strict-kvm")
+    assert proc.returncode == 1, proc.stderr
+    assert "NISV" in proc.stderr and "0xa9400801" in proc.stderr
+    (ldp,) = report_rows(proc.stderr)
+    assert ldp.startswith(f"0x{LOAD + 4:08x}")
     assert "a9400801     ldp x1, x2, [x0]" in ldp and " 1  load/store pair" in ldp and ldp.endswith("refused")
 
 
@@ -179,7 +196,8 @@ def test_no_kvm_report_entries_for_syndrome_loads(unix_services: Services, tmp_p
 
 # ----- the policy flags ---------------------------------------------------------------------------------------
 UNMAPPED_LOAD = [0xD2A40000, 0xB9400001]  # mov x0, #0x20000000 (nothing there); ldr w1, [x0]
-PAIR_LOAD = [0xD2A14000, 0xA9400801]  # mov x0, #0x0a000000; ldp x1, x2, [x0]
+# FPEN; mov x0, #0x0a000000; ld1 {v0.16b}, [x0] (no syndrome, and not split: multiple structures)
+NISV_LOAD = [0xD2A00609, 0xD5181049, 0xD5033FDF, 0xD2A14000, 0x4C407000]
 # The PL011 refuses a byte read inside its data register (an unaligned access would now be an alignment fault).
 REFUSED = [0xD2A12000, 0x39400401]  # mov x0, #0x09000000; ldrb w1, [x0, #1]
 SEA = "synchronous external abort injected"
@@ -190,8 +208,8 @@ SEA = "synchronous external abort injected"
     [
         (["--unmapped", "stop"], UNMAPPED_LOAD, 1, "no device or RAM at that address"),
         (["--unmapped", "abort"], UNMAPPED_LOAD, 0, SEA),
-        (["--on-nisv", "stop"], PAIR_LOAD, 1, "NISV"),
-        (["--on-nisv", "abort"], PAIR_LOAD, 0, SEA),
+        (["--on-nisv", "stop"], NISV_LOAD, 1, "NISV"),
+        (["--on-nisv", "abort"], NISV_LOAD, 0, SEA),
         (["--on-device-error", "stop"], REFUSED, 1, "uart0 refused the 1-byte read"),
         (["--on-device-error", "abort"], REFUSED, 0, SEA),
     ],
