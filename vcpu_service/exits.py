@@ -26,6 +26,7 @@ import array
 import functools
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -290,10 +291,13 @@ class ExitPath:
         self._who = f"vCPU {vcpu.index}"
         self.latency = new_latency_histogram()
         # Exit latencies (ns) not yet in the histogram: recording into an HdrHistogram costs a dozen Python
-        # calls, so the exit path appends here and whoever reads the histogram folds them in. HdrHistogram is
-        # not thread-safe either: both sides hold latency_lock.
+        # calls, so the exit path appends here (under latency_lock) and another thread folds them in: whoever
+        # reads the histogram, and _FOLDER once a second, so the buffer stays small in a long run nobody reads.
+        # HdrHistogram is not thread-safe: recording and copying hold _hist_lock.
         self._latencies = array.array("q")
         self.latency_lock = threading.Lock()
+        self._hist_lock = threading.Lock()
+        _FOLDER.add(self)
         # The exclusive monitor of emulated LDXR/LDREX on device memory: (address, size), or None when open.
         self.monitor: tuple[int, int] | None = None
 
@@ -893,16 +897,29 @@ class ExitPath:
         ))
 
     def _fold_latencies(self) -> None:
-        """Move the buffered exit latencies into the histogram (latency_lock held)."""
-        record = self.latency.record_value
-        for ns in self._latencies:
-            record(ns if ns > 0 else 1)
+        """Move the buffered exit latencies into the histogram (latency_lock held: a full buffer, on the vCPU)."""
+        with self._hist_lock:
+            record = self.latency.record_value
+            for ns in self._latencies:
+                record(ns if ns > 0 else 1)
         del self._latencies[:]
+
+    def fold_pending(self) -> None:
+        """Move the buffered latencies into the histogram (any thread): the buffer is swapped under latency_lock,
+        so the vCPU waits for no recording."""
+        with self.latency_lock:
+            if not self._latencies:
+                return
+            samples, self._latencies = self._latencies, array.array("q")
+        with self._hist_lock:
+            record = self.latency.record_value
+            for ns in samples:
+                record(ns if ns > 0 else 1)
 
     def latency_snapshot(self) -> HdrHistogram:
         copy = new_latency_histogram()
-        with self.latency_lock:
-            self._fold_latencies()
+        self.fold_pending()
+        with self._hist_lock:
             copy.add(self.latency)
         return copy
 
@@ -947,3 +964,30 @@ def region_problem(region: RemoteRegion, address: int, size: int) -> str:
     if size not in region.access_sizes:
         return f"{region.device} accepts accesses of {'/'.join(map(str, region.access_sizes))} bytes"
     return ""
+
+
+class _LatencyFolder:
+    """One thread that folds every exit path's buffered latencies into its histogram once a second."""
+
+    def __init__(self) -> None:
+        self._paths: weakref.WeakSet[ExitPath] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, path: ExitPath) -> None:
+        with self._lock:
+            self._paths.add(path)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="latency-folder", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(1.0)
+            with self._lock:
+                paths = list(self._paths)
+            for path in paths:
+                path.fold_pending()
+
+
+_FOLDER = _LatencyFolder()
