@@ -31,7 +31,28 @@ class RogueDevice(device_pb2_grpc.DeviceServiceServicer):
         dev = resp.devices.add(name="rogue0", type="rogue")
         dev.regions.add(name="regs", base=BASE, size=0x1000, kind=device_pb2.REGION_KIND_MMIO,
                         access_sizes=[1, 2, 4, 8])
+        dev.lines.add(index=0, name="irq", trigger=device_pb2.LINE_TRIGGER_LEVEL)
         return resp
+
+    def Watch(self, request_iterator: Iterator[device_pb2.WatchRequest],
+              context: grpc.ServicerContext) -> Iterator[device_pb2.WatchResponse]:
+        next(request_iterator, None)
+        if self.mode != "storm":
+            self.release.wait(30)
+            return
+        # An interrupt storm: the line toggles as fast as the stream carries it, with garbage mixed in (a line
+        # the device never declared, a device that does not exist, generations going backwards).
+        for n in range(1, 20001):
+            levels = [device_pb2.LineLevel(device="rogue0", index=0, level=bool(n % 2))]
+            if n % 97 == 0:
+                levels.append(device_pb2.LineLevel(device="rogue0", index=7, level=True))
+            if n % 89 == 0:
+                levels.append(device_pb2.LineLevel(device="nobody", index=0, level=True))
+            yield device_pb2.WatchResponse(lines=device_pb2.LineUpdate(
+                generation=n if n % 101 else 1, levels=levels, raised_ns=n))
+            if self.release.is_set():
+                return
+        self.release.wait(30)
 
     def ExitStream(self, request_iterator: Iterator[device_pb2.ExitStreamRequest],
                    context: grpc.ServicerContext) -> Iterator[device_pb2.ExitStreamResponse]:
@@ -57,6 +78,9 @@ class RogueDevice(device_pb2_grpc.DeviceServiceServicer):
                 yield device_pb2.ExitStreamResponse(seq=req.seq, completion=device_pb2.Completion(status=99))
             elif self.mode == "die":
                 context.abort(grpc.StatusCode.INTERNAL, "rogue device crashed")
+            elif self.mode == "storm":
+                yield device_pb2.ExitStreamResponse(seq=req.seq, completion=device_pb2.Completion(
+                    status=ok, data=bytes(req.exit.length)))
             elif self.mode == "twice":  # every reply comes twice (a duplicated message)
                 reply = device_pb2.ExitStreamResponse(seq=req.seq, completion=device_pb2.Completion(
                     status=ok, data=(0x5A).to_bytes(req.exit.length or 4, "little")))

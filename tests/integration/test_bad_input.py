@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -155,6 +156,28 @@ def test_misbehaving_device_service(unix_services: Services, tmp_path: Path, mod
     assert f"0x{BASE:x}" in final.reason
     # Nothing retired: the load was not completed and PC is still on it.
     assert final.pc == LOAD + 4 and regs["pc"] == LOAD + 4 and regs["x1"] == 0
+    _assert_alive(unix_services)
+
+
+def test_an_interrupt_storm_with_garbage_lines_leaves_the_guest_and_the_service_running(
+        unix_services: Services, tmp_path: Path) -> None:
+    rogue = RogueServer("storm", tmp_path)
+    # A loop of 2000 loads from the stormy device, then PSCI SYSTEM_OFF; its line is wired to SPI 20 of virt's GIC
+    # (the guest never enables it, so the storm only churns the GIC's pending state).
+    body = [0xD2A14000, 0xD280FA03, 0xB9400002, 0xF1000463, 0x54FFFFC1, 0xD2800100, 0xF2B08000, 0xD4000002]
+    try:
+        cfg = unix_services.config(a64(*body), exit_deadline_ms=5000, machine="virt")
+        cfg.images[0].load_address = cfg.entry_point = 0x4020_0000  # clear of the board's 1 MiB device tree
+        cfg.device_services[:] = [rogue.address]
+        cfg.irq_routes.add(device="rogue0", spi=20)
+        t0 = time.monotonic()
+        vm_id, final = unix_services.run(cfg, timeout=120)
+        took = time.monotonic() - t0
+        unix_services.delete(vm_id)
+    finally:
+        rogue.stop()
+    assert final.kind == vcpu_pb2.VM_EVENT_KIND_POWERED_OFF, final
+    assert took < 60, took
     _assert_alive(unix_services)
 
 
