@@ -398,6 +398,8 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                                 exit_session.cancelled.add(ahead.seq)
                             continue
                         pending.put_nowait(ahead)
+                except Exception as exc:  # the client went away mid-stream: the answers end with the requests
+                    log.debug("exit stream of %s ended: %r", peer, exc)
                 finally:
                     pending.put_nowait(None)
 
