@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -247,3 +248,16 @@ def test_services_started_by_the_launcher_get_the_same_credentials(tmp_path: Pat
     assert args[args.index("--tls-ca") + 1] == str(ca.ca)
     assert args[args.index("--tls-cert") + 1] == str(leaf.cert)
     assert token not in " ".join(args)
+
+
+def test_nothing_else_creates_a_channel_or_a_server() -> None:
+    """ARCHITECTURE.md's invariant: every gRPC server and channel of the packages comes from mmiosplit/security.py."""
+    root = Path(__file__).resolve().parents[2]
+    forbidden = re.compile(r"grpc\.(insecure_channel|secure_channel|server|aio\.server|aio\.insecure_channel|"
+                           r"aio\.secure_channel)\(|add_(in)?secure_port\(")
+    offenders = [f"{path.relative_to(root)}:{n}" for package in ("mmiosplit", "mmiosplit_cli", "vcpu_service",
+                                                                  "device_service")
+                 for path in sorted((root / package).rglob("*.py")) if path.name != "security.py"
+                 and "/v1/" not in str(path)
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if forbidden.search(line)]
+    assert offenders == []
