@@ -63,9 +63,9 @@ class Security:
     the launcher hands to the services it starts)."""
 
     cert: bytes | None = None
-    key: bytes | None = None
+    key: bytes | None = field(default=None, repr=False)  # secrets stay out of reprs (tracebacks, logs)
     ca: bytes | None = None
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
     insecure: bool = False
     #: flag -> file, for ``service_flags``.
     files: dict[str, str] = field(default_factory=dict, compare=False)

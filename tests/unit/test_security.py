@@ -181,6 +181,13 @@ def test_tls_files_are_checked(tmp_path: Path) -> None:
     assert sec.serves_tls and sec.requires_client_certificates and sec.connects_tls
     assert sec.service_flags() == ["--tls-cert", str(leaf.cert), "--tls-key", str(leaf.key), "--tls-ca", str(ca.ca)]
     assert sec.describe() == "mutual TLS"
+    assert sec.key is not None and sec.key.decode() not in repr(sec)
+
+
+def test_the_token_stays_out_of_reprs(tmp_path: Path) -> None:
+    path, token = token_file(tmp_path)
+    sec = security.load(token_file=str(path))
+    assert sec.token == token and token not in repr(sec) and token not in str(sec)
 
 
 # ----- listening ---------------------------------------------------------------------------------------------
