@@ -7,7 +7,7 @@ import asyncio
 import logging
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
 
@@ -32,6 +32,12 @@ def _echo_handlers(sync: bool) -> grpc.GenericRpcHandler:
 
         def chat(requests: Iterator[bytes], _context: object) -> Iterator[bytes]:
             yield from requests
+
+        def repeat(request: bytes, _context: object) -> Iterator[bytes]:
+            yield from (request, request)
+
+        def join(requests: Iterator[bytes], _context: object) -> bytes:
+            return b"".join(requests)
     else:
         async def say(request: bytes, _context: object) -> bytes:  # type: ignore[misc]
             return request
@@ -39,8 +45,24 @@ def _echo_handlers(sync: bool) -> grpc.GenericRpcHandler:
         async def chat(requests, _context):  # type: ignore[no-untyped-def]
             async for r in requests:
                 yield r
+
+        async def repeat(request, _context):  # type: ignore[no-untyped-def]
+            yield request
+            yield request
+
+        async def join(requests, _context):  # type: ignore[no-untyped-def]
+            return b"".join([r async for r in requests])
     return grpc.method_handlers_generic_handler("test.Echo", {
-        "Say": grpc.unary_unary_rpc_method_handler(say), "Chat": grpc.stream_stream_rpc_method_handler(chat)})
+        "Say": grpc.unary_unary_rpc_method_handler(say), "Chat": grpc.stream_stream_rpc_method_handler(chat),
+        "Repeat": grpc.unary_stream_rpc_method_handler(repeat), "Join": grpc.stream_unary_rpc_method_handler(join)})
+
+
+def _calls(ch: grpc.Channel) -> list[Callable[[], object]]:
+    """One call of each streaming shape, each returning what the echo server answered."""
+    return [lambda: ch.unary_unary(ECHO + "Say")(b"hi", timeout=5),
+            lambda: list(ch.stream_stream(ECHO + "Chat")(iter([b"a", b"b"]), timeout=5)),
+            lambda: list(ch.unary_stream(ECHO + "Repeat")(b"r", timeout=5)),
+            lambda: ch.stream_unary(ECHO + "Join")(iter([b"j", b"k"]), timeout=5)]
 
 
 @pytest.fixture(params=["sync", "aio"])
@@ -96,8 +118,7 @@ def test_token_server_answers_the_right_token_on_unary_and_streams(token_server:
                                                                    tmp_path: Path) -> None:
     address, token = token_server
     with security.channel(address, _client(tmp_path, token)) as ch:
-        assert ch.unary_unary(ECHO + "Say")(b"hi", timeout=5) == b"hi"
-        assert list(ch.stream_stream(ECHO + "Chat")(iter([b"a", b"b"]), timeout=5)) == [b"a", b"b"]
+        assert [call() for call in _calls(ch)] == [b"hi", [b"a", b"b"], [b"r", b"r"], b"jk"]
 
 
 @pytest.mark.parametrize("sent, why", [(None, "missing token"), ("not-the-token", "wrong token")])
@@ -107,15 +128,14 @@ def test_token_server_refuses_and_logs_without_echoing_the_token(
     address, token = token_server
     caplog.set_level(logging.WARNING, logger="mmiosplit.security")
     with security.channel(address, _client(tmp_path, sent)) as ch:
-        for call in (lambda: ch.unary_unary(ECHO + "Say")(b"hi", timeout=5),
-                     lambda: list(ch.stream_stream(ECHO + "Chat")(iter([b"a"]), timeout=5))):
+        for call in _calls(ch):
             with pytest.raises(grpc.RpcError) as err:
                 call()
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert why in (err.value.details() or "")
             assert token not in (err.value.details() or "")
     lines = [r.getMessage() for r in caplog.records if r.name == "mmiosplit.security"]
-    assert len(lines) == 2, lines
+    assert len(lines) == 4, lines  # one per call, of every streaming shape
     for line in lines:
         assert "refused /test.Echo/" in line and why in line
         assert "from ipv4:127.0.0.1:" in line  # the peer
