@@ -43,6 +43,7 @@ from device_service.host import DescribedDevice, DeviceHost, WatchEvent
 from device_service.model import Trigger
 from device_service.sessions import ExitSession, SessionTable
 from device_service.shadows import ShadowFailure
+from mmiosplit import security
 from mmiosplit.address import parse_address
 from mmiosplit.health import DrainingAsyncHealth
 from mmiosplit.mmio import (
@@ -59,7 +60,7 @@ from mmiosplit.mmio import (
     unpack_posted,
 )
 from mmiosplit.v1 import device_pb2, device_pb2_grpc
-from mmiosplit.wire import GRPC_OPTIONS, PROTOCOL_VERSION
+from mmiosplit.wire import PROTOCOL_VERSION
 
 log = logging.getLogger("mmiosplit.devices")
 
@@ -500,7 +501,9 @@ async def serve_async(listen: str, bus: DeviceBus, service_name: str,
                       on_servicer: Callable[[DeviceServicer], None] | None = None, shadows: bool = True,
                       grace_s: float = 10.0) -> None:
     address = parse_address(listen)
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    sec = security.current()
+    security.check_listen(address, sec)  # before anything starts
+    server = security.aio_server(sec)
     servicer = DeviceServicer(bus, service_name, console_log, shadows)
     if on_servicer is not None:  # e.g. the metrics collector, which reads the consoles
         on_servicer(servicer)
@@ -508,7 +511,7 @@ async def serve_async(listen: str, bus: DeviceBus, service_name: str,
     health_servicer = DrainingAsyncHealth()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address.target)
+    port = security.bind(server, address, sec)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     await server.start()

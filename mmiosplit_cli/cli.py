@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TextIO
 
 from device_service.config import ConfigError, build_bus, load_config, parse_device_specs, parse_size
-from mmiosplit.address import address_argument
+from mmiosplit import security
+from mmiosplit.address import address_argument, parse_address
 from mmiosplit.v1 import common_pb2, vcpu_pb2
 from mmiosplit.wire import event_kind_name as kind_name
 from mmiosplit_cli.demo import run_demo
@@ -120,7 +121,7 @@ def _log_setup(verbose: bool) -> None:
 
 def _ready(name: str) -> object:
     def ready(bound: str) -> None:
-        print(f"mmiosplit {name} listening on {bound}", flush=True)
+        print(f"mmiosplit {name} listening on {bound} ({security.current().describe()})", flush=True)
 
     return ready
 
@@ -149,10 +150,22 @@ def _start_metrics(command: str, service: str, collector: object, args: argparse
     return True
 
 
+def _may_listen(command: str, listen: str) -> bool:
+    """False (after saying why) when --listen needs protection the credentials do not give (``--insecure``)."""
+    try:
+        security.check_listen(parse_address(listen), security.current())
+    except security.SecurityError as exc:
+        print(f"mmiosplit {command}: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
 # ----- subcommands ---------------------------------------------------------------------------------------
 def cmd_serve_vcpu(args: argparse.Namespace) -> int:
     from vcpu_service.server import serve  # lazy: start-up time (Unicorn, the vCPU core)
 
+    if not _may_listen("serve-vcpu", args.listen):
+        return 2
     _pin(args.cpu_affinity)
     _log_setup(args.verbose)
     on_servicer = None
@@ -171,6 +184,8 @@ def cmd_serve_vcpu(args: argparse.Namespace) -> int:
 def cmd_serve_devices(args: argparse.Namespace) -> int:
     from device_service.server import serve  # lazy: start-up time (the device service's asyncio server)
 
+    if not _may_listen("serve-devices", args.listen):
+        return 2
     _pin(args.cpu_affinity)
     _log_setup(args.verbose)
     try:
@@ -498,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="delete a VM after S seconds with no event stream open on it and no RPC naming it: its "
                     "client is gone (default 10; 0: never)")
     _metrics_args(sv)
+    security.add_arguments(sv, serving=True)
     sv.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     sv.set_defaults(func=cmd_serve_vcpu)
 
@@ -513,6 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--cpu-affinity", type=int, help="pin the service to this CPU")
     _grace_arg(sd, "complete every exit and posted batch already received and tell each vCPU it is going away")
     _metrics_args(sd)
+    security.add_arguments(sd, serving=True)
     sd.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     sd.set_defaults(func=cmd_serve_devices)
 
@@ -520,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("address", type=_address)
     h.add_argument("--service", default="", help="service name to check (default: the whole server)")
     h.add_argument("--timeout", type=float, default=3.0)
+    security.add_arguments(h, serving=False)
     h.set_defaults(func=cmd_health)
 
     r = sub.add_parser("run", help="run a guest image with its console on this terminal (or stdin/stdout)")
@@ -617,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "handle (ISV=0), with the instruction, count, reason and whether mmiosplit decoded it or "
                     "refused it")
     tr.add_argument("--kvm-report-json", metavar="FILE", help="write that report to FILE as a JSON array")
+    security.add_arguments(r, serving=False)
     r.set_defaults(func=cmd_run)
 
     d = sub.add_parser("demo", help="run the three bundled guests (A64, A32, T32) through the split")
@@ -624,6 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pin-cpu", type=int, default=0, help="CPU both services are pinned to (default 0)")
     d.add_argument("--no-pin", action="store_true", help="do not pin the services")
     d.add_argument("--transport", choices=["unix", "tcp"], default="unix")
+    security.add_arguments(d, serving=False)
     d.set_defaults(func=cmd_demo)
 
     add_loadtest_parser(sub)
@@ -632,6 +652,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_with_environment(build_parser(), None if argv is None else list(argv), os.environ)
+    if hasattr(args, "tls_cert"):  # a command that serves or connects: its credentials, read once, now
+        try:
+            security.configure(security.from_arguments(args, os.environ))
+        except security.SecurityError as exc:
+            print(f"mmiosplit {args.command}: {exc}", file=sys.stderr)
+            return 2
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mmiosplit.address import parse_address
+from mmiosplit import security
 from mmiosplit_cli import lifeline
 
 
@@ -83,10 +83,11 @@ def _signals_unwind() -> Iterator[None]:
         restore()
 
 
-def check_health(address: str, timeout: float = 3.0, service: str = "") -> str:
-    """Return the health status name of the service at address (``SERVING`` when up)."""
-    target = parse_address(address).target
-    with grpc.insecure_channel(target) as channel:
+def check_health(address: str, timeout: float = 3.0, service: str = "",
+                 sec: security.Security | None = None) -> str:
+    """Return the health status name of the service at address (``SERVING`` when up), over a channel with
+    ``sec`` (this process's credentials by default): health needs no token, but a TLS port needs TLS."""
+    with security.channel(address, sec, options=()) as channel:
         try:
             grpc.channel_ready_future(channel).result(timeout=timeout)
             resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
@@ -154,8 +155,9 @@ class LocalServices:
     device_addresses: list[str] = field(default_factory=list)
 
     def start(self, name: str, args: Sequence[str], address: str, cpu: int | None = None) -> ServiceProcess:
+        """Start one service with this process's credentials (their files, as flags: see ``security.configure``)."""
         log_path = self.workdir / f"{name}.log"
-        cmd = [*args, "--listen", address]
+        cmd = [*args, "--listen", address, *security.current().service_flags()]
         if cpu is not None:
             cmd += ["--cpu-affinity", str(cpu)]
         log = open(log_path, "wb")  # noqa: SIM115 - handed to the child

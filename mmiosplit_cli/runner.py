@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from mmiosplit.address import parse_address
+from mmiosplit import security
 from mmiosplit.v1 import device_pb2, device_pb2_grpc, vcpu_pb2, vcpu_pb2_grpc
-from mmiosplit.wire import GRPC_OPTIONS
 
 # Exit status of `mmiosplit run` by how the guest ended.
 EXIT_STATUS = {
@@ -74,7 +73,8 @@ class ConsoleInput:
 
 
 def channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(parse_address(address).target, options=GRPC_OPTIONS)
+    """A channel to a service with this process's credentials (``mmiosplit.security``)."""
+    return security.channel(address)
 
 
 def run_vm(

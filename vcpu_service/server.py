@@ -18,11 +18,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from mmiosplit import security
 from mmiosplit.address import parse_address
 from mmiosplit.health import DrainingHealth
 from mmiosplit.mmio import DeviceEndpoint, DmaWindow, TransportError
 from mmiosplit.v1 import common_pb2, vcpu_pb2, vcpu_pb2_grpc
-from mmiosplit.wire import GRPC_OPTIONS
 from vcpu_service.arch import ArchError
 from vcpu_service.domain import (
     ErrorKind,
@@ -358,19 +358,22 @@ class VcpuServicer(vcpu_pb2_grpc.VcpuServiceServicer):
         return len(vms)
 
 
-def build_server(listen: str, servicer: VcpuServicer) -> tuple[grpc.Server, str, DrainingHealth]:
-    """A server with VcpuService, health and reflection; returns it, the address actually bound and its health
-    servicer."""
+def build_server(listen: str, servicer: VcpuServicer, sec: security.Security | None = None,
+                 ) -> tuple[grpc.Server, str, DrainingHealth]:
+    """A server with VcpuService, health and reflection, protected by ``sec`` (the process's credentials by
+    default: the same ones its channels to device services use); returns it, the address actually bound and its
+    health servicer. Raises ``security.SecurityError`` for a non-local address with no protection."""
     address = parse_address(listen)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="vcpu-rpc"),
-                         options=GRPC_OPTIONS)
+    sec = security.current() if sec is None else sec
+    security.check_listen(address, sec)
+    server = security.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="vcpu-rpc"), sec)
     vcpu_pb2_grpc.add_VcpuServiceServicer_to_server(servicer, server)
     health_servicer = DrainingHealth()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (vcpu_pb2.DESCRIPTOR.services_by_name["VcpuService"].full_name, health.SERVICE_NAME,
          reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address.target)
+    port = security.bind(server, address, sec)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     bound = address.target if address.is_unix else f"{address.host}:{port}"

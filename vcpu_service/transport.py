@@ -17,6 +17,7 @@ from collections.abc import Iterable
 
 import grpc
 
+from mmiosplit import security
 from mmiosplit.address import parse_address
 from mmiosplit.buckets import POSTED_BATCH_BOUNDS, FixedHistogram
 from mmiosplit.mmio import (
@@ -45,7 +46,7 @@ from mmiosplit.mmio import (
     clock_id,
 )
 from mmiosplit.v1 import common_pb2, device_pb2, device_pb2_grpc
-from mmiosplit.wire import GRPC_OPTIONS, PROTOCOL_VERSION
+from mmiosplit.wire import PROTOCOL_VERSION
 
 # Writes per posted batch sent by any vCPU of this process, for the metrics (recorded once per batch).
 POSTED_BATCH_SIZES = FixedHistogram(POSTED_BATCH_BOUNDS)
@@ -488,7 +489,7 @@ class GrpcEndpoint:
 
     def __init__(self, address: str, connect_timeout_s: float = 5.0, deadline_s: float = 5.0) -> None:
         self.name = address
-        self._target = parse_address(address).target
+        self._address = parse_address(address)
         self._connect_timeout_s = connect_timeout_s
         self._deadline_s = deadline_s
         #: Set when the service said it is going away (its Watch stream): exits are no longer sent to it.
@@ -498,14 +499,17 @@ class GrpcEndpoint:
         self.same_clock = False
         #: The service's instance, from Describe ("" before, or from a service that does not say).
         self.instance_id = ""
-        self.channel = grpc.insecure_channel(self._target, options=GRPC_OPTIONS)
+        # The process's credentials: the vcpu service presents to device services the certificate and token it
+        # checks its own clients with (security.configure).
+        self.channel = security.channel(self._address)
         self.stub = device_pb2_grpc.DeviceServiceStub(self.channel)
         try:
             grpc.channel_ready_future(self.channel).result(timeout=connect_timeout_s)
         except grpc.FutureTimeoutError:
             self.channel.close()
+            tls = " or no TLS handshake succeeded" if security.current().connects_tls else ""
             raise TransportError(
-                f"device service {address} is not reachable (no connection within {connect_timeout_s:g} s)"
+                f"device service {address} is not reachable (no connection within {connect_timeout_s:g} s{tls})"
             ) from None
 
     def describe(self) -> list[RemoteRegion]:

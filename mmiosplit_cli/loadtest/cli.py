@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mmiosplit import security
 from mmiosplit.address import address_argument
 from mmiosplit_cli.loadtest.compare import CompareError, load, render_compare
 from mmiosplit_cli.loadtest.guest import GuestError, parse_mix
@@ -128,6 +129,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     out.add_argument("--hgrm", metavar="FILE", help="HdrHistogram percentile distribution of the run, in us")
     out.add_argument("--plot", metavar="FILE.png", help="latency by percentile of the run and its floors")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    security.add_arguments(lt, serving=False)
     lt.set_defaults(func=cmd_loadtest, _parser=lt)
 
     subs = lt.add_subparsers(dest="loadtest_command", metavar="{compare}")

@@ -27,9 +27,9 @@ from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hdrh.histogram import HdrHistogram
 
+from mmiosplit import security
 from mmiosplit.address import parse_address
 from mmiosplit.v1 import device_pb2, device_pb2_grpc
-from mmiosplit.wire import GRPC_OPTIONS
 from mmiosplit_cli import lifeline
 from mmiosplit_cli.launcher import check_health
 from mmiosplit_cli.loadtest.stats import new_histogram
@@ -117,11 +117,13 @@ class _Echo(device_pb2_grpc.DeviceServiceServicer):
 
 async def serve_echo(address: str) -> None:
     """The floor's server: only ExitStream (an echo) and health, on grpc.aio like the device service."""
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    # Plaintext on purpose, with no token, whatever this process's credentials: the floor measures bare gRPC on a
+    # private socket (a UNIX socket in a temporary folder, or loopback) that only this load test uses.
+    server = security.aio_server(security.PLAINTEXT)
     device_pb2_grpc.add_DeviceServiceServicer_to_server(_Echo(), server)
     hs = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
-    server.add_insecure_port(parse_address(address).target)
+    security.bind(server, parse_address(address), security.PLAINTEXT)
     await server.start()
     await hs.set("", health_pb2.HealthCheckResponse.SERVING)
     await server.wait_for_termination()
@@ -140,7 +142,7 @@ def start_echo_server(address: str, cpu: int | None) -> subprocess.Popen[bytes]:
     proc = lifeline.popen("mmiosplit_cli.loadtest.floors", args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
-    while check_health(address, timeout=0.5) != "SERVING":
+    while check_health(address, timeout=0.5, sec=security.PLAINTEXT) != "SERVING":
         if proc.poll() is not None:
             err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
             raise FloorError(f"the gRPC floor's echo server exited with status {proc.returncode}: {err.strip()}")
@@ -164,7 +166,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 def grpc_ping_pong(n: int, address: str, warmup: int = WARMUP) -> HdrHistogram:
     """``n`` timed round trips on one ExitStream to a running server at address (after ``warmup``)."""
     hist = new_histogram()
-    with grpc.insecure_channel(parse_address(address).target, options=GRPC_OPTIONS) as channel:
+    with security.channel(address, security.PLAINTEXT) as channel:  # the echo server's: see serve_echo
         q: queue.SimpleQueue[device_pb2.ExitStreamRequest | None] = queue.SimpleQueue()
         call = device_pb2_grpc.DeviceServiceStub(channel).ExitStream(iter(q.get, None))
         try:

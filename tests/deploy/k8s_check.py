@@ -32,6 +32,7 @@ from device_service.config import (
     parse_device_specs,
 )
 from mmiosplit.address import parse_address
+from mmiosplit.security import is_local
 from mmiosplit_cli.cli import build_parser
 from mmiosplit_cli.envconfig import PREFIX, parse_with_environment, service_parsers, unknown_variables
 from vcpu_service.machines import virt
@@ -518,6 +519,9 @@ def check_service_settings(stack: Stack) -> Problems:
                 continue
             listen = parse_address(args.listen)
             grpc_ports = [p.get("containerPort") for p in c.get("ports", []) or [] if p.get("name") == "grpc"]
+            if not (is_local(listen) or args.insecure or args.tls_cert or args.token_file):
+                problems.append(f"{where}: would refuse to listen on {args.listen} unprotected: set MMIOSPLIT_INSECURE "
+                                "(the network policies are the boundary), MMIOSPLIT_TOKEN_FILE or MMIOSPLIT_TLS_CERT")
             if listen.host not in ("0.0.0.0", "[::]"):
                 problems.append(f"{where}: listens on {args.listen}, which other pods cannot reach")
             elif grpc_ports != [listen.port]:

@@ -290,6 +290,8 @@ MUTATIONS: list[tuple[str, Mutation, str, list[str]]] = [
      ["Deployment scratch", "port 50059"]),
     ("listening on loopback", lambda s: set_env(s, "scratch", "MMIOSPLIT_LISTEN", "127.0.0.1:50053"), SETTINGS,
      ["Deployment scratch", "127.0.0.1"]),
+    ("listening unprotected", lambda s: set_env(s, "vcpu", "MMIOSPLIT_INSECURE", "0"), SETTINGS,
+     ["Deployment vcpu", "would refuse to listen on 0.0.0.0:50051 unprotected"]),
     ("metrics elsewhere than annotated", lambda s: set_env(s, "devices", "MMIOSPLIT_METRICS_PORT", "9200"),
      SETTINGS, ["Deployment devices", "metrics on port 9200", "containerPort named metrics"]),
     ("a value the service refuses", lambda s: set_env(s, "vcpu", "MMIOSPLIT_METRICS_PORT", "99999"), SETTINGS,

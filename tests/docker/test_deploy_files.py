@@ -46,6 +46,8 @@ def test_services_are_configured_by_environment_with_known_variables(compose: di
         assert set(env) <= known, f"{name}: {set(env) - known} name no flag of {command}"
         port = ADDRESSES[name].rsplit(":", 1)[1]
         assert env["MMIOSPLIT_LISTEN"] == f"0.0.0.0:{port}"
+        # Plaintext on the project's own network, said on purpose (or the service refuses to start).
+        assert env.get("MMIOSPLIT_INSECURE") == "1" or "MMIOSPLIT_TOKEN_FILE" in env or "MMIOSPLIT_TLS_CERT" in env
         assert svc["healthcheck"]["test"][:4] == ["CMD", "mmiosplit", "health", f"127.0.0.1:{port}"]
         # Docker's SIGKILL must come after the service's own drain.
         assert _seconds(svc["stop_grace_period"]) > float(env["MMIOSPLIT_GRACE_S"]), name
