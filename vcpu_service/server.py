@@ -79,7 +79,8 @@ def spec_from_proto(cfg: vcpu_pb2.VmConfig) -> VmSpec:
         if fault is None:
             raise VmConfigError(f"policy {name}={value} is not a known FaultPolicy")
         faults[name] = fault
-    if pol.device_restart not in (vcpu_pb2.DEVICE_RESTART_POLICY_FAIL, vcpu_pb2.DEVICE_RESTART_POLICY_CONTINUE):
+    if pol.device_restart not in (vcpu_pb2.DEVICE_RESTART_POLICY_UNSPECIFIED, vcpu_pb2.DEVICE_RESTART_POLICY_FAIL,
+                                  vcpu_pb2.DEVICE_RESTART_POLICY_CONTINUE):
         raise VmConfigError(f"policy device_restart={pol.device_restart} is not a known DeviceRestartPolicy")
     if cfg.machine not in ("", "virt"):
         raise VmConfigError(f"unknown machine profile {cfg.machine!r}; known: virt")

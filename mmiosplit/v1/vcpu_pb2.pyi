@@ -70,18 +70,22 @@ class _DeviceRestartPolicy:
 
 class _DeviceRestartPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeviceRestartPolicy.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
-    DEVICE_RESTART_POLICY_FAIL: _DeviceRestartPolicy.ValueType  # 0
+    DEVICE_RESTART_POLICY_UNSPECIFIED: _DeviceRestartPolicy.ValueType  # 0
+    """FAIL."""
+    DEVICE_RESTART_POLICY_FAIL: _DeviceRestartPolicy.ValueType  # 1
     """The run ends with an error naming the service, the device and the access in flight (the default)."""
-    DEVICE_RESTART_POLICY_CONTINUE: _DeviceRestartPolicy.ValueType  # 1
+    DEVICE_RESTART_POLICY_CONTINUE: _DeviceRestartPolicy.ValueType  # 2
     """The VM says so in an event, re-reads the service's ROMD mirrors and shadow registers, watches it again and
     sends the access in flight to the new instance (which may then see it twice: the old one may have done it).
     """
 
 class DeviceRestartPolicy(_DeviceRestartPolicy, metaclass=_DeviceRestartPolicyEnumTypeWrapper): ...
 
-DEVICE_RESTART_POLICY_FAIL: DeviceRestartPolicy.ValueType  # 0
+DEVICE_RESTART_POLICY_UNSPECIFIED: DeviceRestartPolicy.ValueType  # 0
+"""FAIL."""
+DEVICE_RESTART_POLICY_FAIL: DeviceRestartPolicy.ValueType  # 1
 """The run ends with an error naming the service, the device and the access in flight (the default)."""
-DEVICE_RESTART_POLICY_CONTINUE: DeviceRestartPolicy.ValueType  # 1
+DEVICE_RESTART_POLICY_CONTINUE: DeviceRestartPolicy.ValueType  # 2
 """The VM says so in an event, re-reads the service's ROMD mirrors and shadow registers, watches it again and
 sends the access in flight to the new instance (which may then see it twice: the old one may have done it).
 """
