@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.fuzz.common import corpus_inputs, random_loop
+from tests.fuzz.common import Finding, corpus_inputs, random_loop
 
 #: Target name -> (module, default engine, libFuzzer -max_len / loop input length).
 TARGETS: dict[str, tuple[str, str, int]] = {
@@ -49,7 +49,17 @@ def _child(target: str, argv: list[str]) -> None:
         for package in INSTRUMENTED:  # imported under the instrumentation before the target pulls them in
             importlib.import_module(package)
         module = importlib.import_module(TARGETS[target][0])
-    atheris.Setup([sys.argv[0], *argv], module.TestOneInput)
+    target_fn = module.TestOneInput
+
+    def test_one_input(data: bytes) -> None:
+        try:
+            target_fn(data)
+        except Exception:
+            raise
+        except BaseException as exc:  # SystemExit, GeneratorExit...: libFuzzer would only say "exited"
+            raise Finding(f"{type(exc).__name__} escaped: {exc!r}") from exc
+
+    atheris.Setup([sys.argv[0], *argv], test_one_input)
     atheris.Fuzz()
 
 

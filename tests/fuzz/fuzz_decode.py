@@ -121,7 +121,7 @@ def _check_helpers(fdp: atheris.FuzzedDataProvider, isa: Isa, word: int, syn: Sy
         check(-(1 << 33) < moved < 1 << 33, f"{isa.value} {word:#x}: writeback amount {moved}")
 
 
-def TestOneInput(data: bytes) -> None:  # noqa: N802 (atheris's name)
+def TestOneInput(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
     isa = fdp.PickValueInList(list(_ISAS))
     word = _word(fdp, isa)

@@ -206,7 +206,7 @@ def _side(fdp: atheris.FuzzedDataProvider, model: DeviceModel, output: list[byte
             for u in updates:
                 check(u.region in sizes, f"{model.type_name}: mirror update for region {u.region!r}")
                 for offset, data in u.patches:
-                    check(0 <= offset and offset + len(data) <= sizes[u.region],
+                    check(offset >= 0 and offset + len(data) <= sizes[u.region],
                           f"{model.type_name}: patch {offset:#x}+{len(data):#x} outside {u.region}")
     elif op == 4:
         choice = fdp.ConsumeIntInRange(0, 2)
@@ -217,7 +217,7 @@ def _side(fdp: atheris.FuzzedDataProvider, model: DeviceModel, output: list[byte
         check(len(model.irq_lines) == len(model.lines()), f"{model.type_name}: lines and irq_lines disagree")
 
 
-def TestOneInput(data: bytes) -> None:  # noqa: N802 (atheris's name)
+def TestOneInput(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
     type_name = fdp.PickValueInList(TYPES)
     model = build(type_name, _options(fdp, type_name))
