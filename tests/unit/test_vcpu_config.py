@@ -1,0 +1,32 @@
+"""``spec_from_proto``: a VmConfig the service cannot honour is refused with a message, never half accepted."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+
+from mmiosplit.v1 import common_pb2, vcpu_pb2
+from vcpu_service.server import spec_from_proto
+from vcpu_service.vm import VmConfigError
+
+
+def _config(wall_clock: float) -> vcpu_pb2.VmConfig:
+    cfg = vcpu_pb2.VmConfig(architecture=common_pb2.ARCHITECTURE_AARCH64)
+    cfg.ram.add(base=0x4000_0000, size=0x10_0000)
+    cfg.limits.wall_clock_seconds = wall_clock
+    return cfg
+
+
+@pytest.mark.parametrize("wall_clock", [0.0, 0.5, 3600.0, threading.TIMEOUT_MAX])
+def test_a_wall_clock_limit_a_timer_can_wait_for_is_taken(wall_clock: float) -> None:
+    assert spec_from_proto(_config(wall_clock)).wall_clock_seconds == wall_clock
+
+
+# Found by the vcpu-api fuzz target: inf or 1e300 passed the old `< 0` check and killed the limit's
+# threading.Timer with "OverflowError: timestamp out of range" (the run then had no limit); NaN passed too.
+@pytest.mark.parametrize("wall_clock", [-1.0, math.inf, -math.inf, math.nan, 1e300, threading.TIMEOUT_MAX * 2])
+def test_a_wall_clock_limit_no_timer_can_wait_for_is_refused(wall_clock: float) -> None:
+    with pytest.raises(VmConfigError, match="wall_clock_seconds must be between 0"):
+        spec_from_proto(_config(wall_clock))
