@@ -9,6 +9,7 @@ with its input and the loop goes on.
 from __future__ import annotations
 
 import random
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -24,6 +25,35 @@ def check(condition: bool, message: str) -> None:
     """Raise ``Finding(message)`` unless ``condition``."""
     if not condition:
         raise Finding(message)
+
+
+_thread_errors: list[str] = []
+_hook_installed = False
+
+
+def watch_threads() -> None:
+    """Record exceptions that end any thread (``threading.excepthook``), for ``check_threads``; idempotent."""
+    global _hook_installed
+    if _hook_installed:
+        return
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        name = args.thread.name if args.thread is not None else "?"
+        text = "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback))
+        _thread_errors.append(f"thread {name}: {text}")
+        previous(args)
+
+    threading.excepthook = hook
+    _hook_installed = True
+
+
+def check_threads() -> None:
+    """Raise ``Finding`` for the exceptions that ended threads since the last call."""
+    if _thread_errors:
+        errors = list(_thread_errors)
+        _thread_errors.clear()
+        raise Finding("an exception ended a thread:\n" + "\n".join(errors))
 
 
 @dataclass

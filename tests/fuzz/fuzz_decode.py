@@ -43,9 +43,9 @@ def _t32_word(fdp: atheris.FuzzedDataProvider) -> int:
 
 def _word(fdp: atheris.FuzzedDataProvider, isa: Isa) -> int:
     shape = fdp.ConsumeIntInRange(0, 15)
-    if shape == 0:  # not a 32-bit value: a defined refusal
+    if shape == 15:  # not a 32-bit value: a defined refusal
         return fdp.PickValueInList([-1, -(1 << 40), 1 << 32, (1 << 64) - 1, 1 << 100])
-    if shape == 1:  # any 32-bit value, whatever the ISA
+    if shape == 14:  # any 32-bit value, whatever the ISA
         return fdp.ConsumeIntInRange(0, _MASK32)
     if isa is Isa.T32:
         return _t32_word(fdp)

@@ -116,7 +116,7 @@ def _u64(fdp: atheris.FuzzedDataProvider) -> int:
 
 
 def _address(fdp: atheris.FuzzedDataProvider) -> int:
-    if fdp.ConsumeIntInRange(0, 7) == 0:
+    if fdp.ConsumeIntInRange(0, 7) == 7:
         return _u64(fdp)
     return fdp.PickValueInList(BASES) + fdp.ConsumeIntInRange(0, 0x40)
 
@@ -127,22 +127,22 @@ def _posted(fdp: atheris.FuzzedDataProvider, batch: device_pb2.PostedWrites) -> 
         batch.address.append(_address(fdp) if fdp.ConsumeBool() else 0x0A00_0000 + fdp.ConsumeIntInRange(0, 0xFF8))
         batch.length.append(length)
         batch.data += fdp.ConsumeBytes(length)
-    if fdp.ConsumeIntInRange(0, 7) == 0:  # columns that disagree
+    if fdp.ConsumeIntInRange(0, 7) == 7:  # columns that disagree
         batch.data += fdp.ConsumeBytes(3)
-    if fdp.ConsumeIntInRange(0, 7) == 0:
+    if fdp.ConsumeIntInRange(0, 7) == 7:
         batch.length.append(4)
 
 
 def _exit_request(fdp: atheris.FuzzedDataProvider, seq: int) -> device_pb2.ExitStreamRequest | None:
     shape = fdp.ConsumeIntInRange(0, 15)
-    if shape == 0:
+    if shape == 15:
         parsed = _parsed(fdp, device_pb2.ExitStreamRequest)
         return parsed if isinstance(parsed, device_pb2.ExitStreamRequest) else None
-    req = device_pb2.ExitStreamRequest(seq=seq if fdp.ConsumeIntInRange(0, 15) else _u64(fdp))
-    if shape == 1:
+    req = device_pb2.ExitStreamRequest(seq=seq if fdp.ConsumeIntInRange(0, 15) < 15 else _u64(fdp))
+    if shape == 14:
         req.hello.protocol_version = PROTOCOL_VERSION
         return req
-    if shape == 2:
+    if shape == 13:
         _posted(fdp, req.flush)
         return req
     ex = req.exit
@@ -151,13 +151,13 @@ def _exit_request(fdp: atheris.FuzzedDataProvider, seq: int) -> device_pb2.ExitS
     ex.length = fdp.PickValueInList([1, 2, 4, 8, 1, 2, 4, 8, 0, 3, 5, 16, 0xFFFF_FFFF])
     write = fdp.ConsumeBool()
     ex.direction = fdp.PickValueInList([device_pb2.ACCESS_DIRECTION_READ, device_pb2.ACCESS_DIRECTION_WRITE]
-                                       if fdp.ConsumeIntInRange(0, 7) else [0, 3, 77])
+                                       if fdp.ConsumeIntInRange(0, 7) < 7 else [0, 3, 77])
     if write:
         ex.direction = device_pb2.ACCESS_DIRECTION_WRITE
-    if ex.direction == device_pb2.ACCESS_DIRECTION_WRITE or fdp.ConsumeIntInRange(0, 7) == 0:
-        n = ex.length if ex.length <= 16 and fdp.ConsumeIntInRange(0, 7) else fdp.ConsumeIntInRange(0, 17)
+    if ex.direction == device_pb2.ACCESS_DIRECTION_WRITE or fdp.ConsumeIntInRange(0, 7) == 7:
+        n = ex.length if ex.length <= 16 and fdp.ConsumeIntInRange(0, 7) < 7 else fdp.ConsumeIntInRange(0, 17)
         ex.data = fdp.ConsumeBytes(n)
-    if fdp.ConsumeIntInRange(0, 3) == 0:
+    if fdp.ConsumeIntInRange(0, 3) == 3:
         _posted(fdp, ex.posted)
     ex.device = fdp.PickValueInList(NAMES)
     ex.syndrome, ex.pc = _u64(fdp), _u64(fdp)
@@ -166,9 +166,9 @@ def _exit_request(fdp: atheris.FuzzedDataProvider, seq: int) -> device_pb2.ExitS
 
 async def _exit_stream(fdp: atheris.FuzzedDataProvider, servicer: DeviceServicer) -> None:
     first: device_pb2.ExitStreamRequest | None
-    if fdp.ConsumeIntInRange(0, 7):
+    if fdp.ConsumeIntInRange(0, 7) < 7:
         first = device_pb2.ExitStreamRequest(seq=fdp.PickValueInList([0, 0, 0, 5, (1 << 64) - 1]))
-        first.hello.protocol_version = PROTOCOL_VERSION if fdp.ConsumeIntInRange(0, 7) else _u64(fdp) & 0xFFFF_FFFF
+        first.hello.protocol_version = PROTOCOL_VERSION if fdp.ConsumeIntInRange(0, 7) < 7 else _u64(fdp) & 0xFFFF_FFFF
         first.hello.vm_id = fdp.PickValueInList(["vm-1", "", "x" * 300])
         first.hello.vcpu_id = fdp.ConsumeIntInRange(0, 1 << 32 - 1)
         first.hello.architecture = fdp.ConsumeIntInRange(0, 3)
@@ -328,7 +328,7 @@ async def _one(fdp: atheris.FuzzedDataProvider, servicer: DeviceServicer) -> Non
 def TestOneInput(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
     loop, servicer = _shared()
-    if fdp.ConsumeIntInRange(0, 63) == 0:  # now and then, a service that is going away
+    if fdp.ConsumeIntInRange(0, 63) == 63:  # now and then, a service that is going away
         servicer = _servicer(["scratch@0x0a000000,size=0x1000,posted=on,name=scratch", "pl011@0x09000000,name=uart"])
         servicer.host.go_away("fuzz: draining", 1.0)
     else:

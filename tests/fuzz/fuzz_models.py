@@ -103,7 +103,7 @@ def _options(fdp: atheris.FuzzedDataProvider, type_name: str) -> dict[str, str]:
             options[key] = fdp.PickValueInList(values)
     if type_name == "virtio-blk-mmio":
         options["file"] = _disk_image()
-    if fdp.ConsumeIntInRange(0, 15) == 0:  # random text: a ConfigError, or a value that happens to parse
+    if fdp.ConsumeIntInRange(0, 15) == 15:  # random text: a ConfigError, or a value that happens to parse
         key = fdp.PickValueInList([*known, "bogus"]) if known else "bogus"
         options[key] = fdp.ConsumeUnicodeNoSurrogates(12)
     return options
