@@ -9,13 +9,15 @@ SetRegisters, ReadMemory, WriteMemory, GetStats, StreamVmEvents, StreamExitTrace
 id that does not exist, with a fake ``grpc.ServicerContext``; the VM is deleted at the end.
 
 Checked: every call returns its response or aborts with a status other than INTERNAL (the servicer's "internal
-error" for an exception it did not expect) and a message; no other exception escapes; no VM is left behind,
-no thread ends with an exception, and the thread count comes back down after each input (a VM's vCPU, ticker and watch threads end with it).
+error" for an exception it did not expect) and a message; no other exception escapes; no VM is left behind;
+no thread ends with an exception, and the thread count comes back down after each input (a VM's vCPU, ticker
+and watch threads end with it).
 RAM is bounded by the servicer's cap (8 MiB here).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import struct
@@ -103,10 +105,8 @@ def _config(fdp: atheris.FuzzedDataProvider) -> vcpu_pb2.VmConfig:
     wild = fdp.ConsumeIntInRange(0, 3) == 3
     cfg = vcpu_pb2.VmConfig()
     if wild and fdp.ConsumeIntInRange(0, 3) == 3:
-        try:
+        with contextlib.suppress(DecodeError, RuntimeError, ValueError):
             cfg.ParseFromString(fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 128)))
-        except (DecodeError, RuntimeError, ValueError):
-            pass
         return cfg
     arm = fdp.ConsumeBool()
     cfg.architecture = common_pb2.ARCHITECTURE_ARM if arm else common_pb2.ARCHITECTURE_AARCH64
