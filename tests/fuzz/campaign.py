@@ -50,6 +50,15 @@ def _child(target: str, argv: list[str]) -> None:
             importlib.import_module(package)
         module = importlib.import_module(TARGETS[target][0])
     target_fn = module.TestOneInput
+    if os.environ.get("MMIOSPLIT_FUZZ_SELFTEST"):  # tests: a target that fails on its 50th input
+        calls = [0]
+        real_fn = target_fn
+
+        def target_fn(data: bytes) -> None:
+            calls[0] += 1
+            if calls[0] == 50:
+                raise Finding("self-test: the 50th input fails")
+            real_fn(data)
 
     def test_one_input(data: bytes) -> None:
         try:
