@@ -231,7 +231,7 @@ async def _watch(fdp: atheris.FuzzedDataProvider, servicer: DeviceServicer, unti
             yield item
 
     context = FakeContext()
-    gen = servicer.Watch(feed(), context)  # type: ignore[arg-type]
+    gen: Any = servicer.Watch(feed(), context)  # type: ignore[arg-type]
     served = 0
     try:
         while True:
@@ -278,7 +278,7 @@ async def _console(fdp: atheris.FuzzedDataProvider, servicer: DeviceServicer) ->
         for r in reqs:
             yield r
 
-    gen = servicer.Console(feed(), FakeContext())  # type: ignore[arg-type]
+    gen: Any = servicer.Console(feed(), FakeContext())  # type: ignore[arg-type]
     try:
         with contextlib.suppress(TimeoutError, Aborted, StopAsyncIteration):
             await asyncio.wait_for(gen.__anext__(), 0.001)
@@ -289,6 +289,7 @@ async def _console(fdp: atheris.FuzzedDataProvider, servicer: DeviceServicer) ->
 async def _one(fdp: atheris.FuzzedDataProvider, servicer: DeviceServicer) -> None:
     what = fdp.ConsumeIntInRange(0, 9)
     context = FakeContext()
+    request: Any
     if what == 0:
         request = _parsed(fdp, device_pb2.DescribeRequest) or device_pb2.DescribeRequest()
         (await servicer.Describe(request, context)).SerializeToString()  # type: ignore[arg-type]

@@ -234,9 +234,9 @@ class FuzzWatch:
                 self._serve_dma()
                 continue
             if kind <= 4:
-                pb = device_pb2.LineUpdate()
-                _lines_pb(self._s, pb)
-                return line_change(SERVICE, pb, same_clock=self._s.ConsumeBool())
+                lines = device_pb2.LineUpdate()
+                _lines_pb(self._s, lines)
+                return line_change(SERVICE, lines, same_clock=self._s.ConsumeBool())
             if kind <= 6:
                 pb = device_pb2.ShadowUpdate()
                 _shadow_pb(self._s, pb)

@@ -175,6 +175,7 @@ def _rpc(fdp: atheris.FuzzedDataProvider, servicer: VcpuServicer, vm_id: str, ar
     op = fdp.ConsumeIntInRange(0, 11)
     vcpu = fdp.PickValueInList([0, 0, 1, 7, 0xFFFF_FFFF])
     regs = A32_REGS if arm else A64_REGS
+    req: Any
     if op == 0:
         _call("StartVm", lambda: servicer.StartVm(vcpu_pb2.StartVmRequest(vm_id=vid), ctx))  # type: ignore[arg-type]
     elif op == 1:
