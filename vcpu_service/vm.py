@@ -203,6 +203,9 @@ class Vm:
             if size == 0 or base % PAGE or size % PAGE:
                 raise VmConfigError(f"RAM region {_fmt_range(base, max(size, 1))} must have a non-zero size and "
                                     f"base and size aligned to 4 KiB")
+            if base + size > 1 << 64:  # Unicorn refuses the mapping (UC_ERR_ARG) once the VM is half built
+                raise VmConfigError(f"RAM region of 0x{size:x} bytes at 0x{base:x} runs past the end of the 64-bit "
+                                    "address space")
             total += size
         for (b1, s1), (b2, s2) in itertools.pairwise(ordered):
             if b2 < b1 + s1:
