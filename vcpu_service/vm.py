@@ -438,6 +438,8 @@ class Vm:
                     if offset + len(data) > mirror.block.size:
                         raise TransportError(f"device service {c.service}: mirror patch of {len(data)} bytes at "
                                              f"+0x{offset:x} is outside {c.device}/{c.region}")
+                    if not data:
+                        continue  # changes nothing; an empty range in the patch log makes Unicorn refuse the flush
                     mirror.block.write(mirror.block.base + offset, data)
                     start = mirror.block.base + offset
                     self._patch_log.append((self.map_generation + 1, start, start + len(data)))
