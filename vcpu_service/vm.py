@@ -285,6 +285,14 @@ class Vm:
                     f"{b.device}/{b.name} {_fmt_range(b.base, b.size)} on {b.service}"
                 )
         for r in regions:
+            # A device service's Describe is not to be trusted: a region past 2**64, or a ROMD region not made of
+            # whole pages, made Unicorn refuse its mapping (a mirror, a posted window) once the guest ran.
+            if r.end > 1 << 64:
+                raise VmConfigError(f"device region {r.device}/{r.name} of 0x{r.size:x} bytes at 0x{r.base:x} on "
+                                    f"{r.service} runs past the end of the 64-bit address space")
+            if r.romd and (r.base % PAGE or r.size % PAGE):
+                raise VmConfigError(f"ROMD region {r.device}/{r.name} {_fmt_range(r.base, r.size)} on {r.service} is "
+                                    "not made of whole 4 KiB pages, so its mirror cannot be mapped")
             for block in self.ram:
                 if r.base < block.end and block.base < r.end:
                     raise VmConfigError(f"device region {r.device}/{r.name} {_fmt_range(r.base, r.size)} on "

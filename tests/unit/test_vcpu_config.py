@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from mmiosplit.mmio import RemoteRegion
 from mmiosplit.v1 import common_pb2, vcpu_pb2
 from vcpu_service.server import spec_from_proto
 from vcpu_service.vm import Vm, VmConfigError, VmSpec
@@ -45,3 +46,38 @@ def test_a_ram_region_that_ends_at_the_top_of_the_address_space_is_taken() -> No
     vm = Vm(VmSpec("aarch64", ram=[((1 << 64) - 0x10_0000, 0x10_0000)], entry_point=(1 << 64) - 0x10_0000), [],
             ram_cap=1 << 30)
     vm.delete()
+
+
+class _DescribeOnly:
+    """A device endpoint that answers Describe with ``regions`` (the VM refuses them before asking more)."""
+
+    def __init__(self, *regions: RemoteRegion) -> None:
+        self.name = "svc"
+        self.leaving = None
+        self.same_clock = False
+        self._regions = list(regions)
+
+    def describe(self) -> list[RemoteRegion]:
+        return self._regions
+
+    def close(self) -> None:
+        pass
+
+
+def _region(base: int, size: int, romd: bool = False, posted: bool = False) -> RemoteRegion:
+    return RemoteRegion("svc", "dev", "fuzz", "regs", base, size, romd, posted, (1, 2, 4, 8), False)
+
+
+# Found by the exitpath fuzz target (Describe answers read by the gRPC transport): a ROMD region of 2**64-1
+# bytes raised OverflowError out of CreateVm; one not made of whole pages, or a posted one past 2**64, made
+# Unicorn refuse its mapping once the guest ran, and the run ended with an internal error.
+@pytest.mark.parametrize(("region", "message"), [
+    (_region((1 << 64) - 0x1000, 0x10_0000, posted=True), "runs past the end of the 64-bit address space"),
+    (_region(0x1000, (1 << 64) - 1, romd=True), "runs past the end of the 64-bit address space"),
+    (_region(0x0A00_0800, 0x100, romd=True), "not made of whole 4 KiB pages"),
+    (_region(0x0A00_0000, 0x1800, romd=True), "not made of whole 4 KiB pages"),
+])
+def test_a_device_region_the_vcpu_cannot_map_is_refused(region: RemoteRegion, message: str) -> None:
+    spec = VmSpec("aarch64", ram=[(0x4000_0000, 0x10_0000)], entry_point=0x4000_0000)
+    with pytest.raises(VmConfigError, match=message):
+        Vm(spec, [_DescribeOnly(region)], ram_cap=1 << 30)  # type: ignore[list-item]
