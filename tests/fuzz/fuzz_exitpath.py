@@ -9,7 +9,9 @@ transport's ``TransportError``), data of any length, error text, posted-write er
 address, mirror updates, shadow updates and line levels for devices, regions and lines that exist or not, with
 any generation; or the channel raises ``TransportError``/``DeadlineExceeded``. The watch sends shadow values, line
 levels, DMA requests (inside and outside the granted window) and ``GoingAway``, or breaks. Describe offers a
-plain region, a posted one, one with shadow registers, or a ROMD region whose mirror chunks are fuzzed too.
+plain region, a posted one, one with shadow registers, or a ROMD region whose mirror chunks are fuzzed too; or,
+one time in four, a ``DescribeResponse`` from anything (regions anywhere, of any size, kind and access sizes,
+shadow windows, lines) read by the gRPC transport's own ``GrpcEndpoint.describe``.
 Policies are drawn at random.
 
 Checked: the VM reaches a final event within a time limit (no hang); the final event is not an internal error
@@ -43,10 +45,11 @@ from mmiosplit.mmio import (
 )
 from mmiosplit.mmio import WatchEvent as ServiceEvent
 from mmiosplit.v1 import device_pb2
+from mmiosplit.wire import PROTOCOL_VERSION
 from tests.exitpath import harness
 from tests.fuzz.common import Finding, check, check_threads, watch_threads
 from vcpu_service.domain import ErrorKind, EventKind, FaultPolicy, Policies, UnmappedPolicy
-from vcpu_service.transport import completion_from_wire, line_change, mirror_changes, shadow_change
+from vcpu_service.transport import GrpcEndpoint, completion_from_wire, line_change, mirror_changes, shadow_change
 from vcpu_service.vm import ImageSpec, Vm, VmConfigError, VmSpec
 
 SERVICE = "fuzz"
@@ -255,6 +258,47 @@ class FuzzWatch:
         self._cancelled.set()
 
 
+class _DescribeStub:
+    """The one call of a device service's stub that ``GrpcEndpoint.describe`` makes."""
+
+    def __init__(self, response: device_pb2.DescribeResponse) -> None:
+        self.response = response
+
+    def Describe(self, request: device_pb2.DescribeRequest, timeout: float) -> device_pb2.DescribeResponse:
+        return self.response
+
+
+def described(s: Script) -> tuple[list[RemoteRegion], list[RemoteLine]]:
+    """A fuzzed DescribeResponse, read by the gRPC transport's own ``GrpcEndpoint.describe`` (its checks
+    included); TransportError when the transport refuses it."""
+    resp = device_pb2.DescribeResponse(service_name=SERVICE, protocol_version=PROTOCOL_VERSION)
+    for d in range(s.ConsumeIntInRange(1, 2)):
+        dev = resp.devices.add(name=s.PickValueInList(["dev", "dev2", ""]) if d else "dev", type="fuzz",
+                               has_console=s.ConsumeBool())
+        for _ in range(s.ConsumeIntInRange(1, 2)):
+            region = dev.regions.add(
+                name=s.PickValueInList(["regs", "flash", ""]),
+                base=s.PickValueInList([DEV, DEV + 0x800, DEV + 0x1000, 0, harness.RAM_BASE, 0xFFFF_F000,
+                                        (1 << 64) - 0x1000, (1 << 64) - 1]),
+                size=s.PickValueInList([DEV_SIZE, 0x100, 8, 1, 0, 0x10_0000, (1 << 64) - 1]),
+                kind=s.PickValueInList([device_pb2.REGION_KIND_MMIO, device_pb2.REGION_KIND_ROMD, 0, 7]),
+                posted=s.ConsumeBool(),
+                access_sizes=s.PickValueInList([[], [4], [1, 2, 4], [1, 2, 4, 8], [3], [0], [16], [8, 8]]))
+            for _ in range(s.ConsumeIntInRange(0, 2)):
+                region.shadows.add(offset=s.PickValueInList([0, 4, 8, DEV_SIZE - 4, DEV_SIZE]),
+                                   size=s.PickValueInList([4, 8, 1, 0]))
+        for _ in range(s.ConsumeIntInRange(0, 2)):
+            dev.lines.add(index=s.PickValueInList([0, 1, 0xFFFF_FFFF]), name="irq",
+                          trigger=s.PickValueInList([0, 1, 2, 9]))
+    endpoint = GrpcEndpoint.__new__(GrpcEndpoint)  # no channel: only Describe's reading of the answer
+    endpoint.name = SERVICE
+    endpoint._connect_timeout_s = 1.0
+    endpoint._lines = None
+    endpoint.same_clock = False
+    endpoint.stub = _DescribeStub(resp)  # type: ignore[assignment]
+    return endpoint.describe(), endpoint.interrupt_lines()
+
+
 class FuzzEndpoint:
     """A DeviceEndpoint with one device ("dev") whose region layout the script picks."""
 
@@ -274,13 +318,22 @@ class FuzzEndpoint:
             base.update(romd=True, name="flash")
         base.setdefault("name", "regs")
         self._regions = [RemoteRegion(**base)]  # type: ignore[arg-type]
-        self.has_shadows = layout == 2
+        self._lines = [RemoteLine(SERVICE, "dev", 0, "irq", script.PickValueInList(["level", "edge"]), "fuzz")]
+        self._refused: TransportError | None = None
+        if script.ConsumeIntInRange(0, 3) == 3:  # a Describe answer from anything, through the transport
+            try:
+                self._regions, self._lines = described(script)
+            except TransportError as exc:
+                self._refused = exc
+        self.has_shadows = any(r.shadows for r in self._regions)
 
     def describe(self) -> list[RemoteRegion]:
+        if self._refused is not None:
+            raise self._refused
         return list(self._regions)
 
     def interrupt_lines(self) -> list[RemoteLine]:
-        return [RemoteLine(SERVICE, "dev", 0, "irq", self._s.PickValueInList(["level", "edge"]), "fuzz")]
+        return list(self._lines)
 
     def watch(self, vm_id: str, dma: DmaTarget | None = None) -> FuzzWatch:
         return FuzzWatch(self._s, dma, self.has_shadows)
