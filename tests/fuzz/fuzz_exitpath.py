@@ -1,34 +1,37 @@
 """Target ``exitpath``: the vcpu service's exit path against a device service whose every answer is fuzzed.
 
 Each input runs a small guest (``tests/exitpath/harness.py``'s layout: A64, A32 or T32, a handful of loads and
-stores, with and without base writeback, to a device at ``harness.DEV``) in a ``Vm`` whose only device endpoint
-is ``FuzzEndpoint``: an in-process ``DeviceEndpoint``/``ExitChannel``/``ServiceWatch`` (like
-``device_service.local``) whose answers come from the fuzz input. Completions are built as wire messages and
-converted with the gRPC transport's own ``completion_from_wire``: any status number (unknown ones become the
-transport's ``TransportError``), data of any length, error text, posted-write errors with any index and
-address, mirror updates, shadow updates and line levels for devices, regions and lines that exist or not, with
-any generation; or the channel raises ``TransportError``/``DeadlineExceeded``. The watch sends shadow values, line
-levels, DMA requests (inside and outside the granted window) and ``GoingAway``, or breaks. Describe offers a
-plain region, a posted one, one with shadow registers, or a ROMD region whose mirror chunks are fuzzed too; or,
-one time in four, a ``DescribeResponse`` from anything (regions anywhere, of any size, kind and access sizes,
-shadow windows, lines) read by the gRPC transport's own ``GrpcEndpoint.describe``.
-Policies are drawn at random.
+stores, with and without base writeback, to a device at ``harness.DEV``) in a ``Vm`` whose only device endpoint is
+``FuzzEndpoint``: an in-process ``DeviceEndpoint``/``ExitChannel``/``ServiceWatch`` (like ``device_service.local``)
+whose answers come from the fuzz input. Completions are built as wire messages and converted with the gRPC
+transport's own ``completion_from_wire``: any status number (unknown ones become the transport's
+``TransportError``), data of any length, error text, posted-write errors with any index and address, mirror updates,
+shadow updates and line levels for devices, regions and lines that exist or not, with any generation; or the channel
+raises ``TransportError``/``DeadlineExceeded``. Half the inputs go through the gRPC transport's own
+``GrpcExitChannel`` over a fuzzed stream instead (``FuzzCall``: handshake answers, sequence numbers right or wrong,
+the wrong kind of answer, ``going_away``, the stream ending or failing). The watch sends shadow values, line levels,
+DMA requests (inside and outside the granted window) and ``GoingAway``, or breaks. Describe offers a plain region, a
+posted one, one with shadow registers, or a ROMD region whose mirror chunks are fuzzed too; or, one time in four, a
+``DescribeResponse`` from anything (regions anywhere, of any size, kind and access sizes, shadow windows, lines)
+read by the gRPC transport's own ``GrpcEndpoint.describe``. Policies are drawn at random.
 
 Checked: the VM reaches a final event within a time limit (no hang); the final event is not an internal error
 (``ErrorKind.INTERNAL``, or a reason saying "internal error"); no thread ends with an exception; the watch thread
-logs no internal error; a DMA outside the windows is refused with ``DmaError`` and nothing else; ``Vm``
-construction refuses a bad configuration only with ``VmConfigError``. Pure-Python loop by default: every input
-starts vCPU, watch and ticker threads, which libFuzzer's in-process model (one call, then the next, exit on the
-first crash) does not suit.
+logs no internal error; a DMA outside the windows is refused with ``DmaError`` and nothing else; ``Vm`` construction
+refuses a bad configuration only with ``VmConfigError``. Pure-Python loop by default: every input starts vCPU, watch
+and ticker threads, which libFuzzer's in-process model (one call, then the next, exit on the first crash) does not
+suit.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import atheris
+import grpc
 
 from mmiosplit.mmio import (
     Completion,
@@ -36,6 +39,7 @@ from mmiosplit.mmio import (
     DmaError,
     DmaTarget,
     DmaWindow,
+    ExitChannel,
     GoingAway,
     MirrorChange,
     MmioExit,
@@ -49,7 +53,14 @@ from mmiosplit.wire import PROTOCOL_VERSION
 from tests.exitpath import harness
 from tests.fuzz.common import Finding, check, check_threads, watch_threads
 from vcpu_service.domain import ErrorKind, EventKind, FaultPolicy, Policies, UnmappedPolicy
-from vcpu_service.transport import GrpcEndpoint, completion_from_wire, line_change, mirror_changes, shadow_change
+from vcpu_service.transport import (
+    GrpcEndpoint,
+    GrpcExitChannel,
+    completion_from_wire,
+    line_change,
+    mirror_changes,
+    shadow_change,
+)
 from vcpu_service.vm import ImageSpec, Vm, VmConfigError, VmSpec
 
 SERVICE = "fuzz"
@@ -143,8 +154,13 @@ def completion(s: Script, exit: MmioExit | None) -> Completion:
         raise DeadlineExceeded(f"{SERVICE}: fuzz: no completion in time")
     if how == 30:
         raise TransportError(f"{SERVICE}: fuzz: the stream broke")
-    pb = device_pb2.Completion(status=s.PickValueInList(STATUSES))
     length = exit.length if exit is not None and not exit.is_write else 0
+    return completion_from_wire(SERVICE, completion_pb(s, length), same_clock=s.ConsumeBool())
+
+
+def completion_pb(s: Script, length: int) -> device_pb2.Completion:
+    """A fuzzed wire completion for a read of ``length`` bytes (0: a write or a flush)."""
+    pb = device_pb2.Completion(status=s.PickValueInList(STATUSES))
     pb.data = s.ConsumeBytes(length if s.ConsumeIntInRange(0, 7) < 7 else s.PickValueInList([0, 1, 3, 8, 16]))
     if pb.status != device_pb2.COMPLETION_STATUS_OK or s.ConsumeIntInRange(0, 7) == 7:
         pb.error = s.PickValueInList(["fuzz: refused", "", "\u2603"])
@@ -157,7 +173,71 @@ def completion(s: Script, exit: MmioExit | None) -> Completion:
         _shadow_pb(s, pb.shadow)
     if extras & 8 and s.ConsumeBool():
         _lines_pb(s, pb.lines)
-    return completion_from_wire(SERVICE, pb, same_clock=s.ConsumeBool())
+    return pb
+
+
+class FakeRpcError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode) -> None:
+        super().__init__(code.name)
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return "fuzz: the stream failed"
+
+
+class FuzzCall:
+    """The call object of a fuzzed ExitStream for the gRPC transport's own ``GrpcExitChannel``: each ``next``
+    answers the next request the channel sent, with the right or a wrong sequence number, a welcome or a
+    completion or nothing, now and then ``going_away``, or ends or breaks the stream."""
+
+    def __init__(self, script: Script, requests: Iterator[device_pb2.ExitStreamRequest]) -> None:
+        self._s = script
+        self._requests = requests
+        self._cancelled = False
+
+    def __iter__(self) -> FuzzCall:
+        return self
+
+    def __next__(self) -> device_pb2.ExitStreamResponse:
+        s = self._s
+        if self._cancelled:
+            raise FakeRpcError(grpc.StatusCode.CANCELLED)
+        request = next(self._requests)
+        how = s.ConsumeIntInRange(0, 31)
+        if how == 31:
+            raise StopIteration
+        if how == 30:
+            raise FakeRpcError(s.PickValueInList([grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL]))
+        reply = device_pb2.ExitStreamResponse(seq=request.seq if how < 29 else request.seq + 1)
+        body = request.WhichOneof("body")
+        if s.ConsumeIntInRange(0, 15) == 15:
+            body = s.PickValueInList(["hello", "exit", "none"])  # the wrong kind of answer
+        if body == "hello":
+            reply.welcome.protocol_version = PROTOCOL_VERSION if s.ConsumeIntInRange(0, 15) < 15 else 99
+            reply.welcome.service_name = SERVICE
+        elif body in ("exit", "flush"):
+            exit = request.exit if request.WhichOneof("body") == "exit" else None
+            length = exit.length if exit is not None and exit.direction != device_pb2.ACCESS_DIRECTION_WRITE else 0
+            reply.completion.CopyFrom(completion_pb(s, length))
+        if s.ConsumeIntInRange(0, 15) == 15:
+            reply.going_away.reason = "fuzz: going away"
+        return reply
+
+    def cancel(self) -> None:
+        self._cancelled = True
+
+
+class FuzzStub:
+    """What ``GrpcExitChannel`` uses of a device service's stub."""
+
+    def __init__(self, script: Script) -> None:
+        self._s = script
+
+    def ExitStream(self, requests: Iterator[device_pb2.ExitStreamRequest]) -> FuzzCall:
+        return FuzzCall(self._s, requests)
 
 
 class FuzzChannel:
@@ -326,6 +406,8 @@ class FuzzEndpoint:
             except TransportError as exc:
                 self._refused = exc
         self.has_shadows = any(r.shadows for r in self._regions)
+        self.wire = script.ConsumeBool()  # exits through GrpcExitChannel and a fuzzed stream, or FuzzChannel
+        self.stub = FuzzStub(script)
 
     def describe(self) -> list[RemoteRegion]:
         if self._refused is not None:
@@ -338,7 +420,9 @@ class FuzzEndpoint:
     def watch(self, vm_id: str, dma: DmaTarget | None = None) -> FuzzWatch:
         return FuzzWatch(self._s, dma, self.has_shadows)
 
-    def open_exit_channel(self, vm_id: str, vcpu_id: int, architecture: str) -> FuzzChannel:
+    def open_exit_channel(self, vm_id: str, vcpu_id: int, architecture: str) -> ExitChannel:
+        if self.wire:  # the gRPC transport's own channel over a fuzzed stream (handshake included)
+            return GrpcExitChannel(self, vm_id, vcpu_id, architecture, 0.5)  # type: ignore[arg-type]
         return FuzzChannel(self._s)
 
     def read_mirror(self, device: str, region: str) -> tuple[list[tuple[int, bytes]], bool]:
