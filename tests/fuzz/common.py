@@ -8,6 +8,7 @@ with its input and the loop goes on.
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -27,25 +28,35 @@ def check(condition: bool, message: str) -> None:
         raise Finding(message)
 
 
+_NOWHERE = logging.NullHandler()
+
+
+def quiet_logs(capture: logging.Handler | None = None) -> None:
+    """Send the services' log (the ``mmiosplit`` logger) only to ``capture``, warnings and worse, or nowhere: a
+    campaign makes thousands of refusals the services log. Cheap and idempotent: targets call it per input."""
+    logger = logging.getLogger("mmiosplit")
+    handlers = [capture or _NOWHERE]
+    if logger.handlers != handlers or logger.propagate:
+        logger.handlers[:] = handlers
+        logger.propagate = False
+    logger.setLevel(logging.WARNING if capture is not None else logging.CRITICAL)
+
+
 _thread_errors: list[str] = []
-_hook_installed = False
+
+
+def _record(args: threading.ExceptHookArgs) -> None:
+    name = args.thread.name if args.thread is not None else "?"
+    text = "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback))
+    _thread_errors.append(f"thread {name}: {text}")
+    threading.__excepthook__(args)
 
 
 def watch_threads() -> None:
-    """Record exceptions that end any thread (``threading.excepthook``), for ``check_threads``; idempotent."""
-    global _hook_installed
-    if _hook_installed:
-        return
-    previous = threading.excepthook
-
-    def hook(args: threading.ExceptHookArgs) -> None:
-        name = args.thread.name if args.thread is not None else "?"
-        text = "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback))
-        _thread_errors.append(f"thread {name}: {text}")
-        previous(args)
-
-    threading.excepthook = hook
-    _hook_installed = True
+    """Record exceptions that end any thread (``threading.excepthook``), for ``check_threads``; idempotent, and
+    again after someone restored the previous hook."""
+    if threading.excepthook is not _record:
+        threading.excepthook = _record
 
 
 def check_threads() -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -34,10 +33,7 @@ from device_service.config import create_device, parse_device_specs
 from device_service.server import DeviceServicer
 from mmiosplit.v1 import device_pb2
 from mmiosplit.wire import PROTOCOL_VERSION
-from tests.fuzz.common import Finding, check
-
-logging.getLogger("mmiosplit").setLevel(logging.CRITICAL)
-server_module.DMA_TIMEOUT_S = 0.2  # an unanswered DMA fails in 0.2 s here instead of 10
+from tests.fuzz.common import Finding, check, quiet_logs
 
 DEVICES = [
     "pl011@0x09000000,name=uart",
@@ -328,6 +324,8 @@ async def _one(fdp: atheris.FuzzedDataProvider, servicer: DeviceServicer) -> Non
 
 def TestOneInput(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
+    quiet_logs()
+    server_module.DMA_TIMEOUT_S = 0.2  # an unanswered DMA fails in 0.2 s here instead of 10
     loop, servicer = _shared()
     if fdp.ConsumeIntInRange(0, 63) == 63:  # now and then, a service that is going away
         servicer = _servicer(["scratch@0x0a000000,size=0x1000,posted=on,name=scratch", "pl011@0x09000000,name=uart"])

@@ -51,7 +51,7 @@ from mmiosplit.mmio import WatchEvent as ServiceEvent
 from mmiosplit.v1 import device_pb2
 from mmiosplit.wire import PROTOCOL_VERSION
 from tests.exitpath import harness
-from tests.fuzz.common import Finding, check, check_threads, watch_threads
+from tests.fuzz.common import Finding, check, check_threads, quiet_logs, watch_threads
 from vcpu_service.domain import ErrorKind, EventKind, FaultPolicy, Policies, UnmappedPolicy
 from vcpu_service.transport import (
     GrpcEndpoint,
@@ -79,7 +79,6 @@ BODIES: dict[str, list[Any]] = {
     harness.T32: [(0x6801,), (0x6041,), (0x7842,), (0x8883,), (0x5C44,), (0xF8D0, 0x5008), (0xF850, 0x3B04)],
 }
 
-logging.getLogger("mmiosplit").setLevel(logging.CRITICAL)
 
 
 class _InternalLog(logging.Handler):
@@ -96,7 +95,6 @@ class _InternalLog(logging.Handler):
 
 
 _internal = _InternalLog()
-logging.getLogger("mmiosplit").addHandler(_internal)
 
 
 class Script:
@@ -449,6 +447,7 @@ def _policies(s: Script) -> Policies:
 
 
 def TestOneInput(data: bytes) -> None:
+    quiet_logs(_internal)  # the services' warnings go only to _internal, which keeps the internal errors
     watch_threads()
     check_threads()
     _internal.records.clear()

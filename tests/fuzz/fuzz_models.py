@@ -18,7 +18,6 @@ thread (irq-probe) are built once per option set and reset at the start of each 
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -37,9 +36,7 @@ from device_service.model import (
     supports_romd,
 )
 from device_service.models import DEVICE_TYPES
-from tests.fuzz.common import Finding, check
-
-logging.getLogger("mmiosplit").setLevel(logging.CRITICAL)  # models log refused DMA; thousands of lines here
+from tests.fuzz.common import Finding, check, quiet_logs
 
 BASE = 0x1000_0000
 TYPES = sorted(DEVICE_TYPES)
@@ -219,6 +216,7 @@ def _side(fdp: atheris.FuzzedDataProvider, model: DeviceModel, output: list[byte
 
 def TestOneInput(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
+    quiet_logs()  # models log refused DMA: thousands of lines here
     type_name = fdp.PickValueInList(TYPES)
     model = build(type_name, _options(fdp, type_name))
     if isinstance(model, ConfigError):

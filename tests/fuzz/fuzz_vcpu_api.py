@@ -18,7 +18,6 @@ RAM is bounded by the servicer's cap (8 MiB here).
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import struct
 import threading
@@ -31,10 +30,8 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from mmiosplit.v1 import common_pb2, vcpu_pb2
-from tests.fuzz.common import Finding, check, check_threads, watch_threads
+from tests.fuzz.common import Finding, check, check_threads, quiet_logs, watch_threads
 from vcpu_service.server import VcpuServicer
-
-logging.getLogger("mmiosplit").setLevel(logging.CRITICAL)
 
 RAM_CAP = 8 * 2**20
 #: Threads an input may leave running for a moment (a vCPU thread finishing its delete).
@@ -219,6 +216,7 @@ def _rpc(fdp: atheris.FuzzedDataProvider, servicer: VcpuServicer, vm_id: str, ar
 
 def TestOneInput(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
+    quiet_logs()
     watch_threads()
     check_threads()  # what an earlier input left behind is not this one's finding
     servicer = _servicer()

@@ -8,14 +8,17 @@ hundred inputs, in a subprocess, so the libFuzzer path keeps working.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+import device_service.server
 from tests.fuzz.campaign import TARGETS
 from tests.fuzz.common import random_loop
 
@@ -24,6 +27,22 @@ pytestmark = pytest.mark.fuzz_quick
 #: Inputs per target: with the two campaign tests, about 20 s on the 2-vCPU CI machine when it is idle.
 QUICK_INPUTS = {"decode": 10000, "models": 1200, "device-service": 1500, "vcpu-api": 600, "exitpath": 200}
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _process_state_restored() -> Iterator[None]:
+    """The targets quieten the services' logger, shorten the device service's DMA timeout and hook thread
+    exceptions for their own runs; the tests after these must see none of it."""
+    logger = logging.getLogger("mmiosplit")
+    level, handlers, propagate = logger.level, list(logger.handlers), logger.propagate
+    dma_timeout = device_service.server.DMA_TIMEOUT_S
+    excepthook = threading.excepthook
+    yield
+    logger.setLevel(level)
+    logger.handlers[:] = handlers
+    logger.propagate = propagate
+    device_service.server.DMA_TIMEOUT_S = dma_timeout
+    threading.excepthook = excepthook
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
