@@ -168,7 +168,7 @@ def _access(fdp: atheris.FuzzedDataProvider, model: DeviceModel) -> None:
     _check_result(model, what, result, size, not is_write)
 
 
-def _side(fdp: atheris.FuzzedDataProvider, model: DeviceModel, output: list[bytes]) -> None:
+def _side(fdp: atheris.FuzzedDataProvider, model: DeviceModel) -> None:
     """One operation besides an access."""
     op = fdp.ConsumeIntInRange(0, 5)
     console = supports_console(model)
@@ -229,7 +229,7 @@ def TestOneInput(data: bytes) -> None:
     if fdp.ConsumeBool():
         model.attach_dma(FuzzDma(refuse=fdp.ConsumeBool()))
     model.describe()
-    ops: list[Callable[[], None]] = [lambda: _access(fdp, model)] * 6 + [lambda: _side(fdp, model, output)]
+    ops: list[Callable[[], None]] = [lambda: _access(fdp, model)] * 6 + [lambda: _side(fdp, model)]
     for _ in range(fdp.ConsumeIntInRange(1, 64)):
         if fdp.remaining_bytes() == 0:
             break
