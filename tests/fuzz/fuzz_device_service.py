@@ -166,7 +166,7 @@ async def _exit_stream(fdp: atheris.FuzzedDataProvider, servicer: DeviceServicer
         first = device_pb2.ExitStreamRequest(seq=fdp.PickValueInList([0, 0, 0, 5, (1 << 64) - 1]))
         first.hello.protocol_version = PROTOCOL_VERSION if fdp.ConsumeIntInRange(0, 7) < 7 else _u64(fdp) & 0xFFFF_FFFF
         first.hello.vm_id = fdp.PickValueInList(["vm-1", "", "x" * 300])
-        first.hello.vcpu_id = fdp.ConsumeIntInRange(0, 1 << 32 - 1)
+        first.hello.vcpu_id = fdp.ConsumeIntInRange(0, (1 << 32) - 1)
         first.hello.architecture = fdp.ConsumeIntInRange(0, 3)
     else:
         first = _exit_request(fdp, 0)
