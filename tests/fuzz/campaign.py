@@ -21,6 +21,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -83,8 +84,10 @@ def run_atheris(target: str, inputs: int, seed: int, corpus: Path | None, artifa
         args.append(str(corpus))
     env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "tests.fuzz.campaign", "--child", target, "--", *args],
-                          capture_output=True, text=True, env=env, check=False)
+    # libFuzzer ends the child without Python's atexit: what the targets put in TMPDIR goes with this folder.
+    with tempfile.TemporaryDirectory(prefix="mmiosplit-fuzz-") as tmp:
+        proc = subprocess.run([sys.executable, "-m", "tests.fuzz.campaign", "--child", target, "--", *args],
+                              capture_output=True, text=True, env=dict(env, TMPDIR=tmp), check=False)
     seconds = time.monotonic() - t0
     output = proc.stdout + proc.stderr
     done = _DONE.findall(output)
