@@ -84,8 +84,11 @@ def spec_from_proto(cfg: vcpu_pb2.VmConfig) -> VmSpec:
         raise VmConfigError(f"policy device_restart={pol.device_restart} is not a known DeviceRestartPolicy")
     if cfg.machine not in ("", "virt"):
         raise VmConfigError(f"unknown machine profile {cfg.machine!r}; known: virt")
-    if cfg.limits.wall_clock_seconds < 0:
-        raise VmConfigError(f"limits.wall_clock_seconds must be >= 0, got {cfg.limits.wall_clock_seconds}")
+    # At most what a thread may wait for (the limit is a threading.Timer): more, or inf, killed the timer's
+    # thread with an OverflowError and left the VM with no limit; NaN slipped past a plain < 0 check.
+    if not 0 <= cfg.limits.wall_clock_seconds <= threading.TIMEOUT_MAX:
+        raise VmConfigError(f"limits.wall_clock_seconds must be between 0 (no limit) and {threading.TIMEOUT_MAX:g},"
+                            f" got {cfg.limits.wall_clock_seconds}")
     return VmSpec(
         architecture=arch,
         cpu_model=cfg.cpu_model,

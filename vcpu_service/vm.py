@@ -222,6 +222,9 @@ class Vm:
             if size == 0 or base % PAGE or size % PAGE:
                 raise VmConfigError(f"RAM region {_fmt_range(base, max(size, 1))} must have a non-zero size and "
                                     f"base and size aligned to 4 KiB")
+            if base + size > 1 << 64:  # Unicorn refuses the mapping (UC_ERR_ARG) once the VM is half built
+                raise VmConfigError(f"RAM region of 0x{size:x} bytes at 0x{base:x} runs past the end of the 64-bit "
+                                    "address space")
             total += size
         for (b1, s1), (b2, s2) in itertools.pairwise(ordered):
             if b2 < b1 + s1:
@@ -320,6 +323,14 @@ class Vm:
                     f"{b.device}/{b.name} {_fmt_range(b.base, b.size)} on {b.service}"
                 )
         for r in regions:
+            # A device service's Describe is not to be trusted: a region past 2**64, or a ROMD region not made of
+            # whole pages, made Unicorn refuse its mapping (a mirror, a posted window) once the guest ran.
+            if r.end > 1 << 64:
+                raise VmConfigError(f"device region {r.device}/{r.name} of 0x{r.size:x} bytes at 0x{r.base:x} on "
+                                    f"{r.service} runs past the end of the 64-bit address space")
+            if r.romd and (r.base % PAGE or r.size % PAGE):
+                raise VmConfigError(f"ROMD region {r.device}/{r.name} {_fmt_range(r.base, r.size)} on {r.service} is "
+                                    "not made of whole 4 KiB pages, so its mirror cannot be mapped")
             for block in self.ram:
                 if r.base < block.end and block.base < r.end:
                     raise VmConfigError(f"device region {r.device}/{r.name} {_fmt_range(r.base, r.size)} on "
@@ -473,6 +484,8 @@ class Vm:
                     if offset + len(data) > mirror.block.size:
                         raise TransportError(f"device service {c.service}: mirror patch of {len(data)} bytes at "
                                              f"+0x{offset:x} is outside {c.device}/{c.region}")
+                    if not data:
+                        continue  # changes nothing; an empty range in the patch log makes Unicorn refuse the flush
                     mirror.block.write(mirror.block.base + offset, data)
                     start = mirror.block.base + offset
                     self._patch_log.append((self.map_generation + 1, start, start + len(data)))
