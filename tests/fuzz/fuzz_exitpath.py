@@ -373,6 +373,7 @@ def described(s: Script) -> tuple[list[RemoteRegion], list[RemoteLine]]:
     endpoint._connect_timeout_s = 1.0
     endpoint._lines = None
     endpoint.same_clock = False
+    endpoint.instance_id = ""
     endpoint.stub = _DescribeStub(resp)  # type: ignore[assignment]
     return endpoint.describe(), endpoint.interrupt_lines()
 
@@ -384,6 +385,7 @@ class FuzzEndpoint:
         self.name = SERVICE
         self.leaving: GoingAway | None = None
         self.same_clock = script.ConsumeBool()
+        self.instance_id = ""
         self._s = script
         layout = script.ConsumeIntInRange(0, 3)
         base = dict(service=SERVICE, device="dev", device_type="fuzz", base=DEV, size=DEV_SIZE, romd=False,
