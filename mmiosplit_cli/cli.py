@@ -256,8 +256,8 @@ def build_config(args: argparse.Namespace, image: bytes, image_name: str, device
     cfg.policies.nisv = fault[args.on_nisv]
     cfg.policies.device_error = fault[args.on_device_error]
     cfg.policies.deadline = fault[args.on_deadline]
-    cfg.policies.device_restart = (vcpu_pb2.DEVICE_RESTART_POLICY_CONTINUE if args.on_device_restart == "continue"
-                                   else vcpu_pb2.DEVICE_RESTART_POLICY_FAIL)
+    if args.on_device_restart == "continue":  # fail is the default (UNSPECIFIED)
+        cfg.policies.device_restart = vcpu_pb2.DEVICE_RESTART_POLICY_CONTINUE
     cfg.strict_kvm = args.strict_kvm
     cfg.trace_exits = _tracing(args)
     for device, line, spi in getattr(args, "irq", None) or []:
