@@ -253,6 +253,14 @@ def test_build_config_maps_every_flag() -> None:
     assert default.policies.unmapped_access == vcpu_pb2.UNMAPPED_ACCESS_POLICY_RAZ_WI
     assert default.policies.nisv == vcpu_pb2.FAULT_POLICY_ABORT
     assert not default.strict_kvm and not default.trace_exits
+    assert default.policies.device_restart == vcpu_pb2.DEVICE_RESTART_POLICY_UNSPECIFIED  # fail
+    more = build_config(build_parser().parse_args(["run", "x.bin", "--on-device-restart", "continue",
+                                                   "--region-deadline", "flash0=2000",
+                                                   "--region-deadline", "uart0/regs=50"]), b"\0" * 4, "x.bin", [])
+    assert isinstance(more, vcpu_pb2.VmConfig)
+    assert more.policies.device_restart == vcpu_pb2.DEVICE_RESTART_POLICY_CONTINUE
+    assert [(d.device, d.region, d.deadline_ms) for d in more.region_deadlines] == [("flash0", "", 2000),
+                                                                                     ("uart0", "regs", 50)]
 
 
 # ----- run_vm with a trace callback -------------------------------------------------------------------------------
