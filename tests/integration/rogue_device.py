@@ -78,6 +78,12 @@ class RogueDevice(device_pb2_grpc.DeviceServiceServicer):
                 yield device_pb2.ExitStreamResponse(seq=req.seq, completion=device_pb2.Completion(status=99))
             elif self.mode == "die":
                 context.abort(grpc.StatusCode.INTERNAL, "rogue device crashed")
+            elif self.mode == "empty":  # a response with a number and nothing in it
+                yield device_pb2.ExitStreamResponse(seq=req.seq)
+            elif self.mode == "unsolicited":  # a completion for a request never sent, before the real one
+                yield device_pb2.ExitStreamResponse(seq=req.seq + 1, completion=device_pb2.Completion(status=ok))
+                yield device_pb2.ExitStreamResponse(seq=req.seq, completion=device_pb2.Completion(
+                    status=ok, data=bytes(req.exit.length)))
             elif self.mode == "storm":
                 yield device_pb2.ExitStreamResponse(seq=req.seq, completion=device_pb2.Completion(
                     status=ok, data=bytes(req.exit.length)))

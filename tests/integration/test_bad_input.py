@@ -136,6 +136,8 @@ def test_malformed_address_on_the_command_line() -> None:
         ("error", vcpu_pb2.VM_ERROR_KIND_DEVICE_ERROR, "register 0x0 is on fire"),
         ("badstatus", vcpu_pb2.VM_ERROR_KIND_DEVICE_SERVICE, "status 99"),
         ("die", vcpu_pb2.VM_ERROR_KIND_DEVICE_SERVICE, "rogue device crashed"),
+        ("empty", vcpu_pb2.VM_ERROR_KIND_DEVICE_SERVICE, "where a completion was due"),
+        ("unsolicited", vcpu_pb2.VM_ERROR_KIND_DEVICE_SERVICE, "answered sequence number 2 to request 1"),
         ("hang", vcpu_pb2.VM_ERROR_KIND_DEADLINE, "no completion"),
     ],
 )
