@@ -120,6 +120,7 @@ class DeviceProcess:
                 except grpc.FutureTimeoutError:
                     if self.proc.poll() is not None:
                         break
+        self.kill()  # never left behind
         raise RuntimeError(f"the device service on port {self.port} did not start")
 
     def kill(self) -> None:

@@ -57,7 +57,10 @@ def serve_devices(port: int, log: Path) -> subprocess.Popen[bytes]:
                 grpc.channel_ready_future(ch).result(timeout=0.5)
             return proc
         except grpc.FutureTimeoutError:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
+            if proc.poll() is not None:
+                raise AssertionError(proc.stderr.read() if proc.stderr else b"the device service ended") from None
+    proc.kill()
+    proc.wait(30)
     raise AssertionError("the device service did not come up")
 
 
@@ -140,6 +143,7 @@ def test_a_restarted_device_service_is_seen(vcpu_stub: vcpu_pb2_grpc.VcpuService
                                             policy: str) -> None:
     port, log, n = free_tcp_port(), tmp_path / "uart.log", 3000
     box: list[subprocess.Popen[bytes]] = [serve_devices(port, log)]
+    threads: list[threading.Thread] = []
 
     def restart_soon() -> None:
         def later() -> None:
@@ -148,12 +152,15 @@ def test_a_restarted_device_service_is_seen(vcpu_stub: vcpu_pb2_grpc.VcpuService
             os.kill(box[0].pid, signal.SIGKILL)
             box[0].wait(30)
             box.append(serve_devices(port, tmp_path / "uart2.log"))
-        threading.Thread(target=later, daemon=True).start()
+        threads.append(threading.Thread(target=later, daemon=True))
+        threads[0].start()
 
     try:
         final, events = run_countdown(vcpu_stub, f"127.0.0.1:{port}", n, deadline_ms=5000, restart=policy,
                                       during=restart_soon)
     finally:
+        for t in threads:  # the new instance may still be starting when the run ends: never leave it behind
+            t.join(60)
         for p in box:
             p.kill()
             p.wait(30)
