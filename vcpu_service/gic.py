@@ -212,9 +212,7 @@ class Gic:
         """Drive shared peripheral line ``spi`` (0-based, interrupt ID 32 + spi; QEMU virt's "UART SPI 1" is
         ``set_spi(1, ...)``). Edge-configured: a rising edge latches pending on the targeted CPUs. ``since_ns``
         (CLOCK_MONOTONIC) is when the device raised it, for the latency samples."""
-        irq = spi + GIC_INTERNAL
-        if not GIC_INTERNAL <= irq < self.num_irq:
-            raise ValueError(f"SPI {spi} outside 0..{self.num_irq - GIC_INTERNAL - 1}")
+        irq = self._spi_irq(spi)
         with self._lock:
             if level and since_ns and not self._raised_ns[irq]:
                 self._raised_ns[irq] = since_ns
@@ -224,9 +222,7 @@ class Gic:
     def pend_spi(self, spi: int, since_ns: int = 0) -> None:
         """Latch SPI ``spi`` pending on its targets, as a write of GICD_ISPENDR does (an edge-triggered device
         line), whatever the guest configured the SPI as."""
-        irq = spi + GIC_INTERNAL
-        if not GIC_INTERNAL <= irq < self.num_irq:
-            raise ValueError(f"SPI {spi} outside 0..{self.num_irq - GIC_INTERNAL - 1}")
+        irq = self._spi_irq(spi)
         with self._lock:
             if since_ns and not self._raised_ns[irq]:
                 self._raised_ns[irq] = since_ns
@@ -240,6 +236,13 @@ class Gic:
             ack, eoi = self.ack_ns, self.eoi_ns
             self.ack_ns, self.eoi_ns = array.array("q"), array.array("q")
         return ack, eoi
+
+    def _spi_irq(self, spi: int) -> int:
+        """The interrupt ID of SPI ``spi``; ValueError when this GIC has no such SPI."""
+        irq = spi + GIC_INTERNAL
+        if not GIC_INTERNAL <= irq < self.num_irq:
+            raise ValueError(f"SPI {spi} outside 0..{self.num_irq - GIC_INTERNAL - 1}")
+        return irq
 
     def set_ppi(self, cpu: int, irq: int, level: bool) -> None:
         """Drive CPU ``cpu``'s private line for interrupt ID ``irq`` (16..31, e.g. timer PPIs 27 and 30)."""

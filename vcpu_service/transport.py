@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable
+from typing import Any
 
 import grpc
 
@@ -220,10 +221,16 @@ class GrpcExitChannel:
         self._waiting_seq = 0
         self._cancellable = 0  # the exit whose completion is awaited: it may be cancelled, a flush may not
         self._cancel_sent = 0
-        self._call = endpoint.stub.ExitStream(iter(self._requests.get, None))
+        self._call = self._open_call()
         _WATCHDOG.add(self)
         reply = self._round_trip(device_pb2.ExitStreamRequest(seq=0, hello=self._hello), what="handshake")
         self._welcome(reply)
+
+    def _open_call(self) -> Any:
+        """A new ExitStream fed from a new request queue (the old queue, if any, is the caller's to close); the
+        call is both the responses' iterator and what cancels the stream (the generated stub is untyped)."""
+        self._requests = queue.SimpleQueue()
+        return self._endpoint.stub.ExitStream(iter(self._requests.get, None))
 
     def _welcome(self, reply: device_pb2.ExitStreamResponse) -> bool:
         """Check the answer to a handshake; whether the service resumed the session."""
@@ -274,11 +281,9 @@ class GrpcExitChannel:
                     f"device service {self._name}: exit stream failed during the {_what(what)} ({failure}) and "
                     f"could not be resumed within {self._wait_s * 1000:.0f} ms ({last}): whether the device "
                     "performed it is unknown")
-            old_requests, old_call = self._requests, self._call
-            old_requests.put(None)
-            old_call.cancel()
-            self._requests = queue.SimpleQueue()
-            self._call = self._endpoint.stub.ExitStream(iter(self._requests.get, None))
+            self._requests.put(None)
+            self._call.cancel()
+            self._call = self._open_call()
             hello = device_pb2.StreamHello()
             hello.CopyFrom(self._hello)
             hello.last_acked = self._acked

@@ -62,8 +62,7 @@ def _irq_json(result: LoadResult) -> dict[str, Any] | None:
     irq = result.run.irq
     if irq is None:
         return None
-    local = result.floors.get("local")
-    floor = local.irq if local is not None else None
+    floor = _floor_irq(result)
     doc: dict[str, Any] = {
         "interrupts": int(irq.ack.get_total_count()), "from_arrival": irq.from_arrival,
         "delay_us": result.config.irq_delay_us,

@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -133,6 +134,36 @@ class DeviceProcess:
         self.start()
 
 
+def run_countdown(stub: vcpu_pb2_grpc.VcpuServiceStub, device: str, writes: int, *, deadline_ms: int = DEADLINE_MS,
+                  restart: str = "fail", during: Callable[[], object] | None = None) -> tuple[
+                      vcpu_pb2.VmEvent, list[vcpu_pb2.VmEvent], int]:
+    """Run the countdown guest against the UART of ``device``, calling ``during()`` once it has started; returns
+    its final event, every event, and the writes it had left (its loop counter, x21: the one in flight if any)."""
+    program = build_program("aarch64", parse_mix("1w"), 4, [UART], 0, writes)
+    cfg = vm_config(program, 1, [device], name="countdown")
+    cfg.exit_deadline_ms = deadline_ms
+    if restart == "continue":
+        cfg.policies.device_restart = vcpu_pb2.DEVICE_RESTART_POLICY_CONTINUE
+    vm_id = stub.CreateVm(vcpu_pb2.CreateVmRequest(config=cfg), timeout=60).vm_id
+    try:
+        stub.WriteMemory(vcpu_pb2.WriteMemoryRequest(vm_id=vm_id, address=program.go_address, data=b"\1\0\0\0"))
+        events: list[vcpu_pb2.VmEvent] = []
+        stream = stub.StreamVmEvents(vcpu_pb2.StreamVmEventsRequest(vm_id=vm_id))
+        stub.StartVm(vcpu_pb2.StartVmRequest(vm_id=vm_id))
+        if during is not None:
+            during()
+        for resp in stream:
+            events.append(resp.event)
+            if resp.event.kind in (vcpu_pb2.VM_EVENT_KIND_POWERED_OFF, vcpu_pb2.VM_EVENT_KIND_ERROR,
+                                   vcpu_pb2.VM_EVENT_KIND_STOPPED):
+                break
+        regs = stub.GetRegisters(vcpu_pb2.GetRegistersRequest(vm_id=vm_id, vcpu_id=0, names=["x21"]))
+        left = next(r.value for r in regs.registers if r.name == "x21")
+    finally:
+        stub.DeleteVm(vcpu_pb2.DeleteVmRequest(vm_id=vm_id))
+    return events[-1], events, left
+
+
 def one_run(stub: vcpu_pb2_grpc.VcpuServiceStub, rng: random.Random, writes: int, budget: int,
             workdir: Path) -> RunResult:
     """One guest run under at most ``budget`` faults."""
@@ -142,12 +173,6 @@ def one_run(stub: vcpu_pb2_grpc.VcpuServiceStub, rng: random.Random, writes: int
     stop = threading.Event()
     try:
         with ChaosProxy(f"127.0.0.1:{port}") as proxy:
-            program = build_program("aarch64", parse_mix("1w"), 4, [UART], 0, writes)
-            cfg = vm_config(program, 1, [proxy.address], name="chaos")
-            cfg.exit_deadline_ms = DEADLINE_MS
-            vm_id = stub.CreateVm(vcpu_pb2.CreateVmRequest(config=cfg), timeout=60).vm_id
-            stub.WriteMemory(vcpu_pb2.WriteMemoryRequest(vm_id=vm_id, address=program.go_address, data=b"\1\0\0\0"))
-
             def inject() -> None:
                 kinds, weights = zip(*FAULTS.items(), strict=True)
                 while sum(faults.values()) < budget and not stop.wait(rng.uniform(0.02, 0.1)):
@@ -165,24 +190,12 @@ def one_run(stub: vcpu_pb2_grpc.VcpuServiceStub, rng: random.Random, writes: int
                     faults[kind] += 1
 
             injector = threading.Thread(target=inject, daemon=True)
-            events = stub.StreamVmEvents(vcpu_pb2.StreamVmEventsRequest(vm_id=vm_id))
-            stub.StartVm(vcpu_pb2.StartVmRequest(vm_id=vm_id))
-            injector.start()
-            final = None
-            for resp in events:
-                if resp.event.kind in (vcpu_pb2.VM_EVENT_KIND_POWERED_OFF, vcpu_pb2.VM_EVENT_KIND_ERROR,
-                                       vcpu_pb2.VM_EVENT_KIND_STOPPED):
-                    final = resp.event
-                    break
+            final, _, left = run_countdown(stub, proxy.address, writes, during=injector.start)
             stop.set()
             injector.join()
-            regs = stub.GetRegisters(vcpu_pb2.GetRegistersRequest(vm_id=vm_id, vcpu_id=0, names=["x21"]))
-            left = next(r.value for r in regs.registers if r.name == "x21")
-            stub.DeleteVm(vcpu_pb2.DeleteVmRequest(vm_id=vm_id))
     finally:
         stop.set()
         device.kill()
-    assert final is not None
     powered_off = final.kind == vcpu_pb2.VM_EVENT_KIND_POWERED_OFF
     completed = writes if powered_off else writes - left
     applied = log.read_bytes() if log.exists() else b""
