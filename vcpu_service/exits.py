@@ -564,11 +564,7 @@ class ExitPath:
         region = pending.region
         syn = pending.syn
         if isinstance(result, TransportError):
-            deadline = isinstance(result, DeadlineExceeded)
-            lost = isinstance(result, (ServiceLost, DeviceRestarted))  # the run cannot go on (see complete)
-            self._refuse_part(pending, va, FaultPolicy.STOP if lost else self.vm.policies.deadline if deadline
-                              else self.vm.policies.device_error, ErrorKind.DEADLINE if deadline
-                              else ErrorKind.DEVICE_SERVICE,
+            self._refuse_part(pending, va, *self._transport_policy(result),
                               f"{self._who}: {self._access_name(pending)} (one part of a split access): {result}")
             return None
         if result.posted_errors or result.mirror_changes or result.shadows or result.lines:
@@ -697,6 +693,16 @@ class ExitPath:
         else:
             self.refuse(action)
 
+    def _transport_policy(self, failure: TransportError) -> tuple[FaultPolicy, ErrorKind]:
+        """What an access whose exchange failed gets: a service gone (or back without its state) ends the run, since
+        it cannot go on as if it were a bus error; a deadline gets the deadline policy; anything else the device
+        error policy."""
+        if isinstance(failure, (ServiceLost, DeviceRestarted)):
+            return FaultPolicy.STOP, ErrorKind.DEVICE_SERVICE
+        if isinstance(failure, DeadlineExceeded):
+            return self.vm.policies.deadline, ErrorKind.DEADLINE
+        return self.vm.policies.device_error, ErrorKind.DEVICE_SERVICE
+
     def complete(self, pending: PendingAccess, result: Completion | TransportError, kind: str = "exit") -> None:
         """Apply the answer to ``pending`` (from its device service, or from an in-process handler ``kind``).
 
@@ -704,15 +710,8 @@ class ExitPath:
         (sign, width, byte order), base writeback and PC, exactly once. A failure applies its fault policy.
         """
         syn = pending.syn
-        if isinstance(result, (ServiceLost, DeviceRestarted)):
-            # The service is gone (or came back without its state): the run cannot go on as if it were a bus error.
-            self._refuse_pending(pending, FaultPolicy.STOP, ErrorKind.DEVICE_SERVICE,
-                                 f"{self._who}: {self._access_name(pending)}: {result}")
-            return
         if isinstance(result, TransportError):
-            deadline = isinstance(result, DeadlineExceeded)
-            self._refuse_pending(pending, self.vm.policies.deadline if deadline else self.vm.policies.device_error,
-                                 ErrorKind.DEADLINE if deadline else ErrorKind.DEVICE_SERVICE,
+            self._refuse_pending(pending, *self._transport_policy(result),
                                  f"{self._who}: {self._access_name(pending)}: {result}")
             return
         region = pending.region
