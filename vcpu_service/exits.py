@@ -965,15 +965,22 @@ def region_problem(region: RemoteRegion, address: int, size: int) -> str:
     return ""
 
 
+class Foldable(Protocol):
+    """Keeps latency samples in a buffer and folds them into histograms when asked (any thread)."""
+
+    def fold_pending(self) -> None: ...
+
+
 class _LatencyFolder:
-    """One thread that folds every exit path's buffered latencies into its histogram once a second."""
+    """One thread that folds buffered latencies (every exit path's, every VM's interrupts) into their histograms
+    once a second, so a buffer stays small in a long run whose statistics nobody reads."""
 
     def __init__(self) -> None:
-        self._paths: weakref.WeakSet[ExitPath] = weakref.WeakSet()
+        self._paths: weakref.WeakSet[Foldable] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def add(self, path: ExitPath) -> None:
+    def add(self, path: Foldable) -> None:
         with self._lock:
             self._paths.add(path)
             if self._thread is None:
@@ -990,3 +997,8 @@ class _LatencyFolder:
 
 
 _FOLDER = _LatencyFolder()
+
+
+def fold_every_second(owner: Foldable) -> None:
+    """Have ``owner.fold_pending()`` called once a second for as long as ``owner`` lives."""
+    _FOLDER.add(owner)

@@ -35,7 +35,7 @@ from vcpu_service.arch import Arch, arch_by_name, close_uc
 from vcpu_service.dma import GuestDma, check_windows
 from vcpu_service.domain import ErrorKind, EventKind, Policies, VcpuStats, VmStats
 from vcpu_service.events import EventLog
-from vcpu_service.exits import new_latency_histogram, summarize
+from vcpu_service.exits import fold_every_second, new_latency_histogram, summarize
 from vcpu_service.gic import GICC_BASE, GICC_SIZE, GICD_BASE, GICD_SIZE, Gic
 from vcpu_service.handlers import GicRegisters, HandlerRegistry, PostedWrites, ShadowReads, Unmapped
 from vcpu_service.interrupts import Ticker
@@ -174,7 +174,7 @@ class Vm:
         # _build_device_map).
         self.handlers = HandlerRegistry((), Unmapped(spec.policies.unmapped_access))
         self.gic: Gic | None = None  # the virt board's, in process
-        # Device interrupt latency (ns), folded in from the GIC's samples whenever the statistics are read.
+        # Device interrupt latency (ns), folded in from the GIC's samples once a second and when stats are read.
         self._irq_ack = new_latency_histogram()
         self._irq_eoi = new_latency_histogram()
         self._irq_lock = threading.Lock()
@@ -246,6 +246,7 @@ class Vm:
         """The virt board's GICv2, in process: its registers are handlers, its outputs go to the vCPUs."""
         try:
             self.gic = Gic(self.spec.vcpu_count, on_irq_change=self._on_gic_output)
+            fold_every_second(self)  # interrupt-latency samples wait in the GIC until folded
         except ValueError as exc:
             raise VmConfigError(f"the virt board's GICv2: {exc} (as in QEMU, virt with a GICv2 takes at most 8 "
                                 "vCPUs)") from None
@@ -825,6 +826,18 @@ class Vm:
             for v in self.vcpus:
                 v.uc.ctl_flush_tb()  # type: ignore[attr-defined]
 
+    def fold_pending(self) -> None:
+        """Move the GIC's interrupt-latency samples into this VM's histograms (any thread; once a second by the
+        latency folder, and before the statistics are read)."""
+        if self.gic is None:
+            return
+        acks, eois = self.gic.take_latency()
+        if acks or eois:
+            with self._irq_lock:
+                for hist, samples in ((self._irq_ack, acks), (self._irq_eoi, eois)):
+                    for ns in samples:
+                        hist.record_value(ns)
+
     def stats(self, include_histograms: bool = False, counters_only: bool = False) -> VmStats:
         """Counters and exit latency per vCPU and for the VM.
 
@@ -851,11 +864,8 @@ class Vm:
         end = self._finished_at or time.monotonic()
         irq_ack = irq_eoi = None
         if not counters_only and self.gic is not None:
+            self.fold_pending()
             with self._irq_lock:
-                acks, eois = self.gic.take_latency()
-                for hist, samples in ((self._irq_ack, acks), (self._irq_eoi, eois)):
-                    for ns in samples:
-                        hist.record_value(ns)
                 irq_ack = summarize(self._irq_ack, include_histograms)
                 irq_eoi = summarize(self._irq_eoi, include_histograms)
         return VmStats(
