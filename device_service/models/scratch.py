@@ -20,6 +20,7 @@ from device_service.model import (
     Option,
     RegionSpec,
     check_span,
+    int_in_range,
     parse_bool,
     parse_size,
 )
@@ -40,24 +41,6 @@ def parse_scratch_size(text: str) -> int:
     return size
 
 
-def _bounded_int(text: str, what: str, hi: int, lo: int = 0) -> int:
-    try:
-        value = int(text.replace("_", ""), 0)
-    except ValueError:
-        raise ConfigError(f"{what} must be a whole number, got {text!r}") from None
-    if not lo <= value <= hi:
-        raise ConfigError(f"{what} must be {lo} to {hi}, got {value}")
-    return value
-
-
-def _parse_delay(text: str) -> int:
-    return _bounded_int(text, "delay (microseconds)", 10_000_000)
-
-
-def _parse_deadline(text: str) -> int:
-    return _bounded_int(text, "deadline (milliseconds)", 3_600_000, 1)
-
-
 class Scratch(DeviceModel):
     """Byte-addressable memory behind an MMIO region; zero at reset."""
 
@@ -66,8 +49,8 @@ class Scratch(DeviceModel):
     options = (
         Option("size", parse_scratch_size, "a size between 1 byte and 64 MiB, like 0x1000 or 4k"),
         Option("posted", parse_bool, "on or off"),
-        Option("delay", _parse_delay, "microseconds each access takes, 0 to 10000000"),
-        Option("deadline", _parse_deadline, "the region's exit deadline in milliseconds, 1 to 3600000"),
+        Option("delay", int_in_range(0, 10_000_000), "microseconds each access takes, 0 to 10000000"),
+        Option("deadline", int_in_range(1, 3_600_000), "the region's exit deadline in milliseconds, 1 to 3600000"),
     )
 
     def __init__(self, name: str, base: int, size: int = DEFAULT_SIZE, posted: bool = False, delay: int = 0,
