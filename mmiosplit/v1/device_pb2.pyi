@@ -1052,17 +1052,21 @@ class ReadMirrorRequest(_message.Message):
 
     DEVICE_FIELD_NUMBER: _builtins.int
     REGION_FIELD_NUMBER: _builtins.int
+    VM_ID_FIELD_NUMBER: _builtins.int
     device: _builtins.str
     region: _builtins.str
+    vm_id: _builtins.str
+    """The VM that reads (see Reset). Empty: the only VM attached, refused when several are."""
     def __init__(
         self,
         *,
         device: _builtins.str = ...,
         region: _builtins.str = ...,
+        vm_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "region", b"region"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "region", b"region", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1125,12 +1129,19 @@ Global___PostedWriteError: _TypeAlias = PostedWriteError  # noqa: Y015
 class ResetRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    VM_ID_FIELD_NUMBER: _builtins.int
+    vm_id: _builtins.str
+    """The VM whose devices are reset: refused while another VM is attached to the service. Empty: the only VM
+    attached (or none), refused when several are.
+    """
     def __init__(
         self,
+        *,
+        vm_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1164,18 +1175,22 @@ class ConsoleRequest(_message.Message):
 
     DEVICE_FIELD_NUMBER: _builtins.int
     INPUT_FIELD_NUMBER: _builtins.int
+    VM_ID_FIELD_NUMBER: _builtins.int
     device: _builtins.str
     """Required on the first request: the UART to attach to."""
     input: _builtins.bytes
+    vm_id: _builtins.str
+    """First request only: the VM whose console this is (see Reset). Empty: the only VM attached."""
     def __init__(
         self,
         *,
         device: _builtins.str = ...,
         input: _builtins.bytes = ...,
+        vm_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "input", b"input"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "input", b"input", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -85,14 +85,18 @@ class DeviceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Reset(self, request, context):
-        """Puts every device back in its reset state (persistent contents such as flash are kept).
+        """Puts every device back in its reset state (persistent contents such as flash are kept), for the VM the
+        request names. The control RPCs (Reset, Console, ReadMirror) act on the devices' state, which every VM
+        attached to the service shares; each names the VM it acts for (`vm_id`) and is refused with
+        FAILED_PRECONDITION when another VM is attached: one VM never resets, types into, reads the console of or
+        reads the flash of a VM it shares nothing with. A VM is attached while it has an open ExitStream or Watch.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Console(self, request_iterator, context):
-        """The console of one UART: the first request names the device, later requests carry input bytes;
+        """The console of one UART: the first request names the VM and the device, later requests carry input bytes;
         responses carry the bytes the guest transmitted, in order.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
