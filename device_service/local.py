@@ -129,13 +129,14 @@ class LocalEndpoint:
     def open_exit_channel(self, vm_id: str, vcpu_id: int, architecture: str) -> LocalExitChannel:
         return LocalExitChannel(self.host.session())
 
-    def read_mirror(self, device: str, region: str) -> tuple[list[tuple[int, bytes]], bool]:
+    def read_mirror(self, vm_id: str, device: str, region: str) -> tuple[list[tuple[int, bytes]], bool]:
+        """In this process the devices belong to one VM: ``vm_id`` is not checked."""
         try:
             return self.host.read_mirror(device, region)
         except LookupError as exc:
             raise TransportError(f"{self.name}: {exc.args[0]}") from None
 
-    def reset(self) -> tuple[MirrorChange, ...]:
+    def reset(self, vm_id: str) -> tuple[MirrorChange, ...]:
         return self.host.reset()
 
     def console_input(self, device: str, data: bytes) -> None:

@@ -23,6 +23,7 @@ The fast path (an access to a device that does no DMA, host idle) stays on the l
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import signal
@@ -139,6 +140,12 @@ def _response_pb(seq: int, done: Completion) -> device_pb2.ExitStreamResponse:
 
 def _going_away_pb(going: GoingAway) -> device_pb2.GoingAway:
     return device_pb2.GoingAway(reason=going.reason, grace_seconds=going.grace_seconds)
+
+
+def _vms(vm_ids: list[str]) -> str:
+    """``VM 'a'`` or ``VMs 'a', 'b'``, for a refusal."""
+    names = ", ".join(repr(v) if v else "(no id)" for v in vm_ids)
+    return f"VM{'s' if len(vm_ids) > 1 else ''} {names}"
 
 
 def _device_pb(dev: DescribedDevice) -> device_pb2.Device:
@@ -267,6 +274,33 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         #: Random per start: a client that sees another one knows this service restarted and its state is gone.
         self.instance_id = uuid.uuid4().hex
         self.sessions = SessionTable(self.host.session)
+        #: Open exit and watch streams per VM id: the VMs attached now, whom the control RPCs are scoped to.
+        self.attached: collections.Counter[str] = collections.Counter()
+
+    def _attach(self, vm_id: str) -> None:
+        """Count ``vm_id`` as attached while a stream of it is open (``_detach`` when it ends)."""
+        self.attached[vm_id] += 1
+
+    def _detach(self, vm_id: str) -> None:
+        self.attached[vm_id] -= 1
+        if self.attached[vm_id] <= 0:
+            del self.attached[vm_id]
+
+    async def _scoped(self, rpc: str, vm_id: str, context: grpc.aio.ServicerContext) -> None:
+        """Refuse (FAILED_PRECONDITION) a control RPC that would act on the state of a VM other than the one it
+        names: the devices' state is shared by every VM attached, so Reset, Console and ReadMirror are allowed
+        only when no other VM is attached; with no VM named, when at most one is."""
+        others = sorted(v for v in self.attached if v != vm_id) if vm_id else sorted(self.attached)
+        if vm_id and others:
+            reason = (f"{rpc} for VM {vm_id!r} refused: the devices of {self.host.service_name} are attached to "
+                      f"{_vms(others)} too, whose state it would touch")
+        elif not vm_id and len(others) > 1:
+            reason = (f"{rpc} names no VM (vm_id) and {_vms(others)} are attached to {self.host.service_name}: "
+                      "name the VM it acts for")
+        else:
+            return
+        log.warning("%s (from %s)", reason, context.peer())
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, reason)
 
     async def _run(self, fn: Callable[..., T], *args: Any, on_worker: bool = False) -> T:
         """Call into the host: on the loop when the host's lock is free now (and ``on_worker`` is not asked),
@@ -299,6 +333,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
 
     async def ReadMirror(self, request: device_pb2.ReadMirrorRequest,
                          context: grpc.aio.ServicerContext) -> AsyncIterator[device_pb2.ReadMirrorResponse]:
+        await self._scoped("ReadMirror", request.vm_id, context)
         try:
             chunks, enabled = await self._run(self.host.read_mirror, request.device, request.region)
         except LookupError as exc:
@@ -309,6 +344,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
 
     async def Reset(self, request: device_pb2.ResetRequest,
                     context: grpc.aio.ServicerContext) -> device_pb2.ResetResponse:
+        await self._scoped("Reset", request.vm_id, context)
         changes = await self._run(self.host.reset)
         return device_pb2.ResetResponse(mirror_updates=[_mirror_update_pb(c) for c in changes])
 
@@ -327,7 +363,12 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         put = _loop_put(loop, queue)
         windows = tuple(DmaWindow(w.name, w.base, w.size) for w in first.dma_windows)
         dma = StreamDma(loop, queue.put_nowait, windows, f"VM {first.vm_id}") if windows else None
-        unsubscribe = await self._run(self.host.watch, put, dma)
+        self._attach(first.vm_id)
+        try:
+            unsubscribe = await self._run(self.host.watch, put, dma)
+        except BaseException:
+            self._detach(first.vm_id)
+            raise
         log.debug("watched by VM %s (%d DMA window(s))", first.vm_id, len(windows))
 
         async def answers() -> None:
@@ -354,6 +395,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                     return
         finally:
             reader.cancel()
+            self._detach(first.vm_id)
             if dma is not None:
                 dma.close(f"the watch stream of VM {first.vm_id} ended")
             self._background(unsubscribe)
@@ -375,6 +417,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         hello = first.hello
         peer = f"VM {hello.vm_id} vCPU {hello.vcpu_id}"
         exit_session, resumed = self.sessions.attach(hello.session_id)
+        self._attach(hello.vm_id)
         try:
             exit_session.acknowledge(hello.last_acked)
             log.debug("exit stream opened by %s (session %s%s)", peer, hello.session_id or "none",
@@ -425,6 +468,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             finally:
                 reader.cancel()
         finally:
+            self._detach(hello.vm_id)
             self.sessions.detach(exit_session)
 
     async def _answer(self, exit_session: ExitSession, req: device_pb2.ExitStreamRequest,
@@ -471,6 +515,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         except StopAsyncIteration:
             return
         host = self.host
+        await self._scoped("Console", first.vm_id, context)
         try:
             host.console(first.device)
         except LookupError as exc:

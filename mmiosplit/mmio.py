@@ -395,9 +395,13 @@ class DeviceEndpoint(Protocol):
         """A channel for one vCPU; ``architecture`` is ``aarch64`` or ``arm``."""
         ...
 
-    def read_mirror(self, device: str, region: str) -> tuple[list[tuple[int, bytes]], bool]:
-        """The non-zero chunks of a ROMD region as (offset, bytes), and whether reads may be served now."""
+    def read_mirror(self, vm_id: str, device: str, region: str) -> tuple[list[tuple[int, bytes]], bool]:
+        """The non-zero chunks of a ROMD region as (offset, bytes), and whether reads may be served now; for VM
+        ``vm_id`` (a service shared with another VM refuses)."""
         ...
 
-    def reset(self) -> tuple[MirrorChange, ...]: ...
+    def reset(self, vm_id: str) -> tuple[MirrorChange, ...]:
+        """Reset the service's devices for VM ``vm_id`` (a service shared with another VM refuses)."""
+        ...
+
     def close(self) -> None: ...

@@ -63,8 +63,8 @@ class ConsoleInput:
     def close(self) -> None:
         self._q.put(None)
 
-    def requests(self, device: str) -> Iterator[device_pb2.ConsoleRequest]:
-        yield device_pb2.ConsoleRequest(device=device)
+    def requests(self, device: str, vm_id: str = "") -> Iterator[device_pb2.ConsoleRequest]:
+        yield device_pb2.ConsoleRequest(device=device, vm_id=vm_id)
         while True:
             data = self._q.get()
             if data is None:
@@ -125,7 +125,7 @@ def run_vm(
     if uart is not None:
         dch = channel(uart.device_service)
         inp = console_in or ConsoleInput()
-        console_call = device_pb2_grpc.DeviceServiceStub(dch).Console(inp.requests(uart.device))
+        console_call = device_pb2_grpc.DeviceServiceStub(dch).Console(inp.requests(uart.device, vm_id))
 
         def read_console() -> None:
             try:

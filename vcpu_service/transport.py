@@ -571,13 +571,13 @@ class GrpcEndpoint:
     def open_exit_channel(self, vm_id: str, vcpu_id: int, architecture: str) -> ExitChannel:
         return GrpcExitChannel(self, vm_id, vcpu_id, architecture, self._deadline_s)
 
-    def read_mirror(self, device: str, region: str) -> tuple[list[tuple[int, bytes]], bool]:
+    def read_mirror(self, vm_id: str, device: str, region: str) -> tuple[list[tuple[int, bytes]], bool]:
         """The non-zero chunks of a ROMD region as (offset, bytes), and whether reads may be served now."""
         chunks: list[tuple[int, bytes]] = []
         enabled = False
         end = 0
         try:
-            for chunk in self.stub.ReadMirror(device_pb2.ReadMirrorRequest(device=device, region=region),
+            for chunk in self.stub.ReadMirror(device_pb2.ReadMirrorRequest(device=device, region=region, vm_id=vm_id),
                                               timeout=max(60.0, self._deadline_s)):
                 if chunk.offset < end or (not chunks and chunk.offset != 0):
                     raise TransportError(f"device service {self.name}: mirror of {device}/{region} arrived out of "
@@ -591,9 +591,9 @@ class GrpcEndpoint:
                                  f"{exc.code().name}: {exc.details()}") from None
         return chunks, enabled
 
-    def reset(self) -> tuple[MirrorChange, ...]:
+    def reset(self, vm_id: str) -> tuple[MirrorChange, ...]:
         try:
-            resp = self.stub.Reset(device_pb2.ResetRequest(), timeout=self._deadline_s)
+            resp = self.stub.Reset(device_pb2.ResetRequest(vm_id=vm_id), timeout=self._deadline_s)
         except grpc.RpcError as exc:
             raise TransportError(f"device service {self.name}: Reset failed: {exc.code().name}: "
                                  f"{exc.details()}") from None

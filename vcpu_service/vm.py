@@ -352,7 +352,7 @@ class Vm:
             if r.romd:
                 endpoint = next(e for e in self.endpoints if e.name == r.service)
                 try:
-                    chunks, enabled = endpoint.read_mirror(r.device, r.name)
+                    chunks, enabled = endpoint.read_mirror(self.vm_id, r.device, r.name)
                 except TransportError as exc:
                     raise VmConfigError(str(exc)) from None
                 mirror = RamBlock(r.base, r.size)
@@ -545,7 +545,7 @@ class Vm:
             changes = []
             for (owner, device, region), _mirror in list(self.mirrors.items()):
                 if owner == service:
-                    chunks, enabled = endpoint.read_mirror(device, region)
+                    chunks, enabled = endpoint.read_mirror(self.vm_id, device, region)
                     changes.append(MirrorChange(service, device, region, enabled, tuple(chunks)))
             self.apply_mirror_changes(changes)
             self._start_watch(endpoint)
@@ -767,7 +767,7 @@ class Vm:
         try:
             self._wait_quiescent(frozenset({VcpuState.OFF, VcpuState.STOPPED}), "stop for the reset", 30.0)
             for endpoint in self.endpoints:
-                self.apply_mirror_changes(endpoint.reset())
+                self.apply_mirror_changes(endpoint.reset(self.vm_id))
             if self.gic is not None:
                 self.gic.reset()
                 self.irqs.resync()  # lines still high stay asserted; the reset's own changes follow on the watch

@@ -425,7 +425,7 @@ class FuzzEndpoint:
             return GrpcExitChannel(self, vm_id, vcpu_id, architecture, 0.5)  # type: ignore[arg-type]
         return FuzzChannel(self._s)
 
-    def read_mirror(self, device: str, region: str) -> tuple[list[tuple[int, bytes]], bool]:
+    def read_mirror(self, vm_id: str, device: str, region: str) -> tuple[list[tuple[int, bytes]], bool]:
         if self._s.ConsumeIntInRange(0, 15) == 15:
             raise TransportError(f"{SERVICE}: fuzz: no mirror")
         chunks = [(self._s.PickValueInList([0, 0, 0x800, DEV_SIZE - 4, DEV_SIZE]),
@@ -433,7 +433,7 @@ class FuzzEndpoint:
                   for _ in range(self._s.ConsumeIntInRange(0, 2))]
         return chunks, self._s.ConsumeBool()
 
-    def reset(self) -> tuple[MirrorChange, ...]:
+    def reset(self, vm_id: str) -> tuple[MirrorChange, ...]:
         pb = device_pb2.MirrorUpdate()
         _mirror_pb(self._s, pb)
         return mirror_changes(SERVICE, [pb])

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import queue
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -36,9 +37,9 @@ class RawStream:
         self._q.put(req)
         return next(self._call)
 
-    def hello(self) -> None:
+    def hello(self, vm_id: str = "test") -> None:
         welcome = self.send(device_pb2.ExitStreamRequest(seq=0, hello=device_pb2.StreamHello(
-            protocol_version=PROTOCOL_VERSION, vm_id="test", vcpu_id=0)))
+            protocol_version=PROTOCOL_VERSION, vm_id=vm_id, vcpu_id=0)))
         assert welcome.WhichOneof("body") == "welcome"
 
     def close(self) -> None:
@@ -209,3 +210,79 @@ def test_romd_mirror_updates_ride_on_completions(tmp_path: Path) -> None:
                 list(device_pb2_grpc.DeviceServiceStub(ch).ReadMirror(
                     device_pb2.ReadMirrorRequest(device="flash9", region="flash")))
             assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _refused(call: Callable[[], object]) -> str:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, info.value.details()
+    return str(info.value.details())
+
+
+def _until(check: Callable[[], object], what: str) -> None:
+    """Stream ends reach the service a moment after the client closes them."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            check()
+            return
+        except grpc.RpcError:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"still refused: {what}") from None
+            time.sleep(0.02)
+
+
+def test_control_rpcs_act_only_for_the_vm_attached(tmp_path: Path) -> None:
+    """Reset, Console and ReadMirror name their VM; while another VM is attached (an open exit or watch stream)
+    the service refuses them, so one VM never resets, reads or types into devices another one uses."""
+    image = tmp_path / "flash.bin"
+    image.write_bytes(bytes(4096))
+    args = ["--device", f"pflash@0x0,name=flash0,size=0x40000,sector=0x40000,file={image}",
+            "--device", "pl011@0x09000000,name=uart0"]
+    with local_services(args, start_vcpu=False) as (_, devices, _h), channel(devices) as ch:
+        assert devices is not None
+        stub = device_pb2_grpc.DeviceServiceStub(ch)
+
+        def reset(vm_id: str = "") -> object:
+            return stub.Reset(device_pb2.ResetRequest(vm_id=vm_id), timeout=10)
+
+        def mirror(vm_id: str) -> object:
+            return list(stub.ReadMirror(device_pb2.ReadMirrorRequest(vm_id=vm_id, device="flash0", region="flash"),
+                                        timeout=10))
+
+        def console(vm_id: str) -> object:
+            call = stub.Console(iter([device_pb2.ConsoleRequest(vm_id=vm_id, device="uart0", input=b"x")]),
+                               timeout=10)
+            return next(call)
+
+        reset(), reset("a"), mirror("b")  # nobody attached: anyone may
+        a = RawStream(devices)
+        a.hello("a")
+        reset("a"), reset(), mirror("a")  # the only VM attached, named or not
+        assert "attached to VM 'a'" in _refused(lambda: reset("b"))
+        assert "VM 'a'" in _refused(lambda: mirror("b"))
+        assert "Console for VM 'b' refused" in _refused(lambda: console("b"))
+        b = RawStream(devices)
+        b.hello("b")
+        assert "VM 'b'" in _refused(lambda: reset("a"))
+        assert "names no VM" in _refused(reset) and "VMs 'a', 'b'" in _refused(reset)
+        b.close()
+        _until(lambda: reset("a"), "Reset for VM a after VM b left")
+        # A watch stream attaches its VM as well.
+        watch_q: queue.SimpleQueue[device_pb2.WatchRequest | None] = queue.SimpleQueue()
+        watch_q.put(device_pb2.WatchRequest(vm_id="c"))
+        watch = stub.Watch(iter(watch_q.get, None))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # the watch reaches the service a moment after it is opened
+            try:
+                reset("a")
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "VM 'c'" in str(exc.details())
+                break
+            time.sleep(0.02)
+        else:
+            raise AssertionError("Reset for VM a still allowed while VM c watches")
+        watch.cancel()
+        watch_q.put(None)
+        a.close()
+        _until(lambda: reset("b"), "Reset for VM b after everyone left")

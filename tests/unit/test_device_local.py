@@ -108,13 +108,13 @@ def test_mirror_changes_come_with_completions_and_read_mirror_is_sparse(endpoint
     done = channel.access(MmioExit(0, FLASH + 3 * MiB, 4, True, word(0x0040_0040)))  # program: array mode off
     assert done.mirror_changes == (MirrorChange("here", "flash0", "flash", False),)
     channel.access(MmioExit(0, FLASH + 3 * MiB, 4, True, word(0xCAFE)))
-    chunks, enabled = endpoint.read_mirror("flash0", "flash")
+    chunks, enabled = endpoint.read_mirror("vm", "flash0", "flash")
     assert not enabled and [offset for offset, _ in chunks] == [0, 3 * MiB]
     assert chunks[1][1][:4] == word(0xCAFE)
-    assert endpoint.reset() == (MirrorChange("here", "flash0", "flash", True),)
-    assert endpoint.read_mirror("flash0", "flash")[1]
+    assert endpoint.reset("vm") == (MirrorChange("here", "flash0", "flash", True),)
+    assert endpoint.read_mirror("vm", "flash0", "flash")[1]
     with pytest.raises(TransportError, match="here: no ROMD region 'mem' on a device named 's0'"):
-        endpoint.read_mirror("s0", "mem")
+        endpoint.read_mirror("vm", "s0", "mem")
 
 
 def test_completions_carry_what_the_vcpu_was_not_sent_and_the_watch_hears_everything(
