@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from mmiosplit.buckets import POSTED_BATCH_BOUNDS, BucketSnapshot
 from vcpu_service.domain import EventKind
+from vcpu_service.exits import release_histogram
 
 if TYPE_CHECKING:
     from hdrh.histogram import HdrHistogram
@@ -129,7 +130,9 @@ def vm_totals(vm: Vm) -> VmTotals:
         t.psci_calls += v.psci_calls
         for entry in list(st.kvm_report.values()):
             t.kvm_unhandled["decoded" if entry.handled else "refused"] += entry.count
-        t.latency = t.latency.merged(hdr_buckets(v.latency_snapshot()))
+        snapshot = v.latency_snapshot()
+        t.latency = t.latency.merged(hdr_buckets(snapshot))
+        release_histogram(snapshot)
     final = vm.events.final
     if final is not None and final.kind is EventKind.ERROR:
         t.vm_errors[final.error_kind.value] += 1

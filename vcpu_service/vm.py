@@ -35,7 +35,7 @@ from vcpu_service.arch import Arch, arch_by_name, close_uc
 from vcpu_service.dma import GuestDma, check_windows
 from vcpu_service.domain import ErrorKind, EventKind, Policies, VcpuStats, VmStats
 from vcpu_service.events import EventLog
-from vcpu_service.exits import fold_every_second, new_latency_histogram, summarize
+from vcpu_service.exits import fold_every_second, new_latency_histogram, release_histogram, summarize
 from vcpu_service.gic import GICC_BASE, GICC_SIZE, GICD_BASE, GICD_SIZE, Gic
 from vcpu_service.handlers import GicRegisters, HandlerRegistry, PostedWrites, ShadowReads, Unmapped
 from vcpu_service.interrupts import Ticker
@@ -844,16 +844,17 @@ class Vm:
         Percentiles cost about 0.1 s per vCPU in pure Python, so a client polling during a run asks for
         counters only; a load tester asks for the whole histograms to merge and plot them itself.
         """
-        total = new_latency_histogram()
+        total = None if counters_only else new_latency_histogram()
         vcpus = []
         report = []
         for v in self.vcpus:
             st = v.exits.stats
             latency = None
-            if not counters_only:
+            if total is not None:
                 snapshot = v.latency_snapshot()
                 total.add(snapshot)
                 latency = summarize(snapshot, include_histograms)
+                release_histogram(snapshot)
             vcpus.append(VcpuStats(
                 vcpu_id=v.index, state=v.state.value, exits=st.exits, reads=st.reads, writes=st.writes,
                 posted_writes=st.posted_writes, posted_batches=st.posted_batches, psci_calls=v.psci_calls,
@@ -868,10 +869,14 @@ class Vm:
             with self._irq_lock:
                 irq_ack = summarize(self._irq_ack, include_histograms)
                 irq_eoi = summarize(self._irq_eoi, include_histograms)
+        exit_latency = None
+        if total is not None:
+            exit_latency = summarize(total, include_histograms)
+            release_histogram(total)
         return VmStats(
             vcpus=tuple(vcpus), exits=sum(v.exits for v in vcpus),
             run_seconds=(end - self._started_at) if self._started_at else 0.0,
-            exit_latency=None if counters_only else summarize(total, include_histograms),
+            exit_latency=exit_latency,
             kvm_report=tuple(report), irq_ack_latency=irq_ack, irq_eoi_latency=irq_eoi,
             irq_from_arrival=self.irq_from_arrival,
         )
