@@ -244,6 +244,8 @@ class Vcpu:
         self._last_taken: exceptions.Taken | None = None  # the last synchronous exception entered
         self._loop_origin: exceptions.Taken | None = None  # what started a run of exceptions at their own vector
         self._exception_loop = 0
+        self._refault: tuple[int, str, int, int | None] | None = None  # the last exception's origin and cause
+        self._refaults = 0
         self._hint_pc: int | None = None  # where an AArch32 YIELD/WFE last ended emu_start (see _on_invalid_a32)
         self.exits = ExitPath(self)
         #: MPIDR as QEMU's virt gives CPU n (bit 31 RES1, affinity as ``psci.mpidr_to_vcpu`` reads it back).
@@ -317,6 +319,7 @@ class Vcpu:
         close_uc(old)
         self._last_taken = self._loop_origin = self._hint_pc = None  # exceptions taken before the reset
         self._exception_loop = 0
+        self._refault, self._refaults = None, 0
 
     def start_thread(self) -> None:
         self._thread = threading.Thread(target=self._thread_main, name=f"vcpu{self.index}", daemon=True)
@@ -831,6 +834,10 @@ class Vcpu:
     # A synchronous exception raised by the first instruction of the vector the previous one entered, this many
     # times in a row, ends the run: the guest has no handler there (an empty vector table loops for ever).
     EXCEPTION_LOOP_LIMIT = 16
+    # The same abort (instruction, kind, syndrome, fault address) this many times in a row, with no other
+    # exception between, ends the run too: the guest's handler returns to the faulting instruction, which faults
+    # again, for ever (a retry with nothing changed). Interrupts and any other exception start the count again.
+    REFAULT_LIMIT = 1000
 
     def exception_entered(self, taken: exceptions.Taken) -> None:
         """Note an exception the guest was just given (here or by the exit path): for the loop check and so that a
@@ -851,6 +858,20 @@ class Vcpu:
         else:
             self._exception_loop = 0
         self._last_taken = taken
+        key = (taken.pc, taken.name, taken.syndrome, taken.address)
+        if taken.address is None:  # not a fault (an SVC's, an undefined instruction's handler goes on past it)
+            self._refault = None
+            return
+        if key != self._refault:
+            self._refault, self._refaults = key, 1
+            return
+        self._refaults += 1
+        if self._refaults >= self.REFAULT_LIMIT:
+            raise VcpuFault(ErrorKind.GUEST_EXCEPTION,
+                            f"vCPU {self.index}: re-fault loop: the guest took the same {taken.describe()} "
+                            f"{self._refaults} times in a row with nothing else between: its handler returns to the "
+                            "faulting instruction, which faults again", pc=taken.pc,
+                            fault_address=taken.address or 0, syndrome=taken.syndrome)
 
     def _take_exit(self, pc: int, address: int, is_write: bool, size: int) -> None:
         """KVM_RUN's exit path: begin, exchange with the device service if the access must leave the process,

@@ -37,7 +37,7 @@ from tests.exitpath.guest_exceptions import (
     run_qemu,
     seen,
 )
-from tests.exitpath.harness import A32, A64, DEV, MASK32, MASK64, T32, body_addr, code, run
+from tests.exitpath.harness import A32, A64, DEV, MASK32, MASK64, T32, body_addr, code, policies, run
 from vcpu_service.domain import ErrorKind, EventKind
 
 IL = 1 << 25
@@ -306,3 +306,34 @@ def test_an_aarch32_alignment_fault_with_lpae_has_the_long_descriptor_format() -
     got = seen(res)
     assert (got.vector, got.mode, got.elr) == (0x10, ABT_MODE, case.pc + 8)
     assert (got.dfsr, got.dfar) == ((1 << 9) | 0x21, DEV + 1)
+
+
+# ----- a guest that retries a fault for ever -----------------------------------------------------------------
+
+@pytest.mark.parametrize("isa", [A64, A32])
+def test_a_handler_that_returns_to_the_faulting_load_is_stopped(isa: str) -> None:
+    # The load faults (an unmapped address under the abort policy); the handler returns to it unchanged (ERET to
+    # ELR / SUBS PC, LR, #8), so it faults again, for ever. The run ends with an error naming it.
+    wild = 0x3000_0000
+    handler = 0x4010_0000
+    if isa == A64:
+        body = code(A64, *E64.mov_imm(1, wild), 0xB9400022)  # ldr w2, [x1]
+        res = run(A64, body, regs={"vbar_el1": handler}, pol=policies(unmapped="abort"),
+                  ram={handler + 0x200: code(A64, 0xD69F03E0)})  # eret
+    else:
+        set_vbar = [0xE3A00601, 0xE3800101, 0xEE0C0F10, 0xF57FF06F]  # r0 = 0x40100000; mcr VBAR; isb
+        body = code(A32, *set_vbar, 0xE3A01203, 0xE5912000)  # mov r1, #0x3000_0000; ldr r2, [r1]
+        res = run(A32, body, pol=policies(unmapped="abort"),
+                  ram={handler + 0x10: code(A32, 0xE25EF008)})  # subs pc, lr, #8
+    assert res.final.kind == EventKind.ERROR and res.final.error_kind == ErrorKind.GUEST_EXCEPTION, res.final
+    assert "re-fault loop" in res.final.reason and "1000 times" in res.final.reason, res.final.reason
+    assert res.final.fault_address == wild, res.final
+
+
+def test_a_handler_that_skips_the_faulting_svc_runs_on() -> None:
+    # SVCs raised by one instruction over and over are a loop of system calls, not a re-fault: never stopped.
+    handler = 0x4010_0000
+    body = code(A64, *E64.mov_imm(3, 2000), 0xD4000001, 0xF1000463, 0x54FFFFC1,  # svc; subs x3, #1; b.ne svc
+                *[0xD2800100, 0xF2B08000, 0xD4000002])  # PSCI SYSTEM_OFF
+    res = run(A64, body, regs={"vbar_el1": handler}, ram={handler + 0x200: code(A64, 0xD69F03E0)})  # eret
+    assert res.final.kind == EventKind.POWERED_OFF, res.final
