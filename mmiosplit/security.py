@@ -40,6 +40,7 @@ import grpc
 import grpc.aio
 
 from mmiosplit.address import ServiceAddress, parse_address
+from mmiosplit.malformed import AsyncMalformedCheck, SyncMalformedCheck
 from mmiosplit.wire import GRPC_OPTIONS
 
 log = logging.getLogger("mmiosplit.security")
@@ -281,6 +282,7 @@ def server(executor: futures.ThreadPoolExecutor, security: Security | None = Non
     """A thread-pool server (the vcpu service's) that checks the token when there is one; ``bind`` it."""
     sec = current() if security is None else security
     interceptors: list[grpc.ServerInterceptor[Any, Any]] = [_SyncTokenCheck(sec.token)] if sec.token else []
+    interceptors.append(SyncMalformedCheck())
     return grpc.server(executor, interceptors=interceptors, options=options)
 
 
@@ -288,6 +290,7 @@ def aio_server(security: Security | None = None, options: Sequence[tuple[str, An
     """A grpc.aio server (the device service's) that checks the token when there is one; ``bind`` it."""
     sec = current() if security is None else security
     interceptors: list[grpc.aio.ServerInterceptor] = [_AsyncTokenCheck(sec.token)] if sec.token else []
+    interceptors.append(AsyncMalformedCheck())
     return grpc.aio.server(interceptors=interceptors, options=options)
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from mmiosplit.v1 import vcpu_pb2
+from mmiosplit.v1 import device_pb2, vcpu_pb2
+from mmiosplit.wire import PROTOCOL_VERSION
 from mmiosplit_cli.launcher import check_health
 from tests.integration.client import LOAD, Services, a64, a64_with_vectors
 from tests.integration.rogue_device import BASE, RogueServer
@@ -241,3 +242,64 @@ def test_misbehaving_device_service_gets_a_precise_external_abort_by_default(
     assert regs["x1"] == 0x77  # Rt untouched
     aborts = [e for e in events if e.kind == vcpu_pb2.VM_EVENT_KIND_EXTERNAL_ABORT]
     assert len(aborts) == 1 and "0xa000000" in aborts[0].reason and aborts[0].pc == LOAD + 0x14
+
+
+# ----- messages a client should never send -----------------------------------------------------------------
+
+_LIMIT = 256 * 1024 * 1024  # mmiosplit.wire: both services' receive limit
+
+
+def _raw_channel(address: str) -> grpc.Channel:
+    """A channel that sends whatever it is given: larger than the services accept, and no credentials (the test
+    services listen on a UNIX socket, where none are needed)."""
+    return grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 2 * _LIMIT)])
+
+
+@pytest.mark.parametrize("method", ["/mmiosplit.v1.VcpuService/CreateVm", "/mmiosplit.v1.VcpuService/StreamVmEvents",
+                                    "/mmiosplit.v1.DeviceService/Describe", "/mmiosplit.v1.DeviceService/Reset",
+                                    "/mmiosplit.v1.DeviceService/ReadMirror"])
+def test_a_message_that_is_not_protobuf_is_refused(unix_services: Services, method: str) -> None:
+    address = unix_services.vcpu if "Vcpu" in method else unix_services.devices
+    streaming = method.endswith(("StreamVmEvents", "ReadMirror"))
+    with _raw_channel(address) as ch, pytest.raises(grpc.RpcError) as info:
+        if streaming:
+            list(ch.unary_stream(method)(b"\xff\xff\xff\xff\x0f garbage", timeout=10))
+        else:
+            ch.unary_unary(method)(b"\xff\xff\xff\xff\x0f garbage", timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+    assert f"malformed request to {method}" in str(info.value.details()), info.value.details()
+    _assert_alive(unix_services)
+
+
+@pytest.mark.slow
+def test_an_oversized_message_is_refused_and_the_services_stay_up(unix_services: Services) -> None:
+    # An image just over the limit: the service refuses it before decoding, and both services go on serving.
+    cfg = unix_services.config(b"\0" * 4096)
+    cfg.images[0].data = b"\0" * (_LIMIT + 1)
+    payload = vcpu_pb2.CreateVmRequest(config=cfg).SerializeToString()
+    del cfg
+    with _raw_channel(unix_services.vcpu) as ch, pytest.raises(grpc.RpcError) as info:
+        ch.unary_unary("/mmiosplit.v1.VcpuService/CreateVm")(payload, timeout=60)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value
+    with _raw_channel(unix_services.devices) as ch, pytest.raises(grpc.RpcError) as info:
+        ch.unary_unary("/mmiosplit.v1.DeviceService/Describe")(payload, timeout=60)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value
+    del payload
+    _assert_alive(unix_services)
+
+
+def test_a_malformed_message_inside_an_exit_stream_ends_it_with_invalid_argument(unix_services: Services) -> None:
+    # The hello is well-formed; the next message is not: the requests before it were answered, the stream ends
+    # with INVALID_ARGUMENT, and the service goes on.
+    hello = device_pb2.ExitStreamRequest(seq=0, hello=device_pb2.StreamHello(protocol_version=PROTOCOL_VERSION,
+                                                                            vm_id="bad", vcpu_id=0))
+    with _raw_channel(unix_services.devices) as ch:
+        call = ch.stream_stream("/mmiosplit.v1.DeviceService/ExitStream")(
+            iter([hello.SerializeToString(), b"\xff\xff\xff\xff\x0f garbage"]), timeout=10)
+        welcome = device_pb2.ExitStreamResponse.FromString(next(call))
+        assert welcome.WhichOneof("body") == "welcome"
+        with pytest.raises(grpc.RpcError) as info:
+            next(call)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+    assert "malformed request to /mmiosplit.v1.DeviceService/ExitStream" in str(info.value.details())
+    _assert_alive(unix_services)
