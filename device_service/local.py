@@ -29,6 +29,7 @@ from mmiosplit.mmio import (
     unpack_posted,
 )
 from mmiosplit.mmio import WatchEvent as ServiceEvent
+from mmiosplit.wire import DEVICE_FEATURES
 
 _NOTHING = Completion()  # a flush with nothing queued, as over gRPC: no request, nothing to report
 
@@ -114,6 +115,7 @@ class LocalEndpoint:
         self.leaving: GoingAway | None = None
         self.same_clock = True  # the same process
         self.instance_id = ""  # it cannot restart without this process
+        self.features = frozenset(DEVICE_FEATURES)
 
     def describe(self) -> list[RemoteRegion]:
         return [region for device in self.host.describe() for region in device.regions]

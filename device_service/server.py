@@ -61,7 +61,7 @@ from mmiosplit.mmio import (
     unpack_posted,
 )
 from mmiosplit.v1 import device_pb2, device_pb2_grpc
-from mmiosplit.wire import PROTOCOL_VERSION
+from mmiosplit.wire import DEVICE_FEATURES, PROTOCOL_VERSION
 
 log = logging.getLogger("mmiosplit.devices")
 
@@ -329,7 +329,8 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                        context: grpc.aio.ServicerContext) -> device_pb2.DescribeResponse:
         return device_pb2.DescribeResponse(service_name=self.host.service_name, protocol_version=PROTOCOL_VERSION,
                                            devices=[_device_pb(d) for d in self.host.describe()],
-                                           clock_id=clock_id(), instance_id=self.instance_id)
+                                           clock_id=clock_id(), instance_id=self.instance_id,
+                                           features=DEVICE_FEATURES)
 
     async def ReadMirror(self, request: device_pb2.ReadMirrorRequest,
                          context: grpc.aio.ServicerContext) -> AsyncIterator[device_pb2.ReadMirrorResponse]:
@@ -428,7 +429,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                 welcome=device_pb2.StreamWelcome(protocol_version=PROTOCOL_VERSION,
                                                  service_name=self.host.service_name,
                                                  instance_id=self.instance_id, resumed=resumed,
-                                                 applied=exit_session.applied))
+                                                 applied=exit_session.applied, features=DEVICE_FEATURES))
             keep = bool(hello.session_id)
             # Requests are read ahead of the one being answered, so a Cancel for it is seen while it still waits
             # for the host (behind another vCPU's access or a DMA): it is then never performed.

@@ -10,6 +10,7 @@ before it were served). Well-formed requests pay one type check each.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -105,6 +106,8 @@ class AsyncMalformedCheck(grpc.aio.ServerInterceptor):
             return handler
         method = str(details.method)
         inner = _inner(handler)
+        if not (inspect.iscoroutinefunction(inner) or inspect.isasyncgenfunction(inner)):
+            return handler  # a plain function on an aio server (a library's servicer): left as gRPC runs it
 
         async def refuse(bad: Malformed, context: grpc.aio.ServicerContext) -> None:
             why = _reason(method, bad)

@@ -380,6 +380,8 @@ class DeviceEndpoint(Protocol):
     same_clock: bool
     #: The service's instance ("" when it does not say): another one later means it restarted.
     instance_id: str
+    #: The optional parts of the protocol it implements (``mmiosplit.wire.FEATURE_*``; known after ``describe``).
+    features: frozenset[str]
 
     def describe(self) -> list[RemoteRegion]: ...
 

@@ -5,6 +5,13 @@ from __future__ import annotations
 from mmiosplit.v1 import vcpu_pb2
 
 PROTOCOL_VERSION = 1
+#: The optional parts of the device protocol (StreamWelcome.features, DescribeResponse.features).
+FEATURE_SESSIONS = "sessions"
+FEATURE_CANCEL = "cancel"
+FEATURE_WATCH = "watch"
+FEATURE_SCOPED_CONTROL = "vm-scoped-control"
+#: What the built-in device service implements: all of them.
+DEVICE_FEATURES = (FEATURE_SESSIONS, FEATURE_CANCEL, FEATURE_WATCH, FEATURE_SCOPED_CONTROL)
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 256 * 1024 * 1024),
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),

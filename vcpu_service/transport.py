@@ -47,7 +47,7 @@ from mmiosplit.mmio import (
     clock_id,
 )
 from mmiosplit.v1 import common_pb2, device_pb2, device_pb2_grpc
-from mmiosplit.wire import PROTOCOL_VERSION
+from mmiosplit.wire import FEATURE_CANCEL, FEATURE_SESSIONS, PROTOCOL_VERSION
 
 # Writes per posted batch sent by any vCPU of this process, for the metrics (recorded once per batch).
 POSTED_BATCH_SIZES = FixedHistogram(POSTED_BATCH_BOUNDS)
@@ -221,6 +221,7 @@ class GrpcExitChannel:
         self._waiting_seq = 0
         self._cancellable = 0  # the exit whose completion is awaited: it may be cancelled, a flush may not
         self._cancel_sent = 0
+        self._features: frozenset[str] = frozenset()  # the welcome's
         self._call = self._open_call()
         _WATCHDOG.add(self)
         reply = self._round_trip(device_pb2.ExitStreamRequest(seq=0, hello=self._hello), what="handshake")
@@ -250,6 +251,7 @@ class GrpcExitChannel:
                 f"{welcome.instance_id[:8]}): the state of its devices is gone", self._name, self.instance_id,
                 welcome.instance_id)
         self.instance_id = self.instance_id or welcome.instance_id
+        self._features = frozenset(welcome.features)
         return welcome.resumed
 
     def expire(self) -> None:
@@ -257,7 +259,8 @@ class GrpcExitChannel:
         and waits CANCEL_GRACE_S more for its answer (CANCELLED: never performed; a completion: performed late);
         any other expiry ends the stream, and whether the request was performed is unknown."""
         seq = self._waiting_seq
-        if seq and seq == self._cancellable and self._cancel_sent != seq and not self._closed:
+        if (seq and seq == self._cancellable and self._cancel_sent != seq and not self._closed
+                and FEATURE_CANCEL in self._features):
             self._cancel_sent = seq
             self.wait_until = time.monotonic() + CANCEL_GRACE_S
             self._requests.put(device_pb2.ExitStreamRequest(seq=seq, cancel=device_pb2.Cancel()))
@@ -349,7 +352,9 @@ class GrpcExitChannel:
                     if self._expired:
                         self._closed = True
                         cancel = (f"; its cancel was not answered within {CANCEL_GRACE_S * 1000:.0f} ms either"
-                                  if self._cancel_sent == seq else "")
+                                  if self._cancel_sent == seq else
+                                  f" (the service takes no Cancel: its welcome lists no '{FEATURE_CANCEL}' feature)"
+                                  if FEATURE_CANCEL not in self._features else "")
                         raise DeadlineExceeded(
                             f"device service {self._name}: no completion for the {_what(what)} within "
                             f"{self._wait_s * 1000:.0f} ms{cancel}: whether the device performed it is unknown"
@@ -360,6 +365,13 @@ class GrpcExitChannel:
                             f"device service {self._name}: exit stream failed during the {_what(what)}: "
                             f"{exc.code().name}: {exc.details()}"
                         ) from None
+                    if FEATURE_SESSIONS not in self._features:
+                        self._closed = True
+                        raise ServiceLost(
+                            f"device service {self._name}: exit stream failed during the {_what(what)} "
+                            f"({exc.code().name}: {exc.details()}), and the service keeps no sessions (its welcome "
+                            f"lists no '{FEATURE_SESSIONS}' feature), so it cannot be resumed: whether the device "
+                            "performed it is unknown") from None
                     self._resume(what, f"{exc.code().name}: {exc.details()}")
         finally:
             self.waiting_since = self.wait_until = None
@@ -504,6 +516,7 @@ class GrpcEndpoint:
         self.same_clock = False
         #: The service's instance, from Describe ("" before, or from a service that does not say).
         self.instance_id = ""
+        self.features: frozenset[str] = frozenset()
         # The process's credentials: the vcpu service presents to device services the certificate and token it
         # checks its own clients with (security.configure).
         self.channel = security.channel(self._address)
@@ -530,6 +543,7 @@ class GrpcEndpoint:
                                  f"this vcpu service speaks {PROTOCOL_VERSION}")
         self.same_clock = bool(resp.clock_id) and resp.clock_id == clock_id()
         self.instance_id = self.instance_id or resp.instance_id
+        self.features = frozenset(resp.features)
         regions = []
         lines: list[RemoteLine] = []
         for dev in resp.devices:

@@ -30,6 +30,7 @@ from mmiosplit.mmio import (
     ShadowChange,
     TransportError,
 )
+from mmiosplit.wire import FEATURE_WATCH
 from vcpu_service import psci
 from vcpu_service.arch import Arch, arch_by_name, close_uc
 from vcpu_service.dma import GuestDma, check_windows
@@ -506,10 +507,26 @@ class Vm:
         shadow registers, and keep it current, with one thread per service. Completions update it too
         (``ExitPath.apply_effects``)."""
         for endpoint in self.endpoints:
+            if FEATURE_WATCH not in endpoint.features:
+                self._check_unwatched(endpoint)
+                continue
             try:
                 self._start_watch(endpoint)
             except TransportError as exc:
                 raise VmConfigError(str(exc)) from None
+
+    def _check_unwatched(self, endpoint: DeviceEndpoint) -> None:
+        """A service without the Watch RPC (a minimal one): refuse the VM if anything it was given needs Watch."""
+        needs = []
+        if endpoint.name in self.shadows.services:
+            needs.append("its shadow registers")
+        if any(key[0] == endpoint.name for key in self.irqs.routes):
+            needs.append("its interrupt lines")
+        if endpoint.name in self.dma:
+            needs.append("the DMA windows granted to it")
+        if needs:
+            raise VmConfigError(f"device service {endpoint.name} does not implement Watch (it lists no "
+                                f"'{FEATURE_WATCH}' feature), which {' and '.join(needs)} need")
 
     def _start_watch(self, endpoint: DeviceEndpoint) -> None:
         """Watch one device service (TransportError when its shadow snapshot is bad)."""

@@ -157,6 +157,7 @@ class DescribeResponse(_message.Message):
     DEVICES_FIELD_NUMBER: _builtins.int
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     CLOCK_ID_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
     service_name: _builtins.str
     protocol_version: _builtins.int
     instance_id: _builtins.str
@@ -167,6 +168,10 @@ class DescribeResponse(_message.Message):
     """
     @_builtins.property
     def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Device]: ...
+    @_builtins.property
+    def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The optional parts of the protocol this service implements, as in StreamWelcome.features."""
+
     def __init__(
         self,
         *,
@@ -175,10 +180,11 @@ class DescribeResponse(_message.Message):
         devices: _abc.Iterable[Global___Device] | None = ...,
         instance_id: _builtins.str = ...,
         clock_id: _builtins.str = ...,
+        features: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clock_id", b"clock_id", "devices", b"devices", "instance_id", b"instance_id", "protocol_version", b"protocol_version", "service_name", b"service_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clock_id", b"clock_id", "devices", b"devices", "features", b"features", "instance_id", b"instance_id", "protocol_version", b"protocol_version", "service_name", b"service_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -601,6 +607,7 @@ class StreamWelcome(_message.Message):
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     RESUMED_FIELD_NUMBER: _builtins.int
     APPLIED_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     service_name: _builtins.str
     instance_id: _builtins.str
@@ -609,6 +616,14 @@ class StreamWelcome(_message.Message):
     """The service knew the session: a request it already applied is answered from memory, never applied again."""
     applied: _builtins.int
     """The highest seq of this session the service has applied (0: none)."""
+    @_builtins.property
+    def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The optional parts of the protocol this service implements (docs/protocol.md, "Features"); a client uses
+        no other. "sessions": requests count per session and a resumed session is answered from memory; "cancel":
+        Cancel is honoured; "watch": the Watch RPC (interrupt lines, shadow registers, DMA); "vm-scoped-control":
+        Reset, Console and ReadMirror are refused while another VM is attached. Unknown names are ignored.
+        """
+
     def __init__(
         self,
         *,
@@ -617,10 +632,11 @@ class StreamWelcome(_message.Message):
         instance_id: _builtins.str = ...,
         resumed: _builtins.bool = ...,
         applied: _builtins.int = ...,
+        features: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "instance_id", b"instance_id", "protocol_version", b"protocol_version", "resumed", b"resumed", "service_name", b"service_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "features", b"features", "instance_id", b"instance_id", "protocol_version", b"protocol_version", "resumed", b"resumed", "service_name", b"service_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

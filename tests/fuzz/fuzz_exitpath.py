@@ -49,7 +49,7 @@ from mmiosplit.mmio import (
 )
 from mmiosplit.mmio import WatchEvent as ServiceEvent
 from mmiosplit.v1 import device_pb2
-from mmiosplit.wire import PROTOCOL_VERSION
+from mmiosplit.wire import DEVICE_FEATURES, PROTOCOL_VERSION
 from tests.exitpath import harness
 from tests.fuzz.common import Finding, check, check_threads, quiet_logs, watch_threads
 from vcpu_service.domain import ErrorKind, EventKind, FaultPolicy, Policies, UnmappedPolicy
@@ -374,6 +374,7 @@ def described(s: Script) -> tuple[list[RemoteRegion], list[RemoteLine]]:
     endpoint._lines = None
     endpoint.same_clock = False
     endpoint.instance_id = ""
+    endpoint.features = frozenset()
     endpoint.stub = _DescribeStub(resp)  # type: ignore[assignment]
     return endpoint.describe(), endpoint.interrupt_lines()
 
@@ -386,6 +387,7 @@ class FuzzEndpoint:
         self.leaving: GoingAway | None = None
         self.same_clock = script.ConsumeBool()
         self.instance_id = ""
+        self.features = frozenset(DEVICE_FEATURES)
         self._s = script
         layout = script.ConsumeIntInRange(0, 3)
         base = dict(service=SERVICE, device="dev", device_type="fuzz", base=DEV, size=DEV_SIZE, romd=False,

@@ -20,22 +20,36 @@ from mmiosplit.wire import PROTOCOL_VERSION
 BASE = 0x0A00_0000
 
 
+#: Modes of a minimal service: Describe and ExitStream only, no optional feature ("minimal" answers every access,
+#: "minimal-hang" never does, "minimal-lines" also declares an interrupt line, which needs Watch).
+MINIMAL = ("minimal", "minimal-hang", "minimal-lines")
+
+
 class RogueDevice(device_pb2_grpc.DeviceServiceServicer):
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self.release = threading.Event()
+        self.features = [] if mode in MINIMAL else ["watch"]
+        self.cancels = 0  # Cancel messages received
+        self.watches = 0  # Watch calls received
 
     def Describe(self, request: device_pb2.DescribeRequest,
                  context: grpc.ServicerContext) -> device_pb2.DescribeResponse:
-        resp = device_pb2.DescribeResponse(service_name=f"rogue-{self.mode}", protocol_version=PROTOCOL_VERSION)
+        # Watch (unless minimal), and none of the other optional parts (sessions, cancel).
+        resp = device_pb2.DescribeResponse(service_name=f"rogue-{self.mode}", protocol_version=PROTOCOL_VERSION,
+                                           features=self.features)
         dev = resp.devices.add(name="rogue0", type="rogue")
         dev.regions.add(name="regs", base=BASE, size=0x1000, kind=device_pb2.REGION_KIND_MMIO,
                         access_sizes=[1, 2, 4, 8])
-        dev.lines.add(index=0, name="irq", trigger=device_pb2.LINE_TRIGGER_LEVEL)
+        if self.mode not in ("minimal", "minimal-hang"):
+            dev.lines.add(index=0, name="irq", trigger=device_pb2.LINE_TRIGGER_LEVEL)
         return resp
 
     def Watch(self, request_iterator: Iterator[device_pb2.WatchRequest],
               context: grpc.ServicerContext) -> Iterator[device_pb2.WatchResponse]:
+        self.watches += 1
+        if self.mode in MINIMAL:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
         next(request_iterator, None)
         if self.mode != "storm":
             self.release.wait(30)
@@ -59,7 +73,11 @@ class RogueDevice(device_pb2_grpc.DeviceServiceServicer):
         for req in request_iterator:
             if req.WhichOneof("body") == "hello":
                 yield device_pb2.ExitStreamResponse(
-                    seq=req.seq, welcome=device_pb2.StreamWelcome(protocol_version=PROTOCOL_VERSION))
+                    seq=req.seq, welcome=device_pb2.StreamWelcome(protocol_version=PROTOCOL_VERSION,
+                                                                 features=self.features))
+                continue
+            if req.WhichOneof("body") == "cancel":
+                self.cancels += 1
                 continue
             ok = device_pb2.COMPLETION_STATUS_OK
             if self.mode == "short":
@@ -71,7 +89,7 @@ class RogueDevice(device_pb2_grpc.DeviceServiceServicer):
             elif self.mode == "error":
                 yield device_pb2.ExitStreamResponse(seq=req.seq, completion=device_pb2.Completion(
                     status=device_pb2.COMPLETION_STATUS_DEVICE_ERROR, error="rogue0: register 0x0 is on fire"))
-            elif self.mode == "hang":
+            elif self.mode in ("hang", "minimal-hang"):
                 self.release.wait(30)
                 return
             elif self.mode == "badstatus":
@@ -84,7 +102,7 @@ class RogueDevice(device_pb2_grpc.DeviceServiceServicer):
                 yield device_pb2.ExitStreamResponse(seq=req.seq + 1, completion=device_pb2.Completion(status=ok))
                 yield device_pb2.ExitStreamResponse(seq=req.seq, completion=device_pb2.Completion(
                     status=ok, data=bytes(req.exit.length)))
-            elif self.mode == "storm":
+            elif self.mode in ("storm", "minimal"):
                 yield device_pb2.ExitStreamResponse(seq=req.seq, completion=device_pb2.Completion(
                     status=ok, data=bytes(req.exit.length)))
             elif self.mode == "twice":  # every reply comes twice (a duplicated message)

@@ -303,3 +303,49 @@ def test_a_malformed_message_inside_an_exit_stream_ends_it_with_invalid_argument
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
     assert "malformed request to /mmiosplit.v1.DeviceService/ExitStream" in str(info.value.details())
     _assert_alive(unix_services)
+
+
+# ----- a minimal device service: Describe and ExitStream, no optional feature --------------------------------
+
+def test_a_minimal_device_service_runs_a_guest_and_is_never_watched(unix_services: Services,
+                                                                   tmp_path: Path) -> None:
+    rogue = RogueServer("minimal", tmp_path)
+    try:
+        cfg = unix_services.config(a64(*LOAD_W1), exit_deadline_ms=2000)
+        cfg.device_services[:] = [rogue.address]
+        vm_id, final = unix_services.run(cfg, timeout=30)
+        unix_services.delete(vm_id)
+    finally:
+        rogue.stop()
+    assert final.kind == vcpu_pb2.VM_EVENT_KIND_POWERED_OFF, final
+    assert rogue.servicer.watches == 0  # it lists no "watch" feature
+
+
+def test_a_service_without_cancel_is_sent_none(unix_services: Services, tmp_path: Path) -> None:
+    # Its access never completes: the deadline policy acts without a Cancel (the service did not say it takes
+    # one), and the event says whether the access was performed is unknown.
+    rogue = RogueServer("minimal-hang", tmp_path)
+    try:
+        cfg = unix_services.config(a64(*LOAD_W1), exit_deadline_ms=300, stop_on=("deadline",))
+        cfg.device_services[:] = [rogue.address]
+        vm_id, final = unix_services.run(cfg, timeout=30)
+        unix_services.delete(vm_id)
+    finally:
+        rogue.stop()
+    assert final.error_kind == vcpu_pb2.VM_ERROR_KIND_DEADLINE, final
+    assert "unknown" in final.reason and "takes no Cancel" in final.reason, final.reason
+    assert rogue.servicer.cancels == 0
+
+
+def test_interrupt_lines_of_a_service_without_watch_are_refused(unix_services: Services, tmp_path: Path) -> None:
+    rogue = RogueServer("minimal-lines", tmp_path)
+    try:
+        cfg = unix_services.config(a64(*LOAD_W1), machine="virt")
+        cfg.images[0].load_address = cfg.entry_point = 0x4020_0000
+        cfg.device_services[:] = [rogue.address]
+        cfg.irq_routes.add(device="rogue0", spi=20)
+        err = _create_error(unix_services, cfg)
+    finally:
+        rogue.stop()
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+    assert "does not implement Watch" in str(err.details()) and "interrupt lines" in str(err.details())

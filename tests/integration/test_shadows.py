@@ -165,7 +165,8 @@ class ShadowRogue(device_pb2_grpc.DeviceServiceServicer):
 
     def Describe(self, request: device_pb2.DescribeRequest,
                  context: grpc.ServicerContext) -> device_pb2.DescribeResponse:
-        resp = device_pb2.DescribeResponse(service_name=f"shadow-rogue-{self.mode}", protocol_version=PROTOCOL_VERSION)
+        resp = device_pb2.DescribeResponse(service_name=f"shadow-rogue-{self.mode}", protocol_version=PROTOCOL_VERSION,
+                                           features=["watch"])
         dev = resp.devices.add(name="rogue0", type="rogue")
         size = 8 if self.mode == "wide-window" else 4
         dev.regions.add(name="regs", base=BASE, size=0x1000, kind=device_pb2.REGION_KIND_MMIO, access_sizes=[1, 2, 4],
@@ -195,7 +196,8 @@ class ShadowRogue(device_pb2_grpc.DeviceServiceServicer):
         for req in request_iterator:
             if req.WhichOneof("body") == "hello":
                 yield device_pb2.ExitStreamResponse(
-                    seq=req.seq, welcome=device_pb2.StreamWelcome(protocol_version=PROTOCOL_VERSION))
+                    seq=req.seq, welcome=device_pb2.StreamWelcome(protocol_version=PROTOCOL_VERSION,
+                                                                 features=["watch"]))
                 continue
             data = b"\x10" + bytes(req.exit.length - 1) if self.mode == "broken-watch" else bytes(req.exit.length)
             completion = device_pb2.Completion(status=OK, data=data)
