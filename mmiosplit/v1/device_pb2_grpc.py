@@ -77,8 +77,10 @@ class DeviceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ExitStream(self, request_iterator, context):
-        """One long-lived stream per vCPU. The first request is a handshake; then every request (an exit or
-        a batch of posted writes) gets exactly one response with the same sequence number, in order.
+        """One long-lived stream per vCPU. The first request is a handshake (anything else: INVALID_ARGUMENT, and the
+        stream ends); then every request (an exit or a batch of posted writes) gets exactly one response with the same
+        sequence number, in order, and a Cancel gets none. Requests are applied in order; the service reads them as
+        they come, however many are unanswered.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,7 +113,8 @@ class DeviceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Watch(self, request_iterator, context):
-        """What a device service says without being asked, to one VM, and what its devices ask of that VM: one
+        """Feature "watch" (a service without it answers UNIMPLEMENTED and is never watched).
+        What a device service says without being asked, to one VM, and what its devices ask of that VM: one
         bidirectional stream per VM and device service, opened by the vcpu service and separate from the exit
         streams, so nothing on it ever waits behind a pending exit.
 
