@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from mmiosplit.mmio import LineChange
@@ -45,9 +45,14 @@ class IrqRouter:
     """The line levels of one VM and the GIC they drive (``gic`` None: the machine has no interrupt
     controller, so every change is only recorded)."""
 
-    def __init__(self, gic: Gic | None, routes: dict[LineKey, Route], vm_id: str = "") -> None:
+    def __init__(self, gic: Gic | None, routes: dict[LineKey, Route], vm_id: str = "",
+                 declared: Collection[LineKey] | None = None) -> None:
         self.gic = gic
         self.routes = dict(routes)
+        #: The lines the services described (None: any): levels of others are dropped, not kept, so a service
+        #: that names lines it never declared cannot make this table grow.
+        self._declared = None if declared is None else frozenset(declared)
+        self._undeclared_logged: set[str] = set()
         self._vm = vm_id
         self._lock = threading.Lock()
         self._held: dict[LineKey, tuple[int, bool]] = {}  # line -> (generation, level)
@@ -56,6 +61,7 @@ class IrqRouter:
         #: Changes applied and changes ignored as older than what was held (for tests and inspection).
         self.applied = 0
         self.stale = 0
+        self.undeclared = 0
 
     def level(self, service: str, device: str, index: int) -> bool:
         """The last level applied for a line (False before any)."""
@@ -72,6 +78,13 @@ class IrqRouter:
         with self._lock:
             for device, index, level in change.levels:
                 key = (change.service, device, index)
+                if self._declared is not None and key not in self._declared:
+                    self.undeclared += 1
+                    if change.service not in self._undeclared_logged:
+                        self._undeclared_logged.add(change.service)
+                        log.warning("VM %s: device service %s sent a level for line %d of %r, which it never "
+                                    "described; such levels are ignored", self._vm, change.service, index, device)
+                    continue
                 held = self._held.get(key)
                 if held is not None and change.generation < held[0]:
                     self.stale += 1

@@ -391,7 +391,7 @@ class Vm:
             if not 0 <= route.spi < spis:
                 raise VmConfigError(f"interrupt route {route}: SPI {route.spi} is outside 0-{spis - 1}")
             routes[(line.service, line.device, line.index)] = Route(route.spi, edge=line.trigger == "edge")
-        self.irqs = IrqRouter(self.gic, routes, self.vm_id)
+        self.irqs = IrqRouter(self.gic, routes, self.vm_id, {(ln.service, ln.device, ln.index) for ln in self.lines})
 
     def _find_line(self, route: IrqRouteSpec) -> RemoteLine:
         """The line an interrupt route names, or VmConfigError saying what there is."""

@@ -286,3 +286,13 @@ def test_virt_grants_all_ram_to_the_board_service_by_default() -> None:
         vm.delete()
     with pytest.raises(VmConfigError, match="granted to device service 'elsewhere', which is not one of this VM's"):
         _vm(OFF, grants=[("elsewhere", DmaWindow("x", RAM, 0x1000))])
+
+
+def test_levels_of_lines_never_described_are_dropped_not_kept() -> None:
+    # A hostile service naming a new line in every update must not grow the router's table.
+    gic = Gic(1)
+    router = IrqRouter(gic, {("devs", "u", 0): Route(1)}, "vm1", declared=[("devs", "u", 0)])
+    for n in range(1, 1001):
+        router.apply(LineChange("devs", n, (("u", 0, n % 2 == 1), (f"ghost{n}", 0, True), ("u", 7, True))))
+    assert router.undeclared == 2000 and len(router._held) == 1
+    assert router.level("devs", "u", 0) is False and router.generation("devs", "u", 0) == 1000
