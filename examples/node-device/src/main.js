@@ -1,0 +1,129 @@
+#!/usr/bin/env node
+// mmiosplit device service in Node.js: `npm start -- --listen ADDR --device SPEC...`, the command line of
+// `mmiosplit serve-devices` for the two models it hosts (pl011, scratch). It prints the same ready line once it
+// listens, answers grpc.health.v1 like the Python service, and drains on SIGTERM/SIGINT the same way.
+
+import { parseArgs } from 'node:util';
+import * as grpc from '@grpc/grpc-js';
+import { ConfigError, parseDeviceSpecs } from './config.js';
+import { Bus, DeviceHost, SessionTable } from './host.js';
+import { DEVICE_TYPES } from './models.js';
+import { DeviceServer, loadServices } from './service.js';
+
+const PROG = 'mmiosplit-node-device';
+const USAGE = `usage: npm start -- --listen ADDR --device SPEC [--device SPEC...] [options]
+
+  --listen ADDR        unix:PATH or HOST:PORT (port 0: any free port)
+  --device SPEC        TYPE@ADDR[,key=value...]: pl011@0x09000000,name=uart0 or
+                       scratch@0x0a000000,size=0x1000,posted=on,name=scratch0 (repeatable)
+  --name NAME          service name reported to vcpu services (default mmiosplit-devices)
+  --console-log FILE   append every byte UARTs transmit to FILE
+  --console-stdout     also write every byte UARTs transmit to stdout
+  --grace-s SECONDS    on SIGTERM or SIGINT: report NOT_SERVING, complete what was received, tell every
+                       watching VM it is going away, and exit within this many seconds (default 10)
+  --insecure           allow listening in the clear on an address other than a UNIX socket or loopback
+  -v, --verbose        log streams as they open`;
+
+function fail(message) {
+  process.stderr.write(`${PROG}: ${message}\n`);
+  process.exit(2);
+}
+
+/** unix:PATH (also unix://PATH) or HOST:PORT, as the Python services parse it; {target, unix, host, port}. */
+function parseListen(text) {
+  if (text.startsWith('unix:')) {
+    let socketPath = text.slice('unix:'.length);
+    if (socketPath.startsWith('//')) socketPath = socketPath.slice(2);
+    if (!socketPath) fail(`--listen: malformed address '${text}': unix: needs a socket path, e.g. unix:/tmp/dev.sock`);
+    return { target: `unix:${socketPath}`, unix: true };
+  }
+  const match = /^(?<host>\[[0-9A-Fa-f:.]+\]|[^:\s]+):(?<port>[0-9]+)$/.exec(text.trim());
+  if (!match || Number(match.groups.port) > 65535) {
+    fail(`--listen: malformed address '${text}': expected unix:PATH or HOST:PORT (e.g. unix:/tmp/dev.sock, 127.0.0.1:7000)`);
+  }
+  return { target: text.trim(), unix: false, host: match.groups.host, port: Number(match.groups.port) };
+}
+
+function isLocal(address) {
+  if (address.unix) return true;
+  const host = address.host.replace(/^\[|\]$/g, '').toLowerCase();
+  return host === 'localhost' || host === '::1' || /^127\.\d+\.\d+\.\d+$/.test(host);
+}
+
+function main() {
+  let args;
+  try {
+    args = parseArgs({
+      options: {
+        listen: { type: 'string' },
+        device: { type: 'string', multiple: true, default: [] },
+        name: { type: 'string', default: 'mmiosplit-devices' },
+        'console-log': { type: 'string' },
+        'console-stdout': { type: 'boolean', default: false },
+        'grace-s': { type: 'string', default: '10' },
+        insecure: { type: 'boolean', default: false },
+        verbose: { type: 'boolean', short: 'v', default: false },
+        help: { type: 'boolean', short: 'h', default: false },
+      },
+    }).values;
+  } catch (err) {
+    fail(`${err.message}\n${USAGE}`);
+  }
+  if (args.help) {
+    process.stdout.write(`${USAGE}\n`);
+    return;
+  }
+  if (!args.listen) fail(`--listen is required\n${USAGE}`);
+  const grace = Number(args['grace-s']);
+  if (!(grace >= 0 && grace <= 3600)) fail(`--grace-s: ${JSON.stringify(args['grace-s'])} is not a number of seconds from 0 to 3600`);
+  const address = parseListen(args.listen);
+  if (!isLocal(address) && !args.insecure) {
+    fail(`refusing to listen on ${args.listen}: it is not a UNIX socket or a loopback address, and this service `
+      + 'has no TLS or token; give --insecure to serve it in the clear on purpose (e.g. on a private container network)');
+  }
+
+  let host;
+  try {
+    const specs = parseDeviceSpecs(args.device, DEVICE_TYPES);
+    if (!specs.length) throw new ConfigError('no devices: give --device TYPE@ADDR[,key=value...]');
+    const bus = new Bus(specs.map((s) => new s.cls(s.name, s.base, s.options)));
+    host = new DeviceHost(bus, { serviceName: args.name, consoleLog: args['console-log'] ?? null,
+      echo: args['console-stdout'] });
+  } catch (err) {
+    if (!(err instanceof ConfigError)) throw err;
+    fail(`--device: ${err.message}`);
+  }
+
+  const log = (message) => process.stderr.write(`${new Date().toISOString()} ${PROG} ${message}\n`);
+  const device = new DeviceServer(host, new SessionTable(), { log: args.verbose ? log : () => {} });
+  const { DeviceService, Health } = loadServices();
+  const server = new grpc.Server({ 'grpc.max_receive_message_length': 64 << 20, 'grpc.max_send_message_length': 64 << 20 });
+  server.addService(DeviceService, device.handlers());
+  server.addService(Health, device.health.handlers());
+  server.bindAsync(address.target, grpc.ServerCredentials.createInsecure(), (err, port) => {
+    if (err) fail(`cannot listen on ${args.listen}: ${err.message}`);
+    const bound = address.unix ? address.target : `${address.host}:${port}`;
+    // The ready line of `mmiosplit serve-devices`, for launchers that wait for it.
+    process.stdout.write(`mmiosplit device service listening on ${bound} (plaintext${args.insecure ? ' (--insecure)' : ''})\n`);
+  });
+
+  let stopping = false;
+  const stop = (signal) => {
+    if (stopping) return;
+    stopping = true;
+    const reason = `device service ${host.serviceName} is shutting down (${signal})`;
+    device.goAway(reason, grace);
+    log(`${reason}: draining for up to ${grace} s`);
+    const force = setTimeout(() => server.forceShutdown(), grace * 1000);
+    force.unref();
+    server.tryShutdown(() => {
+      clearTimeout(force);
+      log(`device service ${host.serviceName} stopped`);
+      process.exit(0);
+    });
+  };
+  process.on('SIGTERM', () => stop('SIGTERM'));
+  process.on('SIGINT', () => stop('SIGINT'));
+}
+
+main();
