@@ -4,6 +4,7 @@ go to both and the answers must be the same."""
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import signal
 import time
@@ -328,3 +329,46 @@ def test_sigterm_drains_tells_the_watchers_and_exits_0() -> None:
             next(call)
         assert node.process.wait(15) == 0
         assert check_health(node.address, timeout=0.5) != "SERVING"
+
+
+def test_garbage_never_takes_the_service_down(node: NodeService) -> None:
+    """Bytes that are no message, fields out of every range, streams that end at any point: each call gets an
+    answer or an error of its own, and the service goes on serving."""
+    channel = grpc.insecure_channel(node.address)
+    raw_stream = channel.stream_stream("/mmiosplit.v1.DeviceService/ExitStream")
+    raw_unary = channel.unary_unary("/mmiosplit.v1.DeviceService/Reset")
+    raw_console = channel.stream_stream("/mmiosplit.v1.DeviceService/Console")
+    garbage = [b"\xff\xff\xff\xff", b"\x0a\x05abc", b"\x08" + b"\xff" * 11, bytes(range(256))]
+    for junk in garbage:
+        # protobufjs reads some truncated messages leniently (a string field cut short is read as far as it goes)
+        # where Python's protobuf refuses them: either way, an answer or an error for that call alone.
+        for call in (raw_stream, raw_console):
+            with contextlib.suppress(grpc.RpcError):
+                list(call(iter([junk]), timeout=5))
+        with contextlib.suppress(grpc.RpcError):
+            raw_unary(junk, timeout=5)
+    with pytest.raises(grpc.RpcError) as err:
+        raw_unary(b"\xff\xff\xff\xff", timeout=5)
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    hello = device_pb2.ExitStreamRequest(hello=device_pb2.StreamHello(protocol_version=1, vm_id="junk"))
+    with pytest.raises(grpc.RpcError):  # a hello, then garbage
+        list(raw_stream(iter([hello.SerializeToString(), b"\xff\xff"]), timeout=5))
+    st = stub(node.address)
+    (welcome,) = list(st.ExitStream(iter([hello]), timeout=5))  # a hello, then the end: welcomed, then it ends
+    assert welcome.WhichOneof("body") == "welcome"
+    assert list(st.ExitStream(iter([]), timeout=5)) == []
+    assert list(st.Console(iter([]), timeout=5)) == []
+    s = Stream(st)
+    s.hello(vm="junk")
+    top = (1 << 64) - 1
+    far = s.exchange(access(1, top, 8)).completion
+    assert far.status == device_pb2.COMPLETION_STATUS_NO_DEVICE, far
+    assert far.error == "8-byte read at 0xffffffffffffffff: no device there"
+    batch = device_pb2.PostedWrites(address=[top, 0x0A000000], length=[4, 1 << 31], data=b"\0" * 4)
+    assert s.exchange(access(2, 0x0A000000, 4, posted=batch)).completion.status == \
+        device_pb2.COMPLETION_STATUS_BAD_REQUEST
+    assert s.exchange(access(top, 0x0A000000, 4)).completion.status == device_pb2.COMPLETION_STATUS_BAD_REQUEST
+    s.close()
+    assert st.Describe(device_pb2.DescribeRequest(), timeout=5).devices
+    assert check_health(node.address) == "SERVING"
+    assert node.process.poll() is None

@@ -114,14 +114,20 @@ function main() {
     const reason = `device service ${host.serviceName} is shutting down (${signal})`;
     device.goAway(reason, grace);
     log(`${reason}: draining for up to ${grace} s`);
-    const force = setTimeout(() => server.forceShutdown(), grace * 1000);
-    force.unref();
+    // Streams still open when the grace period ends (a console nobody closed) are cancelled.
+    const force = setTimeout(() => {
+      server.forceShutdown();
+      log(`device service ${host.serviceName} stopped: streams still open were cancelled at the end of the grace period`);
+      process.exit(0);
+    }, grace * 1000);
     server.tryShutdown(() => {
       clearTimeout(force);
       log(`device service ${host.serviceName} stopped`);
       process.exit(0);
     });
   };
+  // A bug reached by some input must not take every VM's devices down with it: say so and go on.
+  process.on('unhandledRejection', (err) => log(`internal error (the service goes on): ${err?.stack ?? err}`));
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
 }

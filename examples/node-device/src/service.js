@@ -51,6 +51,21 @@ export function loadServices() {
 const vms = (ids) => `VM${ids.length > 1 ? 's' : ''} ${ids.map((v) => (v ? pyRepr(v) : '(no id)')).join(', ')}`;
 const abort = (call, code, details) => call.emit('error', { code, details });
 
+/**
+ * A stream's message handler that cannot take the service down: a bug some input reaches ends that call with
+ * INTERNAL, naming it, and every other stream goes on.
+ */
+function guarded(call, log, handler) {
+  return (req) => {
+    try {
+      handler(req);
+    } catch (err) {
+      log(`internal error on ${call.getPath?.() ?? 'a call'}: ${err?.stack ?? err}`);
+      abort(call, grpc.status.INTERNAL, `internal error in the Node device service: ${err?.message ?? err}`);
+    }
+  };
+}
+
 /** Health: SERVING for the whole server and for DeviceService until the service drains. */
 class Health {
   constructor() {
@@ -170,7 +185,13 @@ export class DeviceServer {
       callback({ code: grpc.status.FAILED_PRECONDITION, details: reason });
       return;
     }
-    await this.host.exclusive(() => this.host.reset());
+    try {
+      await this.host.exclusive(() => this.host.reset());
+    } catch (err) {
+      this.log(`internal error in Reset: ${err?.stack ?? err}`);
+      callback({ code: grpc.status.INTERNAL, details: `internal error in the Node device service: ${err?.message ?? err}` });
+      return;
+    }
     callback(null, { mirror_updates: [] }); // no ROMD devices here: no mirror ever changes
   }
 
@@ -185,7 +206,7 @@ export class DeviceServer {
   watch(call) {
     let first = null;
     let cleanup = () => {};
-    call.on('data', (req) => {
+    call.on('data', guarded(call, this.log, (req) => {
       if (first !== null) return; // later requests answer DMA requests; these devices make none
       first = req;
       this.attach(req.vm_id);
@@ -206,6 +227,9 @@ export class DeviceServer {
         this.watchers.delete(tell);
         this.detach(req.vm_id);
       };
+    }));
+    call.on('end', () => { // the client half-closed: without a first request there is nobody to watch for
+      if (first === null) call.end();
     });
     once(call, () => cleanup());
   }
@@ -291,7 +315,7 @@ export class DeviceServer {
       }
     };
 
-    call.on('data', (req) => {
+    call.on('data', guarded(call, this.log, (req) => {
       if (closed) return;
       if (session === null) {
         if (req.body !== 'hello') {
@@ -326,7 +350,7 @@ export class DeviceServer {
       }
       pending.push(req);
       drain();
-    });
+    }));
     call.on('end', () => {
       ended = true;
       if (session === null) {
@@ -344,7 +368,7 @@ export class DeviceServer {
     const host = this.host;
     let hub = null;
     let detach = () => {};
-    call.on('data', (req) => {
+    call.on('data', guarded(call, this.log, (req) => {
       if (hub === null) {
         const reason = this.refusal('Console', req.vm_id, call);
         if (reason !== null) {
@@ -363,6 +387,9 @@ export class DeviceServer {
         return;
       }
       if (req.input.length) host.exclusive(() => hub.feed(req.input));
+    }));
+    call.on('end', () => { // no more input; the output goes on, unless no UART was ever named
+      if (hub === null) call.end();
     });
     once(call, () => detach());
   }
