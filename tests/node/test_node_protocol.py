@@ -335,9 +335,9 @@ def test_garbage_never_takes_the_service_down(node: NodeService) -> None:
     """Bytes that are no message, fields out of every range, streams that end at any point: each call gets an
     answer or an error of its own, and the service goes on serving."""
     channel = grpc.insecure_channel(node.address)
-    raw_stream = channel.stream_stream("/mmiosplit.v1.DeviceService/ExitStream")
-    raw_unary = channel.unary_unary("/mmiosplit.v1.DeviceService/Reset")
-    raw_console = channel.stream_stream("/mmiosplit.v1.DeviceService/Console")
+    raw_stream = channel.stream_stream("/mmiosplit.v1.DeviceService/ExitStream", None, None)  # bytes as they are
+    raw_unary = channel.unary_unary("/mmiosplit.v1.DeviceService/Reset", None, None)
+    raw_console = channel.stream_stream("/mmiosplit.v1.DeviceService/Console", None, None)
     garbage = [b"\xff\xff\xff\xff", b"\x0a\x05abc", b"\x08" + b"\xff" * 11, bytes(range(256))]
     for junk in garbage:
         # protobufjs reads some truncated messages leniently (a string field cut short is read as far as it goes)
