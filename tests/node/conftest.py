@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from mmiosplit import security
 from mmiosplit_cli.launcher import check_health, free_tcp_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,9 +52,11 @@ class NodeService:
 
 
 @contextlib.contextmanager
-def node_service(devices: Sequence[str], transport: str = "tcp", extra: Sequence[str] = ()) -> Iterator[NodeService]:
-    """Start the Node service with these ``--device`` specs on a free loopback port (or a UNIX socket in a
-    temporary folder), wait until gRPC health says SERVING, and stop it after."""
+def node_service(devices: Sequence[str], transport: str = "tcp", extra: Sequence[str] = (),
+                 health: security.Security | None = None) -> Iterator[NodeService]:
+    """Start the Node service with these ``--device`` specs (and ``extra`` flags) on a free loopback port (or a UNIX
+    socket in a temporary folder), wait until gRPC health, asked with ``health`` credentials (plaintext by default),
+    says SERVING, and stop it after."""
     require_node()
     workdir = Path(tempfile.mkdtemp(prefix="mmiosplit-node-"))
     address = f"127.0.0.1:{free_tcp_port()}" if transport == "tcp" else f"unix:{workdir / 'node.sock'}"
@@ -64,7 +67,7 @@ def node_service(devices: Sequence[str], transport: str = "tcp", extra: Sequence
     service = NodeService(address, proc, log_path)
     try:
         deadline = time.monotonic() + 30
-        while check_health(address, timeout=0.5) != "SERVING":
+        while check_health(address, timeout=0.5, sec=health or security.PLAINTEXT) != "SERVING":
             if proc.poll() is not None:
                 raise RuntimeError(f"the Node device service exited with status {proc.returncode}:\n{service.log()}")
             if time.monotonic() > deadline:

@@ -3,7 +3,7 @@
 // repository at start (no generated code); every answer and refusal is the Python service's, word for word where
 // a client or a person reads it.
 
-import { randomUUID } from 'node:crypto';
+import { randomUUID, timingSafeEqual } from 'node:crypto';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import * as grpc from '@grpc/grpc-js';
@@ -95,11 +95,26 @@ class Health {
   }
 }
 
+/** Why a call's metadata does not carry `token` (null when it does); never contains the token. */
+function tokenRefusal(metadata, token) {
+  const [value] = metadata.get('authorization');
+  if (value === undefined) {
+    return "missing token: this service requires 'authorization: Bearer <token>' metadata (--token-file)";
+  }
+  const text = String(value);
+  if (!text.startsWith('Bearer ')) return "malformed authorization metadata: expected 'Bearer <token>'";
+  const given = Buffer.from(text.slice('Bearer '.length).trim());
+  const expected = Buffer.from(token);
+  return given.length === expected.length && timingSafeEqual(given, expected) ? null : 'wrong token';
+}
+
 export class DeviceServer {
-  constructor(host, sessions, { log = () => {} } = {}) {
+  constructor(host, sessions, { log = () => {}, token = null, warn = log } = {}) {
     this.host = host;
     this.sessions = sessions;
     this.log = log;
+    this.warn = warn;
+    this.token = token;
     /** Random per start: a client that sees another one knows this service restarted and its state is gone. */
     this.instanceId = randomUUID().replaceAll('-', '');
     this.clockId = clockId();
@@ -147,7 +162,7 @@ export class DeviceServer {
   }
 
   handlers() {
-    return {
+    const handlers = {
       Describe: (call, callback) => callback(null, this.describe()),
       ExitStream: (call) => this.exitStream(call),
       Watch: (call) => this.watch(call),
@@ -155,6 +170,16 @@ export class DeviceServer {
       Reset: (call, callback) => this.reset(call, callback),
       ReadMirror: (call) => this.readMirror(call),
     };
+    if (this.token === null) return handlers;
+    // With a token, every call but health (a service of its own) must carry it: refused before it is served.
+    return Object.fromEntries(Object.entries(handlers).map(([method, handler]) => [method, (call, callback) => {
+      const why = tokenRefusal(call.metadata, this.token);
+      if (why === null) return handler(call, callback);
+      this.warn(`refused /${SERVICE_NAME}/${method} from ${call.getPeer()}: UNAUTHENTICATED: ${why}`);
+      if (callback) callback({ code: grpc.status.UNAUTHENTICATED, details: why });
+      else abort(call, grpc.status.UNAUTHENTICATED, why);
+      return undefined;
+    }]));
   }
 
   describe() {
