@@ -36,3 +36,14 @@ def test_hello_prints_what_it_prints_with_the_python_service(split: tuple[str, s
     assert result.final.kind == vcpu_pb2.VM_EVENT_KIND_POWERED_OFF, result.final
     assert result.exit_status == 0
     assert result.console.decode() == (EXPECTED / f"hello-{guest.name}-{vcpus}cpu.txt").read_text()
+
+
+def test_hello_with_its_scratch_writes_posted(split: tuple[str, str]) -> None:
+    """The same guest when the scratch device's writes are posted: they reach Node in batches (exits carrying
+    them, and flushes), in order, before every read."""
+    posted = ["pl011@0x09000000,name=uart0", "scratch@0x0a000000,size=0x1000,posted=on,name=scratch0"]
+    with node_service(posted) as node:
+        result = run_vm(split[0], GUESTS[0].config(node.address, 1))
+    assert result.final.kind == vcpu_pb2.VM_EVENT_KIND_POWERED_OFF, result.final
+    assert result.console.decode() == (EXPECTED / "hello-a64-1cpu.txt").read_text()
+    assert result.stats.vcpus[0].posted_writes > 10, result.stats
