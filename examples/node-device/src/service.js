@@ -262,6 +262,7 @@ export class DeviceServer {
   exitStream(call) {
     const host = this.host;
     let session = null;
+    let vmId = '';
     let keep = false;
     let peer = '';
     let ended = false; // the client half-closed: answer what came, then end
@@ -336,7 +337,7 @@ export class DeviceServer {
       closed = true;
       if (session !== null) {
         this.sessions.detach(session);
-        this.detach(session.vmId);
+        this.detach(vmId);
       }
     };
 
@@ -359,8 +360,8 @@ export class DeviceServer {
         peer = `VM ${hello.vm_id} vCPU ${hello.vcpu_id}`;
         let resumed;
         [session, resumed] = this.sessions.attach(hello.session_id);
-        session.vmId = hello.vm_id;
-        this.attach(hello.vm_id);
+        vmId = hello.vm_id;
+        this.attach(vmId);
         keep = Boolean(hello.session_id);
         session.acknowledge(BigInt(hello.last_acked));
         this.log(`exit stream opened by ${peer} (session ${hello.session_id || 'none'}${resumed ? ', resumed' : ''})`);
