@@ -131,7 +131,6 @@ def _run_script(address: str) -> list[device_pb2.ExitStreamResponse]:
         out = []
         for request in SCRIPT:
             response = s.exchange(request)
-            response.completion.ClearField("shadow")  # the Python service keeps shadow registers; Node declares none
             response.completion.lines.raised_ns = 0  # a clock reading
             out.append(response)
         return out
@@ -156,9 +155,6 @@ def test_describe_has_the_python_services_shape(both: tuple[str, str]) -> None:
     python, node = both
     want = stub(python).Describe(device_pb2.DescribeRequest(), timeout=10)
     have = stub(node).Describe(device_pb2.DescribeRequest(), timeout=10)
-    for d in want.devices:
-        for r in d.regions:
-            r.ClearField("shadows")  # Node declares no shadow registers
     assert list(have.devices) == list(want.devices)
     assert have.protocol_version == want.protocol_version == 1
     assert have.clock_id == want.clock_id  # the same host, the same CLOCK_MONOTONIC
@@ -248,32 +244,58 @@ def _watch(st: device_pb2_grpc.DeviceServiceStub, vm: str) -> tuple[Any, queue.S
     return st.Watch(iter(requests.get, None)), requests
 
 
-def test_watch_sends_the_levels_first_then_the_changes_no_access_made(node: NodeService) -> None:
+def test_watch_sends_the_values_first_then_the_changes_no_access_made(node: NodeService) -> None:
     st = stub(node.address)
     call, _ = _watch(st, "watcher")
-    first = next(call)
-    assert first.WhichOneof("event") == "lines"
-    assert [(lv.device, lv.index, lv.level) for lv in first.lines.levels] == [("uart0", 0, False)]
     s = Stream(st)
-    s.hello(vm="watcher")
-    assert s.exchange(access(1, 0x09000038, 4, WRITE, (0x50).to_bytes(4, "little"))).completion.status == \
-        device_pb2.COMPLETION_STATUS_OK  # IMSC: RX and RT
-    console = st.Console(iter([device_pb2.ConsoleRequest(device="uart0", vm_id="watcher", input=b"x")]))
-    raised = next(call).lines  # a received byte: no access made the change, so it comes on the watch
-    assert [(lv.device, lv.level) for lv in raised.levels] == [("uart0", True)]
-    assert raised.generation > first.lines.generation and raised.raised_ns > 0
-    read = s.exchange(access(2, 0x09000000, 4, ack=1)).completion  # DR: the FIFO empties, the line drops
-    assert read.data == b"x\0\0\0"
-    assert [(lv.device, lv.level) for lv in read.lines.levels] == [("uart0", False)]
-    assert read.lines.generation > raised.generation
-    console.cancel()
-    call.cancel()
-    s.close()
+    console = None
+    try:
+        shadows, lines = next(call), next(call)  # every shadow register, then every line
+        assert shadows.WhichOneof("event") == "shadow" and lines.WhichOneof("event") == "lines"
+        assert {(v.device, v.region, v.offset) for v in shadows.shadow.values} >= {("uart0", "regs", 0x18)}  # FR
+        assert [(lv.device, lv.index, lv.level) for lv in lines.lines.levels] == [("uart0", 0, False)]
+        s.hello(vm="watcher")
+        imsc = s.exchange(access(1, 0x09000038, 4, WRITE, (0x50).to_bytes(4, "little"))).completion  # RX and RT
+        assert imsc.status == device_pb2.COMPLETION_STATUS_OK
+        assert imsc.shadow.generation > shadows.shadow.generation  # the new IMSC, and all this vCPU was not sent
+        # The watch hears every shadow change, the access's too (as the Python service's does).
+        assert next(call).shadow.generation == imsc.shadow.generation
+        console = st.Console(iter([device_pb2.ConsoleRequest(device="uart0", vm_id="watcher", input=b"x")]))
+        # A received byte: no access made the change, so the watch carries it: the line first, then FR, RIS, MIS.
+        raised, values = next(call), next(call)
+        assert [(lv.device, lv.level) for lv in raised.lines.levels] == [("uart0", True)]
+        assert raised.lines.generation > lines.lines.generation and raised.lines.raised_ns > 0
+        regs = {v.offset: int.from_bytes(v.data, "little") for v in values.shadow.values}
+        assert regs.keys() == {0x18, 0x3C, 0x40}
+        assert not regs[0x18] & 0x10 and regs[0x3C] & 0x50 == 0x50 and regs[0x40] == 0x50  # FR, RIS, MIS
+        read = s.exchange(access(2, 0x09000000, 4, ack=1)).completion  # DR: the FIFO empties, the line drops
+        assert read.data == b"x\0\0\0"
+        assert [(lv.device, lv.level) for lv in read.lines.levels] == [("uart0", False)]
+        assert read.lines.generation > raised.lines.generation
+        regs = {v.offset: int.from_bytes(v.data, "little") for v in read.shadow.values}
+        assert regs[0x18] & 0x10 and not regs[0x3C] & 0x50 and regs[0x40] == 0
+    finally:
+        if console is not None:
+            console.cancel()
+        call.cancel()
+        s.close()
+
+
+def _reset_when_allowed(st: device_pb2_grpc.DeviceServiceStub, vm: str) -> None:
+    """Reset for ``vm``, once the streams other VMs closed have ended in the service too (a moment later)."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            st.Reset(device_pb2.ResetRequest(vm_id=vm), timeout=10)
+            return
+        except grpc.RpcError:
+            assert time.monotonic() < deadline, "other VMs stayed attached after their streams ended"
+            time.sleep(0.05)
 
 
 def test_control_rpcs_act_only_for_the_vm_attached(node: NodeService) -> None:
     st = stub(node.address)
-    st.Reset(device_pb2.ResetRequest(vm_id="a"), timeout=10)  # nobody attached: allowed
+    _reset_when_allowed(st, "a")  # nobody attached: allowed
     watch_a, _ = _watch(st, "a")
     next(watch_a)
     st.Reset(device_pb2.ResetRequest(vm_id="a"), timeout=10)
@@ -298,14 +320,7 @@ def test_control_rpcs_act_only_for_the_vm_attached(node: NodeService) -> None:
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "VM 'a'" in (err.value.details() or "")
     s.close()
     watch_a.cancel()
-    deadline = time.monotonic() + 5
-    while True:  # the streams' ends reach the service a moment later
-        try:
-            st.Reset(device_pb2.ResetRequest(vm_id="c"), timeout=10)
-            break
-        except grpc.RpcError:
-            assert time.monotonic() < deadline, "VMs a and b stayed attached after their streams ended"
-            time.sleep(0.05)
+    _reset_when_allowed(st, "c")
     with pytest.raises(grpc.RpcError) as err:
         next(st.ReadMirror(device_pb2.ReadMirrorRequest(device="uart0", region="regs")))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
@@ -320,7 +335,7 @@ def test_sigterm_drains_tells_the_watchers_and_exits_0() -> None:
     with node_service(DEVICES) as node:
         st = stub(node.address)
         call, _ = _watch(st, "vm")
-        assert next(call).WhichOneof("event") == "lines"
+        assert [next(call).WhichOneof("event") for _ in range(2)] == ["shadow", "lines"]
         node.process.send_signal(signal.SIGTERM)
         going = next(call)
         assert going.going_away.reason == "device service mmiosplit-devices is shutting down (SIGTERM)"

@@ -171,6 +171,87 @@ export class LineTracker {
   }
 }
 
+// ----- shadow registers -------------------------------------------------------------------------------------------
+
+/**
+ * The last value sent of every shadow register (a register whose read has no side effect, which the vcpu service
+ * answers from a copy without an exit), as the Python service's ShadowTracker keeps them. Every change gets a new
+ * generation and goes to the watchers; since(g) gives an exit stream's completion everything that changed after the
+ * generation its session was last sent, so a vCPU never reads a copy older than its own last completion.
+ */
+export class ShadowTracker {
+  constructor(bus, enabled = true) {
+    this.generation = 0n;
+    this.windows = [];
+    this.byDevice = new Map();
+    this.subscribers = new Set();
+    if (!enabled) return;
+    for (const device of bus.devices) {
+      const windows = device.regions().flatMap((r) => (r.shadows ?? []).map(([offset, size]) => ({
+        device, region: r.name, offset, size, data: null, changed: 0n })));
+      if (windows.length) {
+        this.byDevice.set(device.name, windows);
+        this.windows.push(...windows);
+      }
+    }
+    if (this.windows.length) {
+      this.generation = 1n;
+      for (const w of this.windows) {
+        w.data = w.device.peek(w.region, w.offset, w.size);
+        w.changed = 1n;
+      }
+    }
+  }
+
+  /** The (offset, size) of the shadow registers of one region, as Describe lists them. */
+  windowsOf(device, region) {
+    return (this.byDevice.get(device) ?? []).filter((w) => w.region === region).map((w) => [w.offset, w.size])
+      .sort((a, b) => a[0] - b[0]);
+  }
+
+  static value(w) {
+    return { device: w.device.name, region: w.region, offset: String(w.offset), data: w.data };
+  }
+
+  /** Peek the shadow registers of `devices`: what changed gets a new generation and goes to every watcher. */
+  refresh(devices) {
+    if (!this.byDevice.size) return;
+    const changed = [];
+    for (const device of devices) {
+      for (const w of this.byDevice.get(device.name) ?? []) {
+        const data = device.peek(w.region, w.offset, w.size);
+        if (!data.equals(w.data)) changed.push([w, data]);
+      }
+    }
+    if (!changed.length) return;
+    this.generation += 1n;
+    for (const [w, data] of changed) {
+      w.data = data;
+      w.changed = this.generation;
+    }
+    const update = { generation: String(this.generation), values: changed.map(([w]) => ShadowTracker.value(w)) };
+    for (const callback of this.subscribers) callback(update);
+  }
+
+  refreshAll() { this.refresh([...this.byDevice.values()].map((windows) => windows[0].device)); }
+
+  /** Every value that changed after `generation` (null when none did), current as of the newest generation. */
+  since(generation) {
+    if (generation >= this.generation) return null;
+    return { generation: String(this.generation),
+      values: this.windows.filter((w) => w.changed > generation).map((w) => ShadowTracker.value(w)) };
+  }
+
+  /** Every value now (when any register is shadowed), then each change; returns the unsubscriber. */
+  subscribe(callback) {
+    if (this.windows.length) {
+      callback({ generation: String(this.generation), values: this.windows.map((w) => ShadowTracker.value(w)) });
+    }
+    this.subscribers.add(callback);
+    return () => this.subscribers.delete(callback);
+  }
+}
+
 // ----- consoles ---------------------------------------------------------------------------------------------------
 
 /**
@@ -275,10 +356,15 @@ export function unpackPosted(batch) {
 }
 
 export class DeviceHost {
-  constructor(bus, { serviceName = 'mmiosplit-devices', consoleLog = null, echo = false } = {}) {
+  constructor(bus, { serviceName = 'mmiosplit-devices', consoleLog = null, echo = false, shadows = true } = {}) {
     this.bus = bus;
     this.serviceName = serviceName;
     this.lines = new LineTracker(bus);
+    this.shadows = new ShadowTracker(bus, shadows);
+    for (const device of bus.devices) {
+      // State behind a shadow register changed without an access (input arrived): the watchers hear it at once.
+      device.shadowsChanged = () => this.shadows.refresh([device]);
+    }
     this.turns = new HostTurns();
     this.consoles = new Map();
     for (const device of bus.devices) {
@@ -310,63 +396,85 @@ export class DeviceHost {
   reset() {
     for (const device of this.bus.devices) device.reset();
     for (const hub of this.consoles.values()) hub.pump(); // input typed meanwhile goes into the emptied FIFO
+    this.shadows.refreshAll(); // watchers hear the reset values
   }
 
-  async access(address, length, isWrite, data, posted, isCancelled) {
+  /** Type `data` on a UART's console (with the service to itself): what the RX FIFO cannot take now waits. */
+  consoleInput(hub, data) {
+    hub.feed(data);
+    this.shadows.refresh([hub.device]);
+  }
+
+  /**
+   * Apply the posted writes queued before an exit, then the access, unless isCancelled() says, once the service is
+   * free for it, that its client gave up on it. `session` is the exit session: what its vCPU was sent of the shadow
+   * registers.
+   */
+  async access(session, address, length, isWrite, data, posted, isCancelled) {
     return this.exclusive(async () => {
       this.lines.begin();
+      const touched = new Set();
       let errors = [];
       let done;
       try {
-        if (posted !== null) errors = await this.applyPosted(posted);
+        if (posted !== null) errors = await this.applyPosted(posted, touched);
         if (isCancelled()) { // its client gave up on it before it started: never performed
           done = { status: STATUS.CANCELLED, error: `the ${length}-byte ${isWrite ? 'write' : 'read'} at `
             + `${hex(address)} was cancelled before it started: never performed` };
         } else {
-          done = await this.one(address, length, isWrite, data);
+          done = await this.one(address, length, isWrite, data, touched);
         }
       } catch (err) {
         done = { status: STATUS.DEVICE_ERROR, error: `internal error: ${err}` };
       }
-      return this.finish(done, errors);
+      return this.finish(session, done, errors, touched, this.lines.end());
     });
   }
 
   /** Apply a batch of posted writes, in order; the completion names the ones that failed. */
-  async flush(writes) {
+  async flush(session, writes) {
     return this.exclusive(async () => {
       this.lines.begin();
-      const errors = await this.applyPosted(writes); // one() never throws: a failing write is a posted error
-      return this.finish({ status: STATUS.OK }, errors);
+      const touched = new Set();
+      const errors = await this.applyPosted(writes, touched); // one() never throws: a failing write is a posted error
+      return this.finish(session, { status: STATUS.OK }, errors, touched, this.lines.end());
     });
   }
 
-  badRequest(error) {
-    return { status: STATUS.BAD_REQUEST, error };
+  /** Refuse a request that makes no sense; what the vCPU was not sent of the shadow registers still goes with it. */
+  async badRequest(session, error) {
+    return this.exclusive(() => this.finish(session, { status: STATUS.BAD_REQUEST, error }, [], new Set(), null));
   }
 
-  async one(address, length, isWrite, data) {
+  async one(address, length, isWrite, data, touched) {
     const [done, region] = this.bus.dispatch(address, length, isWrite, data);
     if (region !== null) {
+      touched.add(region.device);
       if (region.device.delayMs) await sleep(region.device.delayMs);
       this.consoles.get(region.device.name)?.pump(); // the guest may have drained the FIFO
     }
     return done;
   }
 
-  async applyPosted(writes) {
+  async applyPosted(writes, touched) {
     const errors = [];
     for (const [index, [address, data]] of writes.entries()) {
-      const done = await this.one(address, data.length, true, data);
+      const done = await this.one(address, data.length, true, data, touched);
       if (done.status !== STATUS.OK) errors.push({ index, address: String(address), error: done.error });
     }
     return errors;
   }
 
-  finish(done, postedErrors) {
-    const lines = this.lines.end();
+  /** `done` with what the request changed besides the access: shadow values its vCPU was not sent, line levels. */
+  finish(session, done, postedErrors, touched, lines) {
+    this.shadows.refresh(touched);
+    const shadow = this.shadows.since(session.shadowsSeen);
     const out = { ...done };
     if (postedErrors.length) out.posted_errors = postedErrors;
+    if (shadow !== null) {
+      session.shadowsSeen = this.shadows.generation;
+      out.shadow = shadow;
+    }
     if (lines !== null) out.lines = lines;
     return out;
   }
@@ -387,6 +495,7 @@ export class ExitSession {
   constructor(id) {
     this.id = id;
     this.applied = 0n;
+    this.shadowsSeen = 0n; // the shadow generation this session's vCPU has been sent up to
     this.responses = new Map();
     this.cancelled = new Set();
     this.streams = 0;

@@ -20,6 +20,7 @@ const USAGE = `usage: npm start -- --listen ADDR --device SPEC [--device SPEC...
   --name NAME          service name reported to vcpu services (default mmiosplit-devices)
   --console-log FILE   append every byte UARTs transmit to FILE
   --console-stdout     also write every byte UARTs transmit to stdout
+  --no-shadows         declare no shadow registers: every device read exits (for comparisons)
   --grace-s SECONDS    on SIGTERM or SIGINT: report NOT_SERVING, complete what was received, tell every
                        watching VM it is going away, and exit within this many seconds (default 10)
   --tls-cert FILE      serve TLS with this certificate (PEM) ...
@@ -107,6 +108,7 @@ function main() {
         name: { type: 'string', default: 'mmiosplit-devices' },
         'console-log': { type: 'string' },
         'console-stdout': { type: 'boolean', default: false },
+        'no-shadows': { type: 'boolean', default: false },
         'grace-s': { type: 'string', default: '10' },
         insecure: { type: 'boolean', default: false },
         'tls-cert': { type: 'string' },
@@ -141,7 +143,7 @@ function main() {
     if (!specs.length) throw new ConfigError('no devices: give --device TYPE@ADDR[,key=value...]');
     const bus = new Bus(specs.map((s) => new s.cls(s.name, s.base, s.options)));
     host = new DeviceHost(bus, { serviceName: args.name, consoleLog: args['console-log'] ?? null,
-      echo: args['console-stdout'] });
+      echo: args['console-stdout'], shadows: !args['no-shadows'] });
   } catch (err) {
     if (!(err instanceof ConfigError)) throw err;
     fail(`--device: ${err.message}`);

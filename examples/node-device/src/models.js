@@ -109,6 +109,10 @@ const FIFO_DEPTH = 32;
 const RX_TRIGGER_EIGHTHS = [1, 2, 4, 6, 7];
 // The PrimeCell ID bytes QEMU's pl011_id_arm returns, so firmware that prints them matches QEMU.
 const PRIMECELL_ID = [0x11, 0x10, 0x14, 0x00, 0x0d, 0xf0, 0x05, 0xb1];
+// The shadow registers (4-byte reads only): RSR, FR, ILPR, IBRD, FBRD, LCR_H, CR, IFLS, IMSC, RIS, MIS, DMACR and
+// the IDs, as the Python model declares them.
+const SHADOWED = [0x004, 0x018, 0x020, 0x024, 0x028, 0x02c, 0x030, 0x034, 0x038, 0x03c, 0x040, 0x048,
+  0xfe0, 0xfe4, 0xfe8, 0xfec, 0xff0, 0xff4, 0xff8, 0xffc];
 const PRIMECELL_NAMES = ['PeriphID0', 'PeriphID1', 'PeriphID2', 'PeriphID3', 'PCellID0', 'PCellID1', 'PCellID2', 'PCellID3'];
 
 /**
@@ -151,10 +155,23 @@ export class Pl011 {
   set ris(value) { this.regs.values.RIS = value & 0xffffffff; }
 
   regions() {
-    return [{ name: 'regs', offset: 0n, size: 0x1000n, accessSizes: [1, 2, 4], posted: false, deadlineMs: 0 }];
+    return [{ name: 'regs', offset: 0n, size: 0x1000n, accessSizes: [1, 2, 4], posted: false, deadlineMs: 0,
+      shadows: SHADOWED.map((offset) => [offset, 4]) }];
   }
 
   describe() { return { 'fifo-depth': String(FIFO_DEPTH) }; }
+
+  /**
+   * A shadow register's value now, as a 4-byte read returns it, changing nothing. Shadowed: every register whose
+   * read has no side effect (not DR, which pops the FIFO) and that can be read (not the write-only ICR).
+   */
+  peek(region, offset, size) {
+    const reg = region === 'regs' && size === 4 && SHADOWED.includes(offset) ? this.regs.byOffset.get(offset) : undefined;
+    if (reg === undefined) throw new Error(`${this.name}: no shadow register of ${size} bytes at ${region}+${hex(offset)}`);
+    const bytes = Buffer.alloc(4);
+    bytes.writeUInt32LE((reg.onRead ? reg.onRead() : this.regs.values[reg.name]) >>> 0);
+    return bytes;
+  }
 
   read(offset, size) {
     const result = this.regs.read(offset, size);
@@ -185,6 +202,7 @@ export class Pl011 {
     if (before < trigger && trigger <= this.rxFifo.length) this.ris |= INT_RX;
     this.ris |= INT_RT;
     this.update();
+    this.shadowsChanged?.(); // FR, RIS and MIS changed without a guest access
     return taken.length;
   }
 

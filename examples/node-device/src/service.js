@@ -197,7 +197,8 @@ export class DeviceServer {
         properties: d.describe(),
         regions: d.regions().map((r) => ({
           name: r.name, base: String(d.base + r.offset), size: String(r.size), kind: 'REGION_KIND_MMIO',
-          posted: r.posted, access_sizes: r.accessSizes, shadows: [], deadline_ms: r.deadlineMs,
+          posted: r.posted, access_sizes: r.accessSizes, deadline_ms: r.deadlineMs,
+          shadows: host.shadows.windowsOf(d.name, r.name).map(([offset, size]) => ({ offset: String(offset), size })),
         })),
         lines: d.lines.map((l) => ({ index: l.index, name: l.name, trigger: 'LINE_TRIGGER_LEVEL' })),
       })),
@@ -246,8 +247,11 @@ export class DeviceServer {
         return;
       }
       this.watchers.add(tell);
+      // Shadow values first (when any register is shadowed), then line levels, then each change as it happens.
+      const unsubscribeShadows = this.host.shadows.subscribe((update) => call.write({ shadow: update }));
       const unsubscribe = this.host.lines.subscribe((change) => call.write({ lines: change }));
       cleanup = () => {
+        unsubscribeShadows();
         unsubscribe();
         this.watchers.delete(tell);
         this.detach(req.vm_id);
@@ -274,27 +278,27 @@ export class DeviceServer {
       const expected = session.applied + 1n;
       let done = null;
       if (seq !== expected) {
-        done = host.badRequest(`sequence number ${seq} from ${peer}, expected ${expected}`);
+        done = await host.badRequest(session, `sequence number ${seq} from ${peer}, expected ${expected}`);
       } else if (req.body === 'exit') {
         const ex = req.exit;
         let posted = null;
         try {
           if (ex.posted) posted = unpackPosted(ex.posted);
         } catch (err) {
-          done = host.badRequest(`malformed posted batch: ${err.message}`);
+          done = await host.badRequest(session, `malformed posted batch: ${err.message}`);
         }
-        done ??= await host.access(BigInt(ex.address), ex.length, ex.direction === 'ACCESS_DIRECTION_WRITE', ex.data,
+        done ??= await host.access(session, BigInt(ex.address), ex.length, ex.direction === 'ACCESS_DIRECTION_WRITE', ex.data,
           posted, () => session.cancelled.has(seq));
       } else if (req.body === 'flush') {
         let writes = null;
         try {
           writes = unpackPosted(req.flush);
         } catch (err) {
-          done = host.badRequest(`malformed posted batch: ${err.message}`);
+          done = await host.badRequest(session, `malformed posted batch: ${err.message}`);
         }
-        done ??= await host.flush(writes);
+        done ??= await host.flush(session, writes);
       } else {
-        done = host.badRequest(`unexpected ${req.body ? pyRepr(req.body) : 'None'} from ${peer} after the handshake`);
+        done = await host.badRequest(session, `unexpected ${req.body ? pyRepr(req.body) : 'None'} from ${peer} after the handshake`);
       }
       const response = { seq: String(seq), completion: done };
       if (host.goingAway) response.going_away = host.goingAway; // completed all the same; send no more
@@ -313,7 +317,7 @@ export class DeviceServer {
           session.acknowledge(BigInt(req.ack));
           const response = await session.serial(async () => {
             if (seq <= session.applied) { // a repeat after a resume: answered from memory, never applied twice
-              return session.responses.get(seq) ?? { seq: String(seq), completion: host.badRequest(
+              return session.responses.get(seq) ?? { seq: String(seq), completion: await host.badRequest(session,
                 `sequence number ${seq} from ${peer}, expected ${session.applied + 1n}: ${seq} was applied already`
                 + (keep ? ' and its response acknowledged' : '')) };
             }
@@ -408,11 +412,11 @@ export class DeviceServer {
           abort(call, grpc.status.NOT_FOUND, err.message);
           return;
         }
-        if (req.input.length) host.exclusive(() => hub.feed(req.input));
+        if (req.input.length) host.exclusive(() => host.consoleInput(hub, req.input));
         detach = hub.attach((output) => call.write({ output }));
         return;
       }
-      if (req.input.length) host.exclusive(() => hub.feed(req.input));
+      if (req.input.length) host.exclusive(() => host.consoleInput(hub, req.input));
     }));
     call.on('end', () => { // no more input; the output goes on, unless no UART was ever named
       if (hub === null) call.end();
