@@ -102,7 +102,7 @@ export class Bus {
     } catch (err) { // a model that throws is a bug in the model: the guest gets a fault, not a dead service
       return [{ status: STATUS.DEVICE_ERROR, error: `${device.name}: ${length}-byte ${verb} at ${hex(address)} raised ${err}` }, region];
     }
-    if (result.error) { // a region was found, so even OUT_OF_RANGE is the device's error, not NO_DEVICE
+    if (result.error) { // a region was found, so whatever the device says it is its error, never NO_DEVICE
       return [{ status: STATUS.DEVICE_ERROR, error: `${device.name} at ${hex(address)}: ${result.message}` }, region];
     }
     if (isWrite) return [{ status: STATUS.OK }, region];

@@ -5,13 +5,12 @@
 
 import { ConfigError, hex, intInRange, parseBool, parseSize } from './config.js';
 
-// Access errors, as the Python model layer names them (AccessError). OUT_OF_RANGE without a region is what makes
-// an access NO_DEVICE rather than DEVICE_ERROR.
-export const INVALID_REGISTER = 'invalid register';
-export const INVALID_ACCESS_SIZE = 'invalid access size';
-export const UNALIGNED_ACCESS = 'unaligned access';
-export const OUT_OF_RANGE = 'out of range';
-export const DEVICE_FAULT = 'device fault';
+// Why a device refused an access, as the Python model layer names it (AccessError). The bus turns any of them
+// into DEVICE_ERROR with the device and address in front of the message.
+const INVALID_REGISTER = 'invalid register';
+const INVALID_ACCESS_SIZE = 'invalid access size';
+const UNALIGNED_ACCESS = 'unaligned access';
+const OUT_OF_RANGE = 'out of range';
 
 const fail = (error, message) => ({ error, message });
 /** Python's f"{n:#05x}": at least three hex digits after 0x. */

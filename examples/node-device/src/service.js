@@ -9,7 +9,7 @@ import { fileURLToPath } from 'node:url';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import { pyRepr } from './config.js';
-import { clockId, LookupError, STATUS, unpackPosted } from './host.js';
+import { clockId, LookupError, unpackPosted } from './host.js';
 
 export const PROTOCOL_VERSION = 1;
 export const SERVICE_NAME = 'mmiosplit.v1.DeviceService';
@@ -437,4 +437,3 @@ function once(call, fn) {
   for (const event of ['cancelled', 'error', 'close', 'finish']) call.on(event, run);
 }
 
-export { STATUS };
