@@ -216,15 +216,15 @@ def test_a_resumed_session_answers_from_memory_and_applies_nothing_twice(node: N
 
 
 def test_a_cancel_stops_a_request_waiting_behind_a_slow_access() -> None:
-    """One vCPU's access holds the service for 400 ms; another's, cancelled while it waits, is never performed,
+    """One vCPU's access holds the service for a second; another's, cancelled while it waits, is never performed,
     and the first one's own cancel comes too late: it is performed ("performed late")."""
-    with node_service(["scratch@0x0a000000,size=0x1000,delay=400000,name=slow"]) as node:
+    with node_service(["scratch@0x0a000000,size=0x1000,delay=1000000,name=slow"]) as node:
         st = stub(node.address)
         a, b = Stream(st), Stream(st)
         a.hello(session="a")
         b.hello(session="b")
         a.send(access(1, 0x0A000000, 4, WRITE, b"\1\0\0\0"))
-        time.sleep(0.1)
+        time.sleep(0.3)  # a's write has the service by now (it holds it for a second)
         b.send(access(1, 0x0A000000, 4, WRITE, b"\2\0\0\0"))
         b.send(device_pb2.ExitStreamRequest(seq=1, cancel=device_pb2.Cancel()))
         a.send(device_pb2.ExitStreamRequest(seq=1, cancel=device_pb2.Cancel()))
