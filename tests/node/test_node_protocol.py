@@ -332,18 +332,41 @@ def test_control_rpcs_act_only_for_the_vm_attached(node: NodeService) -> None:
 
 
 def test_sigterm_drains_tells_the_watchers_and_exits_0() -> None:
+    """NOT_SERVING at once, every watch told and ended, what comes on an open exit stream still completed (and
+    marked), and the process gone with status 0 as soon as the last stream ends, long before the grace period."""
     with node_service(DEVICES) as node:
         st = stub(node.address)
         call, _ = _watch(st, "vm")
         assert [next(call).WhichOneof("event") for _ in range(2)] == ["shadow", "lines"]
+        s = Stream(st)
+        s.hello(vm="vm")
         node.process.send_signal(signal.SIGTERM)
         going = next(call)
         assert going.going_away.reason == "device service mmiosplit-devices is shutting down (SIGTERM)"
         assert going.going_away.grace_seconds == 10
         with pytest.raises(StopIteration):
             next(call)
-        assert node.process.wait(15) == 0
         assert check_health(node.address, timeout=0.5) != "SERVING"
+        late = s.exchange(access(1, 0x0A000000, 4, WRITE, b"late"))
+        assert late.completion.status == device_pb2.COMPLETION_STATUS_OK
+        assert late.going_away.reason == going.going_away.reason
+        s.close()
+        started = time.monotonic()
+        assert node.process.wait(15) == 0
+        assert time.monotonic() - started < 5
+
+
+def test_console_output_waits_for_the_first_listener() -> None:
+    with node_service(DEVICES) as node:
+        st = stub(node.address)
+        s = Stream(st)
+        s.hello()
+        for seq, byte in enumerate(b"hi", start=1):
+            s.exchange(access(seq, 0x09000000, 1, WRITE, bytes([byte]), ack=seq - 1))
+        s.close()
+        console = st.Console(iter([device_pb2.ConsoleRequest(device="uart0")]))
+        assert next(console).output == b"hi"  # kept while nobody listened
+        console.cancel()
 
 
 def test_garbage_never_takes_the_service_down(node: NodeService) -> None:
