@@ -22,7 +22,8 @@ from device_service.model import ConfigError, parse_bool
 
 PREFIX = "MMIOSPLIT_"
 # MMIOSPLIT_ variables that are not service flags (CI, and deploy/compose.yaml on the host), not reported as unknown.
-OTHER_VARIABLES = frozenset({"MMIOSPLIT_REQUIRE_DOCKER", "MMIOSPLIT_IMAGE", "MMIOSPLIT_SUBNET", "MMIOSPLIT_VCPU_PORT"})
+OTHER_VARIABLES = frozenset({"MMIOSPLIT_REQUIRE_DOCKER", "MMIOSPLIT_REQUIRE_NODE", "MMIOSPLIT_IMAGE",
+                             "MMIOSPLIT_SUBNET", "MMIOSPLIT_VCPU_PORT"})
 SERVICE_COMMANDS = ("serve-vcpu", "serve-devices")
 
 
