@@ -153,7 +153,9 @@ function main() {
   const device = new DeviceServer(host, new SessionTable(), { log: args.verbose ? log : () => {},
     token: security.token, warn: log });
   const { DeviceService, Health } = loadServices();
-  const server = new grpc.Server({ 'grpc.max_receive_message_length': 64 << 20, 'grpc.max_send_message_length': 64 << 20 });
+  // The protocol's limit (docs/protocol.md, "Sizes and limits"); grpc-js would take 4 MiB by default.
+  const server = new grpc.Server({ 'grpc.max_receive_message_length': 256 << 20,
+    'grpc.max_send_message_length': 256 << 20 });
   server.addService(DeviceService, device.handlers());
   server.addService(Health, device.health.handlers());
   const credentials = security.cert

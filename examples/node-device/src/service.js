@@ -12,6 +12,8 @@ import { pyRepr } from './config.js';
 import { clockId, LookupError, unpackPosted } from './host.js';
 
 export const PROTOCOL_VERSION = 1;
+/** The optional parts of the protocol this service implements (docs/protocol.md, "Versions and features"). */
+export const FEATURES = ['sessions', 'cancel', 'watch', 'vm-scoped-control'];
 export const SERVICE_NAME = 'mmiosplit.v1.DeviceService';
 const PROTO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../proto');
 const LOADER_OPTIONS = {
@@ -187,6 +189,7 @@ export class DeviceServer {
     return {
       service_name: host.serviceName,
       protocol_version: PROTOCOL_VERSION,
+      features: FEATURES,
       instance_id: this.instanceId,
       clock_id: this.clockId,
       devices: host.bus.devices.map((d) => ({
@@ -370,7 +373,7 @@ export class DeviceServer {
         session.acknowledge(BigInt(hello.last_acked));
         this.log(`exit stream opened by ${peer} (session ${hello.session_id || 'none'}${resumed ? ', resumed' : ''})`);
         call.write({ seq: req.seq, welcome: { protocol_version: PROTOCOL_VERSION, service_name: host.serviceName,
-          instance_id: this.instanceId, resumed, applied: String(session.applied) } });
+          instance_id: this.instanceId, resumed, applied: String(session.applied), features: FEATURES } });
         return;
       }
       if (req.body === 'cancel') { // no number and no response of its own
