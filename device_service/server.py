@@ -436,12 +436,14 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             pending: asyncio.Queue[device_pb2.ExitStreamRequest | None] = asyncio.Queue()
 
             async def read_ahead() -> None:
+                received = 0  # the highest seq read on this stream: a Cancel names one of them, or is ignored
                 try:
                     async for ahead in requests:
                         if ahead.WhichOneof("body") == "cancel":
-                            if ahead.seq > exit_session.applied:
+                            if exit_session.applied < ahead.seq <= received:
                                 exit_session.cancelled.add(ahead.seq)
                             continue
+                        received = max(received, ahead.seq)
                         pending.put_nowait(ahead)
                 except Exception as exc:  # the client went away mid-stream: the answers end with the requests
                     log.debug("exit stream of %s ended: %r", peer, exc)
