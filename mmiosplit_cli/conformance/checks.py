@@ -1,0 +1,927 @@
+"""The conformance checks: each drives a running device service over gRPC, with no guest and no CPU.
+
+A check is a function of the ``Target`` that returns when the service did what the contract
+(``proto/mmiosplit/v1/device.proto``, ``docs/protocol.md``) says, raises ``CheckFailed`` with the reason when it
+did not, and ``CheckSkipped`` when the service declares nothing the check needs. What each one asserts, and
+which device types it needs, is in ``docs/conformance.md``; the names are stable.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mmiosplit import security
+from mmiosplit.v1 import device_pb2
+from mmiosplit.wire import PROTOCOL_VERSION
+from mmiosplit_cli.conformance.client import (
+    CheckFailed,
+    CheckSkipped,
+    ExitClient,
+    Stream,
+    StreamClosed,
+    Target,
+    channel_options,
+    new_session_id,
+    short,
+    status_name,
+)
+
+OK = device_pb2.COMPLETION_STATUS_OK
+BAD_REQUEST = device_pb2.COMPLETION_STATUS_BAD_REQUEST
+NO_DEVICE = device_pb2.COMPLETION_STATUS_NO_DEVICE
+CANCELLED = device_pb2.COMPLETION_STATUS_CANCELLED
+
+# PL011 registers and bits the suite uses (ARM DDI 0183).
+UART_DR, UART_FR, UART_IMSC, UART_ICR = 0x000, 0x018, 0x038, 0x044
+FR_RXFE = 1 << 4
+INT_RX, INT_TX, INT_RT = 1 << 4, 1 << 5, 1 << 6
+
+# dma-probe registers (device_service/models/dma_probe.py's documented interface).
+DMA_ADDR_LO, DMA_ADDR_HI, DMA_LEN, DMA_CMD, DMA_STATUS, DMA_DONE, DMA_BUF = 0x00, 0x04, 0x08, 0x0C, 0x10, 0x14, 0x100
+DMA_CMD_READ, DMA_CMD_WRITE = 1, 2
+DMA_STATUS_DONE, DMA_STATUS_ERROR = 0, 2
+
+#: The guest memory the suite plays for the DMA checks, and the window it grants.
+DMA_WINDOW = device_pb2.DmaWindow(name="conformance", base=0x4000_0000, size=0x1000)
+
+#: A scratch device whose accesses take at least this long can hold a later request behind it for a Cancel.
+MIN_SLOW_US = 50_000
+#: The other VM the scoping check plays.
+OTHER_VM_SUFFIX = "-other"
+#: The project's gRPC message limit (mmiosplit.wire.GRPC_OPTIONS): the default size of the oversized message.
+DEFAULT_MAX_MESSAGE = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    name: str
+    run: Callable[[Target], None]
+    doc: str
+
+
+CHECKS: list[Check] = []
+
+
+def check(name: str) -> Callable[[Callable[[Target], None]], Callable[[Target], None]]:
+    """Register a check under its stable ``name``; its docstring is what it asserts."""
+
+    def register(fn: Callable[[Target], None]) -> Callable[[Target], None]:
+        CHECKS.append(Check(name, fn, " ".join((fn.__doc__ or "").split())))
+        return fn
+
+    return register
+
+
+def expect(condition: bool, reason: str) -> None:
+    if not condition:
+        raise CheckFailed(reason)
+
+
+# ----- what the service hosts ---------------------------------------------------------------------------------
+
+def _first(target: Target, type_name: str, why: str) -> device_pb2.Device:
+    devices = target.devices(type_name)
+    if not devices:
+        raise CheckSkipped(f"no {type_name} device declared ({why})")
+    return devices[0]
+
+
+def _scratch(target: Target, slow: bool = False, prefer_posted: bool = False) -> device_pb2.Region:
+    """A scratch device's region: a slow one (delay= at least MIN_SLOW_US) or a fast one."""
+    found: list[device_pb2.Region] = []
+    for dev in target.devices("scratch"):
+        delay = int(dev.properties.get("delay", "0") or 0)
+        if (delay >= MIN_SLOW_US) if slow else delay == 0:
+            found.extend(r for r in dev.regions if r.size >= 0x40 and r.kind == device_pb2.REGION_KIND_MMIO)
+    if not found:
+        what = f"with delay= of at least {MIN_SLOW_US} us" if slow else "without delay="
+        raise CheckSkipped(f"no scratch device {what} declared")
+    if prefer_posted:
+        found.sort(key=lambda r: not r.posted)
+    return found[0]
+
+
+def _region(dev: device_pb2.Device) -> device_pb2.Region:
+    return dev.regions[0]
+
+
+def _expect_rpc_error(call: Callable[[], Any], code: grpc.StatusCode, what: str) -> None:
+    try:
+        result = call()
+        if hasattr(result, "__iter__") and not isinstance(result, bytes):
+            list(result)
+    except grpc.RpcError as exc:
+        expect(exc.code() == code, f"{what}: {exc.code().name} ({exc.details()}), expected {code.name}")
+        return
+    raise CheckFailed(f"{what}: succeeded, expected {code.name}")
+
+
+# ----- handshake and description ------------------------------------------------------------------------------
+
+@check("describe.well_formed")
+def describe_well_formed(target: Target) -> None:
+    """Describe names the service, speaks this protocol version, has an instance id, and declares devices with
+    unique names, regions of sane size that do not overlap, access sizes among 1, 2, 4, 8, shadow windows inside
+    their region at a declared size, and unique line indexes with a trigger."""
+    d = target.describe()
+    expect(bool(d.service_name), "service_name is empty")
+    expect(d.protocol_version == PROTOCOL_VERSION, f"protocol_version {d.protocol_version}, this suite speaks "
+           f"{PROTOCOL_VERSION}")
+    expect(bool(d.instance_id), "instance_id is empty")
+    expect(bool(d.devices), "no devices declared")
+    names = [dev.name for dev in d.devices]
+    expect(len(set(names)) == len(names), f"device names repeat: {names}")
+    spans = []
+    for dev in d.devices:
+        expect(bool(dev.name) and bool(dev.type), f"a device without a name or type: {short(dev)}")
+        expect(bool(dev.regions), f"device {dev.name} declares no region")
+        region_names = [r.name for r in dev.regions]
+        expect(len(set(region_names)) == len(region_names), f"{dev.name}: region names repeat: {region_names}")
+        for r in dev.regions:
+            where = f"{dev.name}/{r.name}"
+            expect(r.size > 0, f"{where}: size 0")
+            expect(r.base + r.size <= 1 << 64, f"{where}: {r.base:#x}+{r.size:#x} passes the end of the address space")
+            expect(r.kind in (device_pb2.REGION_KIND_MMIO, device_pb2.REGION_KIND_ROMD), f"{where}: kind {r.kind}")
+            expect(bool(r.access_sizes) and set(r.access_sizes) <= {1, 2, 4, 8},
+                   f"{where}: access sizes {list(r.access_sizes)}, expected some of 1, 2, 4, 8")
+            for w in r.shadows:
+                expect(w.size in r.access_sizes and w.offset + w.size <= r.size and w.offset % w.size == 0,
+                       f"{where}: shadow window of {w.size} bytes at {w.offset:#x} is outside the region, "
+                       "unaligned or of an undeclared size")
+            spans.append((r.base, r.base + r.size, where))
+        indexes = [line.index for line in dev.lines]
+        expect(len(set(indexes)) == len(indexes), f"{dev.name}: line indexes repeat: {indexes}")
+        for line in dev.lines:
+            expect(line.trigger in (device_pb2.LINE_TRIGGER_LEVEL, device_pb2.LINE_TRIGGER_EDGE),
+                   f"{dev.name}: line {line.index} has no trigger")
+    spans.sort()
+    for (_, end, a), (start, _, b) in itertools.pairwise(spans):
+        expect(start >= end, f"regions {a} and {b} overlap")
+
+
+@check("handshake.welcome")
+def handshake_welcome(target: Target) -> None:
+    """A hello with this protocol version gets a welcome with seq 0, the same version, and the instance id
+    Describe gave; a new session is not resumed and has applied nothing."""
+    exits = target.exits(session_id=new_session_id())
+    w = exits.welcome
+    assert w is not None
+    expect(w.protocol_version == PROTOCOL_VERSION, f"welcome says protocol version {w.protocol_version}")
+    expect(w.instance_id == target.describe().instance_id,
+           f"welcome instance_id {w.instance_id!r} differs from Describe's {target.describe().instance_id!r}")
+    expect(not w.resumed and w.applied == 0, f"a new session was welcomed resumed={w.resumed} applied={w.applied}")
+
+
+@check("handshake.version_refused")
+def handshake_version_refused(target: Target) -> None:
+    """A hello with a protocol version the service does not speak ends the stream with FAILED_PRECONDITION,
+    and no welcome."""
+    exits = target.exits(open_=False)
+    exits.stream.send(exits.hello(version=PROTOCOL_VERSION + 1000))
+    _expect_refused(exits.stream, grpc.StatusCode.FAILED_PRECONDITION, "a hello with protocol version "
+                    f"{PROTOCOL_VERSION + 1000}", target.timeout)
+
+
+@check("handshake.hello_required")
+def handshake_hello_required(target: Target) -> None:
+    """An ExitStream whose first message is not a hello ends with INVALID_ARGUMENT, and nothing is applied."""
+    region = _scratch(target)
+    target.reset()
+    exits = target.exits(open_=False)
+    exits.send_exit(region.base, 4, b"\x5a\x5a\x5a\x5a", seq=1)
+    _expect_refused(exits.stream, grpc.StatusCode.INVALID_ARGUMENT, "an exit sent before any hello", target.timeout)
+    check_exits = target.exits()
+    expect(check_exits.read(region.base, 4) != b"\x5a\x5a\x5a\x5a", "the exit sent without a hello was applied")
+
+
+def _expect_refused(stream: Stream, code: grpc.StatusCode, what: str, timeout: float) -> None:
+    try:
+        response = stream.recv(timeout, "the refusal")
+    except StreamClosed as closed:
+        got = closed.ended.code
+        expect(got == code, f"{what}: the stream ended with {got.name if got else 'OK'} "
+               f"({closed.ended.details}), expected {code.name}")
+        return
+    raise CheckFailed(f"{what} was answered with {short(response)}; expected the stream to end with {code.name}")
+
+
+# ----- accesses -----------------------------------------------------------------------------------------------
+
+@check("access.declared_sizes")
+def access_declared_sizes(target: Target) -> None:
+    """Every access size a scratch region declares reads back what it wrote, aligned and (scratch being RAM)
+    unaligned."""
+    region = _scratch(target)
+    target.reset()
+    exits = target.exits()
+    for n, size in enumerate(sorted(region.access_sizes)):
+        for offset in (0x10 + 0x10 * n, 0x10 + 0x10 * n + 1):
+            data = bytes((0xA0 + n * 8 + i + (offset & 1)) & 0xFF for i in range(size))
+            exits.write(region.base + offset, data)
+            got = exits.read(region.base + offset, size)
+            expect(got == data, f"{size}-byte write of {data.hex()} at {region.base + offset:#x} read back {got.hex()}")
+
+
+@check("access.undeclared_sizes_refused")
+def access_undeclared_sizes_refused(target: Target) -> None:
+    """A read of a size among 1, 2, 4, 8 that a region does not declare is refused (not OK); a length that is
+    none of them, or a write whose data is not `length` bytes, gets BAD_REQUEST."""
+    exits = target.exits()
+    tried = 0
+    for dev, region in target.regions():
+        for size in sorted({1, 2, 4, 8} - set(region.access_sizes)):
+            seq = exits.send_exit(region.base, size)
+            done = exits.completion(seq, f"{dev.name}/{region.name}: {size}-byte read")
+            expect(done.status != OK, f"{dev.name}/{region.name} declares sizes {list(region.access_sizes)} but "
+                   f"a {size}-byte read at {region.base:#x} completed OK")
+            tried += 1
+    region = _scratch(target)
+    seq = exits.send_exit(region.base, 3)
+    done = exits.completion(seq, "a 3-byte read")
+    expect(done.status == BAD_REQUEST, f"a 3-byte read got {status_name(done.status)}, expected BAD_REQUEST")
+    req = device_pb2.ExitStreamRequest(seq=exits.next_seq(), exit=exits.exit_msg(region.base, 4, b"\x01\x02"))
+    done = exits.completion(exits.send(req), "a 4-byte write carrying 2 bytes")
+    expect(done.status == BAD_REQUEST, f"a 4-byte write carrying 2 data bytes got {status_name(done.status)}, "
+           "expected BAD_REQUEST")
+
+
+# ----- sequence numbers ---------------------------------------------------------------------------------------
+
+@check("seq.echo")
+def seq_echo(target: Target) -> None:
+    """Pipelined exits and posted batches are answered once each, in order, each response with its request's
+    seq; nothing more comes before the stream ends."""
+    region = _scratch(target)
+    exits = target.exits()
+    sent = []
+    for n in range(6):
+        if n % 3 == 1:
+            sent.append(exits.send_flush([(region.base + 8 * n, n.to_bytes(4, "little"))]))
+        elif n % 3 == 2:
+            sent.append(exits.send_exit(region.base + 8 * n, 4, n.to_bytes(4, "little")))
+        else:
+            sent.append(exits.send_exit(region.base, 4))
+    got = [exits.recv(f"the response to seq {seq}").seq for seq in sent]
+    expect(got == sent, f"requests {sent} were answered with seqs {got}")
+    exits.stream.close_send()
+    ended = exits.stream.wait_end(target.timeout)
+    expect(ended.code is None, f"the stream ended with {ended.code.name if ended.code else ''} after the last "
+           f"response: {ended.details}")
+
+
+@check("seq.skipped_refused")
+def seq_skipped_refused(target: Target) -> None:
+    """A request that skips a seq gets BAD_REQUEST under its own seq and is not applied; it counts as applied, so
+    numbering goes on from it."""
+    region = _scratch(target)
+    target.reset()
+    exits = target.exits()
+    exits.read(region.base, 4)
+    exits.seq += 1  # skip one
+    seq = exits.send_exit(region.base, 4, b"\x33\x33\x33\x33")
+    done = exits.completion(seq, f"seq {seq} after {seq - 2}")
+    expect(done.status == BAD_REQUEST, f"seq {seq} sent after {seq - 2} got {status_name(done.status)}, expected "
+           "BAD_REQUEST")
+    got = exits.read(region.base, 4)
+    expect(got != b"\x33\x33\x33\x33", "the refused request was applied")
+
+
+@check("seq.resume_no_reapply")
+def seq_resume_no_reapply(target: Target) -> None:
+    """On a new stream of the same session (last_acked 0) the service says resumed and applied 2, and answers a
+    repeat of seq 1 from memory: write A (seq 1), write B (seq 2), resume, re-send seq 1, read: still B."""
+    region = _scratch(target)
+    target.reset()
+    session = new_session_id()
+    first = target.exits(session_id=session)
+    a, b = b"\xaa\x11\xaa\x11", b"\xbb\x22\xbb\x22"
+    seq_a = first.send_exit(region.base, 4, a)
+    seq_b = first.send_exit(region.base, 4, b)
+    first.ok(seq_a, "write A")
+    first.ok(seq_b, "write B")
+    first.stream.cancel()
+    again = target.exits(session_id=session, last_acked=0)
+    w = again.welcome
+    assert w is not None
+    expect(w.resumed, "a new stream of a known session was welcomed with resumed = false")
+    expect(w.applied == seq_b, f"the resumed session says applied {w.applied}, expected {seq_b}")
+    again.ack = 0
+    again.send_exit(region.base, 4, a, seq=seq_a)
+    done = again.completion(seq_a, "the repeat of write A")
+    expect(done.status == OK, f"the repeat of seq {seq_a} got {status_name(done.status)}, expected its kept "
+           "response (OK)")
+    again.seq = seq_b
+    got = again.read(region.base, 4)
+    expect(got == b, f"after the repeat of write A the scratch reads {got.hex()}, expected B {b.hex()}: the repeat "
+           "was applied again" if got == a else f"the scratch reads {got.hex()}, expected {b.hex()}")
+
+
+@check("seq.acked_repeat_refused")
+def seq_acked_repeat_refused(target: Target) -> None:
+    """A repeat of a seq whose response the client acknowledged (last_acked) gets BAD_REQUEST and is not
+    applied."""
+    region = _scratch(target)
+    target.reset()
+    session = new_session_id()
+    first = target.exits(session_id=session)
+    a, b = b"\xa1\xa1\xa1\xa1", b"\xb2\xb2\xb2\xb2"
+    first.write(region.base, a)
+    first.write(region.base, b)
+    first.stream.cancel()
+    again = target.exits(session_id=session, last_acked=2)
+    again.send_exit(region.base, 4, a, seq=1)
+    done = again.completion(1, "the repeat of acknowledged seq 1")
+    expect(done.status == BAD_REQUEST, f"a repeat of acknowledged seq 1 got {status_name(done.status)}, expected "
+           "BAD_REQUEST")
+    again.seq = 2
+    got = again.read(region.base, 4)
+    expect(got == b, f"the scratch reads {got.hex()} after the refused repeat, expected {b.hex()}")
+
+
+# ----- ordering and bad requests ------------------------------------------------------------------------------
+
+@check("order.posted_before_read")
+def order_posted_before_read(target: Target) -> None:
+    """A posted batch (a flush, or the batch an exit carries) is applied, in order, before a later read: three
+    writes to one address then a read return the last one."""
+    region = _scratch(target, prefer_posted=True)
+    target.reset()
+    exits = target.exits()
+    x, y = region.base + 0x20, region.base + 0x28
+    exits.send_flush([(x, v.to_bytes(4, "little")) for v in (0x1111, 0x2222, 0x3333)])
+    seq = exits.send_exit(x, 4)  # pipelined: not waiting for the flush's response
+    exits.recv("the flush's completion")
+    got = int.from_bytes(exits.ok(seq, "the read after the flush").data, "little")
+    expect(got == 0x3333, f"a read after a flushed batch writing 0x1111, 0x2222, 0x3333 returned {got:#x}")
+    seq = exits.send_exit(y, 4, posted=[(y, v.to_bytes(4, "little")) for v in (0x4444, 0x5555)])
+    got = int.from_bytes(exits.ok(seq, "a read carrying a posted batch").data, "little")
+    expect(got == 0x5555, f"a read carrying a posted batch writing 0x4444, 0x5555 returned {got:#x}")
+
+
+@check("status.no_device")
+def status_no_device(target: Target) -> None:
+    """An access where no region is declared gets NO_DEVICE."""
+    address = target.unmapped_address()
+    exits = target.exits()
+    seq = exits.send_exit(address, 4)
+    done = exits.completion(seq, f"a read at unmapped {address:#x}")
+    expect(done.status == NO_DEVICE, f"a read at unmapped {address:#x} got {status_name(done.status)}")
+
+
+@check("status.malformed_posted")
+def status_malformed_posted(target: Target) -> None:
+    """A posted batch whose lengths do not add up to its data gets BAD_REQUEST (as a flush, and inside an exit,
+    whose access is then not performed); a batch with one bad write reports it in posted_errors and applies the
+    rest."""
+    region = _scratch(target)
+    target.reset()
+    exits = target.exits()
+    bad = device_pb2.PostedWrites(address=[region.base], length=[4], data=b"\x01\x02")
+    done = exits.completion(exits.send_flush(bad), "a malformed flush")
+    expect(done.status == BAD_REQUEST, f"a flush with 2 data bytes for a 4-byte write got "
+           f"{status_name(done.status)}")
+    req = device_pb2.ExitStreamRequest(seq=exits.next_seq(), exit=exits.exit_msg(region.base, 4, b"\x77" * 4))
+    req.exit.posted.CopyFrom(bad)
+    done = exits.completion(exits.send(req), "an exit with a malformed batch")
+    expect(done.status == BAD_REQUEST, f"an exit carrying a malformed batch got {status_name(done.status)}")
+    expect(exits.read(region.base, 4) != b"\x77" * 4, "the write carrying a malformed batch was performed")
+    unmapped = target.unmapped_address()
+    done = exits.completion(exits.send_flush([(region.base + 8, b"\x12\x34\x56\x78"), (unmapped, b"\0\0\0\0"),
+                                              (region.base + 12, b"\x9a\xbc\xde\xf0")]), "a flush with a bad write")
+    expect(done.status == OK, f"a flush with one write to an unmapped address got {status_name(done.status)}, "
+           "expected OK with posted_errors")
+    expect([e.index for e in done.posted_errors] == [1],
+           f"posted_errors {[short(e) for e in done.posted_errors]}, expected index 1 only")
+    got = exits.read(region.base + 8, 8)
+    expect(got == bytes.fromhex("123456789abcdef0"), f"the good writes of that batch read back {got.hex()}")
+
+
+@check("status.unexpected_body")
+def status_unexpected_body(target: Target) -> None:
+    """A second hello, or a request with no body, after the handshake gets BAD_REQUEST under its seq, and the
+    stream goes on."""
+    region = _scratch(target)
+    exits = target.exits()
+    hello = exits.hello()
+    hello.seq = exits.next_seq()
+    done = exits.completion(exits.send(hello), "a hello after the handshake")
+    expect(done.status == BAD_REQUEST, f"a hello after the handshake got {status_name(done.status)}")
+    done = exits.completion(exits.send(device_pb2.ExitStreamRequest(seq=exits.next_seq())), "an empty request")
+    expect(done.status == BAD_REQUEST, f"a request with no body got {status_name(done.status)}")
+    exits.read(region.base, 4)
+
+
+# ----- deadlines and Cancel -----------------------------------------------------------------------------------
+
+@check("deadline.cancel_before_start")
+def deadline_cancel_before_start(target: Target) -> None:
+    """A write queued behind a slow access and cancelled before it starts completes CANCELLED and is never
+    performed (needs a scratch device with delay=)."""
+    region = _scratch(target, slow=True)
+    target.reset()
+    exits = target.exits()
+    a, b = b"\x0a\x0a\x0a\x0a", b"\x0b\x0b\x0b\x0b"
+    first = exits.send_exit(region.base, 4, a)
+    second = exits.send_exit(region.base, 4, b)
+    exits.cancel(second)
+    exits.ok(first, "the slow write")
+    done = exits.completion(second, "the cancelled write")
+    expect(done.status == CANCELLED, f"a write cancelled while it waited behind a slow one got "
+           f"{status_name(done.status)}, expected CANCELLED")
+    got = exits.read(region.base, 4)
+    expect(got == a, f"the slow scratch reads {got.hex()}, expected {a.hex()}: the cancelled write was performed")
+
+
+@check("deadline.cancel_after_done")
+def deadline_cancel_after_done(target: Target) -> None:
+    """A Cancel for a request already answered gets no response and changes nothing."""
+    region = _scratch(target)
+    target.reset()
+    exits = target.exits()
+    exits.write(region.base, b"\x0c\x0c\x0c\x0c")
+    exits.cancel(exits.seq)
+    seq = exits.send_exit(region.base, 4)
+    done = exits.ok(seq, "the read after a late Cancel")
+    expect(done.data == b"\x0c\x0c\x0c\x0c", f"the write cancelled after it completed reads {done.data.hex()}")
+
+
+# ----- reset and VM scoping -----------------------------------------------------------------------------------
+
+@check("reset.values")
+def reset_values(target: Target) -> None:
+    """Reset returns devices to their reset values: a scratch reads zero, a PL011's IMSC reads zero."""
+    scratch = _scratch(target)
+    uarts = target.devices("pl011")
+    exits = target.exits()
+    exits.write(scratch.base, b"\xde\xad\xbe\xef")
+    if uarts:
+        exits.write32(_region(uarts[0]).base + UART_IMSC, INT_RX | INT_TX)
+    exits.stream.cancel()
+    target.reset()
+    exits = target.exits()
+    got = exits.read(scratch.base, 4)
+    expect(got == bytes(4), f"a scratch reads {got.hex()} after Reset")
+    if uarts:
+        imsc = exits.read32(_region(uarts[0]).base + UART_IMSC)
+        expect(imsc == 0, f"{uarts[0].name}: IMSC reads {imsc:#x} after Reset")
+
+
+@check("vm.scoping")
+def vm_scoping(target: Target) -> None:
+    """While VM A has a Watch open, Reset (and Console, ReadMirror) naming VM B get FAILED_PRECONDITION and
+    naming A, or no VM, succeed; once B has an ExitStream open too, a Reset naming no VM is refused; once both
+    are gone, it succeeds again."""
+    other = target.vm_id + OTHER_VM_SUFFIX
+    fp = grpc.StatusCode.FAILED_PRECONDITION
+    watch = target.watch()
+    _wait_attached(target, watch)
+    _expect_rpc_error(lambda: target.reset(vm_id=other), fp, "Reset naming another VM while one is attached")
+    uarts = [d for d in target.describe().devices if d.has_console]
+    if uarts:
+        console = target.stream(target.stub.Console, "Console")
+        console.send(device_pb2.ConsoleRequest(device=uarts[0].name, vm_id=other))
+        _expect_refused(console, fp, "a Console naming another VM while one is attached",
+                        target.timeout)
+    romd = [(d, r) for d, r in target.regions() if r.kind == device_pb2.REGION_KIND_ROMD]
+    if romd:
+        d, r = romd[0]
+        _expect_rpc_error(lambda: target.stub.ReadMirror(device_pb2.ReadMirrorRequest(
+            device=d.name, region=r.name, vm_id=other), timeout=target.timeout), fp,
+            "ReadMirror naming another VM while one is attached")
+    target.reset()
+    target.reset(vm_id="")
+    intruder = target.exits(vm_id=other)
+    _expect_rpc_error(lambda: target.reset(vm_id=""), fp, "Reset naming no VM while two are attached")
+    _expect_rpc_error(lambda: target.reset(), fp, "Reset naming VM A while VM B is attached too")
+    intruder.stream.cancel()
+    watch.cancel()
+    deadline = time.monotonic() + target.timeout
+    while True:
+        try:
+            target.reset(vm_id=other)
+            return
+        except grpc.RpcError as exc:
+            if exc.code() != fp or time.monotonic() > deadline:
+                raise CheckFailed(f"Reset naming VM B after VM A left: {exc.code().name} ({exc.details()})") from None
+        time.sleep(0.05)
+
+
+def _wait_attached(target: Target, watch: Stream) -> None:
+    """A Watch is attached once its first response came (a service with neither shadows nor lines sends none:
+    then a moment's wait)."""
+    if watch.poll(min(1.0, target.timeout)) is None and watch.ended is not None:
+        raise CheckFailed(f"the Watch stream ended at once: {watch.ended}")
+
+
+# ----- consoles -----------------------------------------------------------------------------------------------
+
+def _console(target: Target) -> tuple[device_pb2.Device, Stream]:
+    uart = _first(target, "pl011", "the console checks write and read a PL011's data register")
+    expect(uart.has_console, f"{uart.name} is a PL011 but Describe says it has no console")
+    stream = target.stream(target.stub.Console, "Console")
+    stream.send(device_pb2.ConsoleRequest(device=uart.name, vm_id=target.vm_id))
+    return uart, stream
+
+
+@check("console.output")
+def console_output(target: Target) -> None:
+    """Bytes written to a PL011's data register by exits appear, in order, on its Console stream."""
+    uart, console = _console(target)
+    base = _region(uart).base
+    exits = target.exits()
+    marker = b"<conformance %d>" % (time.monotonic_ns() % 100000)
+    for byte in marker:
+        exits.write(base + UART_DR, bytes((byte, 0, 0, 0)))
+    seen = b""
+    deadline = time.monotonic() + target.timeout
+    while marker not in seen:
+        left = deadline - time.monotonic()
+        message = console.poll(max(0.0, left)) if left > 0 else None
+        if message is None:
+            raise CheckFailed(f"{uart.name}: {marker!r} written to DR; the Console carried {seen[-80:]!r}")
+        seen += message.output
+
+
+@check("console.input")
+def console_input(target: Target) -> None:
+    """Input sent on a PL011's Console reaches its RX FIFO: FR.RXFE clears and DR reads the bytes in order (the
+    second once the first was read, the FIFO being one deep after reset)."""
+    uart, console = _console(target)
+    base = _region(uart).base
+    target.reset()
+    exits = target.exits()
+    console.send(device_pb2.ConsoleRequest(input=b"hi"))
+    _wait_rx(exits, base, target.timeout, uart.name)
+    first = exits.read32(base + UART_DR) & 0xFF
+    _wait_rx(exits, base, target.timeout, uart.name)
+    second = exits.read32(base + UART_DR) & 0xFF
+    expect(bytes((first, second)) == b"hi", f"{uart.name}: DR read {bytes((first, second))!r} after input 'hi'")
+
+
+def _wait_rx(exits: ExitClient, base: int, timeout: float, name: str) -> None:
+    deadline = time.monotonic() + timeout
+    while exits.read32(base + UART_FR) & FR_RXFE:
+        if time.monotonic() > deadline:
+            raise CheckFailed(f"{name}: FR.RXFE still set {timeout:g} s after input was sent on the Console")
+        time.sleep(0.01)
+
+
+# ----- interrupt lines and shadows ----------------------------------------------------------------------------
+
+class _WatchLog:
+    """What a Watch stream carried, in order."""
+
+    def __init__(self, target: Target, windows: list[device_pb2.DmaWindow] | None = None) -> None:
+        self.events: list[device_pb2.WatchResponse] = []
+        self.stream = target.watch(windows)
+        self.target = target
+
+    def take(self, want: Callable[[device_pb2.WatchResponse], bool], what: str) -> device_pb2.WatchResponse:
+        deadline = time.monotonic() + self.target.timeout
+        while True:
+            left = deadline - time.monotonic()
+            event = self.stream.poll(left) if left > 0 else None
+            if event is None:
+                raise CheckFailed(f"no {what} on Watch within {self.target.timeout:g} s (it carried: "
+                                  f"{[short(e) for e in self.events][-4:]})")
+            self.events.append(event)
+            if want(event):
+                return event
+
+
+def _declared_lines(target: Target) -> set[tuple[str, int]]:
+    return {(d.name, line.index) for d in target.describe().devices for line in d.lines}
+
+
+def _level(update: device_pb2.LineUpdate, device: str, index: int = 0) -> bool | None:
+    for level in update.levels:
+        if level.device == device and level.index == index:
+            return bool(level.level)
+    return None
+
+
+@check("irq.watch_initial")
+def irq_watch_initial(target: Target) -> None:
+    """A Watch first carries the current value of every declared shadow register, then the level of every
+    declared line, before any change."""
+    lines = _declared_lines(target)
+    shadows = {(d.name, r.name, w.offset): w.size for d, r in target.regions() for w in r.shadows}
+    if not lines and not shadows:
+        raise CheckSkipped("no interrupt lines or shadow registers declared")
+    log = _WatchLog(target)
+    if shadows:
+        first = log.take(lambda e: True, "first event")
+        expect(first.WhichOneof("event") == "shadow", f"the first Watch event is {short(first)}, expected every "
+               "shadow register's value")
+        got = {(v.device, v.region, v.offset): len(v.data) for v in first.shadow.values}
+        expect(got == shadows, f"the first shadow update covers {sorted(got)}, declared {sorted(shadows)}"
+               if set(got) != set(shadows) else f"shadow value sizes {got}, declared {shadows}")
+    if lines:
+        event = log.take(lambda e: e.WhichOneof("event") == "lines", "line levels")
+        expect(all(e.WhichOneof("event") == "shadow" for e in log.events[:-1]),
+               "events other than shadow values came before the first line levels")
+        got_lines = {(lv.device, lv.index) for lv in event.lines.levels}
+        expect(got_lines == lines, f"the first line update covers {sorted(got_lines)}, declared {sorted(lines)}")
+
+
+@check("irq.on_completion")
+def irq_on_completion(target: Target) -> None:
+    """A line change an access causes travels on that access's Completion: a PL011 with TXIM set raises
+    UARTINTR on a DR write and lowers it on an ICR write, with increasing generations."""
+    uart = _first(target, "pl011", "its TX interrupt is raised by a DR write")
+    base = _region(uart).base
+    target.reset()
+    exits = target.exits()
+    exits.write32(base + UART_IMSC, INT_TX)
+    raised = exits.write32(base + UART_DR, 0x2E)
+    expect(raised.HasField("lines") and _level(raised.lines, uart.name) is True,
+           f"{uart.name}: a DR write with TXIM set completed without raising line 0: {short(raised)}")
+    lowered = exits.write32(base + UART_ICR, INT_TX)
+    expect(lowered.HasField("lines") and _level(lowered.lines, uart.name) is False,
+           f"{uart.name}: an ICR write clearing TX completed without lowering line 0: {short(lowered)}")
+    expect(lowered.lines.generation > raised.lines.generation > 0,
+           f"line generations {raised.lines.generation} then {lowered.lines.generation} do not increase")
+
+
+@check("irq.on_watch")
+def irq_on_watch(target: Target) -> None:
+    """A line change with no access (Console input into a PL011 with RXIM set) is on Watch, with a generation
+    above the initial levels'; reading DR then lowers it on that read's Completion, newer still."""
+    uart = _first(target, "pl011", "its RX interrupt is raised by Console input")
+    base = _region(uart).base
+    target.reset()
+    exits = target.exits()
+    exits.write32(base + UART_IMSC, INT_RX | INT_RT)
+    log = _WatchLog(target)
+    initial = log.take(lambda e: e.WhichOneof("event") == "lines", "initial line levels")
+    expect(_level(initial.lines, uart.name) is False, f"{uart.name}: line 0 is high after reset with no input")
+    console = target.stream(target.stub.Console, "Console")
+    console.send(device_pb2.ConsoleRequest(device=uart.name, vm_id=target.vm_id, input=b"!"))
+    raised = log.take(lambda e: e.WhichOneof("event") == "lines" and _level(e.lines, uart.name) is not None,
+                      f"{uart.name} line change after Console input").lines
+    expect(_level(raised, uart.name) is True, f"{uart.name}: Console input with RXIM set sent {short(raised)}")
+    expect(raised.generation > initial.lines.generation,
+           f"generation {raised.generation} of the raise is not above the initial {initial.lines.generation}")
+    done = exits.ok(exits.send_exit(base + UART_DR, 4), "the DR read")
+    expect(done.HasField("lines") and _level(done.lines, uart.name) is False,
+           f"{uart.name}: reading the only received byte did not lower line 0 on its completion: {short(done)}")
+    expect(done.lines.generation > raised.generation,
+           f"generation {done.lines.generation} of the lowering is not above {raised.generation}")
+
+
+@check("shadow.updates")
+def shadow_updates(target: Target) -> None:
+    """A completion that changed a shadow register carries its new value; a change with no access (Console input
+    changing a PL011's FR) is on Watch with a higher generation."""
+    uart = _first(target, "pl011", "its FR and IMSC are shadow registers")
+    region = _region(uart)
+    offsets = {w.offset for w in region.shadows}
+    if UART_FR not in offsets or UART_IMSC not in offsets:
+        raise CheckSkipped(f"{uart.name} declares no shadow windows at FR and IMSC")
+    target.reset()
+    exits = target.exits()
+    done = exits.write32(region.base + UART_IMSC, INT_RX)
+    values = {v.offset: v.data for v in done.shadow.values if v.device == uart.name}
+    expect(values.get(UART_IMSC) == INT_RX.to_bytes(4, "little"),
+           f"{uart.name}: the IMSC write's completion carries shadow values {values}, expected IMSC = {INT_RX:#x}")
+    log = _WatchLog(target)
+    first = log.take(lambda e: e.WhichOneof("event") == "shadow", "initial shadow values").shadow
+    console = target.stream(target.stub.Console, "Console")
+    console.send(device_pb2.ConsoleRequest(device=uart.name, vm_id=target.vm_id, input=b"?"))
+
+    def fr_changed(e: device_pb2.WatchResponse) -> bool:
+        return e.WhichOneof("event") == "shadow" and any(
+            v.device == uart.name and v.offset == UART_FR for v in e.shadow.values)
+
+    update = log.take(fr_changed, f"{uart.name} FR update after Console input").shadow
+    fr = next(int.from_bytes(v.data, "little") for v in update.values if v.device == uart.name and v.offset == UART_FR)
+    expect(not fr & FR_RXFE, f"{uart.name}: FR {fr:#x} on Watch after input still says RX FIFO empty")
+    expect(update.generation > first.generation,
+           f"shadow generation {update.generation} after input is not above {first.generation}")
+    exits.read32(region.base + UART_DR)  # leave the FIFO empty
+
+
+# ----- DMA ----------------------------------------------------------------------------------------------------
+
+class _GuestMemory:
+    """The vcpu service's side of DMA: one window of memory; requests outside it are refused and remembered."""
+
+    def __init__(self, window: device_pb2.DmaWindow) -> None:
+        self.window = window
+        self.memory = bytearray(window.size)
+        self.requests: list[device_pb2.DmaRequest] = []
+        self.outside: list[device_pb2.DmaRequest] = []
+        self.stream: Stream | None = None
+
+    def inside(self, address: int, length: int) -> bool:
+        return self.window.base <= address and address + length <= self.window.base + self.window.size
+
+    def on_message(self, message: device_pb2.WatchResponse) -> bool:
+        if message.WhichOneof("event") != "dma":
+            return False
+        req = message.dma
+        self.requests.append(req)
+        write = req.direction == device_pb2.DMA_DIRECTION_WRITE
+        length = len(req.data) if write else req.length
+        result = device_pb2.DmaResult(id=req.id)
+        if not self.inside(req.address, length) or length == 0:
+            self.outside.append(req)
+            result.error = (f"{req.device}: DMA of {length} bytes at {req.address:#x} is outside window "
+                            f"{self.window.name} {self.window.base:#x}+{self.window.size:#x}")
+        elif write:
+            offset = req.address - self.window.base
+            self.memory[offset:offset + length] = req.data
+        else:
+            offset = req.address - self.window.base
+            result.data = bytes(self.memory[offset:offset + length])
+        assert self.stream is not None
+        self.stream.send(device_pb2.WatchRequest(dma_result=result))
+        return True
+
+
+def _dma_setup(target: Target) -> tuple[int, _GuestMemory, ExitClient]:
+    dev = _first(target, "dma-probe", "the DMA checks program its transfers")
+    target.reset()
+    memory = _GuestMemory(DMA_WINDOW)
+    memory.stream = target.watch([DMA_WINDOW], on_message=memory.on_message)
+    _wait_attached(target, memory.stream)
+    return _region(dev).base, memory, target.exits()
+
+
+def _dma_run(exits: ExitClient, base: int, address: int, length: int, command: int) -> int:
+    exits.write32(base + DMA_ADDR_LO, address & 0xFFFF_FFFF)
+    exits.write32(base + DMA_ADDR_HI, address >> 32)
+    exits.write32(base + DMA_LEN, length)
+    exits.write32(base + DMA_CMD, command)
+    status = exits.read32(base + DMA_STATUS)
+    exits.write32(base + DMA_DONE, 1)
+    return status
+
+
+@check("dma.inside_window")
+def dma_inside_window(target: Target) -> None:
+    """A dma-probe transfer programmed inside the granted window asks exactly for it (address, length, data),
+    never outside the window, and succeeds both ways: a write stores the buffer, a read fills it."""
+    base, memory, exits = _dma_setup(target)
+    pattern = bytes(range(0x40, 0x50))
+    for i in range(0, 16, 4):
+        exits.write(base + DMA_BUF + i, pattern[i:i + 4])
+    address = DMA_WINDOW.base + 0x20
+    status = _dma_run(exits, base, address, 16, DMA_CMD_WRITE)
+    expect(not memory.outside, f"the device asked outside the granted window: {[short(r) for r in memory.outside]}")
+    writes = [r for r in memory.requests if r.direction == device_pb2.DMA_DIRECTION_WRITE]
+    expect(len(writes) == 1 and writes[0].address == address and writes[0].data == pattern,
+           f"a 16-byte DMA write to {address:#x} was asked as {[short(r) for r in memory.requests]}")
+    expect(status == DMA_STATUS_DONE, f"STATUS {status} after a DMA write inside the window")
+    expect(memory.memory[0x20:0x30] == pattern, "guest memory does not hold the written pattern")
+    memory.memory[0x80:0x90] = bytes(range(0x90, 0xA0))
+    status = _dma_run(exits, base, DMA_WINDOW.base + 0x80, 16, DMA_CMD_READ)
+    expect(not memory.outside, f"the device asked outside the granted window: {[short(r) for r in memory.outside]}")
+    expect(status == DMA_STATUS_DONE, f"STATUS {status} after a DMA read inside the window")
+    got = exits.read(base + DMA_BUF, 8) + exits.read(base + DMA_BUF + 8, 8)
+    expect(got == bytes(range(0x90, 0xA0)), f"the buffer holds {got.hex()} after a DMA read")
+
+
+@check("dma.outside_refused")
+def dma_outside_refused(target: Target) -> None:
+    """A dma-probe transfer programmed outside the granted window fails (STATUS says error) and leaves guest
+    memory alone, whether the device asked and was refused or did not ask."""
+    base, memory, exits = _dma_setup(target)
+    outside = DMA_WINDOW.base + DMA_WINDOW.size + 0x100
+    status = _dma_run(exits, base, outside, 16, DMA_CMD_WRITE)
+    expect(status == DMA_STATUS_ERROR, f"STATUS {status} after a DMA write outside the window, expected "
+           f"{DMA_STATUS_ERROR} (error)")
+    expect(memory.memory == bytes(DMA_WINDOW.size), "guest memory changed")
+    status = _dma_run(exits, base, DMA_WINDOW.base + DMA_WINDOW.size - 8, 16, DMA_CMD_READ)
+    expect(status == DMA_STATUS_ERROR, f"STATUS {status} after a DMA read straddling the window's end")
+
+
+# ----- ROMD mirrors -------------------------------------------------------------------------------------------
+
+def _read_mirror(target: Target, device: str, region: device_pb2.Region) -> tuple[_Sparse, bool]:
+    chunks = list(target.stub.ReadMirror(device_pb2.ReadMirrorRequest(device=device, region=region.name,
+                                                                      vm_id=target.vm_id), timeout=target.timeout))
+    expect(bool(chunks) and chunks[0].offset == 0, f"{device}/{region.name}: ReadMirror's first chunk is not at "
+           f"offset 0 ({len(chunks)} chunks)")
+    last = -1
+    contents: dict[int, bytes] = {}
+    for c in chunks:
+        expect(c.offset > last, f"{device}/{region.name}: chunk offsets do not increase ({c.offset} after {last})")
+        expect(c.offset + len(c.data) <= region.size, f"{device}/{region.name}: a chunk passes the region's end")
+        last = c.offset
+        contents[c.offset] = c.data
+    return _Sparse(contents), bool(chunks[0].mirror_enabled)
+
+
+class _Sparse:
+    """A mirror as ReadMirror sends it: chunks, zero elsewhere."""
+
+    def __init__(self, chunks: dict[int, bytes]) -> None:
+        self.chunks = chunks
+
+    def get(self, offset: int, length: int) -> bytes:
+        out = bytearray(length)
+        for start, data in self.chunks.items():
+            lo, hi = max(start, offset), min(start + len(data), offset + length)
+            if lo < hi:
+                out[lo - offset:hi - offset] = data[lo - start:hi - start]
+        return bytes(out)
+
+
+@check("mirror.romd")
+def mirror_romd(target: Target) -> None:
+    """ReadMirror of every ROMD region sends increasing chunks inside it, the first at offset 0 in mirror mode
+    after Reset, and an unknown region is NOT_FOUND; on a pflash, a program sequence's completions switch the
+    mirror off, then on with the programmed bytes, which ReadMirror then returns."""
+    romd = [(d, r) for d, r in target.regions() if r.kind == device_pb2.REGION_KIND_ROMD]
+    if not romd:
+        raise CheckSkipped("no ROMD region declared")
+    target.reset()
+    for dev, region in romd:
+        _, enabled = _read_mirror(target, dev.name, region)
+        expect(enabled, f"{dev.name}/{region.name}: not in mirror mode after Reset")
+    dev, region = romd[0]
+    _expect_rpc_error(lambda: target.stub.ReadMirror(device_pb2.ReadMirrorRequest(
+        device=dev.name, region=region.name + "-nonexistent", vm_id=target.vm_id), timeout=target.timeout),
+        grpc.StatusCode.NOT_FOUND, "ReadMirror of an undeclared region")
+    flashes = [(d, r) for d, r in romd if d.type == "pflash"]
+    if not flashes:
+        return
+    dev, region = flashes[0]
+    offset = region.size - 0x1000
+    mirror, _ = _read_mirror(target, dev.name, region)
+    old = mirror.get(offset, 4)
+    value = bytes(b ^ 0x5A for b in old)
+    exits = target.exits()
+    updates = list(exits.write32(region.base + offset, 0x0040_0040).mirror_updates)
+    expect(any(u.device == dev.name and u.region == region.name and not u.mirror_enabled for u in updates),
+           f"{dev.name}: the program command's completion did not switch the mirror off: {updates}")
+    programmed = list(exits.write(region.base + offset, value).mirror_updates)
+    back = list(exits.write32(region.base + offset, 0x00FF_00FF).mirror_updates)
+    on = [u for u in back if u.device == dev.name and u.region == region.name and u.mirror_enabled]
+    expect(bool(on), f"{dev.name}: read-array's completion did not switch the mirror on: {back}")
+    patched = _Sparse({p.offset: p.data for u in updates + programmed + back for p in u.patches})
+    expect(patched.get(offset, 4) == value, f"{dev.name}: the mirror patches do not carry the programmed "
+           f"{value.hex()} at {offset:#x}")
+    mirror, enabled = _read_mirror(target, dev.name, region)
+    got = mirror.get(offset, 4)
+    expect(enabled and got == value, f"{dev.name}: ReadMirror gives {got.hex()} (mirror mode {enabled}) at "
+           f"{offset:#x} after programming {value.hex()}")
+
+
+# ----- health and limits --------------------------------------------------------------------------------------
+
+@check("health.serving")
+def health_serving(target: Target) -> None:
+    """grpc.health.v1 says SERVING for the server ("") and for mmiosplit.v1.DeviceService."""
+    stub = health_pb2_grpc.HealthStub(target.channel)
+    for service in ("", "mmiosplit.v1.DeviceService"):
+        status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=target.timeout).status
+        expect(status == health_pb2.HealthCheckResponse.SERVING,
+               f"health of {service or 'the server'!r}: {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}")
+
+
+#: The size of the oversized message; the runner sets it from --max-message.
+MAX_MESSAGE = [DEFAULT_MAX_MESSAGE]
+
+
+@check("limits.oversized_message")
+def limits_oversized_message(target: Target) -> None:
+    """A message one byte over the service's receive limit (256 MiB unless --max-message says otherwise) gets
+    RESOURCE_EXHAUSTED, and the service still answers Describe afterwards."""
+    size = MAX_MESSAGE[0] + 1
+    # An unknown field (number 15, length-delimited) that DescribeRequest skips: only the size matters.
+    header = bytes([15 << 3 | 2])
+    n, varint = size, bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        varint.append(byte | (0x80 if n else 0))
+        if not n:
+            break
+    payload = header + bytes(varint) + bytes(size - 1 - len(varint))
+    with security.channel(target.address, options=channel_options(len(payload) + 1024)) as channel:
+        describe = channel.unary_unary("/mmiosplit.v1.DeviceService/Describe", request_serializer=lambda b: b,
+                                       response_deserializer=device_pb2.DescribeResponse.FromString)
+        try:
+            describe(payload, timeout=max(target.timeout, 30.0))
+        except grpc.RpcError as exc:
+            expect(exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED,
+                   f"a {len(payload)}-byte request got {exc.code().name} ({exc.details()}), expected "
+                   "RESOURCE_EXHAUSTED")
+        else:
+            raise CheckFailed(f"a {len(payload)}-byte request was accepted; the limit is larger than --max-message "
+                              f"{MAX_MESSAGE[0]}")
+    del payload
+    target.stub.Describe(device_pb2.DescribeRequest(), timeout=target.timeout)
+
+
+def names() -> list[str]:
+    return [c.name for c in CHECKS]
+
