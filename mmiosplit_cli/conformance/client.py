@@ -96,7 +96,7 @@ class Stream:
         try:
             item = self._responses.get(timeout=timeout)
         except queue.Empty:
-            raise CheckFailed(f"{self.what}: no {what} within {timeout:g} s") from None
+            raise CheckFailed(f"{self.what}: nothing within {timeout:g} s while waiting for {what}") from None
         if isinstance(item, StreamEnded):
             self._responses.put(item)  # every later recv sees the end too
             raise StreamClosed(f"{self.what}: waiting for {what}", item)

@@ -187,7 +187,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     c.set_defaults(func=cmd_conformance)
 
 
-def cmd_conformance(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def cmd_conformance(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Print a line per check as it finishes, then a summary; exit 1 on any FAIL, 2 when nothing could run."""
+    out = sys.stdout if out is None else out
     if args.list:
         for check in checks.CHECKS:
             print(f"{check.name}\n    {check.doc}", file=out)
