@@ -502,14 +502,16 @@ def vm_scoping(target: Target) -> None:
     _expect_rpc_error(lambda: target.reset(), fp, "Reset naming VM A while VM B is attached too")
     intruder.stream.cancel()
     watch.cancel()
+    # Both left: once a Reset naming A and one naming B both succeed, neither is attached any more.
     deadline = time.monotonic() + target.timeout
     while True:
         try:
             target.reset(vm_id=other)
+            target.reset()
             return
         except grpc.RpcError as exc:
             if exc.code() != fp or time.monotonic() > deadline:
-                raise CheckFailed(f"Reset naming VM B after VM A left: {exc.code().name} ({exc.details()})") from None
+                raise CheckFailed(f"Reset after both VMs left: {exc.code().name} ({exc.details()})") from None
         time.sleep(0.05)
 
 

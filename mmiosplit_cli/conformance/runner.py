@@ -172,7 +172,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     """The ``conformance`` subcommand."""
     c = sub.add_parser("conformance", help="check a running device service against the device protocol over gRPC "
                        "(no guest, no vcpu service); see docs/conformance.md")
-    c.add_argument("address", type=address_type, help="unix:PATH or HOST:PORT of the device service")
+    c.add_argument("address", type=address_type, nargs="?", help="unix:PATH or HOST:PORT of the device service")
     c.add_argument("--json", metavar="FILE", help="also write every check's status and reason to FILE")
     c.add_argument("--only", nargs="+", metavar="CHECK", default=[],
                    help="run only these checks (a name, or a group such as seq or irq)")
@@ -194,6 +194,10 @@ def cmd_conformance(args: argparse.Namespace, out: TextIO | None = None) -> int:
         for check in checks.CHECKS:
             print(f"{check.name}\n    {check.doc}", file=out)
         return 0
+    if args.address is None:
+        print("mmiosplit conformance: give the ADDR of a device service (unix:PATH or HOST:PORT), or --list",
+              file=sys.stderr)
+        return EXIT_UNUSABLE
 
     results: list[Result] = []
 

@@ -27,12 +27,13 @@ DEVICES = [
 
 
 @contextlib.contextmanager
-def device_service(mutant: str | None = None, devices: Sequence[str] = DEVICES,
+def device_service(mutant: str | None = None, devices: Sequence[str] = DEVICES, extra: Sequence[str] = (),
                    startup_s: float = 30.0) -> Iterator[str]:
-    """A device service on a UNIX socket (``mutant``: with that bug planted); yields its address and stops it."""
+    """A device service on a UNIX socket (``mutant``: with that bug planted; ``extra``: more serve-devices flags);
+    yields its address and stops it."""
     with tempfile.TemporaryDirectory(prefix="conformance-") as tmp:
         address = f"unix:{tmp}/devices.sock"
-        args = ["serve-devices", "--listen", address, *(a for d in devices for a in ("--device", d))]
+        args = ["serve-devices", "--listen", address, *(a for d in devices for a in ("--device", d)), *extra]
         module = ["-m", "tests.conformance.mutant_service", mutant] if mutant else ["-m", "mmiosplit_cli"]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         log = Path(tmp) / "service.log"

@@ -17,7 +17,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from mmiosplit.v1 import device_pb2, device_pb2_grpc
 from mmiosplit.wire import PROTOCOL_VERSION
 from mmiosplit_cli.cli import main
-from mmiosplit_cli.conformance import run_suite
+from mmiosplit_cli.conformance import CHECKS, run_suite
+from tests.conformance.services import device_service
 
 pytestmark = pytest.mark.integration
 
@@ -140,3 +141,23 @@ def test_a_service_that_hangs_after_describe_fails_each_check_in_bounded_time(tm
     assert welcome.reason == "ExitStream: nothing within 0.5 s while waiting for the welcome"
     reset = next(r for r in results if r.name == "reset.values")
     assert reset.reason.startswith("ExitStream: nothing within") or reset.reason.startswith("DEADLINE_EXCEEDED"), reset
+
+
+def test_the_credential_flags_apply(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    token = tmp_path / "token"
+    token.write_text("conformance-token-0123456789abcdef\n")
+    token.chmod(0o600)
+    with device_service(devices=["scratch@0x0a000000,name=scratch0"], extra=["--token-file", str(token)]) as address:
+        assert main(["conformance", address, "--timeout", "2", "--only", "seq.echo"]) == 2
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
+        assert main(["conformance", address, "--timeout", "2", "--only", "seq.echo", "limits",
+                     "--token-file", str(token)]) == 0
+    assert "PASS seq.echo\nPASS limits.oversized_message\n" in capsys.readouterr().out
+
+
+def test_list_names_every_check_without_an_address(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["conformance", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"{c.name}\n    {c.doc}" in out for c in CHECKS)
+    assert main(["conformance"]) == 2
+    assert "give the ADDR" in capsys.readouterr().err
