@@ -271,9 +271,11 @@ def seq_echo(target: Target) -> None:
     got = [exits.recv(f"the response to seq {seq}").seq for seq in sent]
     expect(got == sent, f"requests {sent} were answered with seqs {got}")
     exits.stream.close_send()
-    ended = exits.stream.wait_end(target.timeout)
-    expect(ended.code is None, f"the stream ended with {ended.code.name if ended.code else ''} after the last "
-           f"response: {ended.details}")
+    extra = exits.stream.poll(min(target.timeout, 0.5))
+    expect(extra is None, f"a response after the last request's: {short(extra)}")
+    ended = exits.stream.ended
+    expect(ended is None or ended.code is None, f"after its last response the stream ended with "
+           f"{ended.code.name if ended and ended.code else ''}: {ended.details if ended else ''}")
 
 
 @check("seq.skipped_refused")
@@ -343,6 +345,25 @@ def seq_acked_repeat_refused(target: Target) -> None:
     again.seq = 2
     got = again.read(region.base, 4)
     expect(got == b, f"the scratch reads {got.hex()} after the refused repeat, expected {b.hex()}")
+
+
+@check("seq.sessionless")
+def seq_sessionless(target: Target) -> None:
+    """Without a session id nothing is kept: each stream numbers from 1 again (its seq 1 is applied, not taken for a
+    repeat), and a hello naming an unknown session, even with last_acked, is welcomed not resumed, applied 0."""
+    region = _scratch(target)
+    target.reset()
+    for value in (b"\x51\x51\x51\x51", b"\x52\x52\x52\x52"):
+        exits = target.exits()
+        exits.write(region.base, value)
+        got = exits.read(region.base, 4)
+        expect(got == value, f"a second session-less stream's seq 1 write of {value.hex()} reads back {got.hex()}")
+        exits.stream.cancel()
+    unknown = target.exits(session_id=new_session_id(), last_acked=5)
+    w = unknown.welcome
+    assert w is not None
+    expect(not w.resumed and w.applied == 0, f"a hello naming an unknown session with last_acked 5 was welcomed "
+           f"resumed={w.resumed} applied={w.applied}")
 
 
 # ----- ordering and bad requests ------------------------------------------------------------------------------
@@ -567,6 +588,16 @@ def console_input(target: Target) -> None:
     expect(bytes((first, second)) == b"hi", f"{uart.name}: DR read {bytes((first, second))!r} after input 'hi'")
 
 
+@check("console.unknown_device")
+def console_unknown_device(target: Target) -> None:
+    """A Console naming a device that has no console ends with NOT_FOUND."""
+    names = {d.name for d in target.describe().devices}
+    name = next(n for n in (f"no-such-uart{i}" for i in range(len(names) + 1)) if n not in names)
+    console = target.stream(target.stub.Console, "Console")
+    console.send(device_pb2.ConsoleRequest(device=name, vm_id=target.vm_id))
+    _expect_refused(console, grpc.StatusCode.NOT_FOUND, f"a Console naming device {name!r}", target.timeout)
+
+
 def _wait_rx(exits: ExitClient, base: int, timeout: float, name: str) -> None:
     deadline = time.monotonic() + timeout
     while exits.read32(base + UART_FR) & FR_RXFE:
@@ -611,26 +642,29 @@ def _level(update: device_pb2.LineUpdate, device: str, index: int = 0) -> bool |
 
 @check("irq.watch_initial")
 def irq_watch_initial(target: Target) -> None:
-    """A Watch first carries the current value of every declared shadow register, then the level of every
-    declared line, before any change."""
+    """A Watch first carries the current value of every declared shadow register (in one or more shadow updates,
+    each value at its register's size), then the level of every declared line, before anything else."""
     lines = _declared_lines(target)
     shadows = {(d.name, r.name, w.offset): w.size for d, r in target.regions() for w in r.shadows}
     if not lines and not shadows:
         raise CheckSkipped("no interrupt lines or shadow registers declared")
     log = _WatchLog(target)
-    if shadows:
-        first = log.take(lambda e: True, "first event")
-        expect(first.WhichOneof("event") == "shadow", f"the first Watch event is {short(first)}, expected every "
-               "shadow register's value")
-        got = {(v.device, v.region, v.offset): len(v.data) for v in first.shadow.values}
-        expect(got == shadows, f"the first shadow update covers {sorted(got)}, declared {sorted(shadows)}"
-               if set(got) != set(shadows) else f"shadow value sizes {got}, declared {shadows}")
-    if lines:
-        event = log.take(lambda e: e.WhichOneof("event") == "lines", "line levels")
-        expect(all(e.WhichOneof("event") == "shadow" for e in log.events[:-1]),
-               "events other than shadow values came before the first line levels")
-        got_lines = {(lv.device, lv.index) for lv in event.lines.levels}
-        expect(got_lines == lines, f"the first line update covers {sorted(got_lines)}, declared {sorted(lines)}")
+    seen: dict[tuple[str, str, int], int] = {}
+    while set(seen) != set(shadows):
+        event = log.take(lambda e: True, "initial shadow values")
+        expect(event.WhichOneof("event") == "shadow", f"Watch sent {short(event)} before the value of every shadow "
+               f"register (missing: {sorted(set(shadows) - set(seen))})")
+        for v in event.shadow.values:
+            seen[(v.device, v.region, v.offset)] = len(v.data)
+        expect(set(seen) <= set(shadows), f"shadow values for undeclared registers: {sorted(set(seen) - set(shadows))}")
+    expect(seen == shadows, f"shadow value sizes {seen}, declared {shadows}")
+    levels: set[tuple[str, int]] = set()
+    while levels != lines:
+        event = log.take(lambda e: True, "initial line levels")
+        expect(event.WhichOneof("event") == "lines", f"Watch sent {short(event)} before the level of every line "
+               f"(missing: {sorted(lines - levels)})")
+        levels |= {(lv.device, lv.index) for lv in event.lines.levels}
+        expect(levels <= lines, f"levels for undeclared lines: {sorted(levels - lines)}")
 
 
 @check("irq.on_completion")

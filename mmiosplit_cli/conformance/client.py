@@ -113,17 +113,6 @@ class Stream:
             return None
         return item
 
-    def wait_end(self, timeout: float) -> StreamEnded:
-        """How the stream ended; CheckFailed when it goes on past ``timeout`` (any response meanwhile fails)."""
-        try:
-            item = self._responses.get(timeout=timeout)
-        except queue.Empty:
-            raise CheckFailed(f"{self.what}: the stream did not end within {timeout:g} s") from None
-        if not isinstance(item, StreamEnded):
-            raise CheckFailed(f"{self.what}: expected the stream to end, got another message: {_short(item)}")
-        self._responses.put(item)
-        return item
-
     def cancel(self) -> None:
         self.close_send()
         self.call.cancel()
