@@ -50,6 +50,15 @@ def test_the_builtin_service_scopes_control_rpcs_to_the_attached_vm(builtin: str
     assert _by_status(run_suite(builtin, only=["vm.scoping"], timeout=5.0), "FAIL") == {}
 
 
+def test_vm_scoping_passes_on_a_service_that_scopes_its_control_rpcs() -> None:
+    """The check itself, against a sketch of the scoping the proto asks for (``mutant_service.vm_scoped``): it
+    passes there, and nothing else breaks."""
+    with device_service("vm_scoped") as address:
+        results = run_suite(address, timeout=5.0)
+    assert _by_status(results, "FAIL") == {}
+    assert _by_status(results, "SKIP") == {}
+
+
 @pytest.mark.parametrize("mutant", sorted(MUTANTS))
 def test_each_mutant_fails_the_check_named_for_its_bug(mutant: str) -> None:
     with device_service(mutant) as address:
