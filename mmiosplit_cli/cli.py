@@ -20,7 +20,7 @@ from mmiosplit import security
 from mmiosplit.address import address_argument, parse_address
 from mmiosplit.v1 import common_pb2, vcpu_pb2
 from mmiosplit.wire import event_kind_name as kind_name
-from mmiosplit_cli.conformance.runner import add_parser as add_conformance_parser
+from mmiosplit_cli.conformance.command import add_parser as add_conformance_parser
 from mmiosplit_cli.demo import run_demo
 from mmiosplit_cli.envconfig import parse_with_environment
 from mmiosplit_cli.launcher import LaunchError, check_health, local_services

@@ -32,6 +32,7 @@ from mmiosplit_cli.conformance.client import (
     short,
     status_name,
 )
+from mmiosplit_cli.conformance.command import DEFAULT_MAX_MESSAGE
 
 OK = device_pb2.COMPLETION_STATUS_OK
 BAD_REQUEST = device_pb2.COMPLETION_STATUS_BAD_REQUEST
@@ -55,8 +56,6 @@ DMA_WINDOW = device_pb2.DmaWindow(name="conformance", base=0x4000_0000, size=0x1
 MIN_SLOW_US = 50_000
 #: The other VM the scoping check plays.
 OTHER_VM_SUFFIX = "-other"
-#: The project's gRPC message limit (mmiosplit.wire.GRPC_OPTIONS): the default size of the oversized message.
-DEFAULT_MAX_MESSAGE = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -946,7 +945,7 @@ def limits_oversized_message(target: Target) -> None:
         describe = channel.unary_unary("/mmiosplit.v1.DeviceService/Describe", request_serializer=lambda b: b,
                                        response_deserializer=device_pb2.DescribeResponse.FromString)
         try:
-            describe(payload, timeout=max(target.timeout, 30.0))
+            describe(payload, timeout=target.timeout * 3)
         except grpc.RpcError as exc:
             expect(exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED,
                    f"a {len(payload)}-byte request got {exc.code().name} ({exc.details()}), expected "

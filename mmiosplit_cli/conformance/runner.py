@@ -19,13 +19,11 @@ from typing import TextIO
 
 import grpc
 
-from mmiosplit import security
 from mmiosplit.v1 import device_pb2
 from mmiosplit_cli.conformance import checks
 from mmiosplit_cli.conformance.client import CheckFailed, CheckSkipped, Target
+from mmiosplit_cli.conformance.command import CHECK_BUDGET, DEFAULT_MAX_MESSAGE
 
-#: A check's whole run may take this many times --timeout (it waits several times).
-CHECK_BUDGET = 4
 EXIT_FAILED = 1
 EXIT_UNUSABLE = 2
 
@@ -96,7 +94,7 @@ def _run_one(target: Target, check: checks.Check) -> Result:
 
 
 def run_suite(address: str, only: Sequence[str] = (), timeout: float = 5.0,
-              vm_id: str = "mmiosplit-conformance", max_message: int = checks.DEFAULT_MAX_MESSAGE,
+              vm_id: str = "mmiosplit-conformance", max_message: int = DEFAULT_MAX_MESSAGE,
               report: Callable[[Result], None] | None = None) -> list[Result]:
     """Run the checks named in ``only`` (all when empty) against the device service at ``address``, over a
     channel with this process's credentials; ``report`` hears each result as it comes. Raises Unusable when
@@ -145,46 +143,6 @@ def write_json(path: str, address: str, results: Sequence[Result], error: str = 
 
 def _doc(name: str) -> str:
     return next((c.doc for c in checks.CHECKS if c.name == name), "")
-
-
-def _size(text: str) -> int:
-    try:
-        value = int(text.replace("_", ""), 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of bytes") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return value
-
-
-def _timeout(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value <= 600:
-        raise argparse.ArgumentTypeError("must be more than 0 and at most 600 seconds")
-    return value
-
-
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
-               address_type: Callable[[str], object]) -> None:
-    """The ``conformance`` subcommand."""
-    c = sub.add_parser("conformance", help="check a running device service against the device protocol over gRPC "
-                       "(no guest, no vcpu service); see docs/conformance.md")
-    c.add_argument("address", type=address_type, nargs="?", help="unix:PATH or HOST:PORT of the device service")
-    c.add_argument("--json", metavar="FILE", help="also write every check's status and reason to FILE")
-    c.add_argument("--only", nargs="+", metavar="CHECK", default=[],
-                   help="run only these checks (a name, or a group such as seq or irq)")
-    c.add_argument("--timeout", type=_timeout, default=5.0, metavar="S",
-                   help=f"how long each wait may take (default 5); a check may take {CHECK_BUDGET} times that")
-    c.add_argument("--vm-id", default="mmiosplit-conformance",
-                   help="the VM the suite acts as (vm.scoping also plays VM-ID-other)")
-    c.add_argument("--max-message", type=_size, default=checks.DEFAULT_MAX_MESSAGE, metavar="BYTES",
-                   help="the service's receive limit: limits.oversized_message sends one byte more (default 256 MiB)")
-    c.add_argument("--list", action="store_true", help="list the checks and what each asserts, and exit")
-    security.add_arguments(c, serving=False)
-    c.set_defaults(func=cmd_conformance)
 
 
 def cmd_conformance(args: argparse.Namespace, out: TextIO | None = None) -> int:

@@ -17,7 +17,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from mmiosplit.v1 import device_pb2, device_pb2_grpc
 from mmiosplit.wire import PROTOCOL_VERSION
 from mmiosplit_cli.cli import main
-from mmiosplit_cli.conformance import CHECKS, run_suite
+from mmiosplit_cli.conformance.checks import CHECKS
+from mmiosplit_cli.conformance.runner import run_suite
 from tests.conformance.services import device_service
 
 pytestmark = pytest.mark.integration

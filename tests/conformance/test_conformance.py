@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from mmiosplit_cli.cli import main
-from mmiosplit_cli.conformance import CHECKS, run_suite
-from mmiosplit_cli.conformance.runner import Result
+from mmiosplit_cli.conformance.checks import CHECKS
+from mmiosplit_cli.conformance.runner import Result, run_suite
 from tests.conformance.mutant_service import MUTANTS
 from tests.conformance.services import device_service
 
