@@ -32,7 +32,7 @@ from mmiosplit_cli.conformance.client import (
     short,
     status_name,
 )
-from mmiosplit_cli.conformance.command import DEFAULT_MAX_MESSAGE
+from mmiosplit_cli.conformance.defaults import DEFAULT_MAX_MESSAGE
 
 OK = device_pb2.COMPLETION_STATUS_OK
 BAD_REQUEST = device_pb2.COMPLETION_STATUS_BAD_REQUEST

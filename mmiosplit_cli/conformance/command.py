@@ -7,12 +7,7 @@ import argparse
 from collections.abc import Callable
 
 from mmiosplit import security
-from mmiosplit.wire import GRPC_OPTIONS
-
-#: The project's gRPC receive limit: what limits.oversized_message exceeds by default.
-DEFAULT_MAX_MESSAGE = int(str(dict(GRPC_OPTIONS)["grpc.max_receive_message_length"]))
-#: A check's whole run may take this many times --timeout (it waits several times).
-CHECK_BUDGET = 4
+from mmiosplit_cli.conformance.defaults import CHECK_BUDGET, DEFAULT_MAX_MESSAGE
 
 
 def _size(text: str) -> int:

@@ -22,7 +22,7 @@ import grpc
 from mmiosplit.v1 import device_pb2
 from mmiosplit_cli.conformance import checks
 from mmiosplit_cli.conformance.client import CheckFailed, CheckSkipped, Target
-from mmiosplit_cli.conformance.command import CHECK_BUDGET, DEFAULT_MAX_MESSAGE
+from mmiosplit_cli.conformance.defaults import CHECK_BUDGET, DEFAULT_MAX_MESSAGE
 
 EXIT_FAILED = 1
 EXIT_UNUSABLE = 2
