@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mmiosplit import security
+from mmiosplit.mmio import check_shadow_windows
 from mmiosplit.v1 import device_pb2
 from mmiosplit.wire import PROTOCOL_VERSION
 from mmiosplit_cli.conformance.client import (
@@ -128,7 +129,7 @@ def _expect_rpc_error(call: Callable[[], Any], code: grpc.StatusCode, what: str)
 def describe_well_formed(target: Target) -> None:
     """Describe names the service, speaks this protocol version, has an instance id, and declares devices with
     unique names, regions of sane size that do not overlap, access sizes among 1, 2, 4, 8, shadow windows inside
-    their region at a declared size, and unique line indexes with a trigger."""
+    their region at a declared size and not overlapping, and unique line indexes with a trigger."""
     d = target.describe()
     expect(bool(d.service_name), "service_name is empty")
     expect(d.protocol_version == PROTOCOL_VERSION, f"protocol_version {d.protocol_version}, this suite speaks "
@@ -150,10 +151,10 @@ def describe_well_formed(target: Target) -> None:
             expect(r.kind in (device_pb2.REGION_KIND_MMIO, device_pb2.REGION_KIND_ROMD), f"{where}: kind {r.kind}")
             expect(bool(r.access_sizes) and set(r.access_sizes) <= {1, 2, 4, 8},
                    f"{where}: access sizes {list(r.access_sizes)}, expected some of 1, 2, 4, 8")
-            for w in r.shadows:
-                expect(w.size in r.access_sizes and w.offset + w.size <= r.size and w.offset % w.size == 0,
-                       f"{where}: shadow window of {w.size} bytes at {w.offset:#x} is outside the region, "
-                       "unaligned or of an undeclared size")
+            try:  # the check a vcpu service applies to the shadow windows of a Describe
+                check_shadow_windows(where, r.size, r.access_sizes, [(w.offset, w.size) for w in r.shadows])
+            except ValueError as exc:
+                raise CheckFailed(str(exc)) from None
             spans.append((r.base, r.base + r.size, where))
         indexes = [line.index for line in dev.lines]
         expect(len(set(indexes)) == len(indexes), f"{dev.name}: line indexes repeat: {indexes}")
