@@ -31,6 +31,14 @@ def device_service(mutant: str | None = None, devices: Sequence[str] = DEVICES, 
                    startup_s: float = 30.0) -> Iterator[str]:
     """A device service on a UNIX socket (``mutant``: with that bug planted; ``extra``: more serve-devices flags);
     yields its address and stops it."""
+    with device_service_process(mutant, devices, extra, startup_s) as (address, _proc):
+        yield address
+
+
+@contextlib.contextmanager
+def device_service_process(mutant: str | None = None, devices: Sequence[str] = DEVICES, extra: Sequence[str] = (),
+                           startup_s: float = 30.0) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``device_service``, yielding the process too (to kill it)."""
     with tempfile.TemporaryDirectory(prefix="conformance-") as tmp:
         address = f"unix:{tmp}/devices.sock"
         args = ["serve-devices", "--listen", address, *(a for d in devices for a in ("--device", d)), *extra]
@@ -47,7 +55,7 @@ def device_service(mutant: str | None = None, devices: Sequence[str] = DEVICES, 
                     raise RuntimeError(f"device service {mutant or 'built-in'} did not start:\n"
                                        f"{log.read_text(errors='replace')[-3000:]}")
                 time.sleep(0.1)
-            yield address
+            yield address, proc
         finally:
             proc.terminate()
             try:

@@ -18,8 +18,8 @@ from mmiosplit.v1 import device_pb2, device_pb2_grpc
 from mmiosplit.wire import PROTOCOL_VERSION
 from mmiosplit_cli.cli import main
 from mmiosplit_cli.conformance.checks import CHECKS
-from mmiosplit_cli.conformance.runner import run_suite
-from tests.conformance.services import device_service
+from mmiosplit_cli.conformance.runner import Result, run_suite
+from tests.conformance.services import device_service, device_service_process
 
 pytestmark = pytest.mark.integration
 
@@ -162,3 +162,23 @@ def test_list_names_every_check_without_an_address(capsys: pytest.CaptureFixture
     assert all(f"{c.name}\n    {c.doc}" in out for c in CHECKS)
     assert main(["conformance"]) == 2
     assert "give the ADDR" in capsys.readouterr().err
+
+
+def test_a_service_that_dies_mid_run_fails_the_rest_quickly() -> None:
+    with device_service_process() as (address, proc):
+        def kill_after_five(result: Result) -> None:
+            seen.append(result)
+            if len(seen) == 5:
+                proc.kill()
+                proc.wait()
+
+        seen: list[Result] = []
+        t0 = time.monotonic()
+        results = run_suite(address, timeout=2.0, report=kill_after_five)
+        took = time.monotonic() - t0
+    assert [r.status for r in results[:5]] == ["PASS"] * 5
+    assert len(results) == len(CHECKS)
+    rest = results[5:]
+    assert all(r.status in ("FAIL", "SKIP") for r in rest), rest
+    assert any("UNAVAILABLE" in r.reason for r in rest), rest
+    assert took < 60, took
