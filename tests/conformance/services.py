@@ -23,6 +23,7 @@ DEVICES = [
     "pl011@0x09000000,name=uart0",
     "pflash@0x04000000,size=0x100000,sector=0x10000,name=flash0",
     "dma-probe@0x0a003000,name=dma0",
+    "irq-probe@0x0a004000,name=irq0",
 ]
 
 

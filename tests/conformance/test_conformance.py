@@ -21,6 +21,7 @@ pytestmark = pytest.mark.integration
 RELATED = {
     "wrong_seq": {"status.malformed_posted"},  # it checks the seq of a malformed flush's response
     "repeat_twice": {"seq.acked_repeat_refused"},  # the acknowledged repeat is applied again too
+    "drop_interrupt": {"irq.device_thread"},  # the probe's raise is dropped from Watch too
 }
 
 #: Checks of contract the built-in service does not meet yet: VM scoping is in the proto (Reset, Console and
