@@ -485,6 +485,24 @@ def deadline_cancel_after_done(target: Target) -> None:
     expect(done.data == b"\x0c\x0c\x0c\x0c", f"the write cancelled after it completed reads {done.data.hex()}")
 
 
+@check("deadline.flush_not_cancelled")
+def deadline_flush_not_cancelled(target: Target) -> None:
+    """A Cancel naming a posted batch queued behind a slow access changes nothing: batches are never cancelled, so
+    it completes OK and its writes are applied (needs a scratch device with delay=)."""
+    region = _scratch(target, slow=True)
+    target.reset()
+    exits = target.exits()
+    first = exits.send_exit(region.base, 4, b"\x0d\x0d\x0d\x0d")
+    batch = exits.send_flush([(region.base, b"\x0e\x0e\x0e\x0e")])
+    exits.cancel(batch)
+    exits.ok(first, "the slow write")
+    done = exits.completion(batch, "the posted batch named by a Cancel")
+    expect(done.status == OK, f"a posted batch named by a Cancel got {status_name(done.status)}, expected OK")
+    got = exits.read(region.base, 4)
+    expect(got == b"\x0e\x0e\x0e\x0e",
+           f"the slow scratch reads {got.hex()}: the batch named by a Cancel was not applied")
+
+
 # ----- reset and VM scoping -----------------------------------------------------------------------------------
 
 @check("reset.values")
