@@ -37,8 +37,10 @@ from mmiosplit_cli.conformance.defaults import DEFAULT_MAX_MESSAGE
 
 OK = device_pb2.COMPLETION_STATUS_OK
 BAD_REQUEST = device_pb2.COMPLETION_STATUS_BAD_REQUEST
+DEVICE_ERROR = device_pb2.COMPLETION_STATUS_DEVICE_ERROR
 NO_DEVICE = device_pb2.COMPLETION_STATUS_NO_DEVICE
 CANCELLED = device_pb2.COMPLETION_STATUS_CANCELLED
+FP = grpc.StatusCode.FAILED_PRECONDITION
 
 # PL011 registers and bits the suite uses (ARM DDI 0183).
 UART_DR, UART_FR, UART_IMSC, UART_ICR = 0x000, 0x018, 0x038, 0x044
@@ -111,6 +113,17 @@ def _scratch(target: Target, slow: bool = False, prefer_posted: bool = False) ->
     return found[0]
 
 
+def _needs(target: Target, feature: str) -> None:
+    """Skip unless the service lists ``feature`` (docs/protocol.md, "Versions and features")."""
+    if feature not in target.describe().features:
+        raise CheckSkipped(f"the service does not list feature {feature!r}")
+
+
+def _sizes(region: device_pb2.Region) -> set[int]:
+    """The access sizes a region takes (empty in Describe: all four)."""
+    return set(region.access_sizes) or {1, 2, 4, 8}
+
+
 def _int_property(dev: device_pb2.Device, key: str) -> int:
     """A numeric property of Describe's (0 when absent or not a number)."""
     try:
@@ -123,15 +136,15 @@ def _region(dev: device_pb2.Device) -> device_pb2.Region:
     return dev.regions[0]
 
 
-def _expect_rpc_error(call: Callable[[], Any], code: grpc.StatusCode, what: str) -> None:
-    """``call`` (a unary call, or a server-streaming one, read to its end) fails with ``code``."""
+def _expect_rpc_error(call: Callable[[], Any], code: grpc.StatusCode, what: str) -> str:
+    """``call`` (a unary call, or a server-streaming one, read to its end) fails with ``code``; its details."""
     try:
         result = call()
         if hasattr(result, "__iter__") and not isinstance(result, bytes):
             list(result)
     except grpc.RpcError as exc:
         expect(exc.code() == code, f"{what}: {exc.code().name} ({exc.details()}), expected {code.name}")
-        return
+        return str(exc.details() or "")
     raise CheckFailed(f"{what}: succeeded, expected {code.name}")
 
 
@@ -140,8 +153,8 @@ def _expect_rpc_error(call: Callable[[], Any], code: grpc.StatusCode, what: str)
 @check("describe.well_formed")
 def describe_well_formed(target: Target) -> None:
     """Describe names the service, speaks this protocol version, has an instance id, and declares devices with
-    unique names, regions of sane size that do not overlap, access sizes among 1, 2, 4, 8, shadow windows inside
-    their region at a declared size and not overlapping, and unique line indexes with a trigger."""
+    unique names, regions of sane size that do not overlap, access sizes among 1, 2, 4, 8 (none: all four), shadow
+    windows inside their region at a size it takes and not overlapping, and unique line indexes."""
     d = target.describe()
     expect(bool(d.service_name), "service_name is empty")
     expect(d.protocol_version == PROTOCOL_VERSION, f"protocol_version {d.protocol_version}, this suite speaks "
@@ -160,19 +173,21 @@ def describe_well_formed(target: Target) -> None:
             where = f"{dev.name}/{r.name}"
             expect(r.size > 0, f"{where}: size 0")
             expect(r.base + r.size <= 1 << 64, f"{where}: {r.base:#x}+{r.size:#x} passes the end of the address space")
-            expect(r.kind in (device_pb2.REGION_KIND_MMIO, device_pb2.REGION_KIND_ROMD), f"{where}: kind {r.kind}")
-            expect(bool(r.access_sizes) and set(r.access_sizes) <= {1, 2, 4, 8},
-                   f"{where}: access sizes {list(r.access_sizes)}, expected some of 1, 2, 4, 8")
+            expect(r.kind in (device_pb2.REGION_KIND_UNSPECIFIED, device_pb2.REGION_KIND_MMIO,
+                              device_pb2.REGION_KIND_ROMD), f"{where}: unknown kind {r.kind}")
+            expect(set(r.access_sizes) <= {1, 2, 4, 8},
+                   f"{where}: access sizes {list(r.access_sizes)}, expected some of 1, 2, 4, 8 (or none: all four)")
             try:  # the check a vcpu service applies to the shadow windows of a Describe
-                check_shadow_windows(where, r.size, r.access_sizes, [(w.offset, w.size) for w in r.shadows])
+                check_shadow_windows(where, r.size, sorted(_sizes(r)), [(w.offset, w.size) for w in r.shadows])
             except ValueError as exc:
                 raise CheckFailed(str(exc)) from None
             spans.append((r.base, r.base + r.size, where))
         indexes = [line.index for line in dev.lines]
         expect(len(set(indexes)) == len(indexes), f"{dev.name}: line indexes repeat: {indexes}")
         for line in dev.lines:
-            expect(line.trigger in (device_pb2.LINE_TRIGGER_LEVEL, device_pb2.LINE_TRIGGER_EDGE),
-                   f"{dev.name}: line {line.index} has no trigger")
+            expect(line.trigger in (device_pb2.LINE_TRIGGER_UNSPECIFIED, device_pb2.LINE_TRIGGER_LEVEL,
+                                    device_pb2.LINE_TRIGGER_EDGE), f"{dev.name}: line {line.index}: unknown trigger "
+                   f"{line.trigger}")
     spans.sort()
     for (_, end, a), (start, _, b) in itertools.pairwise(spans):
         expect(start >= end, f"regions {a} and {b} overlap")
@@ -180,8 +195,8 @@ def describe_well_formed(target: Target) -> None:
 
 @check("handshake.welcome")
 def handshake_welcome(target: Target) -> None:
-    """A hello with this protocol version gets a welcome with seq 0, the same version, and the instance id
-    Describe gave; a new session is not resumed and has applied nothing."""
+    """A hello with this protocol version gets a welcome with seq 0, the same version, and the instance id and
+    features Describe gave; a new session is not resumed and has applied nothing."""
     exits = target.exits(session_id=new_session_id())
     w = exits.welcome
     assert w is not None
@@ -189,6 +204,8 @@ def handshake_welcome(target: Target) -> None:
     expect(w.instance_id == target.describe().instance_id,
            f"welcome instance_id {w.instance_id!r} differs from Describe's {target.describe().instance_id!r}")
     expect(not w.resumed and w.applied == 0, f"a new session was welcomed resumed={w.resumed} applied={w.applied}")
+    features = list(target.describe().features)
+    expect(list(w.features) == features, f"the welcome lists features {list(w.features)}, Describe {features}")
 
 
 @check("handshake.version_refused")
@@ -233,7 +250,7 @@ def access_declared_sizes(target: Target) -> None:
     region = _scratch(target)
     target.reset()
     exits = target.exits()
-    for n, size in enumerate(sorted(region.access_sizes)):
+    for n, size in enumerate(sorted(_sizes(region))):
         for offset in (0x10 + 0x10 * n, 0x10 + 0x10 * n + 1):
             data = bytes((0xA0 + n * 8 + i + (offset & 1)) & 0xFF for i in range(size))
             exits.write(region.base + offset, data)
@@ -243,15 +260,16 @@ def access_declared_sizes(target: Target) -> None:
 
 @check("access.undeclared_sizes_refused")
 def access_undeclared_sizes_refused(target: Target) -> None:
-    """A read of a size among 1, 2, 4, 8 that a region does not declare is refused (not OK); a length that is
-    none of them, or a write whose data is not `length` bytes, gets BAD_REQUEST."""
+    """A read of a size among 1, 2, 4, 8 that a region does not declare gets DEVICE_ERROR; a length that is none
+    of them, or a write whose data is not `length` bytes, gets BAD_REQUEST."""
     exits = target.exits()
     for dev, region in target.regions():
-        for size in sorted({1, 2, 4, 8} - set(region.access_sizes)):
+        for size in sorted({1, 2, 4, 8} - _sizes(region)):
             seq = exits.send_exit(region.base, size)
             done = exits.completion(seq, f"{dev.name}/{region.name}: {size}-byte read")
-            expect(done.status != OK, f"{dev.name}/{region.name} declares sizes {list(region.access_sizes)} but "
-                   f"a {size}-byte read at {region.base:#x} completed OK")
+            expect(done.status == DEVICE_ERROR, f"{dev.name}/{region.name} declares sizes "
+                   f"{list(region.access_sizes)}; a {size}-byte read at {region.base:#x} got "
+                   f"{status_name(done.status)}, expected DEVICE_ERROR")
     # Malformed lengths, where a wrongly accepted write does no harm: a scratch if there is one.
     scratch = [r for d in target.devices("scratch") for r in d.regions]
     region = scratch[0] if scratch else target.regions()[0][1]
@@ -311,6 +329,7 @@ def seq_skipped_refused(target: Target) -> None:
 def seq_resume_no_reapply(target: Target) -> None:
     """On a new stream of the same session (last_acked 0) the service says resumed and applied 2, and answers a
     repeat of seq 1 from memory: write A (seq 1), write B (seq 2), resume, re-send seq 1, read: still B."""
+    _needs(target, "sessions")
     region = _scratch(target)
     target.reset()
     session = new_session_id()
@@ -341,6 +360,7 @@ def seq_resume_no_reapply(target: Target) -> None:
 def seq_acked_repeat_refused(target: Target) -> None:
     """A repeat of a seq whose response the client acknowledged (last_acked) gets BAD_REQUEST and is not
     applied."""
+    _needs(target, "sessions")
     region = _scratch(target)
     target.reset()
     session = new_session_id()
@@ -451,12 +471,42 @@ def status_unexpected_body(target: Target) -> None:
     exits.read(region.base, 4)
 
 
+@check("status.undecodable_message")
+def status_undecodable_message(target: Target) -> None:
+    """A message that does not decode as the method's request gets INVALID_ARGUMENT: a Describe request, and an
+    ExitStream request after the handshake (the requests before it are answered first)."""
+    undecodable = b"\x0f\xff\xff\xff"  # field 1 with wire type 7, which does not exist
+    describe = target.channel.unary_unary("/mmiosplit.v1.DeviceService/Describe", request_serializer=_raw,
+                                          response_deserializer=device_pb2.DescribeResponse.FromString)
+    _expect_rpc_error(lambda: describe(undecodable, timeout=target.timeout), grpc.StatusCode.INVALID_ARGUMENT,
+                      "an undecodable Describe request")
+    exit_stream = target.channel.stream_stream("/mmiosplit.v1.DeviceService/ExitStream", request_serializer=_raw,
+                                               response_deserializer=device_pb2.ExitStreamResponse.FromString)
+    raw = target.stream(exit_stream, "ExitStream")
+    client = ExitClient(target, "", 0, target.vm_id)
+    raw.send(client.hello().SerializeToString())
+    welcome = raw.recv(target.timeout, "the welcome")
+    expect(welcome.WhichOneof("body") == "welcome", f"the hello was answered with {short(welcome)}")
+    address = target.unmapped_address()
+    raw.send(device_pb2.ExitStreamRequest(seq=1, exit=client.exit_msg(address, 4)).SerializeToString())
+    raw.send(undecodable)
+    first = raw.recv(target.timeout, "the response to seq 1")
+    expect(first.seq == 1 and first.WhichOneof("body") == "completion",
+           f"the request before the undecodable one was answered with {short(first)}")
+    _expect_refused(raw, grpc.StatusCode.INVALID_ARGUMENT, "an undecodable request on ExitStream", target.timeout)
+
+
+def _raw(message: bytes) -> bytes:
+    return message
+
+
 # ----- deadlines and Cancel -----------------------------------------------------------------------------------
 
 @check("deadline.cancel_before_start")
 def deadline_cancel_before_start(target: Target) -> None:
     """A write queued behind a slow access and cancelled before it starts completes CANCELLED and is never
     performed (needs a scratch device with delay=)."""
+    _needs(target, "cancel")
     region = _scratch(target, slow=True)
     target.reset()
     exits = target.exits()
@@ -475,6 +525,7 @@ def deadline_cancel_before_start(target: Target) -> None:
 @check("deadline.cancel_after_done")
 def deadline_cancel_after_done(target: Target) -> None:
     """A Cancel for a request already answered gets no response and changes nothing."""
+    _needs(target, "cancel")
     region = _scratch(target)
     target.reset()
     exits = target.exits()
@@ -489,6 +540,7 @@ def deadline_cancel_after_done(target: Target) -> None:
 def deadline_flush_not_cancelled(target: Target) -> None:
     """A Cancel naming a posted batch queued behind a slow access changes nothing: batches are never cancelled, so
     it completes OK and its writes are applied (needs a scratch device with delay=)."""
+    _needs(target, "cancel")
     region = _scratch(target, slow=True)
     target.reset()
     exits = target.exits()
@@ -526,42 +578,49 @@ def reset_values(target: Target) -> None:
 
 @check("vm.scoping")
 def vm_scoping(target: Target) -> None:
-    """While VM A has a Watch open, Reset (and Console, ReadMirror) naming VM B get FAILED_PRECONDITION and
-    naming A, or no VM, succeed; once B has an ExitStream open too, a Reset naming no VM is refused; once both
-    are gone, it succeeds again."""
-    other = target.vm_id + OTHER_VM_SUFFIX
-    fp = grpc.StatusCode.FAILED_PRECONDITION
-    watch = target.watch()
-    _wait_attached(target, watch)
-    _expect_rpc_error(lambda: target.reset(vm_id=other), fp, "Reset naming another VM while one is attached")
+    """While VM A is attached (by a Watch, or an ExitStream without feature watch), Reset, Console and ReadMirror
+    naming VM B get FAILED_PRECONDITION naming A, and Reset naming A, or no VM, succeeds; once B has an ExitStream
+    open too, Reset naming no VM and naming A are refused; once both are gone, Resets naming either succeed."""
+    _needs(target, "vm-scoped-control")
+    vm_a, vm_b = target.vm_id, target.vm_id + OTHER_VM_SUFFIX
+    if "watch" in target.describe().features:
+        attach: Stream = target.watch()
+        _wait_attached(target, attach)
+        how = "a Watch"
+    else:
+        attach = target.exits().stream
+        how = "an ExitStream"
+    while_a = f"while VM A is attached by {how}"
+    details = _expect_rpc_error(lambda: target.reset(vm_id=vm_b), FP, f"Reset naming VM B {while_a}")
+    expect(vm_a in details, f"the refusal of VM B's Reset does not name the attached VM {vm_a!r}: {details!r}")
     uarts = [d for d in target.describe().devices if d.has_console]
     if uarts:
         console = target.stream(target.stub.Console, "Console")
-        console.send(device_pb2.ConsoleRequest(device=uarts[0].name, vm_id=other))
-        _expect_refused(console, fp, "a Console naming another VM while one is attached",
-                        target.timeout)
+        console.send(device_pb2.ConsoleRequest(device=uarts[0].name, vm_id=vm_b))
+        _expect_refused(console, FP, f"a Console naming VM B {while_a}", target.timeout)
     romd = [(d, r) for d, r in target.regions() if r.kind == device_pb2.REGION_KIND_ROMD]
     if romd:
         d, r = romd[0]
         _expect_rpc_error(lambda: target.stub.ReadMirror(device_pb2.ReadMirrorRequest(
-            device=d.name, region=r.name, vm_id=other), timeout=target.timeout), fp,
-            "ReadMirror naming another VM while one is attached")
+            device=d.name, region=r.name, vm_id=vm_b), timeout=target.timeout), FP,
+            f"ReadMirror naming VM B {while_a}")
     target.reset()
     target.reset(vm_id="")
-    intruder = target.exits(vm_id=other)
-    _expect_rpc_error(lambda: target.reset(vm_id=""), fp, "Reset naming no VM while two are attached")
-    _expect_rpc_error(lambda: target.reset(), fp, "Reset naming VM A while VM B is attached too")
+    intruder = target.exits(vm_id=vm_b)
+    _expect_rpc_error(lambda: target.reset(vm_id=""), FP, "Reset naming no VM while A and B are attached")
+    details = _expect_rpc_error(lambda: target.reset(), FP, "Reset naming VM A while VM B is attached too")
+    expect(vm_b in details, f"the refusal of VM A's Reset does not name the attached VM {vm_b!r}: {details!r}")
     intruder.stream.cancel()
-    watch.cancel()
+    attach.cancel()
     # Both left: once a Reset naming A and one naming B both succeed, neither is attached any more.
     deadline = time.monotonic() + target.timeout
     while True:
         try:
-            target.reset(vm_id=other)
+            target.reset(vm_id=vm_b)
             target.reset()
             return
         except grpc.RpcError as exc:
-            if exc.code() != fp or time.monotonic() > deadline:
+            if exc.code() != FP or time.monotonic() > deadline:
                 raise CheckFailed(f"Reset after both VMs left: {exc.code().name} ({exc.details()})") from None
         time.sleep(0.05)
 
@@ -674,6 +733,7 @@ def _level(update: device_pb2.LineUpdate, device: str, index: int = 0) -> bool |
 def irq_watch_initial(target: Target) -> None:
     """A Watch first carries the current value of every declared shadow register (in one or more shadow updates,
     each value at its register's size), then the level of every declared line, before anything else."""
+    _needs(target, "watch")
     lines = _declared_lines(target)
     shadows = {(d.name, r.name, w.offset): w.size for d, r in target.regions() for w in r.shadows}
     if not lines and not shadows:
@@ -722,6 +782,7 @@ def irq_on_completion(target: Target) -> None:
 def irq_on_watch(target: Target) -> None:
     """A line change with no access (Console input into a PL011 with RXIM set) is on Watch, with a generation
     above the initial levels'; reading DR then lowers it on that read's Completion, newer still."""
+    _needs(target, "watch")
     uart = _first(target, "pl011", "its RX interrupt is raised by Console input")
     base = _region(uart).base
     target.reset()
@@ -748,6 +809,7 @@ def irq_on_watch(target: Target) -> None:
 def irq_device_thread(target: Target) -> None:
     """A line an irq-probe raises on its own thread after a FIRE is on Watch, not on the FIRE's completion; the
     ACK write's completion lowers it, at a newer generation."""
+    _needs(target, "watch")
     probe = _first(target, "irq-probe", "it raises its line on a thread of its own")
     base = _region(probe).base
     target.reset()
@@ -775,6 +837,7 @@ def irq_device_thread(target: Target) -> None:
 def shadow_updates(target: Target) -> None:
     """A completion that changed a shadow register carries its new value; a change with no access (Console input
     changing a PL011's FR) is on Watch with a higher generation."""
+    _needs(target, "watch")
     uart = _first(target, "pl011", "its FR and IMSC are shadow registers")
     region = _region(uart)
     offsets = {w.offset for w in region.shadows}
@@ -864,6 +927,7 @@ def _dma_run(exits: ExitClient, base: int, address: int, length: int, command: i
 def dma_inside_window(target: Target) -> None:
     """A dma-probe transfer programmed inside the granted window asks exactly for it (address, length, data),
     never outside the window, and succeeds both ways: a write stores the buffer, a read fills it."""
+    _needs(target, "watch")
     base, memory, exits = _dma_setup(target)
     pattern = bytes(range(0x40, 0x50))
     for i in range(0, 16, 4):
@@ -888,6 +952,7 @@ def dma_inside_window(target: Target) -> None:
 def dma_outside_refused(target: Target) -> None:
     """A dma-probe transfer programmed outside the granted window fails (STATUS says error) and leaves guest
     memory alone, whether the device asked and was refused or did not ask."""
+    _needs(target, "watch")
     base, memory, exits = _dma_setup(target)
     outside = DMA_WINDOW.base + DMA_WINDOW.size + 0x100
     status = _dma_run(exits, base, outside, 16, DMA_CMD_WRITE)
@@ -1020,3 +1085,11 @@ def limits_oversized_message(target: Target) -> None:
 def names() -> list[str]:
     return [c.name for c in CHECKS]
 
+
+@check("describe.stable")
+def describe_stable(target: Target) -> None:
+    """Describe, asked again after every other check, says what it said at the start: it must not change while
+    the instance lives."""
+    now = target.stub.Describe(device_pb2.DescribeRequest(), timeout=target.timeout)
+    expect(now == target.describe(), "Describe changed during the run: "
+           f"{short(now)[:120]} versus {short(target.describe())[:120]}")

@@ -20,6 +20,7 @@ MUTANTS: dict[str, str] = {
     "drop_interrupt": "irq.on_watch",
     "dma_outside": "dma.inside_window",
     "ignore_cancel": "deadline.cancel_before_start",
+    "unscoped_control": "vm.scoping",
 }
 
 
@@ -123,96 +124,19 @@ def ignore_cancel() -> None:
     HostSession.exit = _exit  # type: ignore[method-assign]
 
 
-def vm_scoped() -> None:
-    """Not a bug: a sketch of the VM scoping the proto asks for (Reset, Console and ReadMirror refused while
-    another VM is attached; a VM attached while it has an ExitStream or a Watch open), so that ``vm.scoping`` is
-    seen to pass on a service that does it, before the built-in one does."""
-    import collections
-
-    import grpc
-
+def unscoped_control() -> None:
+    """Reset, Console and ReadMirror act for whichever VM asks, whoever else is attached."""
     from device_service.server import DeviceServicer
 
-    attached: collections.Counter[str] = collections.Counter()
+    async def _scoped(self: DeviceServicer, rpc: str, vm_id: str, context: Any) -> None:
+        return None
 
-    def refusal(vm_id: str) -> str | None:
-        vms = sorted(v for v, n in attached.items() if n > 0)
-        if not vm_id:
-            return f"several VMs are attached ({', '.join(vms)}): name one" if len(vms) > 1 else None
-        others = [v for v in vms if v != vm_id]
-        return f"VM {others[0]} is attached to this service, not VM {vm_id}" if others else None
-
-    def counted(method: Any, vm_of: Callable[[Any], str | None]) -> Any:
-        async def stream(self: DeviceServicer, request_iterator: AsyncIterator[Any],
-                         context: Any) -> AsyncIterator[Any]:
-            mine: list[str] = []
-
-            async def counting() -> AsyncIterator[Any]:
-                async for req in request_iterator:
-                    vm = vm_of(req)
-                    if vm is not None and not mine:
-                        attached[vm] += 1
-                        mine.append(vm)
-                    yield req
-
-            try:
-                async for response in method(self, counting(), context):
-                    yield response
-            finally:
-                for vm in mine:
-                    attached[vm] -= 1
-
-        return stream
-
-    DeviceServicer.ExitStream = counted(  # type: ignore[method-assign]
-        DeviceServicer.ExitStream, lambda r: r.hello.vm_id if r.WhichOneof("body") == "hello" else None)
-    DeviceServicer.Watch = counted(DeviceServicer.Watch, lambda r: r.vm_id)  # type: ignore[method-assign]
-
-    reset, read_mirror, console = DeviceServicer.Reset, DeviceServicer.ReadMirror, DeviceServicer.Console
-
-    async def Reset(self: DeviceServicer, request: Any, context: Any) -> Any:
-        why = refusal(request.vm_id)
-        if why is not None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, why)
-        return await reset(self, request, context)
-
-    async def ReadMirror(self: DeviceServicer, request: Any, context: Any) -> AsyncIterator[Any]:
-        why = refusal(request.vm_id)
-        if why is not None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, why)
-        async for chunk in read_mirror(self, request, context):
-            yield chunk
-
-    async def Console(self: DeviceServicer, request_iterator: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
-        requests = request_iterator.__aiter__()
-        try:
-            first = await requests.__anext__()
-        except StopAsyncIteration:
-            return
-        why = refusal(first.vm_id)
-        if why is not None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, why)
-
-        async def replay() -> AsyncIterator[Any]:
-            yield first
-            async for req in requests:
-                yield req
-
-        async for out in console(self, replay(), context):
-            yield out
-
-    DeviceServicer.Reset = Reset  # type: ignore[method-assign]
-    DeviceServicer.ReadMirror = ReadMirror  # type: ignore[method-assign]
-    DeviceServicer.Console = Console  # type: ignore[method-assign]
-
-
-#: Variants that are not bugs (see each one's docstring).
-VARIANTS = ("vm_scoped",)
+    DeviceServicer._scoped = _scoped  # type: ignore[method-assign]
 
 
 def main(argv: Sequence[str]) -> int:
-    if not argv or (argv[0] not in MUTANTS and argv[0] not in VARIANTS):
-        print(f"usage: mutant_service {{{','.join([*MUTANTS, *VARIANTS])}}} serve-devices ARGS...", file=sys.stderr)
+    if not argv or argv[0] not in MUTANTS:
+        print(f"usage: mutant_service {{{','.join(MUTANTS)}}} serve-devices ARGS...", file=sys.stderr)
         return 2
     globals()[argv[0]]()
     from mmiosplit_cli.cli import main as cli_main

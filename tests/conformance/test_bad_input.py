@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from mmiosplit.v1 import device_pb2, device_pb2_grpc
-from mmiosplit.wire import PROTOCOL_VERSION
+from mmiosplit.wire import DEVICE_FEATURES, PROTOCOL_VERSION
 from mmiosplit_cli.cli import main
 from mmiosplit_cli.conformance.checks import CHECKS
 from mmiosplit_cli.conformance.runner import Result, run_suite
@@ -43,7 +43,7 @@ class Hanging(device_pb2_grpc.DeviceServiceServicer):
         if not self.describe:
             self._hang(context)
         resp = device_pb2.DescribeResponse(service_name="hanging", protocol_version=PROTOCOL_VERSION,
-                                           instance_id="hanging-1")
+                                           instance_id="hanging-1", features=DEVICE_FEATURES)
         dev = resp.devices.add(name="scratch0", type="scratch")
         dev.regions.add(name="mem", base=SCRATCH, size=0x1000, kind=device_pb2.REGION_KIND_MMIO,
                         access_sizes=[1, 2, 4, 8])
