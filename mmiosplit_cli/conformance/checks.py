@@ -1052,33 +1052,71 @@ def health_serving(target: Target) -> None:
 MAX_MESSAGE = [DEFAULT_MAX_MESSAGE]
 
 
+#: A request this big must be accepted: bigger than the largest a device service receives (a 16 MiB DmaResult),
+#: and than gRPC's usual 4 MiB default, which a service must raise (docs/protocol.md, "Sizes and limits").
+LARGE_MESSAGE = 16 * 1024 * 1024 + 64 * 1024
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _padded_describe(size: int) -> bytes:
+    """A DescribeRequest of exactly ``size`` (at least 4) bytes that decodes: unknown length-delimited fields
+    (number 15) that the service skips, so only the size matters."""
+    header = bytes([15 << 3 | 2])
+    length = size - 2
+    while 1 + len(_varint(length)) + length > size:
+        length -= 1
+    message = header + _varint(length) + bytes(length)
+    if len(message) < size:  # the varint's width skipped this size: a shorter field and an empty one after it
+        message = _padded_describe(size - 2) + header + b"\0"
+    return message
+
+
+def _describe_of_size(target: Target, size: int) -> None:
+    """Send a Describe request of ``size`` bytes on a channel of its own (whose send limit allows it), once the
+    channel is connected, so that only the service's receive limit can refuse it."""
+    payload = _padded_describe(size)
+    with security.channel(target.address, options=channel_options(size + 1024)) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=target.timeout)
+        except grpc.FutureTimeoutError:
+            raise CheckFailed(f"a second channel to the service did not connect within {target.timeout:g} s") from None
+        describe = channel.unary_unary("/mmiosplit.v1.DeviceService/Describe", request_serializer=_raw,
+                                       response_deserializer=device_pb2.DescribeResponse.FromString)
+        describe(payload, timeout=target.timeout * 3)
+
+
+@check("limits.large_message")
+def limits_large_message(target: Target) -> None:
+    """A request of 16 MiB + 64 KiB (more than gRPC's usual 4 MiB default, and than the largest DMA result) is
+    accepted: the service raised its receive limit."""
+    try:
+        _describe_of_size(target, LARGE_MESSAGE)
+    except grpc.RpcError as exc:
+        raise CheckFailed(f"a {LARGE_MESSAGE}-byte Describe request got {exc.code().name} ({exc.details()}); a "
+                          "service must take messages up to 256 MiB") from None
+
+
 @check("limits.oversized_message")
 def limits_oversized_message(target: Target) -> None:
     """A message one byte over the service's receive limit (256 MiB unless --max-message says otherwise) gets
     RESOURCE_EXHAUSTED, and the service still answers Describe afterwards."""
     size = MAX_MESSAGE[0] + 1
-    # An unknown field (number 15, length-delimited) that DescribeRequest skips: only the size matters.
-    header = bytes([15 << 3 | 2])
-    n, varint = size, bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        varint.append(byte | (0x80 if n else 0))
-        if not n:
-            break
-    payload = header + bytes(varint) + bytes(size - 1 - len(varint))
-    with security.channel(target.address, options=channel_options(len(payload) + 1024)) as channel:
-        describe = channel.unary_unary("/mmiosplit.v1.DeviceService/Describe", request_serializer=lambda b: b,
-                                       response_deserializer=device_pb2.DescribeResponse.FromString)
-        try:
-            describe(payload, timeout=target.timeout * 3)
-        except grpc.RpcError as exc:
-            expect(exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED,
-                   f"a {len(payload)}-byte request got {exc.code().name} ({exc.details()}), expected "
-                   "RESOURCE_EXHAUSTED")
-        else:
-            raise CheckFailed(f"a {len(payload)}-byte request was accepted; the limit is larger than --max-message "
-                              f"{MAX_MESSAGE[0]}")
-    del payload
+    try:
+        _describe_of_size(target, size)
+    except grpc.RpcError as exc:
+        expect(exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED,
+               f"a {size}-byte request got {exc.code().name} ({exc.details()}), expected RESOURCE_EXHAUSTED")
+    else:
+        raise CheckFailed(f"a {size}-byte request was accepted: the service's limit is larger than --max-message "
+                          f"{MAX_MESSAGE[0]}")
     target.stub.Describe(device_pb2.DescribeRequest(), timeout=target.timeout)
 
 
