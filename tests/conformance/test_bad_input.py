@@ -153,7 +153,7 @@ def test_the_credential_flags_apply(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert "UNAUTHENTICATED" in capsys.readouterr().err
         assert main(["conformance", address, "--timeout", "2", "--only", "seq.echo", "limits",
                      "--token-file", str(token)]) == 0
-    assert "PASS seq.echo\nPASS limits.oversized_message\n" in capsys.readouterr().out
+    assert "PASS seq.echo\nPASS limits.large_message\nPASS limits.oversized_message\n" in capsys.readouterr().out
 
 
 def test_list_names_every_check_without_an_address(capsys: pytest.CaptureFixture[str]) -> None:
