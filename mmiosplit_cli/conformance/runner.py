@@ -30,6 +30,8 @@ EXIT_UNUSABLE = 2
 
 @dataclass(frozen=True, slots=True)
 class Result:
+    """One check's outcome, as printed and as written to --json."""
+
     name: str
     status: str  # PASS, FAIL or SKIP
     reason: str = ""
@@ -63,6 +65,7 @@ def _probe(target: Target) -> None:
 
 
 def _run_one(target: Target, check: checks.Check) -> Result:
+    """Run ``check`` on a thread of its own, give it ``CHECK_BUDGET`` timeouts, then cancel whatever it left open."""
     outcome: list[Result] = []
     t0 = time.monotonic()
 
