@@ -536,6 +536,24 @@ def deadline_cancel_after_done(target: Target) -> None:
     expect(done.data == b"\x0c\x0c\x0c\x0c", f"the write cancelled after it completed reads {done.data.hex()}")
 
 
+@check("deadline.cancel_unknown_seq")
+def deadline_cancel_unknown_seq(target: Target) -> None:
+    """A Cancel naming a seq the service has not received yet is ignored: when that request comes, it is applied
+    and answered OK, and the Cancel got no response of its own."""
+    _needs(target, "cancel")
+    region = _scratch(target)
+    target.reset()
+    exits = target.exits()
+    exits.read(region.base, 4)
+    exits.cancel(exits.seq + 1)
+    done = exits.completion(exits.send_exit(region.base, 4, b"\x0f\x0f\x0f\x0f"), "the write named by an early Cancel")
+    expect(done.status == OK, f"a write whose seq a Cancel named before it was sent got {status_name(done.status)}, "
+           "expected OK (the Cancel is ignored)")
+    got = exits.read(region.base, 4)
+    expect(got == b"\x0f\x0f\x0f\x0f", f"the scratch reads {got.hex()}: the write named by an early Cancel was not "
+           "applied")
+
+
 @check("deadline.flush_not_cancelled")
 def deadline_flush_not_cancelled(target: Target) -> None:
     """A Cancel naming a posted batch queued behind a slow access changes nothing: batches are never cancelled, so
