@@ -40,11 +40,31 @@ const HEALTH_JSON = {
   } } } } } } },
 };
 
+/** Marks a request that did not decode: the handler refuses it with INVALID_ARGUMENT (grpc-js would say INTERNAL). */
+const MALFORMED = Symbol('malformed');
+
+/** A service definition whose requests never fail to decode: one that does becomes `{[MALFORMED]: why}`. */
+function tolerant(service) {
+  return Object.fromEntries(Object.entries(service).map(([name, method]) => [name, {
+    ...method,
+    requestDeserialize: (buffer) => {
+      try {
+        return method.requestDeserialize(buffer);
+      } catch (err) {
+        return { [MALFORMED]: String(err?.message ?? err) };
+      }
+    },
+  }]));
+}
+
+const malformed = (method, request) => `malformed request to /${SERVICE_NAME}/${method}: it is not the message the `
+  + `method takes (${request[MALFORMED]})`;
+
 export function loadServices() {
   const device = protoLoader.loadSync('mmiosplit/v1/device.proto', LOADER_OPTIONS);
   const health = protoLoader.fromJSON(HEALTH_JSON, LOADER_OPTIONS);
   return {
-    DeviceService: grpc.loadPackageDefinition(device).mmiosplit.v1.DeviceService.service,
+    DeviceService: tolerant(grpc.loadPackageDefinition(device).mmiosplit.v1.DeviceService.service),
     Health: grpc.loadPackageDefinition(health).grpc.health.v1.Health.service,
   };
 }
@@ -172,6 +192,30 @@ export class DeviceServer {
       Reset: (call, callback) => this.reset(call, callback),
       ReadMirror: (call) => this.readMirror(call),
     };
+    // A request that did not decode (see `tolerant`): INVALID_ARGUMENT naming the method. A unary or server-stream
+    // call is refused before its handler runs; a client stream's messages are checked as they arrive.
+    for (const [method, handler] of Object.entries(handlers)) {
+      handlers[method] = (call, callback) => {
+        if (call.request?.[MALFORMED] !== undefined) {
+          const why = malformed(method, call.request);
+          this.warn(`${why} (from ${call.getPeer()})`);
+          if (callback) callback({ code: grpc.status.INVALID_ARGUMENT, details: why });
+          else abort(call, grpc.status.INVALID_ARGUMENT, why);
+          return undefined;
+        }
+        if (call.request === undefined) { // a stream of requests: refuse the first one that did not decode
+          const on = call.on.bind(call);
+          call.on = (event, listener) => on(event, event !== 'data' ? listener : (request) => {
+            if (request?.[MALFORMED] === undefined) return listener(request);
+            const why = malformed(method, request);
+            this.warn(`${why} (from ${call.getPeer()})`);
+            abort(call, grpc.status.INVALID_ARGUMENT, why);
+            return undefined;
+          });
+        }
+        return handler(call, callback);
+      };
+    }
     if (this.token === null) return handlers;
     // With a token, every call but health (a service of its own) must carry it: refused before it is served.
     return Object.fromEntries(Object.entries(handlers).map(([method, handler]) => [method, (call, callback) => {
@@ -274,6 +318,7 @@ export class DeviceServer {
     let peer = '';
     let ended = false; // the client half-closed: answer what came, then end
     let closed = false;
+    let received = 0n; // the highest seq read on this stream: a Cancel must name one of them
     let busy = false;
     const pending = [];
 
@@ -376,11 +421,12 @@ export class DeviceServer {
           instance_id: this.instanceId, resumed, applied: String(session.applied), features: FEATURES } });
         return;
       }
-      if (req.body === 'cancel') { // no number and no response of its own
+      if (req.body === 'cancel') { // no number and no response of its own; ignored unless it names one read here
         const seq = BigInt(req.seq);
-        if (seq > session.applied) session.cancelled.add(seq);
+        if (seq > session.applied && seq <= received) session.cancelled.add(seq);
         return;
       }
+      if (BigInt(req.seq) > received) received = BigInt(req.seq);
       pending.push(req);
       drain();
     }));
