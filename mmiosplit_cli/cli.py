@@ -552,6 +552,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(f"mmiosplit replay: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     result = Replayer(recording, targets, timeout_s=args.timeout, volatile=set(args.volatile or ())).run()
+    for note in result.notes:
+        print(f"mmiosplit replay: note: {note}", file=sys.stderr, flush=True)
     if result.divergence is not None:
         print(result.divergence.report(args.file), flush=True)
         print(f"mmiosplit replay: 1 divergence after {result.exchanges} matching exchanges "

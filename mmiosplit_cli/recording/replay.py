@@ -137,13 +137,46 @@ def normalise_watch_response(response: device_pb2.WatchResponse) -> device_pb2.W
     return out
 
 
-def normalise_describe(response: device_pb2.DescribeResponse) -> device_pb2.DescribeResponse:
+def normalise_describe(response: device_pb2.DescribeResponse, properties: bool = False) -> device_pb2.DescribeResponse:
+    """Without the instance id and clock id (random per start; the host) and the service's name (configuration).
+    Without ``properties``, also without the devices' properties, which are informative (a flash's file path) and
+    reported as a note rather than a divergence."""
     out = device_pb2.DescribeResponse()
     out.CopyFrom(response)
     out.instance_id = ""
     out.clock_id = ""
     out.service_name = ""
+    if not properties:
+        for device in out.devices:
+            device.ClearField("properties")
     return out
+
+
+def first_difference(expected: Message, got: Message, path: str = "") -> str:
+    """Where two messages first differ, as ``field[index].field: expected X, got Y`` ("" when equal)."""
+    if expected == got:
+        return ""
+    for descriptor in expected.DESCRIPTOR.fields:
+        name = descriptor.name
+        a, b = getattr(expected, name), getattr(got, name)
+        here = f"{path}.{name}" if path else name
+        if a == b:
+            continue
+        if descriptor.message_type is not None and descriptor.message_type.GetOptions().map_entry:
+            for key in sorted(set(a) | set(b)):
+                if a.get(key) != b.get(key):
+                    return f"{here}[{key!r}]: expected {a.get(key)!r}, got {b.get(key)!r}"
+        if descriptor.is_repeated:
+            for n, (x, y) in enumerate(zip(a, b, strict=False)):
+                if x != y:
+                    if descriptor.message_type is not None:
+                        return first_difference(x, y, f"{here}[{n}]")
+                    return f"{here}[{n}]: expected {x!r}, got {y!r}"
+            return f"{here}: expected {len(a)} entries, got {len(b)}"
+        if descriptor.message_type is not None:
+            return first_difference(a, b, here)
+        return f"{here}: expected {a!r}, got {b!r}"
+    return f"{path or 'message'}: differs"
 
 
 def short(message: Message, limit: int = 400) -> str:
@@ -248,6 +281,8 @@ class Replayer:
         self._exchanges = 0
         self._volatile_reads = 0
         self._extra_volatile = volatile or set()
+        #: What differed without counting as a divergence (a device property), for the report.
+        self.notes: list[str] = []
         self._types: dict[int, dict[str, str]] = {}
         self._bases: dict[int, dict[tuple[str, str], int]] = {}
         for index, service in enumerate(recording.services):
@@ -317,6 +352,7 @@ class Replayer:
                 channel.close()
         result.exchanges = self._exchanges
         result.volatile_reads = self._volatile_reads
+        result.notes = self.notes
         result.seconds = time.monotonic() - t0
         return result
 
@@ -388,9 +424,9 @@ class Replayer:
                                 device=device, address=address)
         volatile = self._is_volatile(state, request)
         if normalise_exit_response(got, volatile) != normalise_exit_response(expected, volatile):
-            note = ""
+            note = first_difference(normalise_exit_response(expected, volatile), normalise_exit_response(got, volatile))
             if record.index in state.cancel_early:
-                note = ("the recording cancelled this access: whether a service had started it when the Cancel "
+                note += ("; the recording cancelled this access: whether a service had started it when the Cancel "
                         "arrived is timing")
             raise self._diverge(record, where + f", {self._what(request)}", self._show_response(expected),
                                 self._show_response(got), seq=request.seq, device=device, address=address, note=note)
@@ -474,7 +510,9 @@ class Replayer:
         if normalise_watch_response(got) != normalise_watch_response(expected):
             device, address = self._event_place(state, expected, got)
             raise self._diverge(record, where + ", watch event", short(normalise_watch_response(expected)),
-                                short(normalise_watch_response(got)), device=device, address=address)
+                                short(normalise_watch_response(got)), device=device, address=address,
+                                note=first_difference(normalise_watch_response(expected),
+                                                      normalise_watch_response(got)))
         self._exchanges += 1
 
     def _event_place(self, state: _StreamState, expected: device_pb2.WatchResponse,
@@ -532,6 +570,11 @@ class Replayer:
             raise self._diverge(record, where, f"status {grpc_code_name(expected_code)}",
                                 f"status {grpc_code_name(code)} {details}")
         if method == "Describe":
+            if expected and got:
+                note = first_difference(normalise_describe(expected[0], True),  # type: ignore[arg-type]
+                                        normalise_describe(got[0], True))  # type: ignore[arg-type]
+                if note:
+                    self.notes.append(f"Describe differs in a device property (not compared): {note}")
             expected = [normalise_describe(m) for m in expected]  # type: ignore[arg-type]
             got = [normalise_describe(m) for m in got]  # type: ignore[arg-type]
         if method == "ReadMirror":
@@ -547,8 +590,9 @@ class Replayer:
                 raise self._diverge(record, where, f"mirror mode {expected_mode(expected)}",
                                     f"mirror mode {expected_mode(got)}")
         elif expected != got:
+            detail = first_difference(expected[0], got[0]) if len(expected) == len(got) == 1 else ""
             raise self._diverge(record, where, " | ".join(short(m) for m in expected),
-                                " | ".join(short(m) for m in got))
+                                " | ".join(short(m) for m in got), note=detail)
         self._exchanges += 1
 
     # ----- ends ------------------------------------------------------------------------------------------------
