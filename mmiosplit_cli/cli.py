@@ -545,7 +545,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.serve:
         from mmiosplit_cli.recording.double import serve_double  # lazy: start-up time
 
-        return serve_double(recording, args.serve, ready=_ready("device double"), grace_s=args.grace_s)
+        try:
+            return serve_double(recording, args.serve, ready=_ready("device double"),  # type: ignore[arg-type]
+                                grace_s=args.grace_s)
+        except (ReplayError, OSError, security.SecurityError) as exc:
+            print(f"mmiosplit replay: {exc}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
     try:
         targets = resolve_targets(recording, args.device_service)
     except ReplayError as exc:
@@ -749,9 +754,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="drive the device service at ADDR with the recorded requests and compare every answer; "
                     "NAME=ADDR per service when the recording has several (NAME: the recorded address, the "
                     "service's name, or its index); exit status 1 at the first divergence")
-    rp.add_argument("--serve", metavar="ADDR", type=_address,
-                    help="serve the recording at ADDR as a stand-in device service (a device double): recorded "
-                    "answers to matching requests, a device error naming both requests when the guest diverges")
+    rp.add_argument("--serve", action="append", metavar="[NAME=]ADDR",
+                    help="serve the recording at ADDR as a stand-in device service (a device double) until SIGTERM or "
+                    "SIGINT: recorded answers to matching requests, a device error naming both requests when the "
+                    "guest diverges (exit status 1); NAME=ADDR per service as for --device-service")
     rp.add_argument("--timeout", type=float, default=10.0, metavar="S",
                     help="how long to wait for each live answer (default 10)")
     rp.add_argument("--volatile", type=_volatile, action="append", metavar="DEVICE_OR_TYPE:OFFSET",
