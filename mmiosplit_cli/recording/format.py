@@ -136,13 +136,14 @@ class Recorder:
         self._started_ns = time.time_ns()
         self._t0 = time.monotonic_ns()
         self._last_us = 0
-        header = bytearray(MAGIC)
-        header += struct.pack("<HHQ", FORMAT_VERSION, protocol_version, self._started_ns)
-        header += _varint(len(services))
+        body = bytearray(_varint(len(services)))
         for service in services:
             name = service.name.encode()
             describe = service.describe.SerializeToString()
-            header += _varint(len(name)) + name + _varint(len(describe)) + describe
+            body += _varint(len(name)) + name + _varint(len(describe)) + describe
+        header = bytearray(MAGIC)
+        header += struct.pack("<HHQI", FORMAT_VERSION, protocol_version, self._started_ns, len(body))
+        header += body
         header += struct.pack("<I", zlib.crc32(header))
         self._file.write(header)
         #: Bytes written so far (for the report).
@@ -256,9 +257,15 @@ def read_recording(path: str | Path) -> Recording:
     if data[:len(MAGIC)] != MAGIC:
         raise r.fail(0, "not an mmiosplit recording (bad magic)")
     r.at = len(MAGIC)
-    version, protocol, started = struct.unpack("<HHQ", r.take(12, "header"))
+    version, protocol, started, length = struct.unpack("<HHQI", r.take(16, "header"))
     if version != FORMAT_VERSION:
         raise r.fail(len(MAGIC), f"format version {version}; this reader knows version {FORMAT_VERSION}")
+    header_end = r.at + length
+    if header_end + 4 > len(data):
+        raise r.fail(r.at, f"truncated: the header needs {length + 4} more bytes, the file has {len(data) - r.at}")
+    (crc,) = struct.unpack("<I", data[header_end:header_end + 4])
+    if crc != zlib.crc32(data[:header_end]):
+        raise r.fail(0, f"corrupt: the header checksum does not match (header of {header_end} bytes)")
     services: list[RecordedService] = []
     for _ in range(r.varint("service count")):
         service_name = r.take(r.varint("service name length"), "service name").decode("utf-8", "replace")
@@ -270,10 +277,9 @@ def read_recording(path: str | Path) -> Recording:
         except DecodeError:
             raise r.fail(at, f"corrupt: the Describe of service {service_name!r} does not parse") from None
         services.append(RecordedService(service_name, describe))
-    header_end = r.at
-    (crc,) = struct.unpack("<I", r.take(4, "header checksum"))
-    if crc != zlib.crc32(data[:header_end]):
-        raise r.fail(0, f"corrupt: the header checksum does not match (header of {header_end} bytes)")
+    if r.at != header_end:
+        raise r.fail(r.at, f"corrupt: the header's services end at offset {r.at}, its length says {header_end}")
+    r.at = header_end + 4
     records: list[Record] = []
     streams: dict[int, Stream] = {}
     block_start = r.at

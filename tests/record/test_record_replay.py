@@ -1,0 +1,182 @@
+"""Record a guest's exchanges with its device service (``run --record``), replay them against a live device service
+(``replay --device-service``: 0 divergences, or the first one, where it is), serve them as a device double
+(``replay --serve``), and refuse a damaged recording with the file and offset."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mmiosplit.v1 import device_pb2
+from mmiosplit_cli.recording.format import (
+    FROM_SERVICE,
+    TO_SERVICE,
+    RecordedService,
+    Recorder,
+    RecordingError,
+    iter_messages,
+    read_recording,
+)
+from tests.record.changed_pl011 import CHANGED_CR
+from tests.record.helpers import DEFAULT_DEVICES, GUESTS, device_double, device_service, mmiosplit
+
+pytestmark = pytest.mark.integration
+
+HELLO = GUESTS / "bin" / "hello-a64.bin"
+EXPECTED = (GUESTS / "expected" / "hello-a64-1cpu.txt").read_text()
+UART = 0x0900_0000
+
+
+def _record(path: Path, *extra: str) -> Path:
+    proc = mmiosplit("run", str(HELLO), "--record", str(path), *extra)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == EXPECTED  # recording changes nothing the guest sees
+    assert re.search(rf"recorded \d+ records \(\d+ bytes\) to {re.escape(str(path))}", proc.stderr)
+    return path
+
+
+@pytest.fixture(scope="module")
+def hello_recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _record(tmp_path_factory.mktemp("record") / "hello.rec")
+
+
+@pytest.fixture(scope="module")
+def hello_recording_no_shadows(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every device read exits (FR polls included), so a changed FR shows in a completion."""
+    return _record(tmp_path_factory.mktemp("record") / "hello-no-shadows.rec", "--no-shadows")
+
+
+def test_the_recording_holds_every_exchange_in_order(hello_recording: Path) -> None:
+    recording = read_recording(hello_recording)
+    assert [s.describe.service_name for s in recording.services] == ["mmiosplit-devices"]
+    assert {d.type for d in recording.services[0].describe.devices} == {"pl011", "pl031", "scratch"}
+    methods = {s.method for s in recording.streams.values()}
+    assert {"Describe", "ExitStream", "Watch", "Console"} <= methods
+    exits = completions = 0
+    seqs: list[int] = []
+    for record, stream, message in iter_messages(recording):
+        if stream.method != "ExitStream":
+            continue
+        if record.direction == TO_SERVICE and message.HasField("exit"):  # type: ignore[attr-defined]
+            exits += 1
+            seqs.append(message.seq)  # type: ignore[attr-defined]
+        elif record.direction == FROM_SERVICE and message.HasField("completion"):  # type: ignore[attr-defined]
+            completions += 1
+    assert exits == completions > 6000
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)  # one session, in order
+    console = b"".join(m.output for r, s, m in iter_messages(recording)  # type: ignore[attr-defined]
+                       if s.method == "Console" and r.direction == FROM_SERVICE)
+    assert console.decode() == EXPECTED
+
+
+def test_replay_against_the_same_model_finds_no_divergence(hello_recording: Path, tmp_path: Path) -> None:
+    with device_service(tmp_path, DEFAULT_DEVICES) as address:
+        proc = mmiosplit("replay", str(hello_recording), "--device-service", address)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    found = re.fullmatch(r"0 divergences, (\d+) exchanges \(\d+ records, [\d.]+ s\)\n", proc.stdout)
+    assert found, proc.stdout
+    assert int(found.group(1)) > 6000
+
+
+def test_a_changed_reset_value_diverges_at_that_register(hello_recording: Path, tmp_path: Path) -> None:
+    """UARTCR resets to 0x301: the first place that shows is the initial shadow values on the Watch stream."""
+    with device_service(tmp_path, DEFAULT_DEVICES, changed="cr") as address:
+        proc = mmiosplit("replay", str(hello_recording), "--device-service", address)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"device:   pl011-0 at 0x{UART + 0x30:x}" in proc.stdout, proc.stdout
+    assert "Watch of VM" in proc.stdout and "watch event" in proc.stdout
+    assert CHANGED_CR.to_bytes(4, "little").hex() in proc.stdout.replace("\\x", "") or "\\001\\003" in proc.stdout
+    assert "1 divergence" in proc.stderr
+
+
+def test_a_changed_register_diverges_at_the_first_read_of_it(hello_recording_no_shadows: Path,
+                                                             tmp_path: Path) -> None:
+    """UARTFR reads with BUSY set: the divergence is the first FR read, with its seq, device and address."""
+    recording = read_recording(hello_recording_no_shadows)
+    first_fr = next(m for r, s, m in iter_messages(recording) if s.method == "ExitStream"
+                    and r.direction == TO_SERVICE and m.HasField("exit")  # type: ignore[attr-defined]
+                    and m.exit.address == UART + 0x18)  # type: ignore[attr-defined]
+    assert isinstance(first_fr, device_pb2.ExitStreamRequest)
+    with device_service(tmp_path, DEFAULT_DEVICES, changed="fr", extra=["--no-shadows"]) as address:
+        proc = mmiosplit("replay", str(hello_recording_no_shadows), "--device-service", address)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"  seq:      {first_fr.seq}\n" in proc.stdout, proc.stdout
+    assert f"device:   pl011-0 at 0x{UART + 0x18:x}" in proc.stdout
+    assert "4-byte read at pl011-0/regs+0x18" in proc.stdout
+    assert "expected: OK, data 0x00000090" in proc.stdout  # TXFE | RXFE
+    assert "got:      OK, data 0x00000098" in proc.stdout  # and BUSY
+
+
+def test_a_guest_runs_against_the_device_double(hello_recording: Path, tmp_path: Path) -> None:
+    with device_double(tmp_path, hello_recording) as (address, proc, log):
+        run = mmiosplit("run", str(HELLO), "--device-service", address)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == EXPECTED
+    assert proc.returncode == 0, log.read_text()
+    assert re.search(r"0 divergences, \d+ requests matched, (\d+) of \1 recorded messages served", log.read_text())
+
+
+def test_the_double_fails_loudly_when_the_guest_diverges(hello_recording: Path, tmp_path: Path) -> None:
+    """Another guest: its first access is not the recorded one; it completes with an error naming both."""
+    other = tmp_path / "other.bin"
+    # movz x0, #0x0900, lsl #16; movz w1, #'X'; str w1, [x0]; b .
+    other.write_bytes(bytes.fromhex("0020a1d2 010b8052 010000b9 00000014"))
+    with device_double(tmp_path, hello_recording) as (address, proc, log):
+        run = mmiosplit("run", str(other), "--device-service", address, "--on-device-error", "stop",
+                        "--timeout", "60")
+    assert run.returncode == 1, run.stderr
+    assert "replay double: the guest diverged from the recording" in run.stderr
+    assert "expected" in run.stderr and "got" in run.stderr
+    assert proc.returncode == 1
+    text = log.read_text()
+    assert "1 divergence" in text and "data: \"X\\000\\000\\000\"" in text
+
+
+def _copy(source: Path, target: Path, size: int | None = None, flip: int | None = None) -> Path:
+    data = bytearray(source.read_bytes()[:size])
+    if flip is not None:
+        data[flip] ^= 0xFF
+    target.write_bytes(bytes(data))
+    return target
+
+
+def test_a_truncated_or_corrupt_recording_is_refused_with_file_and_offset(hello_recording: Path,
+                                                                          tmp_path: Path) -> None:
+    size = hello_recording.stat().st_size
+    cut = _copy(hello_recording, tmp_path / "cut.rec", size=size // 2)
+    with pytest.raises(RecordingError, match=rf"^{re.escape(str(cut))}: offset \d+ \(0x[0-9a-f]+\): truncated"):
+        read_recording(cut)
+    proc = mmiosplit("replay", str(cut), "--device-service", "unix:/nonexistent.sock")
+    assert proc.returncode == 2
+    assert re.search(rf"{re.escape(str(cut))}: offset \d+ .*truncated", proc.stderr), proc.stderr
+    flipped = _copy(hello_recording, tmp_path / "flipped.rec", flip=size // 2)
+    with pytest.raises(RecordingError, match=rf"^{re.escape(str(flipped))}: offset \d+ .*corrupt"):
+        read_recording(flipped)
+    header = _copy(hello_recording, tmp_path / "header.rec", flip=20)
+    with pytest.raises(RecordingError, match=r"offset 0 \(0x0\): corrupt: the header checksum"):
+        read_recording(header)
+    not_one = tmp_path / "not.rec"
+    not_one.write_bytes(b"hello, world\n")
+    with pytest.raises(RecordingError, match=r"not.rec: offset 0 \(0x0\): not an mmiosplit recording"):
+        read_recording(not_one)
+
+
+def _small_recording(path: Path) -> Iterator[int]:
+    recorder = Recorder(path, [RecordedService("unix:x", device_pb2.DescribeResponse(service_name="x"))], 1)
+    stream = recorder.open_stream(0, "ExitStream")
+    recorder.message(stream, TO_SERVICE, device_pb2.ExitStreamRequest(seq=0).SerializeToString())
+    recorder.close()
+    yield recorder.size
+
+
+def test_every_cut_of_a_recording_is_refused(tmp_path: Path) -> None:
+    """Cut anywhere, a recording never reads as a shorter valid one: it has an end record."""
+    whole = tmp_path / "whole.rec"
+    size = next(_small_recording(whole))
+    assert read_recording(whole).records
+    for n in range(size):
+        with pytest.raises(RecordingError, match=r"offset \d+"):
+            read_recording(_copy(whole, tmp_path / "cut.rec", size=n))
