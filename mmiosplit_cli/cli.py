@@ -503,8 +503,10 @@ def _finish_recording(proxy: RecordingProxy, args: argparse.Namespace) -> None:
     proxy.close()
     if not args.quiet:
         recorder = proxy.recorder
-        print(f"mmiosplit: recorded {recorder.records} records ({recorder.size} bytes) to {args.record}",
-              file=sys.stderr, flush=True)
+        text = f"mmiosplit: recorded {recorder.records} records ({recorder.size} bytes) to {args.record}"
+        # A terminal in raw mode needs CR LF, and the guest's last line may have no end.
+        sys.stderr.write(f"\r\n{text}\r\n" if sys.stdin.isatty() else f"{text}\n")
+        sys.stderr.flush()
 
 
 def _route_through(cfg: vcpu_pb2.VmConfig, addresses: dict[str, str]) -> None:
