@@ -436,7 +436,8 @@ class Replayer:
 
     def _where(self, state: _StreamState) -> str:
         name = self.recording.services[self._service(state)].describe.service_name or f"service {self._service(state)}"
-        return f"{name}: {state.stream.method} of VM {state.vm or '?'} vCPU {state.vcpu} (stream {state.stream.id})"
+        vcpu = f" vCPU {state.vcpu}" if state.stream.method == "ExitStream" else ""
+        return f"{name}: {state.stream.method} of VM {state.vm or '?'}{vcpu} (stream {state.stream.id})"
 
     @staticmethod
     def _what(request: device_pb2.ExitStreamRequest) -> str:
@@ -509,8 +510,9 @@ class Replayer:
         state.consumed += 1
         if normalise_watch_response(got) != normalise_watch_response(expected):
             device, address = self._event_place(state, expected, got)
-            raise self._diverge(record, where + ", watch event", short(normalise_watch_response(expected)),
-                                short(normalise_watch_response(got)), device=device, address=address,
+            shown = _shadow_difference(expected, got) or (short(normalise_watch_response(expected)),
+                                                          short(normalise_watch_response(got)))
+            raise self._diverge(record, where + ", watch event", *shown, device=device, address=address,
                                 note=first_difference(normalise_watch_response(expected),
                                                       normalise_watch_response(got)))
         self._exchanges += 1
@@ -628,6 +630,21 @@ class Replayer:
         for state in self._states.values():
             if state.call is not None and state.stream.method == "Console":
                 self._compare_console(state.stream.records[-1], state)
+
+
+def _shadow_difference(expected: device_pb2.WatchResponse, got: device_pb2.WatchResponse) -> tuple[str, str] | None:
+    """For two shadow updates with the same registers: the first register whose value differs, both ways."""
+    if not (expected.HasField("shadow") and got.HasField("shadow")):
+        return None
+    pairs = list(zip(expected.shadow.values, got.shadow.values, strict=False))
+    if len(expected.shadow.values) != len(got.shadow.values) or any(
+            (a.device, a.region, a.offset) != (b.device, b.region, b.offset) for a, b in pairs):
+        return None
+    def show(v: device_pb2.ShadowValue) -> str:
+        return (f"shadow register {v.device}/{v.region}+0x{v.offset:x} = "
+                f"0x{int.from_bytes(v.data, 'little'):0{2 * len(v.data)}x} (in an update of {len(pairs)})")
+
+    return next(((show(a), show(b)) for a, b in pairs if a.data != b.data), None)
 
 
 def expected_mode(chunks: list[Message]) -> bool:
