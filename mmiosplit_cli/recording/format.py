@@ -36,6 +36,10 @@ FROM_SERVICE = 1
 
 #: A CHECK record follows at most this many bytes of records.
 CHECK_EVERY = 64 * 1024
+#: Tag bit: the payload is zlib-compressed (payloads of at least COMPRESS_FROM bytes that shrink by a quarter: ROMD
+#: contents, large DMA).
+COMPRESSED = 0x80
+COMPRESS_FROM = 1024
 
 #: Method name -> (request type, response type, request streaming, response streaming).
 METHODS: dict[str, tuple[type[Message], type[Message], bool, bool]] = {
@@ -170,7 +174,13 @@ class Recorder:
         now_us = (time.monotonic_ns() - self._t0) // 1000
         delta = max(0, now_us - self._last_us)
         self._last_us = max(self._last_us, now_us)
-        data = bytes([kind << 1 | direction]) + _varint(stream) + _varint(delta) + _varint(len(payload)) + payload
+        tag = kind << 1 | direction
+        if len(payload) >= COMPRESS_FROM:
+            packed = zlib.compress(payload, 6)
+            if len(packed) <= len(payload) * 3 // 4:
+                tag |= COMPRESSED
+                payload = packed
+        data = bytes([tag]) + _varint(stream) + _varint(delta) + _varint(len(payload)) + payload
         self._file.write(data)
         self.size += len(data)
         if kind != CHECK:
@@ -292,12 +302,18 @@ def read_recording(path: str | Path) -> Recording:
                          "(the recording was cut short)")
         tag = data[start]
         r.at += 1
-        kind, direction = tag >> 1, tag & 1
+        kind, direction = (tag & ~COMPRESSED) >> 1, tag & 1
         if kind not in KIND_NAMES:
             raise r.fail(start, f"corrupt: unknown record kind {kind} (tag byte 0x{tag:02x})")
         stream_id = r.varint("stream id")
         time_us += r.varint("time delta")
         payload = r.take(r.varint("payload length"), "payload")
+        crc_end = r.at
+        if tag & COMPRESSED:
+            try:
+                payload = zlib.decompress(payload)
+            except zlib.error:
+                raise r.fail(start, "corrupt: a compressed payload does not decompress") from None
         if kind == CHECK:
             if len(payload) != 4 or struct.unpack("<I", payload)[0] != crc:
                 raise r.fail(block_start, f"corrupt: the records from offset {block_start} to {start} do not match "
@@ -317,7 +333,7 @@ def read_recording(path: str | Path) -> Recording:
             if r.at != len(data):
                 raise r.fail(r.at, f"corrupt: {len(data) - r.at} bytes after the end record")
             break
-        crc = zlib.crc32(data[start:r.at], crc)
+        crc = zlib.crc32(data[start:crc_end], crc)
         record = Record(len(records), kind, direction, stream_id, time_us, payload, start)
         if kind == OPEN:
             if stream_id in streams:
