@@ -76,9 +76,12 @@ class _Forwarder(grpc.GenericRpcHandler):
             stream = self._recorder.open_stream(self._index, name)
 
             def forward() -> Iterator[bytes]:
-                for request in requests:
-                    self._recorder.message(stream, TO_SERVICE, request)
-                    yield request
+                try:
+                    for request in requests:
+                        self._recorder.message(stream, TO_SERVICE, request)
+                        yield request
+                except grpc.RpcError:
+                    return  # the client's side ended (it cancelled): the upstream call is cancelled too
 
             call = self._channel.stream_stream(method, request_serializer=_identity,
                                                response_deserializer=_identity)(forward())

@@ -99,7 +99,8 @@ class ReplayResult:
 
 def normalise_exit_response(response: device_pb2.ExitStreamResponse, volatile: bool) -> device_pb2.ExitStreamResponse:
     """A copy without what legitimately differs between two runs of the same model: the service's instance id and
-    name (random per start; configuration), interrupt raise times (a clock), generation counters (the protocol only
+    name (random per start; configuration), what a resumed stream's welcome says was applied (where a connection
+    broke is network timing), interrupt raise times (a clock), generation counters (the protocol only
     says they increase; their values are the service's own count), going_away (timing of a shutdown), and the data
     of a read of a clock-dependent register (``volatile``)."""
     out = device_pb2.ExitStreamResponse()
@@ -108,6 +109,8 @@ def normalise_exit_response(response: device_pb2.ExitStreamResponse, volatile: b
     if out.HasField("welcome"):
         out.welcome.instance_id = ""
         out.welcome.service_name = ""
+        if out.welcome.resumed:  # how much the service had applied when a stream broke is network timing
+            out.welcome.applied = 0
     if out.HasField("completion"):
         _normalise_completion(out.completion)
         if volatile:
@@ -251,6 +254,7 @@ class _LiveCall:
 class _StreamState:
     stream: Stream
     call: _LiveCall | None = None
+    closed: bool = False
     vm: str = ""
     vcpu: int = 0
     # ExitStream: request record index -> its response record; cancels to send right after a request.
@@ -278,6 +282,7 @@ class Replayer:
         self.targets = targets
         self._sessions: dict[str, str] = {}
         self._states: dict[int, _StreamState] = {}
+        self._resent: set[int] = set()
         self._exchanges = 0
         self._volatile_reads = 0
         self._extra_volatile = volatile or set()
@@ -291,7 +296,22 @@ class Replayer:
         self._prepare()
 
     def _prepare(self) -> None:
-        """Pair each recorded request with its response, and each DMA request with its result."""
+        """Pair each recorded request with its response, and each DMA request with its result; find the requests
+        a broken stream left unanswered and a resumed one sent again (``_resent``)."""
+        sent: dict[tuple[str, int], list[int]] = {}  # (session, seq) -> request records, in order
+        for stream in self.recording.streams.values():
+            if stream.method != "ExitStream":
+                continue
+            session = ""
+            for record in stream.records:
+                if record.kind == MESSAGE and record.direction == TO_SERVICE:
+                    message = self.recording.decode(record)
+                    assert isinstance(message, device_pb2.ExitStreamRequest)
+                    if message.HasField("hello"):
+                        session = message.hello.session_id
+                    elif session and not message.HasField("cancel"):
+                        sent.setdefault((session, message.seq), []).append(record.index)
+        self._resent = {index for indices in sent.values() for index in indices[:-1]}
         for stream in self.recording.streams.values():
             state = _StreamState(stream)
             self._states[stream.id] = state
@@ -364,6 +384,8 @@ class Replayer:
         if record.kind == CLOSE:
             self._close(record, state)
             return
+        if state.closed and record.direction == TO_SERVICE:
+            return  # the client sent it after the recorded call had ended: it never reached the service
         message = self.recording.decode(record)
         if method == "ExitStream":
             if record.direction == TO_SERVICE:
@@ -404,6 +426,10 @@ class Replayer:
         elif state.call is None:
             raise self._diverge(record, self._where(state), "a handshake first",
                                 "the recording sends a request before any hello on this stream")
+        elif record.index in self._resent and record.index not in state.responses:
+            # The stream broke before its answer and a resumed stream sent it again: sent there only, so whether
+            # the service had it before the break (network timing) does not matter.
+            return
         else:
             state.call.requests.put(request)
         if body == "cancel":
@@ -600,6 +626,7 @@ class Replayer:
     # ----- ends ------------------------------------------------------------------------------------------------
 
     def _close(self, record: Record, state: _StreamState) -> None:
+        state.closed = True
         if state.call is None or state.stream.method not in ("ExitStream", "Watch", "Console"):
             return
         if state.stream.method == "Watch":

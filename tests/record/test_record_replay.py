@@ -229,3 +229,56 @@ def test_dma_on_the_watch_stream_is_recorded_replayed_and_served(tmp_path: Path)
         run = mmiosplit("run", str(guest), "--device-service", address, "--dma-window", f"{address}={window}")
     assert run.returncode == 0, run.stderr
     assert double.returncode == 0, log.read_text()
+
+
+def test_resumed_sessions_pass_through_the_recorder_and_replay(tmp_path: Path) -> None:
+    """Connections between the recorder and the device service reset every 30 ms: the vcpu service resumes its
+    session through the proxy (every byte lands once), the recording holds the broken and resumed streams, and
+    the replay (sending a request the broken stream left unanswered only where it was sent again) finds none."""
+    import threading
+
+    from mmiosplit.v1 import vcpu_pb2, vcpu_pb2_grpc
+    from mmiosplit_cli.launcher import free_tcp_port, local_services
+    from mmiosplit_cli.recording.proxy import RecordingProxy
+    from mmiosplit_cli.runner import channel
+    from tests.chaos.campaign import DeviceProcess, countdown, run_countdown
+    from tests.chaos.proxy import ChaosProxy
+
+    port, log, n = free_tcp_port(), tmp_path / "uart.log", 600
+    recording = tmp_path / "resume.rec"
+    devices = DeviceProcess(port, log)
+    stop = threading.Event()
+    try:
+        with ChaosProxy(f"127.0.0.1:{port}") as chaos, local_services(None, transport="tcp") as (vaddr, _, _h):
+            recorder = RecordingProxy(recording, [chaos.address])
+            try:
+                def cut() -> None:
+                    while not stop.wait(0.03):
+                        chaos.cut()
+
+                cutter = threading.Thread(target=cut, daemon=True)
+                assert vaddr
+                with channel(vaddr) as ch:
+                    final, _, _ = run_countdown(vcpu_pb2_grpc.VcpuServiceStub(ch), recorder.addresses[chaos.address],
+                                                n, deadline_ms=5000, during=cutter.start)
+                stop.set()
+                cutter.join()
+            finally:
+                recorder.close()
+    finally:
+        stop.set()
+        devices.kill()
+    assert final.kind == vcpu_pb2.VM_EVENT_KIND_POWERED_OFF, final
+    assert log.read_bytes() == countdown(n)
+    loaded = read_recording(recording)
+    hellos = [m.hello for r, s, m in iter_messages(loaded) if s.method == "ExitStream"  # type: ignore[attr-defined]
+              and r.direction == TO_SERVICE and m.HasField("hello")]  # type: ignore[attr-defined]
+    assert len(hellos) >= 3 and len({h.session_id for h in hellos}) == 1, len(hellos)  # one session, resumed
+    port2, log2 = free_tcp_port(), tmp_path / "uart2.log"
+    again = DeviceProcess(port2, log2)
+    try:
+        proc = mmiosplit("replay", str(recording), "--device-service", f"127.0.0.1:{port2}")
+    finally:
+        again.kill()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert log2.read_bytes() == countdown(n)  # the replay, too, applied every write once
