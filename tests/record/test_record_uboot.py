@@ -83,3 +83,20 @@ def test_uboot_boots_against_the_device_double(uboot_recording: tuple[Path, list
         return [line for line in transcript if line and not line.startswith("mmiosplit:")]
 
     assert console(lines) == console(recorded_lines)
+
+
+@pytest.mark.timeout(1200)
+def test_uboot_commands_reset_and_the_rtc_replay_without_divergence(tmp_path: Path) -> None:
+    """A session with the RTC read twice (its data is the host's clock: not compared, and counted) and a `reset`
+    (Reset and the mirrors read again, in the recorded order), replayed against a fresh device service."""
+    _require(str(UBOOT[ARCH]))
+    recording = tmp_path / "session.rec"
+    command = [sys.executable, "-m", "mmiosplit_cli", "run", "--machine", "virt", "--arch", ARCH, str(UBOOT[ARCH]),
+               "--flash1", str(_flash1(tmp_path / "flash1.img")), "--record", str(recording)]
+    lines = run_uboot_script(command, ["version", "date", "md.l 0x09010000 1", "reset"], timeout=600).lines()
+    assert sum(line.startswith("U-Boot 2023.01") for line in lines) >= 2  # booted again after the reset
+    with device_service(tmp_path, _board(_flash1(tmp_path / "flash1-replay.img"))) as address:
+        proc = mmiosplit("replay", str(recording), "--device-service", address, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    found = re.search(r"(\d+) clock-dependent reads' data not compared", proc.stdout)
+    assert found and int(found.group(1)) >= 2, proc.stdout  # `date` and `md.l` of RTCDR
