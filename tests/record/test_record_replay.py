@@ -282,3 +282,30 @@ def test_resumed_sessions_pass_through_the_recorder_and_replay(tmp_path: Path) -
         again.kill()
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert log2.read_bytes() == countdown(n)  # the replay, too, applied every write once
+
+
+def test_recording_with_a_token_and_a_vcpu_service_reached_over_tcp(tmp_path: Path) -> None:
+    """The proxy serves and connects with the process's credentials (a token here, never recorded); a vcpu service
+    reached over TCP needs --record-listen, an address it can reach."""
+    from mmiosplit_cli.launcher import local_services
+
+    token = tmp_path / "token"
+    token.write_text("a-token-nobody-guesses\n")
+    secret = ["--token-file", str(token)]
+    recording = tmp_path / "tcp.rec"
+    with local_services(None, transport="tcp") as (vaddr, _, _handle):
+        assert vaddr
+        refused = mmiosplit("run", str(HELLO), "--vcpu-service", vaddr, "--record", str(recording))
+        assert refused.returncode == 2
+        assert "--record-listen" in refused.stderr
+        proc = mmiosplit("run", str(HELLO), "--vcpu-service", vaddr, "--record", str(recording),
+                         "--record-listen", "127.0.0.1")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == EXPECTED
+    tokened = tmp_path / "token.rec"
+    proc = mmiosplit("run", str(HELLO), "--record", str(tokened), *secret)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == EXPECTED
+    assert b"a-token-nobody-guesses" not in tokened.read_bytes()
+    with device_service(tmp_path, DEFAULT_DEVICES) as address:
+        assert mmiosplit("replay", str(recording), "--device-service", address).returncode == 0
