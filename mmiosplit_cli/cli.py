@@ -535,15 +535,23 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from mmiosplit_cli.recording.format import RecordingError, read_recording  # lazy: start-up time
     from mmiosplit_cli.recording.replay import Replayer, ReplayError, resolve_targets
 
-    if bool(args.device_service) == bool(args.serve):
-        print("mmiosplit replay: give --device-service ADDR (drive a live device service and compare) or --serve "
-              "ADDR (stand in for the recorded one), one of the two", file=sys.stderr)
+    if sum(map(bool, (args.device_service, args.serve, args.list))) != 1:
+        print("mmiosplit replay: give --device-service ADDR (drive a live device service and compare), --serve "
+              "ADDR (stand in for the recorded one) or --list (print the recording), one of the three",
+              file=sys.stderr)
         return EXIT_CONFIG_ERROR
     try:
         recording = read_recording(args.file)
     except RecordingError as exc:
         print(f"mmiosplit replay: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    if args.list:
+        from mmiosplit_cli.recording.listing import list_recording  # lazy: start-up time
+
+        with contextlib.suppress(BrokenPipeError):  # `| head`
+            for line in list_recording(recording):
+                print(line)
+        return 0
     if args.serve:
         from mmiosplit_cli.recording.double import serve_double  # lazy: start-up time
 
@@ -760,6 +768,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="serve the recording at ADDR as a stand-in device service (a device double) until SIGTERM or "
                     "SIGINT: recorded answers to matching requests, a device error naming both requests when the "
                     "guest diverges (exit status 1); NAME=ADDR per service as for --device-service")
+    rp.add_argument("--list", action="store_true",
+                    help="print the recording, one line per record (index, time, call, direction, message)")
     rp.add_argument("--timeout", type=float, default=10.0, metavar="S",
                     help="how long to wait for each live answer (default 10)")
     rp.add_argument("--volatile", type=_volatile, action="append", metavar="DEVICE_OR_TYPE:OFFSET",

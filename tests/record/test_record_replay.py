@@ -309,3 +309,14 @@ def test_recording_with_a_token_and_a_vcpu_service_reached_over_tcp(tmp_path: Pa
     assert b"a-token-nobody-guesses" not in tokened.read_bytes()
     with device_service(tmp_path, DEFAULT_DEVICES) as address:
         assert mmiosplit("replay", str(recording), "--device-service", address).returncode == 0
+
+
+def test_list_prints_one_line_per_record(hello_recording: Path) -> None:
+    proc = mmiosplit("replay", str(hello_recording), "--list")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    recording = read_recording(hello_recording)
+    assert len(lines) == 2 + len(recording.records)
+    assert lines[1].startswith("service 0: mmiosplit-devices at unix:")
+    assert any(re.search(r"ExitStream -> seq \d+ 4-byte write of 0x00000068 at pl011-0/regs\+0x0$", line) for line in lines)
+    assert any(re.search(r"ExitStream <- seq \d+ OK$", line) for line in lines)
