@@ -318,5 +318,6 @@ def test_list_prints_one_line_per_record(hello_recording: Path) -> None:
     recording = read_recording(hello_recording)
     assert len(lines) == 2 + len(recording.records)
     assert lines[1].startswith("service 0: mmiosplit-devices at unix:")
-    assert any(re.search(r"ExitStream -> seq \d+ 4-byte write of 0x00000068 at pl011-0/regs\+0x0$", line) for line in lines)
+    written = r"ExitStream -> seq \d+ 4-byte write of 0x00000068 at pl011-0/regs\+0x0$"
+    assert any(re.search(written, line) for line in lines)
     assert any(re.search(r"ExitStream <- seq \d+ OK$", line) for line in lines)
