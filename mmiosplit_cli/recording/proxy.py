@@ -170,8 +170,9 @@ class RecordingProxy:
             raise
 
     def _serve(self, index: int, channel: grpc.Channel, listen: str | None) -> str:
-        # One thread per open stream (each vCPU's exit stream, the Watch and Console streams, short unary calls).
-        server = security.server(futures.ThreadPoolExecutor(64, thread_name_prefix=f"record-{index}"))
+        # One thread per open call (each vCPU's exit stream, the Watch and Console streams, short unary calls); a
+        # call beyond the pool would wait for a thread, so the pool is far larger than a VM's calls.
+        server = security.server(futures.ThreadPoolExecutor(256, thread_name_prefix=f"record-{index}"))
         server.add_generic_rpc_handlers((_Forwarder(index, channel, self.recorder),))
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
