@@ -21,7 +21,7 @@ from mmiosplit_cli.recording.format import (
     read_recording,
 )
 from tests.record.changed_pl011 import CHANGED_CR
-from tests.record.helpers import DEFAULT_DEVICES, GUESTS, device_double, device_service, mmiosplit
+from tests.record.helpers import DEFAULT_DEVICES, GUESTS, device_double, device_service, mmiosplit, started
 
 pytestmark = pytest.mark.integration
 
@@ -321,3 +321,29 @@ def test_list_prints_one_line_per_record(hello_recording: Path) -> None:
     written = r"ExitStream -> seq \d+ 4-byte write of 0x00000068 at pl011-0/regs\+0x0$"
     assert any(re.search(written, line) for line in lines)
     assert any(re.search(r"ExitStream <- seq \d+ OK$", line) for line in lines)
+
+
+def test_two_device_services_are_recorded_replayed_and_served_by_name(tmp_path: Path) -> None:
+    uarts, mem = DEFAULT_DEVICES[:2], DEFAULT_DEVICES[2:]
+    recording = tmp_path / "two.rec"
+    with device_service(tmp_path, uarts, name="uarts", extra=["--name", "uarts"]) as a, \
+            device_service(tmp_path, mem, name="mem", extra=["--name", "mem"]) as b:
+        proc = mmiosplit("run", str(HELLO), "--device-service", a, "--device-service", b, "--record", str(recording))
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == EXPECTED
+    assert [s.describe.service_name for s in read_recording(recording).services] == ["uarts", "mem"]
+    unnamed = mmiosplit("replay", str(recording), "--device-service", "unix:/nowhere.sock")
+    assert unnamed.returncode == 2 and "name each: NAME=ADDR" in unnamed.stderr
+    with device_service(tmp_path, uarts, name="uarts2") as a, device_service(tmp_path, mem, name="mem2") as b:
+        proc = mmiosplit("replay", str(recording), "--device-service", f"uarts={a}", "--device-service", f"1={b}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    da, db = f"unix:{tmp_path / 'da.sock'}", f"unix:{tmp_path / 'db.sock'}"
+    log = tmp_path / "doubles.log"
+    with started("mmiosplit_cli", ["replay", str(recording), "--serve", f"uarts={da}", "--serve", f"mem={db}"], db,
+                 log) as doubles:
+        run = mmiosplit("run", str(HELLO), "--device-service", da, "--device-service", db)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == EXPECTED
+    assert doubles.returncode == 0, log.read_text()
+    assert "replay double uarts: 0 divergences" in log.read_text()
+    assert "replay double mem: 0 divergences" in log.read_text()
