@@ -347,3 +347,22 @@ def test_two_device_services_are_recorded_replayed_and_served_by_name(tmp_path: 
     assert doubles.returncode == 0, log.read_text()
     assert "replay double uarts: 0 divergences" in log.read_text()
     assert "replay double mem: 0 divergences" in log.read_text()
+
+
+def test_two_vcpus_replay_in_the_recorded_order_and_run_against_the_double(tmp_path: Path) -> None:
+    expected = (GUESTS / "expected" / "hello-a64-2cpu.txt").read_text()
+    recording = tmp_path / "two-vcpus.rec"
+    proc = mmiosplit("run", str(HELLO), "--vcpus", "2", "--record", str(recording))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == expected
+    hellos = [m.hello.vcpu_id for r, s, m in iter_messages(read_recording(recording))  # type: ignore[attr-defined]
+              if s.method == "ExitStream" and r.direction == TO_SERVICE and m.HasField("hello")]  # type: ignore[attr-defined]
+    assert sorted(hellos) == [0, 1]
+    with device_service(tmp_path, DEFAULT_DEVICES) as address:
+        replay = mmiosplit("replay", str(recording), "--device-service", address)
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    with device_double(tmp_path, recording) as (address, double, log):
+        run = mmiosplit("run", str(HELLO), "--vcpus", "2", "--device-service", address)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == expected
+    assert double.returncode == 0, log.read_text()
