@@ -563,10 +563,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
             return EXIT_CONFIG_ERROR
     try:
         targets = resolve_targets(recording, args.device_service)
+        replayer = Replayer(recording, targets, timeout_s=args.timeout, volatile=set(args.volatile or ()))
     except ReplayError as exc:
         print(f"mmiosplit replay: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    result = Replayer(recording, targets, timeout_s=args.timeout, volatile=set(args.volatile or ())).run()
+    result = replayer.run()
     for note in result.notes:
         print(f"mmiosplit replay: note: {note}", file=sys.stderr, flush=True)
     if result.divergence is not None:

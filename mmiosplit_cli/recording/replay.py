@@ -278,6 +278,14 @@ class Replayer:
         self.timeout_s = timeout_s
         self.console_settle_s = console_settle_s
         self.channels = {index: security.channel(address) for index, address in targets.items()}
+        for index, channel in self.channels.items():
+            try:
+                grpc.channel_ready_future(channel).result(timeout=min(timeout_s, 10.0))
+            except grpc.FutureTimeoutError:
+                for ch in self.channels.values():
+                    ch.close()
+                raise ReplayError(f"device service {targets[index]} is not reachable (no connection within "
+                                  f"{min(timeout_s, 10.0):g} s)") from None
         self.stubs = {index: device_pb2_grpc.DeviceServiceStub(ch) for index, ch in self.channels.items()}
         self.targets = targets
         self._sessions: dict[str, str] = {}
