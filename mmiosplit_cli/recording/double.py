@@ -126,6 +126,7 @@ class Double(device_pb2_grpc.DeviceServiceServicer):
                     self._firsts[stream.id] = recording.decode(first)
         self._used: set[int] = set()
         self._unary_used: set[int] = set()
+        self._unanswered: set[tuple[int, int]] = set()  # (recorded stream, seq): matched, completion not sent yet
         #: The first divergence (None while the guest follows the recording), and how far the sequencer got.
         self.divergence: str | None = None
         self.matched = 0
@@ -161,11 +162,16 @@ class Double(device_pb2_grpc.DeviceServiceServicer):
                 self._diverge(record, stream.method, message, got)
                 return
             self.matched += 1
+            if isinstance(got, device_pb2.ExitStreamRequest) and got.WhichOneof("body") in ("exit", "flush"):
+                with self._lock:
+                    self._unanswered.add((record.stream, got.seq))
         self.position = len(self._records)
         self._log(f"replay double: the guest went through the whole recording ({self.matched} requests matched)")
 
     def _emit(self, stream: int, message: Message) -> None:
         with self._lock:
+            if isinstance(message, device_pb2.ExitStreamResponse):
+                self._unanswered.discard((stream, message.seq))
             live = self._live.get(stream)
             if live is None:
                 self._backlog[stream].append(message)
@@ -182,8 +188,13 @@ class Double(device_pb2_grpc.DeviceServiceServicer):
         with self._lock:
             self.divergence = text
             lives = list(self._live.items())
+            unanswered, self._unanswered = self._unanswered, set()
             self._lock.notify_all()
         self._log(f"replay double: {text}")
+        # Requests that matched but wait for something recorded after the divergence (a DMA answer) fail too.
+        for stream_id, seq in sorted(unanswered):
+            live = self._live[stream_id]
+            self._refuse(live, device_pb2.ExitStreamRequest(seq=seq, exit=device_pb2.MmioExit()))
         # The exit that diverged, and every one queued, completes with the error.
         for stream_id, live in lives:
             if live.method != "ExitStream":

@@ -214,7 +214,7 @@ class _LiveCall:
     """One live bidirectional stream: requests from a queue, responses read by a thread into another queue (or
     handed to ``on_response``, which the Watch stream uses to answer DMA at once)."""
 
-    def __init__(self, method: Any, first: Message, on_response: Any = None) -> None:
+    def __init__(self, method: Any, first: Message, on_response: Any = None, start: bool = True) -> None:
         self.requests: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
         self.responses: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.requests.put(first)
@@ -222,6 +222,11 @@ class _LiveCall:
         self.error = ""
         self._on_response = on_response
         self.thread = threading.Thread(target=self._read, daemon=True, name="replay-reader")
+        if start:
+            self.thread.start()
+
+    def start(self) -> None:
+        """Start reading (for a caller whose ``on_response`` needs the call stored first)."""
         self.thread.start()
 
     def _read(self) -> None:
@@ -519,8 +524,9 @@ class Replayer:
             answer), since the access that caused it waits for it."""
             position = answered[0]
             answered[0] += 1
-            if not live.HasField("dma") or state.call is None:
+            if not live.HasField("dma"):
                 return
+            assert state.call is not None  # set before the reader starts
             result = device_pb2.DmaResult(id=live.dma.id, error="replay: the recording has no DMA request here")
             if position < len(state.events):
                 recorded = self.recording.decode(state.events[position])
@@ -530,7 +536,8 @@ class Replayer:
                     result.id = live.dma.id
             state.call.requests.put(device_pb2.WatchRequest(dma_result=result))
 
-        state.call = _LiveCall(self._stub(state).Watch, first, on_response)
+        state.call = _LiveCall(self._stub(state).Watch, first, on_response, start=False)
+        state.call.start()
 
     def _watch_event(self, record: Record, state: _StreamState, expected: device_pb2.WatchResponse) -> None:
         where = self._where(state)

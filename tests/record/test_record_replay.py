@@ -183,7 +183,7 @@ def test_every_cut_of_a_recording_is_refused(tmp_path: Path) -> None:
             read_recording(_copy(whole, tmp_path / "cut.rec", size=n))
 
 
-def _dma_guest(path: Path) -> Path:
+def _dma_guest(path: Path, word: int = 0x1122_3344) -> Path:
     """Puts a word in RAM, has dma-probe copy it into its buffer and back to RAM elsewhere (DMA inside two register
     writes), and writes what arrived back into the buffer, so the recording shows the DMA landed."""
     from tests.integration.client import RAM_BASE, a64
@@ -191,7 +191,7 @@ def _dma_guest(path: Path) -> Path:
 
     src, dst = RAM_BASE + 0x30_0000, RAM_BASE + 0x30_0800
     path.write_bytes(a64(
-        *mov32(1, src), *mov32(2, 0x1122_3344), str_w(2, 1, 0), *mov32(3, PROBE),
+        *mov32(1, src), *mov32(2, word), str_w(2, 1, 0), *mov32(3, PROBE),
         str_w(1, 3, 0x0), movz(4, 0), str_w(4, 3, 0x4), movz(4, 16), str_w(4, 3, 0x8),
         movz(4, 1), str_w(4, 3, 0xC),  # guest memory -> buffer
         ldr_w(5, 3, 0x100),
@@ -229,6 +229,14 @@ def test_dma_on_the_watch_stream_is_recorded_replayed_and_served(tmp_path: Path)
         run = mmiosplit("run", str(guest), "--device-service", address, "--dma-window", f"{address}={window}")
     assert run.returncode == 0, run.stderr
     assert double.returncode == 0, log.read_text()
+    # Another word in RAM: the DMA read's answer differs from the recorded one, and the write waiting for it fails.
+    other = _dma_guest(tmp_path / "other.bin", 0x5566_7788)
+    with device_double(tmp_path, recording, name="double2") as (address, double, log):
+        run = mmiosplit("run", str(other), "--device-service", address, "--dma-window", f"{address}={window}",
+                        "--on-device-error", "stop")
+    assert run.returncode == 1, run.stderr
+    assert "replay double: the guest diverged" in run.stderr and "Watch" in run.stderr, run.stderr
+    assert double.returncode == 1, log.read_text()
 
 
 def test_resumed_sessions_pass_through_the_recorder_and_replay(tmp_path: Path) -> None:
