@@ -541,7 +541,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_CONFIG_ERROR
     try:
-        recording = read_recording(args.file)
+        recording = read_recording(args.file, partial=args.list)
     except RecordingError as exc:
         print(f"mmiosplit replay: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
@@ -551,6 +551,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
         with contextlib.suppress(BrokenPipeError):  # `| head`
             for line in list_recording(recording):
                 print(line)
+        if recording.error:  # a recording cut short (its recorder died): listed up to the damage
+            print(f"mmiosplit replay: {recording.error}", file=sys.stderr)
+            return 1
         return 0
     if args.serve:
         from mmiosplit_cli.recording.double import serve_double  # lazy: start-up time
@@ -770,7 +773,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "SIGINT: recorded answers to matching requests, a device error naming both requests when the "
                     "guest diverges (exit status 1); NAME=ADDR per service as for --device-service")
     rp.add_argument("--list", action="store_true",
-                    help="print the recording, one line per record (index, time, call, direction, message)")
+                    help="print the recording, one line per record (index, time, call, direction, message); a "
+                    "damaged one up to the damage, then the error (exit status 1)")
     rp.add_argument("--timeout", type=float, default=10.0, metavar="S",
                     help="how long to wait for each live answer (default 10)")
     rp.add_argument("--volatile", type=_volatile, action="append", metavar="DEVICE_OR_TYPE:OFFSET",

@@ -113,6 +113,8 @@ class Recording:
     services: list[RecordedService]
     records: list[Record]
     streams: dict[int, Stream]
+    #: With ``read_recording(partial=True)``: why the file could not be read to its end ("" when it could).
+    error: str = ""
 
     def decode(self, record: Record) -> Message:
         """The protobuf of a MESSAGE record (decoded when the file was read, so this cannot fail)."""
@@ -195,6 +197,7 @@ class Recorder:
         self._crc = 0
         self._since_check = 0
         self._append(CHECK, TO_SERVICE, 0, struct.pack("<I", crc))
+        self._file.flush()  # a recorder that dies loses at most the block after this
 
     @property
     def records(self) -> int:
@@ -255,9 +258,11 @@ class _Reader:
         return out
 
 
-def read_recording(path: str | Path) -> Recording:
+def read_recording(path: str | Path, partial: bool = False) -> Recording:
     """Read and check a whole recording; RecordingError (naming the file and offset) when it is truncated or
-    corrupt, or was not written to its end (the recorder was killed)."""
+    corrupt, or was not written to its end (the recorder was killed). With ``partial``, a file whose header is
+    sound gives the records before the damage, and the error in ``Recording.error`` (the records after the last
+    checksum are then unchecked): what a run that crashed had exchanged."""
     name = str(path)
     try:
         data = Path(path).read_bytes()
@@ -292,6 +297,18 @@ def read_recording(path: str | Path) -> Recording:
     r.at = header_end + 4
     records: list[Record] = []
     streams: dict[int, Stream] = {}
+    recording = Recording(name, version, protocol, started, services, records, streams)
+    try:
+        _read_records(r, recording)
+    except RecordingError as exc:
+        if not partial:
+            raise
+        recording.error = str(exc)
+    return recording
+
+
+def _read_records(r: _Reader, recording: Recording) -> None:
+    data, records, streams, services = r.data, recording.records, recording.streams, recording.services
     block_start = r.at
     crc = 0
     time_us = 0
@@ -357,7 +374,6 @@ def read_recording(path: str | Path) -> Recording:
                 raise r.fail(start, f"corrupt: the {stream.method} message does not parse") from None
         records.append(record)
         stream.records.append(record)
-    return Recording(name, version, protocol, started, services, records, streams)
 
 
 def iter_messages(recording: Recording) -> Iterator[tuple[Record, Stream, Message]]:

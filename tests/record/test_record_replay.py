@@ -153,6 +153,11 @@ def test_a_truncated_or_corrupt_recording_is_refused_with_file_and_offset(hello_
     proc = mmiosplit("replay", str(cut), "--device-service", "unix:/nonexistent.sock")
     assert proc.returncode == 2
     assert re.search(rf"{re.escape(str(cut))}: offset \d+ .*truncated", proc.stderr), proc.stderr
+    partial = read_recording(cut, partial=True)  # what a recorder that died had written, up to the damage
+    assert "truncated" in partial.error and 0 < len(partial.records) < len(read_recording(hello_recording).records)
+    listed = mmiosplit("replay", str(cut), "--list")
+    assert listed.returncode == 1 and "truncated" in listed.stderr
+    assert len(listed.stdout.splitlines()) == 2 + len(partial.records)
     flipped = _copy(hello_recording, tmp_path / "flipped.rec", flip=size // 2)
     with pytest.raises(RecordingError, match=rf"^{re.escape(str(flipped))}: offset \d+ .*corrupt"):
         read_recording(flipped)
