@@ -379,3 +379,31 @@ def test_two_vcpus_replay_in_the_recorded_order_and_run_against_the_double(tmp_p
     assert run.returncode == 0, run.stderr
     assert run.stdout == expected
     assert double.returncode == 0, log.read_text()
+
+
+def test_posted_batches_are_recorded_and_replayed(tmp_path: Path) -> None:
+    """3000 writes to a posted scratch region, then a read: full batches of 1024 on their own (flush requests, two in
+    flight at most), the rest riding on the read."""
+    from tests.integration.client import a64
+    from tests.integration.test_irq_dma import OFF, ldr_w, mov32, movz, str_w
+
+    guest = tmp_path / "posted.bin"
+    add_w2_1, cmp_w2_3000, bne_back_3 = 0x11000442, 0x712EE05F, 0x54FFFFA1
+    guest.write_bytes(a64(*mov32(1, 0x0A00_0000), movz(2, 0), str_w(2, 1, 0), add_w2_1, cmp_w2_3000, bne_back_3,
+                          ldr_w(3, 1, 0), *OFF))
+    devices = ["pl011@0x09000000", "scratch@0x0a000000,size=0x1000,posted=on"]
+    recording = tmp_path / "posted.rec"
+    proc = mmiosplit("run", str(guest), "--record", str(recording), *[a for d in devices for a in ("--device", d)])
+    assert proc.returncode == 0, proc.stderr
+    requests = [m for r, s, m in iter_messages(read_recording(recording))
+                if s.method == "ExitStream" and r.direction == TO_SERVICE]
+    flushed = sum(len(m.flush.address) for m in requests if m.HasField("flush"))  # type: ignore[attr-defined]
+    riding = sum(len(m.exit.posted.address) for m in requests if m.HasField("exit"))  # type: ignore[attr-defined]
+    assert (flushed, riding) == (2048, 3000 - 2048)
+    with device_service(tmp_path, devices) as address:
+        replay = mmiosplit("replay", str(recording), "--device-service", address)
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    with device_double(tmp_path, recording) as (address, double, log):
+        run = mmiosplit("run", str(guest), "--device-service", address)
+    assert run.returncode == 0, run.stderr
+    assert double.returncode == 0, log.read_text()
