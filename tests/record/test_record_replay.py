@@ -407,3 +407,27 @@ def test_posted_batches_are_recorded_and_replayed(tmp_path: Path) -> None:
         run = mmiosplit("run", str(guest), "--device-service", address)
     assert run.returncode == 0, run.stderr
     assert double.returncode == 0, log.read_text()
+
+
+def test_a_cancel_is_recorded_and_replayed_with_its_access(tmp_path: Path) -> None:
+    """An access to a device that takes 300 ms, with a 50 ms deadline: the vCPU sends a Cancel, the access completes
+    late; the replay sends the Cancel right after the access, as recorded, and gets the same late completion."""
+    from tests.integration.client import a64
+    from tests.integration.test_irq_dma import OFF, ldr_w, mov32
+
+    guest = tmp_path / "slow.bin"
+    guest.write_bytes(a64(*mov32(1, 0x0A00_0000), ldr_w(3, 1, 0), *OFF))
+    devices = ["pl011@0x09000000", "scratch@0x0a000000,size=0x1000,delay=300000,deadline=50"]
+    recording = tmp_path / "cancel.rec"
+    proc = mmiosplit("run", str(guest), "--record", str(recording), "--on-deadline", "stop", "--events",
+                     *[a for d in devices for a in ("--device", d)])
+    assert proc.returncode == 1, proc.stderr
+    assert "performed late" in proc.stderr, proc.stderr
+    requests = [m for r, s, m in iter_messages(read_recording(recording))
+                if s.method == "ExitStream" and r.direction == TO_SERVICE]
+    cancels = [m.seq for m in requests if m.HasField("cancel")]  # type: ignore[attr-defined]
+    reads = [m.seq for m in requests if m.HasField("exit")]  # type: ignore[attr-defined]
+    assert cancels == reads == [1], (cancels, reads)
+    with device_service(tmp_path, devices) as address:
+        replay = mmiosplit("replay", str(recording), "--device-service", address)
+    assert replay.returncode == 0, replay.stdout + replay.stderr
