@@ -439,14 +439,16 @@ class Replayer:
         elif state.call is None:
             raise self._diverge(record, self._where(state), "a handshake first",
                                 "the recording sends a request before any hello on this stream")
+        elif body == "cancel":
+            # Sent right after its request when it was recorded before the answer (cancel_early); one recorded after
+            # the answer came too late to matter.
+            return
         elif record.index in self._resent and record.index not in state.responses:
             # The stream broke before its answer and a resumed stream sent it again: sent there only, so whether
             # the service had it before the break (network timing) does not matter.
             return
         else:
             state.call.requests.put(request)
-        if body == "cancel":
-            return  # sent with its request when it was recorded before the answer (see cancel_early)
         if record.index in state.cancel_early:
             state.call.requests.put(device_pb2.ExitStreamRequest(seq=request.seq, cancel=device_pb2.Cancel()))
         expected_record = state.responses.get(record.index)
@@ -458,7 +460,7 @@ class Replayer:
         where = self._where(state)
         device, address = self._access(state, request)
         if got is None or got is _END:
-            why = state.call.error or "the stream ended" if got is _END else f"nothing within {self.timeout_s:g} s"
+            why = (state.call.error or "the stream ended") if got is _END else f"nothing within {self.timeout_s:g} s"
             raise self._diverge(record, where, self._show_response(expected), why, seq=request.seq,
                                 device=device, address=address)
         volatile = self._is_volatile(state, request)
@@ -546,7 +548,7 @@ class Replayer:
         got = state.call.next(self.timeout_s)
         device, address = self._event_place(state, expected)
         if got is None or got is _END:
-            why = state.call.error or "the stream ended" if got is _END else f"nothing within {self.timeout_s:g} s"
+            why = (state.call.error or "the stream ended") if got is _END else f"nothing within {self.timeout_s:g} s"
             raise self._diverge(record, where + ", watch event", short(expected), why, device=device, address=address)
         state.consumed += 1
         if normalise_watch_response(got) != normalise_watch_response(expected):
