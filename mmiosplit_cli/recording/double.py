@@ -35,7 +35,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from mmiosplit import security
 from mmiosplit.address import parse_address
 from mmiosplit.v1 import device_pb2, device_pb2_grpc
-from mmiosplit_cli.recording.format import FROM_SERVICE, MESSAGE, TO_SERVICE, Record, Recording
+from mmiosplit_cli.recording.format import CLOSE, FROM_SERVICE, MESSAGE, TO_SERVICE, Record, Recording
 from mmiosplit_cli.recording.replay import first_difference, resolve_targets, short
 
 SERVICE = "mmiosplit.v1.DeviceService"
@@ -111,9 +111,13 @@ class Double(device_pb2_grpc.DeviceServiceServicer):
         self.index = index
         self._log = log
         self.describe = recording.services[index].describe
+        # A request recorded after its call ended never reached the service: the live client is not asked for it.
+        ended = {s.id: next((r.index for r in s.records if r.kind == CLOSE), len(recording.records))
+                 for s in recording.streams.values()}
         self._records = [r for r in recording.records if r.kind == MESSAGE
                          and recording.streams[r.stream].service == index
-                         and recording.streams[r.stream].method in _STREAMING]
+                         and recording.streams[r.stream].method in _STREAMING
+                         and not (r.direction == TO_SERVICE and r.index > ended[r.stream])]
         self._lock = threading.Condition()
         self._live: dict[int, _Live] = {}  # recorded stream -> the live call it is mapped to
         self._backlog: dict[int, list[Message]] = collections.defaultdict(list)  # outputs before the call opened
@@ -250,12 +254,16 @@ class Double(device_pb2_grpc.DeviceServiceServicer):
         raise AssertionError  # abort raises
 
     def _input(self, stream_id: int, live: _Live, request: Message) -> None:
+        if isinstance(request, device_pb2.ExitStreamRequest) and request.HasField("cancel"):
+            return
         with self._lock:
+            if self.divergence is None and self.position >= len(self._records):
+                self.divergence = (f"the guest went on after the end of the recording: got {short(request, 300)}, "
+                                   "expected nothing more")
+                self._log(f"replay double: {self.divergence}")
             if self.divergence is not None:
                 if isinstance(request, device_pb2.ExitStreamRequest):
                     self._refuse(live, request)
-                return
-            if isinstance(request, device_pb2.ExitStreamRequest) and request.HasField("cancel"):
                 return
             self._pending[stream_id].append(request)
             self._lock.notify_all()

@@ -431,3 +431,17 @@ def test_a_cancel_is_recorded_and_replayed_with_its_access(tmp_path: Path) -> No
     with device_service(tmp_path, devices) as address:
         replay = mmiosplit("replay", str(recording), "--device-service", address)
     assert replay.returncode == 0, replay.stdout + replay.stderr
+
+
+def test_the_double_fails_loudly_when_the_guest_goes_past_the_recording(tmp_path: Path) -> None:
+    """A recording of a run stopped after 5000 instructions: the whole guest, run against it, goes on after the
+    recording's last exchange, and that access fails naming it."""
+    recording = tmp_path / "short.rec"
+    proc = mmiosplit("run", str(HELLO), "--budget", "5000", "--record", str(recording))
+    assert proc.returncode == 4, proc.stderr  # budget exhausted
+    with device_double(tmp_path, recording) as (address, double, log):
+        run = mmiosplit("run", str(HELLO), "--device-service", address, "--on-device-error", "stop")
+    assert run.returncode == 1, run.stderr
+    assert run.stdout == EXPECTED[:len(run.stdout)] and len(run.stdout) < len(EXPECTED)
+    assert "the guest went on after the end of the recording" in run.stderr, run.stderr
+    assert double.returncode == 1, log.read_text()
