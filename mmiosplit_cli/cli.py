@@ -13,7 +13,7 @@ import threading
 import tty
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from device_service.config import ConfigError, build_bus, load_config, parse_device_specs, parse_size
 from mmiosplit import security
@@ -26,6 +26,9 @@ from mmiosplit_cli.envconfig import parse_with_environment
 from mmiosplit_cli.launcher import LaunchError, check_health, local_services
 from mmiosplit_cli.loadtest.cli import add_parser as add_loadtest_parser
 from mmiosplit_cli.runner import EXIT_CONFIG_ERROR, ConsoleInput, RunError, format_latency, pump_stdin, run_vm
+
+if TYPE_CHECKING:
+    from mmiosplit_cli.recording.proxy import RecordingProxy
 
 # Start-up time: every service process is `python -m mmiosplit_cli serve-vcpu|serve-devices`, and `health` is
 # run in loops, so what only some subcommands need (Unicorn and the vCPU core, the device service's server,
@@ -420,9 +423,10 @@ def _run(args: argparse.Namespace, files: dict[str, TextIO]) -> int:
     quit_event = threading.Event()
     inp = ConsoleInput()
     terminal: _Terminal | None = None
+    stack = contextlib.ExitStack()
     try:
         with local_services(device_args, start_vcpu=args.vcpu_service is None, metrics_port=args.metrics_port,
-                            metrics_host=args.metrics_host) as (vaddr, daddr, svc):
+                            metrics_host=args.metrics_host) as (vaddr, daddr, svc), stack:
             if args.metrics_port is not None:
                 urls = svc.metrics_urls()
                 say("metrics: " + (", ".join(f"{name} {url}" for name, url in urls.items()) or "none (no service "
@@ -435,6 +439,11 @@ def _run(args: argparse.Namespace, files: dict[str, TextIO]) -> int:
             except ValueError as exc:
                 print(f"mmiosplit run: {exc}", file=sys.stderr)
                 return EXIT_CONFIG_ERROR
+            if args.record:
+                proxy = _start_recording(args, services, vcpu_addr, stack)
+                if proxy is None:
+                    return EXIT_CONFIG_ERROR
+                _route_through(cfg, proxy.addresses)  # type: ignore[arg-type]
             if is_tty:
                 terminal = _Terminal(sys.stdin.fileno(), inp, quit_event)
             else:
@@ -469,6 +478,111 @@ def _run(args: argparse.Namespace, files: dict[str, TextIO]) -> int:
     say(f"{kind_name(result.final.kind).replace('_', ' ')}: {result.final.reason}; {format_latency(result.stats)}")
     _print_kvm_report(result.stats, files, args.kvm_report)
     return result.exit_status
+
+
+def _start_recording(args: argparse.Namespace, services: list[str], vcpu_addr: str,
+                     stack: contextlib.ExitStack) -> RecordingProxy | None:
+    """The recording proxy in front of every device service (closed, and the file finished, by ``stack``); None
+    after saying why it cannot start."""
+    from mmiosplit_cli.recording.proxy import ProxyError, RecordingProxy  # lazy: start-up time
+
+    listen = args.record_listen
+    if listen is None and not parse_address(vcpu_addr).is_unix and args.vcpu_service:
+        print("mmiosplit run: --record with a vcpu service reached over TCP needs --record-listen HOST[:PORT], an "
+              "address of this machine that vcpu service can reach (the proxy listens there)", file=sys.stderr)
+        return None
+    try:
+        proxy = RecordingProxy(args.record, services, listen)
+    except (ProxyError, OSError) as exc:
+        print(f"mmiosplit run: {exc}", file=sys.stderr)
+        return None
+    stack.callback(_finish_recording, proxy, args)
+    return proxy
+
+
+def _finish_recording(proxy: RecordingProxy, args: argparse.Namespace) -> None:
+    proxy.close()
+    if not args.quiet:
+        recorder = proxy.recorder
+        text = f"mmiosplit: recorded {recorder.records} records ({recorder.size} bytes) to {args.record}"
+        # A terminal in raw mode needs CR LF, and the guest's last line may have no end.
+        sys.stderr.write(f"\r\n{text}\r\n" if sys.stdin.isatty() else f"{text}\n")
+        sys.stderr.flush()
+
+
+def _route_through(cfg: vcpu_pb2.VmConfig, addresses: dict[str, str]) -> None:
+    """Give the vcpu service the proxies' addresses in place of the device services' (and in the DMA grants)."""
+    services = [addresses.get(s, s) for s in cfg.device_services]
+    del cfg.device_services[:]
+    cfg.device_services.extend(services)
+    for grant in cfg.dma_grants:
+        grant.device_service = addresses.get(grant.device_service, grant.device_service)
+
+
+def _volatile(text: str) -> tuple[str, int]:
+    """``DEVICE_OR_TYPE:OFFSET`` for ``replay --volatile``."""
+    name, sep, offset = text.rpartition(":")
+    try:
+        value = int(offset, 0)
+    except ValueError:
+        value = -1
+    if not sep or not name or value < 0:
+        raise argparse.ArgumentTypeError(f"--volatile {text!r}: expected DEVICE_OR_TYPE:OFFSET, e.g. pl031:0x0 or "
+                                         "rtc0:0x0")
+    return name, value
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from mmiosplit_cli.recording.format import RecordingError, read_recording  # lazy: start-up time
+    from mmiosplit_cli.recording.replay import Replayer, ReplayError, resolve_targets
+
+    if sum(map(bool, (args.device_service, args.serve, args.list))) != 1:
+        print("mmiosplit replay: give --device-service ADDR (drive a live device service and compare), --serve "
+              "ADDR (stand in for the recorded one) or --list (print the recording), one of the three",
+              file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    try:
+        recording = read_recording(args.file, partial=args.list)
+    except RecordingError as exc:
+        print(f"mmiosplit replay: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    if args.list:
+        from mmiosplit_cli.recording.listing import list_recording  # lazy: start-up time
+
+        with contextlib.suppress(BrokenPipeError):  # `| head`
+            for line in list_recording(recording):
+                print(line)
+        if recording.error:  # a recording cut short (its recorder died): listed up to the damage
+            print(f"mmiosplit replay: {recording.error}", file=sys.stderr)
+            return 1
+        return 0
+    if args.serve:
+        from mmiosplit_cli.recording.double import serve_double  # lazy: start-up time
+
+        try:
+            return serve_double(recording, args.serve, ready=_ready("device double"),  # type: ignore[arg-type]
+                                grace_s=args.grace_s)
+        except (ReplayError, OSError, security.SecurityError) as exc:
+            print(f"mmiosplit replay: {exc}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+    try:
+        targets = resolve_targets(recording, args.device_service)
+        replayer = Replayer(recording, targets, timeout_s=args.timeout, volatile=set(args.volatile or ()))
+    except ReplayError as exc:
+        print(f"mmiosplit replay: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    result = replayer.run()
+    for note in result.notes:
+        print(f"mmiosplit replay: note: {note}", file=sys.stderr, flush=True)
+    if result.divergence is not None:
+        print(result.divergence.report(args.file), flush=True)
+        print(f"mmiosplit replay: 1 divergence after {result.exchanges} matching exchanges "
+              f"({result.seconds:.2f} s)", file=sys.stderr, flush=True)
+        return 1
+    skipped = f"; {result.volatile_reads} clock-dependent reads' data not compared" if result.volatile_reads else ""
+    print(f"0 divergences, {result.exchanges} exchanges ({len(recording.records)} records, "
+          f"{result.seconds:.2f} s{skipped})", flush=True)
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -620,6 +734,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="refuse the instructions with no syndrome (ISV=0) that mmiosplit emulates (writeback "
                      "forms, pairs, duals, multiples, exclusives, SIMD&FP, loads to PC), as upstream KVM/ARM does; "
                      "--on-nisv then applies to them")
+    rec = r.add_argument_group(
+        "recording", "record every exchange with each device service, for `mmiosplit replay` (docs/recording.md)")
+    rec.add_argument("--record", metavar="FILE",
+                     help="write every message exchanged with each device service to FILE, through a recording proxy "
+                     "this command starts between the vcpu service and the device services")
+    rec.add_argument("--record-listen", metavar="HOST[:PORT]",
+                     help="where the recording proxy listens, for a vcpu service on another machine or in a "
+                     "container: an address of this machine it can reach (PORT, PORT+1... per device service; none "
+                     "or 0: free ports). Default: UNIX sockets, for a vcpu service on this machine")
     tr = r.add_argument_group(
         "exit trace and KVM report", "stdout carries the guest console, so the human-readable trace and the "
         "report go to stderr (or to the files named below)")
@@ -638,6 +761,29 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--kvm-report-json", metavar="FILE", help="write that report to FILE as a JSON array")
     security.add_arguments(r, serving=False)
     r.set_defaults(func=cmd_run)
+
+    rp = sub.add_parser("replay", help="replay a recording (run --record) against a device service, or serve it "
+                        "as a stand-in device service")
+    rp.add_argument("file", metavar="FILE", help="a recording written by `mmiosplit run --record`")
+    rp.add_argument("--device-service", action="append", metavar="[NAME=]ADDR",
+                    help="drive the device service at ADDR with the recorded requests and compare every answer; "
+                    "NAME=ADDR per service when the recording has several (NAME: the recorded address, the "
+                    "service's name, or its index); exit status 1 at the first divergence")
+    rp.add_argument("--serve", action="append", metavar="[NAME=]ADDR",
+                    help="serve the recording at ADDR as a stand-in device service (a device double) until SIGTERM or "
+                    "SIGINT: recorded answers to matching requests, a device error naming both requests when the "
+                    "guest diverges (exit status 1); NAME=ADDR per service as for --device-service")
+    rp.add_argument("--list", action="store_true",
+                    help="print the recording, one line per record (index, time, call, direction, message); a "
+                    "damaged one up to the damage, then the error (exit status 1)")
+    rp.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                    help="how long to wait for each live answer (default 10)")
+    rp.add_argument("--volatile", type=_volatile, action="append", metavar="DEVICE_OR_TYPE:OFFSET",
+                    help="also ignore the data of reads of this register (a clock, a random number); pl031:0x0 "
+                    "(the RTC's counter) always is")
+    _grace_arg(rp, "with --serve, end every stream")
+    security.add_arguments(rp, serving=True)
+    rp.set_defaults(func=cmd_replay)
 
     d = sub.add_parser("demo", help="run the three bundled guests (A64, A32, T32) through the split")
     d.add_argument("--vcpus", type=int, default=2)
