@@ -85,17 +85,21 @@ class _Forwarder(grpc.GenericRpcHandler):
 
             call = self._channel.stream_stream(method, request_serializer=_identity,
                                                response_deserializer=_identity)(forward())
-            context.add_callback(call.cancel)
-            try:
-                for response in call:
-                    self._recorder.message(stream, FROM_SERVICE, response)
-                    yield response
-            except grpc.RpcError as exc:
-                self._end(stream, context, exc)
-                return
-            self._recorder.close_stream(stream, FROM_SERVICE, grpc.StatusCode.OK.value[0], "")
+            yield from self._responses(stream, call, context)
 
         return handle
+
+    def _responses(self, stream: int, call: Any, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """Record and pass on a streaming call's responses, then how it ended."""
+        context.add_callback(call.cancel)
+        try:
+            for response in call:
+                self._recorder.message(stream, FROM_SERVICE, response)
+                yield response
+        except grpc.RpcError as exc:
+            self._end(stream, context, exc)
+            return
+        self._recorder.close_stream(stream, FROM_SERVICE, grpc.StatusCode.OK.value[0], "")
 
     def _unary_stream(self, method: str, name: str) -> Callable[[bytes, grpc.ServicerContext], Iterator[bytes]]:
         def handle(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -104,15 +108,7 @@ class _Forwarder(grpc.GenericRpcHandler):
             call = self._channel.unary_stream(method, request_serializer=_identity,
                                               response_deserializer=_identity)(
                 request, timeout=context.time_remaining())
-            context.add_callback(call.cancel)
-            try:
-                for response in call:
-                    self._recorder.message(stream, FROM_SERVICE, response)
-                    yield response
-            except grpc.RpcError as exc:
-                self._end(stream, context, exc)
-                return
-            self._recorder.close_stream(stream, FROM_SERVICE, grpc.StatusCode.OK.value[0], "")
+            yield from self._responses(stream, call, context)
 
         return handle
 

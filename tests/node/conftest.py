@@ -20,6 +20,7 @@ import pytest
 
 from mmiosplit import security
 from mmiosplit_cli.launcher import check_health, free_tcp_port
+from tests.integration.test_sessions import vcpu_stub  # noqa: F401  (a fixture: a vcpu service over TCP)
 
 ROOT = Path(__file__).resolve().parents[2]
 NODE_DIR = ROOT / "examples" / "node-device"

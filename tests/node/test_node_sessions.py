@@ -5,27 +5,16 @@ in order (tests/integration/test_sessions.py's check, against the Python service
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from mmiosplit.v1 import vcpu_pb2, vcpu_pb2_grpc
-from mmiosplit_cli.launcher import local_services
-from mmiosplit_cli.runner import channel
 from tests.chaos.campaign import countdown, run_countdown
 from tests.chaos.proxy import ChaosProxy
 from tests.node.conftest import node_service
 
 pytestmark = [pytest.mark.node, pytest.mark.integration]
-
-
-@pytest.fixture
-def vcpu_stub() -> Iterator[vcpu_pb2_grpc.VcpuServiceStub]:
-    with local_services(None, transport="tcp") as (vaddr, _, _handle):
-        assert vaddr
-        with channel(vaddr) as ch:
-            yield vcpu_pb2_grpc.VcpuServiceStub(ch)
 
 
 def test_connections_reset_every_30_ms_lose_and_repeat_no_write(vcpu_stub: vcpu_pb2_grpc.VcpuServiceStub,
