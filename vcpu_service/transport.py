@@ -222,6 +222,7 @@ class GrpcExitChannel:
         self._cancellable = 0  # the exit whose completion is awaited: it may be cancelled, a flush may not
         self._cancel_sent = 0
         self._features: frozenset[str] = frozenset()  # the welcome's
+        self._resuming = False  # a broken stream is being replaced: an expiry then ends the attempt, no Cancel
         self._call = self._open_call()
         _WATCHDOG.add(self)
         reply = self._round_trip(device_pb2.ExitStreamRequest(seq=0, hello=self._hello), what="handshake")
@@ -260,7 +261,7 @@ class GrpcExitChannel:
         any other expiry ends the stream, and whether the request was performed is unknown."""
         seq = self._waiting_seq
         if (seq and seq == self._cancellable and self._cancel_sent != seq and not self._closed
-                and FEATURE_CANCEL in self._features):
+                and not self._resuming and FEATURE_CANCEL in self._features):
             self._cancel_sent = seq
             self.wait_until = time.monotonic() + CANCEL_GRACE_S
             self._requests.put(device_pb2.ExitStreamRequest(seq=seq, cancel=device_pb2.Cancel()))
@@ -272,6 +273,13 @@ class GrpcExitChannel:
         """The stream broke while waiting for the response to the ``what``: open another one on the same session,
         within the exit deadline, and send the unanswered requests again. Raises TransportError (the access's
         fate unknown) when it cannot, DeviceRestarted when the service came back as another instance."""
+        self._resuming = True
+        try:
+            self._resume_within(what, failure)
+        finally:
+            self._resuming = False
+
+    def _resume_within(self, what: str | int, failure: str) -> None:
         started = self.waiting_since or time.monotonic()
         give_up = started + self._wait_s
         delay, longest = RESUME_BACKOFF_S

@@ -144,7 +144,13 @@ def test_killed_run_leaves_no_service_and_no_guest_running(sig: signal.Signals, 
         assert busy > BUSY
 
         run.send_signal(sig)
-        status = run.wait(30)
+        try:
+            status = run.wait(30)
+        except subprocess.TimeoutExpired:  # say where it hangs (its stack, if py-spy is here) before failing
+            dump = subprocess.run(["py-spy", "dump", "--pid", str(run.pid)], capture_output=True, text=True,
+                                  timeout=30, check=False) if shutil.which("py-spy") else None
+            pytest.fail(f"run did not end within 30 s of {sig.name}:\n{_read(err_path)}\n"
+                        f"{dump.stdout if dump else '(no py-spy to show its threads)'}")
         assert status == (-sig if sig == signal.SIGKILL else 128 + sig), _read(err_path)
         took = wait_for(lambda: not any(running(p, c) for p, c in kids.items()), GONE_WITHIN_S,
                         f"every service run started ended after run got {sig.name} ({kids})")
