@@ -120,14 +120,22 @@ def _read(path: Path) -> str:
 
 
 # ----- `mmiosplit run` killed --------------------------------------------------------------------------------
+def _default_exit_signals() -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL], ids=lambda s: s.name)
 def test_killed_run_leaves_no_service_and_no_guest_running(sig: signal.Signals, tmp_path: Path) -> None:
     image = tmp_path / "forever.bin"
     image.write_bytes(forever_image())
     err_path = tmp_path / "run.err"
     with open(err_path, "wb") as err:
+        # With the signal's default action, whatever this test inherited: under nohup SIGHUP is ignored, and run
+        # rightly leaves an ignored signal alone.
         run = subprocess.Popen([sys.executable, "-m", "mmiosplit_cli", "run", str(image), "--events"], cwd=ROOT,
-                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                               preexec_fn=_default_exit_signals)
     kids: dict[int, str] = {}
     try:
         wait_for(lambda: "vcpu_started" in _read(err_path) or run.poll() is not None, 60, "the guest started")
