@@ -42,9 +42,11 @@ def _reason(method: str, bad: Malformed) -> str:
     return f"malformed request to {method}: it is not the message the method takes ({bad.error})"
 
 
-def _rebuild(handler: grpc.RpcMethodHandler, behaviour: Callable[..., Any]) -> grpc.RpcMethodHandler:
-    assert handler.request_deserializer is not None  # the interceptors pass only handlers that decode
-    kwargs = {"request_deserializer": _tolerant(handler.request_deserializer),
+def same_shape(handler: grpc.RpcMethodHandler, behaviour: Callable[..., Any],
+               request_deserializer: Callable[[bytes], Any] | None = None) -> grpc.RpcMethodHandler:
+    """A handler that runs ``behaviour`` with the streaming shape and serializers of ``handler`` (and its request
+    deserializer unless another is given): what a server interceptor returns in a handler's place."""
+    kwargs = {"request_deserializer": request_deserializer or handler.request_deserializer,
               "response_serializer": handler.response_serializer}
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(behaviour, **kwargs)
@@ -53,6 +55,11 @@ def _rebuild(handler: grpc.RpcMethodHandler, behaviour: Callable[..., Any]) -> g
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(behaviour, **kwargs)
     return grpc.unary_unary_rpc_method_handler(behaviour, **kwargs)
+
+
+def _rebuild(handler: grpc.RpcMethodHandler, behaviour: Callable[..., Any]) -> grpc.RpcMethodHandler:
+    assert handler.request_deserializer is not None  # the interceptors pass only handlers that decode
+    return same_shape(handler, behaviour, _tolerant(handler.request_deserializer))
 
 
 def _inner(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:

@@ -40,7 +40,7 @@ import grpc
 import grpc.aio
 
 from mmiosplit.address import ServiceAddress, parse_address
-from mmiosplit.malformed import AsyncMalformedCheck, SyncMalformedCheck
+from mmiosplit.malformed import AsyncMalformedCheck, SyncMalformedCheck, same_shape
 from mmiosplit.wire import GRPC_OPTIONS
 
 log = logging.getLogger("mmiosplit.security")
@@ -237,7 +237,7 @@ class _SyncTokenCheck(grpc.ServerInterceptor):
             _log_refusal(context.peer(), method, why)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
 
-        return _same_kind(handler, deny)
+        return same_shape(handler, deny)
 
 
 class _AsyncTokenCheck(grpc.aio.ServerInterceptor):
@@ -261,20 +261,7 @@ class _AsyncTokenCheck(grpc.aio.ServerInterceptor):
             _log_refusal(context.peer(), method, why)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
 
-        return _same_kind(handler, deny)
-
-
-def _same_kind(handler: grpc.RpcMethodHandler, deny: Callable[..., Any]) -> grpc.RpcMethodHandler:
-    """A handler that runs ``deny`` and has the streaming shape and (de)serializers of ``handler``."""
-    kwargs = {"request_deserializer": handler.request_deserializer,
-              "response_serializer": handler.response_serializer}
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(deny, **kwargs)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(deny, **kwargs)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(deny, **kwargs)
-    return grpc.unary_unary_rpc_method_handler(deny, **kwargs)
+        return same_shape(handler, deny)
 
 
 def server(executor: futures.ThreadPoolExecutor, security: Security | None = None,

@@ -858,10 +858,10 @@ class Vcpu:
         else:
             self._exception_loop = 0
         self._last_taken = taken
-        key = (taken.pc, taken.name, taken.syndrome, taken.address)
         if taken.address is None:  # not a fault (an SVC's, an undefined instruction's handler goes on past it)
             self._refault = None
             return
+        key = (taken.pc, taken.name, taken.syndrome, taken.address)
         if key != self._refault:
             self._refault, self._refaults = key, 1
             return

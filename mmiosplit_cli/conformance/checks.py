@@ -814,14 +814,26 @@ def irq_on_watch(target: Target) -> None:
     expect(_level(initial.lines, uart.name) is False, f"{uart.name}: line 0 is high after reset with no input")
     console = target.stream(target.stub.Console, "Console")
     console.send(device_pb2.ConsoleRequest(device=uart.name, vm_id=target.vm_id, input=b"!"))
-    raised = log.take(lambda e: e.WhichOneof("event") == "lines" and _level(e.lines, uart.name) is not None,
-                      f"{uart.name} line change after Console input").lines
-    expect(_level(raised, uart.name) is True, f"{uart.name}: Console input with RXIM set sent {short(raised)}")
-    expect(raised.generation > initial.lines.generation,
-           f"generation {raised.generation} of the raise is not above the initial {initial.lines.generation}")
+    raised = _raised_on_watch(log, uart.name, initial.lines, "Console input with RXIM set")
     done = exits.ok(exits.send_exit(base + UART_DR, 4), "the DR read")
-    expect(done.HasField("lines") and _level(done.lines, uart.name) is False,
-           f"{uart.name}: reading the only received byte did not lower line 0 on its completion: {short(done)}")
+    _lowered_by(done, uart.name, raised, "reading the only received byte")
+
+
+def _raised_on_watch(log: _WatchLog, device: str, initial: device_pb2.LineUpdate,
+                     after: str) -> device_pb2.LineUpdate:
+    """The next line change of ``device`` on Watch: line 0 raised, at a generation above the initial levels'."""
+    raised = log.take(lambda e: e.WhichOneof("event") == "lines" and _level(e.lines, device) is not None,
+                      f"{device} line change after {after}").lines
+    expect(_level(raised, device) is True, f"{device}: Watch sent {short(raised)} after {after}")
+    expect(raised.generation > initial.generation,
+           f"generation {raised.generation} of the raise is not above the initial {initial.generation}")
+    return raised
+
+
+def _lowered_by(done: device_pb2.Completion, device: str, raised: device_pb2.LineUpdate, access: str) -> None:
+    """``done``, the completion of ``access``, lowers line 0 of ``device``, at a generation above ``raised``."""
+    expect(done.HasField("lines") and _level(done.lines, device) is False,
+           f"{device}: {access} did not lower line 0 on its completion: {short(done)}")
     expect(done.lines.generation > raised.generation,
            f"generation {done.lines.generation} of the lowering is not above {raised.generation}")
 
@@ -842,16 +854,8 @@ def irq_device_thread(target: Target) -> None:
     fired = exits.write32(base + PROBE_FIRE, 1)
     expect(_level(fired.lines, probe.name) is not True,
            f"{probe.name}: the FIRE write's completion raised the line, which the device raises 20 ms later")
-    raised = log.take(lambda e: e.WhichOneof("event") == "lines" and _level(e.lines, probe.name) is not None,
-                      f"{probe.name} line change after FIRE").lines
-    expect(_level(raised, probe.name) is True, f"{probe.name}: Watch sent {short(raised)} after FIRE")
-    expect(raised.generation > initial.lines.generation,
-           f"generation {raised.generation} of the raise is not above the initial {initial.lines.generation}")
-    acked = exits.write32(base + PROBE_ACK, 1)
-    expect(acked.HasField("lines") and _level(acked.lines, probe.name) is False,
-           f"{probe.name}: the ACK write did not lower line 0 on its completion: {short(acked)}")
-    expect(acked.lines.generation > raised.generation,
-           f"generation {acked.lines.generation} of the lowering is not above {raised.generation}")
+    raised = _raised_on_watch(log, probe.name, initial.lines, "FIRE")
+    _lowered_by(exits.write32(base + PROBE_ACK, 1), probe.name, raised, "the ACK write")
 
 
 @check("shadow.updates")
