@@ -157,8 +157,13 @@ class Timer:
         None when disabled, masked, or already asserted: then only a register write changes the output (QEMU
         arms no timer for the first, and for the last waits for a 64-bit wrap). A masked timer's ISTATUS still
         rises at CVAL, but nothing sleeping on the interrupt cares.
+
+        "Asserted" is the level last reported through ``on_level``, not the condition now: a deadline that passed
+        since the last ``update`` is still returned (in the past), so whoever sleeps on it updates at once. Judged
+        by the live condition, the clock passing CVAL between an ``update`` and this call left the line low with
+        nothing to wait for, and a vCPU in WFI slept forever (EDK2 hung so in CI).
         """
-        if not self.enabled or self.masked or self.istatus():
+        if not self.enabled or self.masked or self._owner.reported_high(self.intid):
             return None
         return (self.cval + self._offset()) & MASK64
 
@@ -256,6 +261,10 @@ class GenericTimer:
     def levels(self) -> dict[int, bool]:
         """The output of each timer by INTID, as of now."""
         return {t.intid: t.level() for t in self.timers}
+
+    def reported_high(self, intid: int) -> bool:
+        """Whether the output of ``intid`` was last reported high (through ``on_level``, or to ``update``'s caller)."""
+        return self._levels.get(intid, False)
 
     def update(self) -> dict[int, bool]:
         """Recompute the outputs and report the ones that changed through ``on_level``; returns all levels."""

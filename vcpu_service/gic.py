@@ -9,7 +9,8 @@ Pure Python, no Unicorn, no gRPC: callers give the CPU index of the accessing vC
 guards all state because several vCPU threads access the registers while device lines change from another
 thread. The IRQ/FIQ outputs are recomputed after every change (QEMU's ``gic_update``); a change of a CPU's
 IRQ line bumps ``generation`` and calls ``on_irq_change(cpu, level)`` *after* the lock is released, so the
-hook may call back into the GIC (e.g. ``pending_for``) or kick a vCPU without deadlocking.
+hook may call back into the GIC (e.g. ``pending_for``) or kick a vCPU without deadlocking; deliveries are
+serialised and carry the output as it is then, so the last one a CPU gets is never stale (``_notify``).
 
 Interrupt latency: an SPI raised with a timestamp (``set_spi(..., since_ns=)``, the device's raise time) keeps
 it until the guest completes the interrupt; the GIC appends "raised to acknowledged" (GICC_IAR) and "raised to
@@ -109,6 +110,8 @@ class Gic:
         self.on_irq_change = on_irq_change
         self.generation = 0
         self._lock = threading.Lock()
+        # Orders deliveries of the outputs (``_notify``); taken before ``_lock`` and before the listener's locks.
+        self._deliver = threading.RLock()
         self.ack_ns = array.array("q")
         self.eoi_ns = array.array("q")
         self._reset_locked()
@@ -201,10 +204,19 @@ class Gic:
         return changes
 
     def _notify(self, changes: list[tuple[int, bool]]) -> None:
+        """Tell the listener the IRQ outputs of the CPUs in ``changes``, one delivery at a time, each with the
+        output as it is when delivered rather than the level computed under the lock.
+
+        Two threads may compute changes one after the other (an acknowledge lowering the output, then a timer
+        raising it) and reach this point in the other order: delivering the computed levels would leave the CPU
+        with its line low under a GIC that says high, and a vCPU in WFI would sleep forever (EDK2 hung so in CI).
+        The last delivery always reads a state no older than the last change."""
         listener = self.on_irq_change
-        if listener is not None:
-            for cpu, level in changes:
-                listener(cpu, level)
+        if listener is None or not changes:
+            return
+        with self._deliver:
+            for cpu, _ in changes:
+                listener(cpu, self._irq_out[cpu])
 
     # ----------------------------------------------------------------------------------- input lines
 

@@ -167,6 +167,7 @@ def test_virtual_timer_fires_on_virtual_count(gt: GenericTimer, clk: FakeClock) 
     assert not gt.virt.istatus()  # virtual count 50
     clk.ticks(10)
     assert gt.virt.istatus()
+    gt.update()
     assert gt.next_deadline_ticks() is None
 
 
@@ -235,6 +236,8 @@ def test_deadlines(gt: GenericTimer, clk: FakeClock) -> None:
     assert not gt.virt.level()
     clk.ns = deadline
     assert gt.virt.level()
+    assert gt.next_deadline_ticks() == 110  # passed, but nobody was told yet: still something to wake for
+    gt.update()
     assert gt.next_deadline_ticks() == 140  # the virtual timer is asserted; only the physical one can change
     gt.write("CNTP_CTL_EL0", CTL_ENABLE | CTL_IMASK)
     assert gt.next_deadline() is None  # a masked timer wakes nobody
@@ -323,3 +326,21 @@ def test_32_bit_registers_truncate(gt: GenericTimer) -> None:
     assert gt.read("CNTKCTL_EL1") == 5
     gt.write("CNTFRQ_EL0", (1 << 33) | 7)
     assert gt.read("CNTFRQ_EL0") == 7
+
+
+def test_a_deadline_passed_since_the_last_update_is_still_a_deadline(clk: FakeClock) -> None:
+    """The ticker updates (the line still low), then the clock passes CVAL before it asks for the deadline: the
+    answer must still be that deadline (now in the past), so the ticker updates again at once. It was None (the
+    live condition said "already asserted"), the ticker slept with no timeout, and EDK2 stayed in WFI forever."""
+    seen: list[tuple[int, bool]] = []
+    g = GenericTimer(clock=clk, on_level=lambda i, lv: seen.append((i, lv)))
+    g.write("CNTV_CVAL_EL0", 10)
+    g.write("CNTV_CTL_EL0", CTL_ENABLE)
+    clk.ticks(9)
+    g.update()
+    clk.ticks(1)
+    assert g.next_deadline_ticks() == 10
+    assert g.next_deadline() is not None and g.next_deadline() <= clk()
+    g.update()
+    assert seen == [(VIRT_TIMER_INTID, True)]
+    assert g.next_deadline_ticks() is None

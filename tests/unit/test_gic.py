@@ -667,3 +667,31 @@ def test_concurrent_lines_and_acks_stay_consistent() -> None:
         t.join()
     assert taken and set(taken) <= set(range(40, 48))
     assert cread(gic, g.GICC_RPR) == 0xFF
+
+
+def test_an_output_raised_while_a_lowering_is_delivered_reaches_the_cpu_last() -> None:
+    """The vCPU thread acknowledges (output falls) and, before it has told the CPU, the ticker raises a timer PPI
+    of higher priority (output rises): the CPU must end with the line high, as the GIC has it. Delivered in the
+    order computed, it ended low, and EDK2 slept in WFI forever with its timer interrupt pending."""
+    seen: list[bool] = []
+    raiser: list[threading.Thread] = []
+
+    def listener(cpu: int, level: bool) -> None:
+        if not level and not raiser:
+            # The acknowledge's lowering is on its way: the timer fires now, from another thread.
+            raiser.append(threading.Thread(target=gic.set_ppi, args=(0, TIMER_PPI, True)))
+            raiser[0].start()
+            raiser[0].join(0.5)  # it must wait for this delivery, or its own would be overtaken by it
+        seen.append(level)
+
+    gic = Gic(1)
+    enable_all(gic)
+    for irq, prio in ((VTIMER_PPI, 0x80), (TIMER_PPI, 0x00)):
+        enable_irq(gic, irq)
+        set_prio(gic, irq, prio)
+    gic.set_ppi(0, VTIMER_PPI, True)
+    gic.on_irq_change = listener
+    assert cread(gic, g.GICC_IAR) == VTIMER_PPI  # running priority 0x80: the output falls
+    raiser[0].join(5)
+    assert gic.pending_for(0)
+    assert seen and seen[-1] is True, f"deliveries {seen}: the CPU's line is left low under a GIC output that is high"
