@@ -17,7 +17,7 @@ GIC, the generic timer's registers) registers its own range with ``add_device`` 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -160,6 +160,28 @@ class PostedWrites:
         except TransportError as exc:
             raise PostedWriteLost(f"posted write to 0x{address:x} in {region.device}: {exc}",
                                   region.device) from None
+
+
+class PostedWhileTrapped:
+    """Stores to a posted ROMD region (flash): queued only while its mirror is off, else left to exit.
+
+    The store that takes a bank out of array mode (a program or erase command) must exit, so that the mirror is
+    unmapped before the next load; after it, loads of the bank exit too and deliver the queue before they are
+    answered, so every status read sees the writes before it. A store that returns the bank to array mode may
+    wait in the queue: the mirror stays off until the device says otherwise. Only in a VM of one vCPU: another
+    vCPU's load would not deliver this vCPU's queue first (docs/protocol.md, "Posted writes").
+    """
+
+    kind = "posted"
+
+    def __init__(self, posted: PostedWrites, mirror_on: Callable[[], bool]) -> None:
+        self._posted = posted
+        self._mirror_on = mirror_on
+
+    def handle(self, access: Access, vcpu: VcpuLink) -> Completion | Abort | None:
+        if not access.is_write or self._mirror_on():
+            return None
+        return self._posted.handle(access, vcpu)
 
 
 class PostedWriteLost(Exception):

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from mmiosplit.mmio import (
@@ -38,7 +38,7 @@ from vcpu_service.domain import ErrorKind, EventKind, Policies, VcpuStats, VmSta
 from vcpu_service.events import EventLog
 from vcpu_service.exits import fold_every_second, new_latency_histogram, release_histogram, summarize
 from vcpu_service.gic import GICC_BASE, GICC_SIZE, GICD_BASE, GICD_SIZE, Gic
-from vcpu_service.handlers import GicRegisters, HandlerRegistry, PostedWrites, ShadowReads, Unmapped
+from vcpu_service.handlers import GicRegisters, HandlerRegistry, PostedWhileTrapped, PostedWrites, ShadowReads, Unmapped
 from vcpu_service.interrupts import Ticker
 from vcpu_service.irq import IrqRouter, LineKey, Route
 from vcpu_service.machines.virt import VirtMachine, board_services, line_routes
@@ -347,8 +347,10 @@ class Vm:
         for r in regions:
             if r.shadows:
                 self.handlers.attach(r, shadow_reads)
-            if r.posted:
+            if r.posted and not r.romd:
                 self.handlers.attach(r, posted_writes)
+            elif r.posted and self.spec.vcpu_count == 1:
+                self.handlers.attach(r, PostedWhileTrapped(posted_writes, self._mirror_switch(r)))
         for r in regions:
             if r.romd:
                 endpoint = next(e for e in self.endpoints if e.name == r.service)
@@ -446,6 +448,16 @@ class Vm:
     def apply_line_changes(self, changes: Iterable[LineChange]) -> None:
         """Interrupt levels a device service reported (on a completion or its watch): into the GIC."""
         self.irqs.apply_all(changes)
+
+    def _mirror_switch(self, region: RemoteRegion) -> Callable[[], bool]:
+        """Whether ``region``'s mirror is on now (a ROMD region's posted stores wait for it to be off)."""
+        key = (region.service, region.device, region.name)
+
+        def mirror_on() -> bool:
+            mirror = self.mirrors.get(key)
+            return mirror is None or mirror.enabled
+
+        return mirror_on
 
     def _posted_windows(self, regions: list[RemoteRegion]) -> list[tuple[RemoteRegion, RamBlock]]:
         """Posted regions whose stores need no exit at all: the vCPUs map them write-only over a sink

@@ -209,6 +209,7 @@ class PFlashCfi01(DeviceModel):
         Option("persist", parse_bool, "on or off"),
         Option("readonly", parse_bool, "on or off"),
         Option("write_buffer", parse_write_buffer, "staged (Debian's QEMU 7.2) or direct (upstream QEMU 7.2.0)"),
+        Option("posted", parse_bool, "on or off"),
     )
 
     def __init__(
@@ -221,6 +222,7 @@ class PFlashCfi01(DeviceModel):
         persist: bool = False,
         readonly: bool = False,
         write_buffer: str = STAGED,
+        posted: bool = True,
     ) -> None:
         super().__init__(name, base)
         if not MIN_SECTOR <= sector <= MAX_SECTOR or sector & (sector - 1):
@@ -241,6 +243,8 @@ class PFlashCfi01(DeviceModel):
         self.persist = persist
         self.readonly = readonly
         self.write_buffer = write_buffer
+        #: Writes may be queued while the bank is out of array mode (see ``regions``).
+        self.posted = posted
         self.cfi = cfi_table(size, sector)
         #: The flash contents (QEMU's ``storage``); survives ``reset``, as flash does.
         self.storage = self._load(name)
@@ -280,7 +284,10 @@ class PFlashCfi01(DeviceModel):
     # --- DeviceModel -----------------------------------------------------------------------
 
     def regions(self) -> list[RegionSpec]:
-        return [RegionSpec(REGION, 0, self.size, kind=RegionKind.ROMD)]
+        # Posted: a program or an erase is a run of writes whose outcome the guest only learns from a status
+        # read, which is an exit that delivers the queue first. Clients post a ROMD region's writes only while
+        # its mirror is off (docs/protocol.md), so the write that leaves array mode still exits at once.
+        return [RegionSpec(REGION, 0, self.size, kind=RegionKind.ROMD, posted=self.posted)]
 
     def read(self, offset: int, size: int) -> AccessResult:
         error = check_span(offset, size, self.size, "read")
@@ -325,6 +332,7 @@ class PFlashCfi01(DeviceModel):
             "persist": _on_off(self.persist),
             "readonly": _on_off(self.readonly),
             "write-buffer": self.write_buffer,
+            "posted": _on_off(self.posted),
         }
 
     # --- RomdDevice ------------------------------------------------------------------------

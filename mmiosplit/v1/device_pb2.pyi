@@ -58,7 +58,9 @@ class _RegionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RegionKind
     REGION_KIND_MMIO: _RegionKind.ValueType  # 1
     """Every access exits."""
     REGION_KIND_ROMD: _RegionKind.ValueType  # 2
-    """Reads are served from a mirror in the vcpu service; writes exit (KVM's read-only memslot)."""
+    """Reads are served from a mirror in the vcpu service; writes exit (KVM's read-only memslot). With `posted`,
+    writes made while the mirror is off may be queued instead (docs/protocol.md, "ROMD regions and mirrors").
+    """
 
 class RegionKind(_RegionKind, metaclass=_RegionKindEnumTypeWrapper): ...
 
@@ -67,7 +69,9 @@ REGION_KIND_UNSPECIFIED: RegionKind.ValueType  # 0
 REGION_KIND_MMIO: RegionKind.ValueType  # 1
 """Every access exits."""
 REGION_KIND_ROMD: RegionKind.ValueType  # 2
-"""Reads are served from a mirror in the vcpu service; writes exit (KVM's read-only memslot)."""
+"""Reads are served from a mirror in the vcpu service; writes exit (KVM's read-only memslot). With `posted`,
+writes made while the mirror is off may be queued instead (docs/protocol.md, "ROMD regions and mirrors").
+"""
 Global___RegionKind: _TypeAlias = RegionKind  # noqa: Y015
 
 class _AccessDirection:

@@ -50,7 +50,7 @@ def test_a_uboot_boot_recorded_with_the_node_uart_replays_against_node_and_pytho
                          "--device-service", f"{recorded_python}={rest_service}", timeout=900)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         found = re.fullmatch(r"0 divergences, (\d+) exchanges \(\d+ records, [\d.]+ s\)\n", proc.stdout)
-        assert found and int(found.group(1)) > 2000, proc.stdout
+        assert found and int(found.group(1)) > 1000, proc.stdout  # the boot's exits and posted flash batches
         return proc.stderr
 
     uart2, rest2 = _board(tmp_path, "flash1-again")

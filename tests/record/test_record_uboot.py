@@ -55,7 +55,7 @@ def test_uboot_boot_replays_against_the_device_service_without_divergence(
         proc = mmiosplit("replay", str(recording), "--device-service", address, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     found = re.fullmatch(r"0 divergences, (\d+) exchanges \(\d+ records, [\d.]+ s\)\n", proc.stdout)
-    assert found and int(found.group(1)) > 2000, proc.stdout
+    assert found and int(found.group(1)) > 1000, proc.stdout  # the boot's exits and posted flash batches
     assert "properties['file']" in proc.stderr  # flash1's file differs: a note, not a divergence
 
 
