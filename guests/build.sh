@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the mmiosplit test guests: hello-a64, hello-a32 and hello-t32, and the
-# interrupt guests timer-tick, uart-echo and sgi (each -a64 and -a32, from irq/).
+# interrupt guests timer-tick, uart-echo, sgi and fiq (each -a64 and -a32, from irq/).
 #
 #   guests/build.sh           build with Debian's gcc cross compilers
 #                             (gcc-aarch64-linux-gnu, gcc-arm-none-eabi)
@@ -129,7 +129,7 @@ build_irq() {
         "$(sha256sum "$bin" | cut -d' ' -f1)" "build/$toolchain/$name.elf"
 }
 
-irq_guests=(timer-tick:timer_tick.c uart-echo:uart_echo.c sgi:sgi.c)
+irq_guests=(timer-tick:timer_tick.c uart-echo:uart_echo.c sgi:sgi.c fiq:fiq.c)
 bins=(hello-a64 hello-a32 hello-t32)
 
 echo "building guests with $toolchain:"
@@ -158,4 +158,4 @@ for name in "${bins[@]}"; do
 done
 echo "copied to $bindir: ${bins[*]/%/.bin}"
 echo "hello: load at 0x40080000; a64/a32 start at 0x40080000, t32 at 0x40080001 (Thumb)"
-echo "timer-tick, uart-echo, sgi: flash bank 0 at address 0 (qemu -bios / mmiosplit run --machine virt)"
+echo "timer-tick, uart-echo, sgi, fiq: flash bank 0 at address 0 (qemu -bios / mmiosplit run --machine virt)"

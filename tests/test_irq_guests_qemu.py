@@ -1,4 +1,4 @@
-"""The interrupt guests (guests/irq: timer-tick, uart-echo, sgi) under Debian's QEMU: their console output is
+"""The interrupt guests (guests/irq: timer-tick, uart-echo, sgi, fiq) under Debian's QEMU: their console output is
 the reference transcript in guests/expected/<guest>-<arch>.txt, which ``mmiosplit run --machine virt`` must
 reproduce byte for byte (tests/integration/test_irq_guests.py).
 
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "guests" / "bin"
 EXPECTED = ROOT / "guests" / "expected"
 
-GUESTS = ["timer-tick", "uart-echo", "sgi"]
+GUESTS = ["timer-tick", "uart-echo", "sgi", "fiq"]
 ARCHES = ["a64", "a32"]
 # The CPU models and machine options tests/firmware uses for U-Boot; -nic none: no NIC, so no option ROM needed.
 QEMU = {

@@ -8,9 +8,10 @@ virtualization extensions, 8 priority bits, ``num-irq`` = 256 SPIs + 32 internal
 Pure Python, no Unicorn, no gRPC: callers give the CPU index of the accessing vCPU explicitly. One lock
 guards all state because several vCPU threads access the registers while device lines change from another
 thread. The IRQ/FIQ outputs are recomputed after every change (QEMU's ``gic_update``); a change of a CPU's
-IRQ line bumps ``generation`` and calls ``on_irq_change(cpu, level)`` *after* the lock is released, so the
-hook may call back into the GIC (e.g. ``pending_for``) or kick a vCPU without deadlocking; deliveries are
-serialised and carry the output as it is then, so the last one a CPU gets is never stale (``_notify``).
+IRQ line bumps ``generation`` and calls ``on_irq_change(cpu, level)`` (``on_fiq_change`` for its FIQ line)
+*after* the lock is released, so the hook may call back into the GIC (e.g. ``pending_for``) or kick a vCPU
+without deadlocking; deliveries are serialised and carry the output as it is then, so the last one a CPU gets
+is never stale (``_notify``).
 
 Interrupt latency: an SPI raised with a timestamp (``set_spi(..., since_ns=)``, the device's raise time) keeps
 it until the guest completes the interrupt; the GIC appends "raised to acknowledged" (GICC_IAR) and "raised to
@@ -96,6 +97,7 @@ class Gic:
         num_irq: int = VIRT_NUM_IRQ,
         priority_bits: int = 8,
         on_irq_change: IrqListener | None = None,
+        on_fiq_change: IrqListener | None = None,
     ) -> None:
         if not 1 <= num_cpu <= GIC_NCPU:
             raise ValueError(f"GICv2 supports 1..{GIC_NCPU} CPU interfaces, not {num_cpu}")
@@ -108,6 +110,8 @@ class Gic:
         self._typer_irq = num_irq
         self._prio_mask = (0xFF << (8 - priority_bits)) & 0xFF
         self.on_irq_change = on_irq_change
+        #: The FIQ outputs: a Group 0 interrupt with GICC_CTLR.FIQEn set is signalled as FIQ (QEMU's gic_update).
+        self.on_fiq_change = on_fiq_change
         self.generation = 0
         self._lock = threading.Lock()
         # Orders deliveries of the outputs (``_notify``); taken before ``_lock`` and before the listener's locks.
@@ -165,7 +169,7 @@ class Gic:
         return 1 if self._group[irq] & (1 << cpu) else 0
 
     def _update(self) -> list[tuple[int, bool]]:
-        """Recompute HPPI and the IRQ/FIQ outputs of every CPU; return the IRQ line changes to announce."""
+        """Recompute HPPI and the IRQ/FIQ outputs of every CPU; return the outputs that changed, as (CPU, is FIQ)."""
         changes: list[tuple[int, bool]] = []
         pending, level = self._pending, self._level
         # Only interrupts latched or with a line high can be pending; skip the rest of the 288 cheaply.
@@ -195,28 +199,32 @@ class Gic:
                                 fiq_level = True
                             else:
                                 irq_level = True
-            self._fiq_out[cpu] = fiq_level
+            if fiq_level != self._fiq_out[cpu]:
+                self._fiq_out[cpu] = fiq_level
+                changes.append((cpu, True))
             if irq_level != self._irq_out[cpu]:
                 self._irq_out[cpu] = irq_level
-                changes.append((cpu, irq_level))
+                changes.append((cpu, False))
         if changes:
             self.generation += 1
         return changes
 
     def _notify(self, changes: list[tuple[int, bool]]) -> None:
-        """Tell the listener the IRQ outputs of the CPUs in ``changes``, one delivery at a time, each with the
-        output as it is when delivered rather than the level computed under the lock.
+        """Tell the listeners the IRQ (``on_irq_change``) and FIQ (``on_fiq_change``) outputs that changed, one
+        delivery at a time, each with the output as it is when delivered rather than the level computed under the
+        lock.
 
         Two threads may compute changes one after the other (an acknowledge lowering the output, then a timer
         raising it) and reach this point in the other order: delivering the computed levels would leave the CPU
         with its line low under a GIC that says high, and a vCPU in WFI would sleep forever (EDK2 hung so in CI).
         The last delivery always reads a state no older than the last change."""
-        listener = self.on_irq_change
-        if listener is None or not changes:
+        if not changes:
             return
         with self._deliver:
-            for cpu, _ in changes:
-                listener(cpu, self._irq_out[cpu])
+            for cpu, fiq in changes:
+                listener = self.on_fiq_change if fiq else self.on_irq_change
+                if listener is not None:
+                    listener(cpu, (self._fiq_out if fiq else self._irq_out)[cpu])
 
     # ----------------------------------------------------------------------------------- input lines
 

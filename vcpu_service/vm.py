@@ -243,10 +243,14 @@ class Vm:
         if cpu < len(self.vcpus):
             self.vcpus[cpu].irq_signal(level)
 
+    def _on_gic_fiq(self, cpu: int, level: bool) -> None:
+        if cpu < len(self.vcpus):
+            self.vcpus[cpu].irq_signal(level, fiq=True)
+
     def _add_gic(self) -> None:
         """The virt board's GICv2, in process: its registers are handlers, its outputs go to the vCPUs."""
         try:
-            self.gic = Gic(self.spec.vcpu_count, on_irq_change=self._on_gic_output)
+            self.gic = Gic(self.spec.vcpu_count, on_irq_change=self._on_gic_output, on_fiq_change=self._on_gic_fiq)
             fold_every_second(self)  # interrupt-latency samples wait in the GIC until folded
         except ValueError as exc:
             raise VmConfigError(f"the virt board's GICv2: {exc} (as in QEMU, virt with a GICv2 takes at most 8 "

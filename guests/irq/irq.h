@@ -60,6 +60,8 @@ typedef long sreg;
 #define GICD_SGIR       0xf00
 /* GICv2 CPU interface */
 #define GICC_CTLR  0x00
+#define GICC_CTLR_ENABLE_GRP0 (1u << 0)
+#define GICC_CTLR_FIQEN       (1u << 3) /* Group 0 signalled as FIQ */
 #define GICC_PMR   0x04
 #define GICC_BPR   0x08
 #define GICC_IAR   0x0c
@@ -124,9 +126,13 @@ static inline void wfi(void) { __asm__ volatile("wfi" ::: "memory"); }
 #if defined(__aarch64__)
 static inline void irq_mask(void) { __asm__ volatile("msr daifset, #2" ::: "memory"); }
 static inline void irq_unmask(void) { __asm__ volatile("msr daifclr, #2" ::: "memory"); }
+static inline void fiq_mask(void) { __asm__ volatile("msr daifset, #1" ::: "memory"); }
+static inline void fiq_unmask(void) { __asm__ volatile("msr daifclr, #1" ::: "memory"); }
 #else
 static inline void irq_mask(void) { __asm__ volatile("cpsid i" ::: "memory"); }
 static inline void irq_unmask(void) { __asm__ volatile("cpsie i" ::: "memory"); }
+static inline void fiq_mask(void) { __asm__ volatile("cpsid f" ::: "memory"); }
+static inline void fiq_unmask(void) { __asm__ volatile("cpsie f" ::: "memory"); }
 #endif
 
 /*
@@ -135,16 +141,19 @@ static inline void irq_unmask(void) { __asm__ volatile("cpsie i" ::: "memory"); 
  * on a pending interrupt even while it is masked); the interrupt is then
  * taken in the unmasked window. Returns with IRQs masked.
  */
-#define WAIT_FOR(COND)        \
+#define WAIT_FOR_WITH(COND, MASK, UNMASK) \
     do {                      \
-        irq_mask();           \
+        MASK();               \
         while (!(COND)) {     \
             wfi();            \
-            irq_unmask();     \
+            UNMASK();         \
             isb();            \
-            irq_mask();       \
+            MASK();           \
         }                     \
     } while (0)
+#define WAIT_FOR(COND) WAIT_FOR_WITH(COND, irq_mask, irq_unmask)
+/* the same with FIQs: returns with FIQs masked */
+#define WAIT_FOR_FIQ(COND) WAIT_FOR_WITH(COND, fiq_mask, fiq_unmask)
 
 /* ---- system registers: MPIDR and the generic timer ---- */
 #if defined(__aarch64__)
@@ -212,11 +221,14 @@ void system_off(void) __attribute__((noreturn));
 
 /* provided by each guest: one acknowledged interrupt (IAR value, never spurious) */
 void irq_handler(u32 iar);
+/* the same for a FIQ; lib.c's default reports it and powers off */
+void fiq_handler(u32 iar);
 /* entry points called from start*.S */
 int main(ureg ctx);
 void secondary_main(ureg ctx);
 void secondary_entry(void);
 void irq_dispatch(void);
+void fiq_dispatch(void);
 void unexpected_exception(ureg n, ureg syndrome, ureg ret) __attribute__((noreturn));
 
 #endif

@@ -112,14 +112,29 @@ void gic_send_sgi(u32 filter, u32 targets, u32 intid)
 
 /* One acknowledged interrupt per exception; another pending one is taken
  * again after the return. Spurious INTIDs (1020-1023) are not EOId. */
-void irq_dispatch(void)
+/* acknowledge, handle, end: spurious IDs 1020-1023 are not EOId */
+static void dispatch(void (*handler)(u32 iar))
 {
     u32 iar = gicc_read(GICC_IAR);
     if ((iar & 0x3ff) >= 1020)
         return;
-    irq_handler(iar);
+    handler(iar);
     gicc_write(GICC_EOIR, iar);
 }
+
+void irq_dispatch(void) { dispatch(irq_handler); }
+
+/* FIQ: a Group 0 interrupt while GICC_CTLR.FIQEn is set. Only the fiq guest
+ * sets it; in the others a FIQ is a surprise, reported before powering off. */
+__attribute__((weak)) void fiq_handler(u32 iar)
+{
+    uart_puts("unexpected FIQ: intid ");
+    put_dec(iar & 0x3ff);
+    uart_putc('\n');
+    system_off();
+}
+
+void fiq_dispatch(void) { dispatch(fiq_handler); }
 
 /* ---- PSCI (HVC) ---- */
 

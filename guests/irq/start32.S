@@ -11,15 +11,18 @@
  *
  * The CPU number (0, or the context id) is kept in TPIDRPRW for cpu_id().
  * Each CPU's 16 KiB stack block: SVC stack at the top, IRQ-mode stack in the
- * low 4 KiB. VBAR points at the table below (SCTLR.V = 0): IRQ at +0x18,
- * returning with the equivalent of `subs pc, lr, #4`. Every other vector
- * reports an unexpected exception and powers off.
+ * low 4 KiB, FIQ-mode stack in the next 4 KiB. VBAR points at the table below
+ * (SCTLR.V = 0): IRQ at +0x18 and FIQ at +0x1c, returning with the equivalent
+ * of `subs pc, lr, #4`. Every other vector reports an unexpected exception
+ * and powers off.
  */
         .syntax unified
         .arm
         .equ    STACK_SHIFT, 14                 /* 16 KiB per CPU, as link.ld */
         .equ    IRQ_STACK, 0x1000
+        .equ    FIQ_STACK, 0x2000
         .equ    MAX_CPUS, 2
+        .equ    MODE_FIQ, 0x11
         .equ    MODE_IRQ, 0x12
         .equ    MODE_SVC, 0x13
 
@@ -65,6 +68,9 @@ cpu_entry_common:
         add     r2, r1, #IRQ_STACK
         cps     #MODE_IRQ
         mov     sp, r2
+        add     r2, r1, #FIQ_STACK
+        cps     #MODE_FIQ
+        mov     sp, r2
         cps     #MODE_SVC
         add     r2, r1, #(1 << STACK_SHIFT)
         mov     sp, r2
@@ -104,14 +110,18 @@ vectors:
         b       unexpected_dabt                 /* +0x10 data abort */
         b       unexpected_hyp                  /* +0x14 (hyp trap, unused) */
         b       irq_entry                       /* +0x18 IRQ */
-        b       unexpected_fiq                  /* +0x1c FIQ */
+        b       fiq_entry                       /* +0x1c FIQ (the fiq guest) */
 
-/* IRQ mode, IRQs masked (CPSR.I set on entry): no nesting. */
-irq_entry:
+/* IRQ mode, IRQs masked (CPSR.I set on entry), or FIQ mode, FIQs and IRQs masked: no nesting. */
+        .macro  interrupt_entry name, dispatch
+\name:
         sub     lr, lr, #4                      /* preferred return address */
         push    {r0-r3, r12, lr}                /* 24 bytes: SP stays 8-byte aligned */
-        bl      irq_dispatch
+        bl      \dispatch
         ldm     sp!, {r0-r3, r12, pc}^          /* return and restore CPSR from SPSR */
+        .endm
+        interrupt_entry irq_entry, irq_dispatch
+        interrupt_entry fiq_entry, fiq_dispatch
 
         .macro  unexpected name, n
 \name:
@@ -124,7 +134,6 @@ irq_entry:
         unexpected unexpected_pabt, 3
         unexpected unexpected_dabt, 4
         unexpected unexpected_hyp, 5
-        unexpected unexpected_fiq, 7
 
 /* unexpected_exception(vector offset / 4, mode's SPSR, mode's LR), on the SVC stack */
 unexpected_common:

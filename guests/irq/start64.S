@@ -14,7 +14,7 @@
  *
  * Both keep the CPU number (0, or the context id) in TPIDR_EL1 for cpu_id(),
  * set VBAR_EL1 to the vector table below and call C with IRQs still
- * masked. Only the "current EL with SP_ELx" IRQ vector (+0x280) is used; every
+ * masked. Only the "current EL with SP_ELx" IRQ and FIQ vectors (+0x280, +0x300) are used; every
  * other vector reports an unexpected exception and powers off. No access
  * here touches a device, and no load/store writes back its base register.
  */
@@ -105,7 +105,8 @@ vectors:
         unexpected 4                            /* current EL, SP_ELx: sync */
         .balign 0x80                            /* +0x280: IRQ, current EL, SP_ELx */
         b       irq_entry
-        unexpected 6                            /* FIQ */
+        .balign 0x80                            /* +0x300: FIQ, current EL, SP_ELx (the fiq guest) */
+        b       fiq_entry
         unexpected 7                            /* SError */
         unexpected 8                            /* lower EL, AArch64 */
         unexpected 9
@@ -117,10 +118,12 @@ vectors:
         unexpected 15
         .balign 0x80
 
-/* IRQ: save the caller-saved registers, irq_dispatch(), restore, eret.
- * IRQs stay masked throughout (PSTATE.I is set on entry): no nesting, so
+/* IRQ and FIQ: save the caller-saved registers, irq_dispatch() or
+ * fiq_dispatch(), restore, eret. The interrupt stays masked throughout
+ * (PSTATE.I, or PSTATE.F, is set on entry): no nesting of one kind, so
  * ELR_EL1 and SPSR_EL1 need no saving. */
-irq_entry:
+        .macro  interrupt_entry name, dispatch
+\name:
         sub     sp, sp, #(22 * 8)
         stp     x0, x1, [sp, #(0 * 8)]
         stp     x2, x3, [sp, #(2 * 8)]
@@ -133,7 +136,7 @@ irq_entry:
         stp     x16, x17, [sp, #(16 * 8)]
         stp     x18, x29, [sp, #(18 * 8)]
         str     x30, [sp, #(20 * 8)]
-        bl      irq_dispatch
+        bl      \dispatch
         ldp     x0, x1, [sp, #(0 * 8)]
         ldp     x2, x3, [sp, #(2 * 8)]
         ldp     x4, x5, [sp, #(4 * 8)]
@@ -147,6 +150,9 @@ irq_entry:
         ldr     x30, [sp, #(20 * 8)]
         add     sp, sp, #(22 * 8)
         eret
+        .endm
+        interrupt_entry irq_entry, irq_dispatch
+        interrupt_entry fiq_entry, fiq_dispatch
 
 /* unexpected_exception(vector index, ESR_EL1, ELR_EL1) prints and powers off */
 unexpected_entry:

@@ -2,7 +2,8 @@
 Debian's QEMU prints for the same image (guests/expected/<guest>-<arch>.txt, checked by tests/test_irq_guests_qemu.py).
 
 timer-tick needs the generic timer's PPIs delivered through the GIC, uart-echo the PL011's SPI 33 (its input is
-typed after its ready line, as under QEMU), sgi SGIs between the two vCPUs and PSCI CPU_ON/CPU_OFF/AFFINITY_INFO.
+typed after its ready line, as under QEMU), sgi SGIs between the two vCPUs and PSCI CPU_ON/CPU_OFF/AFFINITY_INFO,
+fiq the GIC's FIQ output (a Group 0 interrupt with GICC_CTLR.FIQEn set).
 """
 
 from __future__ import annotations

@@ -498,6 +498,26 @@ def test_fiq_for_group0_with_fiqen(gic2: Gic) -> None:
     assert gic2.fiq_pending_for(0) and not gic2.pending_for(0)
 
 
+def test_the_fiq_output_reaches_the_cpu_and_falls_when_acknowledged(gic2: Gic) -> None:
+    """The FIQ line is announced like the IRQ line (it was computed and never told: a guest using FIQ slept in
+    WFI forever); the IRQ listener hears nothing of it."""
+    irq: list[tuple[int, bool]] = []
+    fiq: list[tuple[int, bool]] = []
+    gic2.on_irq_change = lambda cpu, level: irq.append((cpu, level))
+    gic2.on_fiq_change = lambda cpu, level: fiq.append((cpu, level))
+    enable_all(gic2)
+    cwrite(gic2, g.GICC_CTLR, 1 | g.GICC_CTLR_FIQ_EN, cpu=1)
+    enable_irq(gic2, UART_ID)
+    set_target(gic2, UART_ID, 2)
+    gic2.set_spi(UART_SPI, True)
+    assert fiq == [(1, True)] and irq == []
+    assert cread(gic2, g.GICC_IAR, cpu=1) == UART_ID
+    assert fiq == [(1, True), (1, False)] and irq == []
+    cwrite(gic2, g.GICC_CTLR, 1, cpu=1)  # FIQEn off: Group 0 is signalled as IRQ again
+    cwrite(gic2, g.GICC_EOIR, UART_ID, cpu=1)
+    assert irq == [(1, True)] and fiq[-1] == (1, False)
+
+
 def test_eoimode_split_priority_drop_and_dir(gic2: Gic) -> None:
     enable_all(gic2)
     cwrite(gic2, g.GICC_CTLR, 1 | g.GICC_CTLR_EOIMODE)
