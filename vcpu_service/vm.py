@@ -348,13 +348,14 @@ class Vm:
             self._add_gic()
         shadow_reads = ShadowReads(self.shadows)
         posted_writes = PostedWrites()
+        # A ROMD region's stores are posted only in a VM of one vCPU (see PostedWhileTrapped).
+        posting = [r for r in regions if r.posted and (not r.romd or self.spec.vcpu_count == 1)]
         for r in regions:
             if r.shadows:
                 self.handlers.attach(r, shadow_reads)
-            if r.posted and not r.romd:
-                self.handlers.attach(r, posted_writes)
-            elif r.posted and self.spec.vcpu_count == 1:
-                self.handlers.attach(r, PostedWhileTrapped(posted_writes, self._mirror_switch(r)))
+        for r in posting:
+            self.handlers.attach(r, PostedWhileTrapped(posted_writes, self._mirror_switch(r)) if r.romd
+                                 else posted_writes)
         for r in regions:
             if r.romd:
                 endpoint = next(e for e in self.endpoints if e.name == r.service)
@@ -371,8 +372,8 @@ class Vm:
                     mirror.write(r.base + offset, data)
                 self.mirrors[(r.service, r.device, r.name)] = Mirror(r, mirror, enabled)
         self.posted_windows = self._posted_windows(regions)
-        # Only VMs with posted regions need the posted-write watchdog (it wakes every 5 ms).
-        self.has_posted = any(r.posted for r in regions)
+        # Only VMs that post stores need the posted-write watchdog (it wakes every 5 ms).
+        self.has_posted = bool(posting)
 
     def _build_irqs(self) -> None:
         """Wire the devices' interrupt lines: the machine profile's wiring (virt: QEMU's SPIs), then the VM

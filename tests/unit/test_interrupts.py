@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 
+from tests.unit.test_gic import cread, cwrite, enable_all, enable_irq
+from vcpu_service import gic as g
 from vcpu_service.gentimer import CTL_ENABLE, CTL_IMASK, PHYS_TIMER_INTID, VIRT_TIMER_INTID
-from vcpu_service.interrupts import Ticker, VcpuTimer
+from vcpu_service.gic import Gic
+from vcpu_service.interrupts import Ticker, TimerLines, VcpuTimer
 
 
 class _Lines:
@@ -72,8 +77,9 @@ class _Vcpu:
             self.poll = False
 
 
-def test_the_ticker_fires_a_deadline_on_the_host_clock() -> None:
-    lines = _Lines()
+@contextlib.contextmanager
+def _ticking(lines: TimerLines) -> Iterator[VcpuTimer]:
+    """CPU 0's timer driving ``lines``, on the host clock, with a running ticker for it."""
     epoch = time.monotonic_ns()
 
     def clock() -> int:
@@ -83,6 +89,14 @@ def test_the_ticker_fires_a_deadline_on_the_host_clock() -> None:
     timer = VcpuTimer(0, lines, clock, ticker.reschedule)
     ticker.start([_Vcpu(timer)])
     try:
+        yield timer
+    finally:
+        ticker.stop()
+
+
+def test_the_ticker_fires_a_deadline_on_the_host_clock() -> None:
+    lines = _Lines()
+    with _ticking(lines) as timer:
         timer.write("CNTV_TVAL_EL0", 20_000_000 // 16)  # 20 ms
         timer.write("CNTV_CTL_EL0", CTL_ENABLE)
         started = time.monotonic()
@@ -90,8 +104,6 @@ def test_the_ticker_fires_a_deadline_on_the_host_clock() -> None:
         waited = time.monotonic() - started
         assert lines.changes == [(0, VIRT_TIMER_INTID, True)]
         assert 0.015 <= waited < 2
-    finally:
-        ticker.stop()
 
 
 def test_the_ticker_kicks_a_vcpu_with_a_signalled_irq_until_it_is_taken() -> None:
@@ -114,9 +126,6 @@ def test_a_guest_that_rearms_its_timer_from_each_tick_never_loses_one() -> None:
     PPI reaches the CPU through the GIC, acknowledge it, rearm, EOI. A lost wakeup (a deadline the ticker stops
     waiting for, a GIC delivery overtaken by an older one) shows as a tick that never comes: before the fix of the
     ticker's deadline, within 50 ticks every run, stuck as EDK2 was (CTL 0x5, GIC output low, no deadline)."""
-    from vcpu_service import gic as g
-    from vcpu_service.gic import Gic
-
     signalled = threading.Condition()
     line = [False]
 
@@ -126,20 +135,10 @@ def test_a_guest_that_rearms_its_timer_from_each_tick_never_loses_one() -> None:
             signalled.notify_all()
 
     gic = Gic(1, on_irq_change=on_irq)
-    gic.dist_write(0, g.GICD_CTLR, 4, 1)
-    gic.cpu_write(0, g.GICC_CTLR, 4, 1)
-    gic.cpu_write(0, g.GICC_PMR, 4, 0xFF)
-    gic.dist_write(0, g.GICD_ISENABLER, 4, 1 << VIRT_TIMER_INTID)
-    epoch = time.monotonic_ns()
-
-    def clock() -> int:
-        return time.monotonic_ns() - epoch
-
-    ticker = Ticker("test", clock)
-    timer = VcpuTimer(0, gic, clock, ticker.reschedule)
-    ticker.start([_Vcpu(timer)])
+    enable_all(gic)
+    enable_irq(gic, VIRT_TIMER_INTID)
     ticks = 0
-    try:
+    with _ticking(gic) as timer:
         timer.write("CNTV_TVAL_EL0", 2)
         timer.write("CNTV_CTL_EL0", CTL_ENABLE)
         stop = time.monotonic() + 1.5
@@ -148,12 +147,10 @@ def test_a_guest_that_rearms_its_timer_from_each_tick_never_loses_one() -> None:
                 assert signalled.wait_for(lambda: line[0], 2), (
                     f"tick {ticks + 1} never came: timer CTL {timer.read('CNTV_CTL_EL0'):#x}, GIC output "
                     f"{gic.pending_for(0)}, next deadline {timer.deadline_ns()}")
-            irq = gic.cpu_read(0, g.GICC_IAR, 4)
+            irq = cread(gic, g.GICC_IAR)
             assert irq == VIRT_TIMER_INTID
             # 0 to 150 us ahead, spread over the ticker's own wake-up time: the deadline races its polls.
             timer.write("CNTV_TVAL_EL0", (ticks * 37 % 151) * 1000 // 16)
-            gic.cpu_write(0, g.GICC_EOIR, 4, irq)
+            cwrite(gic, g.GICC_EOIR, irq)
             ticks += 1
-    finally:
-        ticker.stop()
     assert ticks > 100
